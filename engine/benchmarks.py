@@ -1,0 +1,106 @@
+"""Side-by-side throughput benchmarks of selection (and, beside it, the roofline).
+
+Every contender runs in the same process on the same data, so ratios are meaningful on a
+shared, noisy machine; each is timed best-of-``repeats`` after one warm-up.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+from dynrules.kernels import roofline
+from dynrules.kernels import selection as K
+
+
+def best_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: compilation, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def random_ratings(n_pairs: int, n_rules: int, seed: int = 0):
+    """Uniform random scores in [-1, 1] and relevance in [0, 1], float32."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1, 1, (n_pairs, n_rules)).astype(np.float32)
+    b = rng.uniform(-1, 1, (n_pairs, n_rules)).astype(np.float32)
+    relevance = rng.uniform(0, 1, (n_pairs, n_rules)).astype(np.float32)
+    return a, b, relevance
+
+
+def pandas_loop(a, b, relevance, k: int, alpha: float):
+    """The published code's shape: a DataFrame of list cells, iterrows, argsort per row."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"scoresA": list(a), "scoresB": list(b), "relevance": list(relevance)})
+    labels = []
+    for _, row in frame.iterrows():
+        d = np.array(row["scoresA"]) - np.array(row["scoresB"])
+        criterion = np.array(row["relevance"]) + alpha * np.abs(d)
+        chosen = np.argsort(-criterion)[:k]
+        labels.append(1 if d[chosen].sum() > 0 else -1)  # ties silently to B, as published
+    return labels
+
+
+def numpy_vectorised(a, b, relevance, k: int, alpha: float, rows: int = 65536):
+    """Vectorised NumPy: argpartition over row blocks."""
+    margins = np.empty(a.shape[0])
+    for lo in range(0, a.shape[0], rows):
+        d = a[lo : lo + rows].astype(np.float64) - b[lo : lo + rows]
+        criterion = relevance[lo : lo + rows] + alpha * np.abs(d)
+        top = np.argpartition(-criterion, k - 1, axis=1)[:, :k]
+        margins[lo : lo + rows] = np.take_along_axis(d, top, axis=1).sum(axis=1)
+    return margins
+
+
+def bench_selection(n_pairs: int, n_rules: int = 100, k: int = 5, alpha: float = 0.5, pandas_pairs: int = 20000,
+                    repeats: int = 3) -> dict:
+    from dynrules.engine.pool import Rule, RulePool
+    from dynrules.engine.select import SelectionConfig, select_chunk
+    from dynrules.engine.store import RatingStore, quantize
+
+    a, b, relevance = random_ratings(n_pairs, n_rules)
+    a8, b8, r8 = (quantize(x, "int8") for x in (a, b, relevance))
+    index = np.empty((n_pairs, k), np.int16)
+    margin = np.empty(n_pairs, np.float64)
+
+    def kernel(x, y, z, scale):
+        return lambda: K.select_top_k(x, y, z, k, K.ADDITIVE, alpha, scale, scale, index, margin)
+
+    sub = min(pandas_pairs, n_pairs)
+    results = {
+        "pandas_loop": sub / best_seconds(lambda: pandas_loop(a[:sub], b[:sub], relevance[:sub], k, alpha), 1),
+        "numpy": n_pairs / best_seconds(lambda: numpy_vectorised(a, b, relevance, k, alpha), repeats),
+        "kernel_float32": n_pairs / best_seconds(kernel(a, b, relevance, 1.0), repeats),
+        "kernel_int8": n_pairs / best_seconds(kernel(a8, b8, r8, 1 / 127), repeats),
+    }
+    pool = RulePool("bench", tuple(Rule(f"r{i}", "bench", f"rule {i}") for i in range(n_rules)))
+    config = SelectionConfig(k=k, alpha=alpha, criterion="additive")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RatingStore.create(f"{tmp}/store", pool=pool, dtype="float32", has_relevance=True, n_pairs=n_pairs)
+        for lo in range(0, n_pairs, 65536):
+            store.write_rows(lo, a[lo : lo + 65536], b[lo : lo + 65536], relevance[lo : lo + 65536])
+        store.write_manifest()
+
+        def stream():
+            for chunk in store.iter_chunks():
+                select_chunk(chunk, config, store.scale)
+
+        results["store_stream"] = n_pairs / best_seconds(stream, repeats)
+    results["roofline_float32"] = n_pairs / best_seconds(lambda: roofline.read_sum(a, b, relevance, True), repeats)
+    results["roofline_int8"] = n_pairs / best_seconds(lambda: roofline.read_sum(a8, b8, r8, True), repeats)
+    ratios = {
+        "kernel_float32 / roofline_float32": results["kernel_float32"] / results["roofline_float32"],
+        "kernel_int8 / roofline_int8": results["kernel_int8"] / results["roofline_int8"],
+        "store_stream / roofline_float32": results["store_stream"] / results["roofline_float32"],
+        "kernel_float32 / pandas_loop": results["kernel_float32"] / results["pandas_loop"],
+        "kernel_float32 / numpy": results["kernel_float32"] / results["numpy"],
+    }
+    return {"benchmark": "selection", "pairs": n_pairs, "rules": n_rules, "k": k,
+            "results": {name: round(v, 1) for name, v in results.items()},
+            "ratios": {name: round(v, 3) for name, v in ratios.items()}}

@@ -1,0 +1,24 @@
+"""Compilation options shared by every kernel, in one place.
+
+No kernel reassociates or contracts floating-point arithmetic: a fused multiply-add or a
+reordered sum would change which rule wins a near-tie and whether a margin is exactly zero, and
+the kernels must agree bit for bit with their NumPy twins and across thread counts. The flags we
+do allow only promise finite inputs (the store rejects NaN and infinities at ingest), which lets
+LLVM vectorise comparisons without changing any result.
+"""
+
+import os
+
+FINITE_ONLY = {"nnan", "ninf", "nsz"}
+
+# cache=True needs a writable directory; without one, compile per process rather than fail.
+_CACHE = os.access(os.environ.get("NUMBA_CACHE_DIR", os.path.dirname(__file__)), os.W_OK)
+
+EXACT = dict(nogil=True, cache=_CACHE, error_model="numpy", fastmath=FINITE_ONLY)
+PARALLEL_EXACT = dict(EXACT, parallel=True)
+# Only for the roofline read pass, whose sum is a sink for loads, not a result anyone reads.
+PARALLEL_REASSOC = dict(PARALLEL_EXACT, fastmath=FINITE_ONLY | {"reassoc", "contract", "arcp"})
+
+# Rows per parallel work item: large enough to amortise scheduling and per-block scratch buffers,
+# small enough to balance across threads.
+ROW_BLOCK = 2048

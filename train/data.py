@@ -1,0 +1,165 @@
+"""Preference pairs and scoring records in, one documented text template out.
+
+Accepted pair records (JSONL, JSONL.gz or Parquet; or a list of dicts from Python):
+
+- ``{"prompt", "chosen", "rejected"}`` plus optional ``margin``, ``id``, ``subset``,
+  ``section`` (what ``dynrules select`` writes, with its ``rule_ids`` ignored);
+- Anthropic HH transcripts ``{"chosen", "rejected"}``: full "\\n\\nHuman: …\\n\\nAssistant: …"
+  strings with no separate prompt.
+
+The template (:func:`format_text`, named ``hh-v1``) renders prompt + response as an HH
+transcript, the format the HH data already has, so both record kinds reach the encoder the
+same way::
+
+    "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"
+
+A prompt that is already a transcript (starts with "Human:") is kept as is, the response
+appended as the next Assistant turn; an empty prompt means the response is a whole
+transcript. Long texts are truncated from the start by the tokenizer, so the response end
+survives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from dynrules.errors import InputError
+
+TEMPLATE = "hh-v1"
+
+
+def format_text(prompt: str, response: str) -> str:
+    """Prompt + response as one HH-style transcript (template ``hh-v1``, see module doc)."""
+    if not prompt:
+        return response
+    stripped = prompt.rstrip()
+    if stripped.lstrip().startswith("Human:"):
+        if stripped.endswith("Assistant:"):
+            return f"{stripped} {response.lstrip()}"
+        return f"{stripped}\n\nAssistant: {response}"
+    return f"\n\nHuman: {prompt}\n\nAssistant: {response}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One preference pair; ``chosen``/``rejected`` are responses (or whole transcripts)."""
+
+    chosen: str
+    rejected: str
+    prompt: str = ""
+    margin: float = 0.0
+    id: str | None = None
+    subset: str | None = None
+    section: str | None = None
+
+    def texts(self) -> tuple[str, str]:
+        return format_text(self.prompt, self.chosen), format_text(self.prompt, self.rejected)
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) from JSONL / JSONL.gz (1-based lines) or Parquet (1-based rows).
+
+    Blank lines are skipped; a line that is not a JSON object is an error naming the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", path=path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise InputError(f"cannot read Parquet: {exc}", path=path) from exc
+        for row, record in enumerate(table.to_pylist(), start=1):
+            yield row, record
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"not valid JSON ({exc.msg})", path=path, line=line_no) from None
+                if not isinstance(record, dict):
+                    raise InputError("expected a JSON object", path=path, line=line_no)
+                yield line_no, record
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read: {exc}", path=path) from exc
+
+
+def _text_field(record: dict, name: str, where: dict, *, required: bool) -> str:
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise InputError("missing field", field=name, **where)
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"expected a string, got {type(value).__name__}", field=name, **where)
+    return value
+
+
+def pair_from_record(record: dict, *, path=None, line: int | None = None) -> Pair:
+    where = {"path": path, "line": line}
+    chosen = _text_field(record, "chosen", where, required=True)
+    rejected = _text_field(record, "rejected", where, required=True)
+    margin = record.get("margin", 0.0)
+    if margin is None:
+        margin = 0.0
+    if isinstance(margin, bool) or not isinstance(margin, int | float):
+        raise InputError(f"expected a number, got {margin!r}", field="margin", **where)
+    optional = {}
+    for name in ("id", "subset", "section"):
+        value = record.get(name)
+        optional[name] = None if value is None else str(value)
+    return Pair(
+        chosen=chosen,
+        rejected=rejected,
+        prompt=_text_field(record, "prompt", where, required=False),
+        margin=float(margin),
+        **optional,
+    )
+
+
+def load_pairs(source: str | Path | Iterable[dict]) -> list[Pair]:
+    """Pairs from a file or from dicts; errors name the file, line and field. Empty is an error."""
+    if isinstance(source, str | Path):
+        pairs = [pair_from_record(r, path=source, line=n) for n, r in iter_records(source)]
+        if not pairs:
+            raise InputError("no preference pairs (empty file)", path=source)
+        return pairs
+    pairs = [pair_from_record(r, line=n) for n, r in enumerate(source, start=1)]
+    if not pairs:
+        raise InputError("no preference pairs given")
+    return pairs
+
+
+def score_text(record: dict, *, path=None, line: int | None = None) -> str:
+    """The text to score for a record: ``prompt`` (optional) + ``response``, or a ``text`` transcript."""
+    where = {"path": path, "line": line}
+    if "response" in record:
+        return format_text(
+            _text_field(record, "prompt", where, required=False),
+            _text_field(record, "response", where, required=True),
+        )
+    if "text" in record:
+        return _text_field(record, "text", where, required=True)
+    raise InputError("missing field (or 'text')", field="response", **where)
+
+
+def fingerprint(pairs: list[Pair]) -> str:
+    """A hash of the pairs' content and order: a run resumes only on the same data."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for part in (pair.prompt, pair.chosen, pair.rejected, repr(pair.margin)):
+            digest.update(part.encode("utf-8", "surrogatepass"))
+            digest.update(b"\x00")
+    return digest.hexdigest()[:16]

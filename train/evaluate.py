@@ -1,0 +1,65 @@
+"""Pairwise evaluation with RewardBench's conventions.
+
+- A pair is right only if r(chosen) > r(rejected): a tie counts as wrong.
+- ``subsets``: accuracy per ``subset`` field; ``sections``: accuracy per ``section`` field,
+  i.e. the section's subsets weighted by their example counts. Pairs without the field
+  fall in ``"all"``.
+- ``length_baseline``: the accuracy of "the longer response (in characters) is chosen",
+  ties wrong, to show how much of the score length alone explains.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from dynrules.train.data import Pair, load_pairs
+
+
+def pair_report(pairs: list[Pair], chosen: np.ndarray, rejected: np.ndarray) -> dict:
+    """The ``dynrules eval --json`` object for rewards of ``pairs``' chosen and rejected texts."""
+    chosen, rejected = np.asarray(chosen, np.float64), np.asarray(rejected, np.float64)
+    correct = chosen > rejected
+    longer = np.array([len(p.chosen) > len(p.rejected) for p in pairs])
+    both = np.concatenate([chosen, rejected])
+    return {
+        "pairs": len(pairs),
+        "accuracy": float(correct.mean()),
+        "length_baseline": float(longer.mean()),
+        "reward_mean": float(both.mean()),
+        "reward_std": float(both.std()),
+        "subsets": _grouped(correct, [p.subset or "all" for p in pairs]),
+        "sections": _grouped(correct, [p.section or "all" for p in pairs]),
+    }
+
+
+def _grouped(correct: np.ndarray, names: list[str]) -> dict[str, float]:
+    rows = defaultdict(list)
+    for index, name in enumerate(names):
+        rows[name].append(index)
+    return {name: float(correct[index].mean()) for name, index in sorted(rows.items())}
+
+
+def evaluate(
+    model: str | Path,
+    pairs: str | Path | list[dict] | list[Pair],
+    *,
+    batch_size: int = 64,
+    mesh: str = "",
+) -> dict:
+    """Score both sides of every pair with a run's (or model directory's) reward model.
+
+    Returns the :func:`pair_report` dict plus ``truncated`` (texts cut to max_length).
+    """
+    from dynrules.train.scoring import Scorer
+
+    if not (isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)):
+        pairs = load_pairs(pairs)
+    scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
+    texts = [text for pair in pairs for text in pair.texts()]
+    rewards = scorer.rewards(texts)
+    report = pair_report(pairs, rewards[0::2], rewards[1::2])
+    report["truncated"] = scorer.truncated
+    return report

@@ -1,0 +1,87 @@
+"""The Bradley–Terry objective, its metrics, and the Optax optimizer.
+
+Loss per pair: −log σ(r_c − r_r − m), computed in float32, with m an optional margin
+(``margin_scale`` × the pair's rule margin from ``dynrules select``) and an optional reward
+centering term ``center_coef · mean((r_c + r_r)²)`` that keeps rewards near zero mean
+(TRL's ``center_rewards_coefficient``).
+
+Metrics are returned as sums over pairs, so micro-batches and hosts combine exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def bradley_terry(
+    chosen: jax.Array,
+    rejected: jax.Array,
+    margins: jax.Array,
+    *,
+    center_coef: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean loss over the pairs and metric sums (ties count as wrong)."""
+    chosen = chosen.astype(jnp.float32)
+    rejected = rejected.astype(jnp.float32)
+    difference = chosen - rejected
+    loss = -jax.nn.log_sigmoid(difference - margins.astype(jnp.float32)).mean()
+    if center_coef:
+        loss = loss + center_coef * jnp.mean(jnp.square(chosen + rejected))
+    both = jnp.concatenate([chosen, rejected])
+    sums = {
+        "pairs": jnp.asarray(chosen.shape[0], jnp.float32),
+        "loss": loss * chosen.shape[0],
+        "correct": (difference > 0).sum().astype(jnp.float32),
+        "margin": difference.sum(),
+        "reward": both.sum(),
+        "reward_sq": jnp.square(both).sum(),
+    }
+    return loss, sums
+
+
+def summarize(sums: dict) -> dict[str, float]:
+    """Metric sums → loss, accuracy, margin (mean r_c − r_r), reward mean and std."""
+    pairs = float(sums["pairs"])
+    mean = float(sums["reward"]) / (2 * pairs)
+    variance = max(float(sums["reward_sq"]) / (2 * pairs) - mean * mean, 0.0)
+    return {
+        "loss": float(sums["loss"]) / pairs,
+        "accuracy": float(sums["correct"]) / pairs,
+        "margin": float(sums["margin"]) / pairs,
+        "reward_mean": mean,
+        "reward_std": variance**0.5,
+    }
+
+
+def _decays(path, _value) -> bool:
+    # Decay matrices and embeddings; not biases or LayerNorm scales (the usual AdamW practice).
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name.endswith("_kernel") or name.endswith("embeddings")
+
+
+def make_schedule(*, learning_rate: float, steps: int, warmup_ratio: float) -> optax.Schedule:
+    """Linear warmup over ``warmup_ratio · steps``, then cosine decay to 0 at ``steps``."""
+    warmup = min(int(round(warmup_ratio * steps)), steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else learning_rate,
+        peak_value=learning_rate,
+        warmup_steps=warmup,
+        decay_steps=steps,
+        end_value=0.0,
+    )
+
+
+def make_optimizer(
+    schedule: optax.Schedule, *, weight_decay: float, clip_norm: float
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (no decay on biases and LayerNorm parameters)."""
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(
+            schedule,
+            weight_decay=weight_decay,
+            mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params),
+        ),
+    )

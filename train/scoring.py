@@ -1,0 +1,147 @@
+"""Batch scoring with static shapes: texts → model outputs, sharded over the mesh.
+
+Texts are sorted by token length and cut into fixed-size batches, each padded to the
+smallest power-of-two length bucket that fits (train.encoder.length_buckets). A scorer
+therefore compiles once per bucket, never per batch. Batches are split over the mesh's
+('data', 'fsdp') axes, each process supplying its rows. Scores do not depend on what else is
+in the batch: padding is masked by explicit lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dynrules.errors import DynrulesError, InputError
+from dynrules.train import encoder as enc
+from dynrules.train import model as mdl
+from dynrules.train import sharding as shd
+from dynrules.train.data import iter_records, score_text
+
+
+class Scorer:
+    """Model outputs [n, outputs] for lists of texts; counts truncated texts in ``truncated``."""
+
+    def __init__(self, graphdef, params, tokenizer, mesh, *, max_length: int, batch_size: int = 64):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.buckets = enc.length_buckets(max_length)
+        multiple = shd.batch_shards(mesh) * jax.process_count()
+        self.batch_size = -(-batch_size // multiple) * multiple  # round up to fill every device
+        self.truncated = 0
+        self._params = params
+        rows = shd.batch_sharding(mesh, 2)
+        self._rows_sharding, self._lengths_sharding = rows, shd.batch_sharding(mesh, 1)
+        self._forward = jax.jit(
+            lambda params, ids, lengths: mdl.apply(graphdef, params, ids, lengths),
+            in_shardings=(jax.tree.map(lambda x: x.sharding, params), rows, self._lengths_sharding),
+            out_shardings=shd.replicated(mesh),  # every process can read all scores
+        )
+
+    @classmethod
+    def from_model_dir(
+        cls, directory: str | Path, *, mesh_spec: str = "", batch_size: int = 64, dtype: str = "float32"
+    ) -> Scorer:
+        """A scorer for a run or model directory, its weights laid out on ``mesh_spec``."""
+        loaded = mdl.read_model(resolve_model_dir(directory))
+        mesh = shd.make_mesh(mesh_spec)
+        graphdef, abstract_state = mdl.abstract_model(loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype])
+        params = mdl.place(loaded.params, shd.state_shardings(abstract_state, mesh))
+        scorer = cls(graphdef, params, loaded.tokenizer, mesh, max_length=loaded.spec.max_length, batch_size=batch_size)
+        scorer.spec = loaded.spec
+        return scorer
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        tokens = self.tokenizer.encode(texts, self.max_length)
+        self.truncated += tokens.truncated
+        lengths = tokens.lengths
+        order = np.argsort(lengths, kind="stable")
+        out = None
+        rows = shd.process_slice(self.batch_size)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = enc.bucket_for(int(lengths[chunk].max()), self.buckets)
+            ids, lens = enc.pad_batch([tokens.ids[i] for i in chunk], width, self.batch_size, self.tokenizer.pad_id)
+            logits = self._forward(
+                self._params,
+                shd.global_batch(ids[rows], self._rows_sharding),
+                shd.global_batch(lens[rows], self._lengths_sharding),
+            )
+            logits = np.asarray(logits)[: len(chunk)]
+            if out is None:
+                out = np.zeros((len(texts), logits.shape[1]), np.float32)
+            out[chunk] = logits
+        return out if out is not None else np.zeros((0, 1), np.float32)
+
+    def rewards(self, texts: list[str]) -> np.ndarray:
+        """Scalar rewards [n] (the first output)."""
+        return self(texts)[:, 0]
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A run directory (its exported ``model/``) or a model directory itself."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "config.json").is_file():
+        return path
+    if (path / "run.json").is_file():
+        raise DynrulesError(
+            f"{path}: the run has no exported model yet (interrupted?); finish it with "
+            f"`dynrules train-rm PAIRS --out {path}`"
+        )
+    raise DynrulesError(f"{path}: neither a training run nor a model directory")
+
+
+def score_file(
+    model: str | Path,
+    input_path: str | Path,
+    out_path: str | Path,
+    *,
+    batch_size: int = 64,
+    chunk_records: int = 4096,
+    mesh: str = "",
+) -> dict:
+    """Stream JSONL records through the reward model; write each with its ``reward`` added.
+
+    Records carry ``prompt`` (optional) and ``response``, or a ``text`` transcript. The output
+    is written to a temporary name and renamed when complete (by process 0 only).
+    """
+    from dynrules.engine.atomic import atomic_path
+
+    scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
+    if scorer.spec.num_outputs != 1:
+        raise DynrulesError(f"{model}: {scorer.spec.num_outputs} outputs; scoring needs a reward model")
+    started, count = time.perf_counter(), 0
+    batch: list[tuple[dict, str]] = []
+
+    def flush(handle):
+        rewards = scorer.rewards([text for _, text in batch])
+        if handle is not None:
+            for (record, _), reward in zip(batch, rewards, strict=True):
+                handle.write(json.dumps(record | {"reward": float(reward)}, ensure_ascii=False) + "\n")
+        batch.clear()
+
+    def stream(handle):
+        nonlocal count
+        for line, record in iter_records(input_path):
+            batch.append((record, score_text(record, path=input_path, line=line)))
+            count += 1
+            if len(batch) == chunk_records:
+                flush(handle)
+        if batch:
+            flush(handle)
+        if count == 0:
+            raise InputError("no records to score (empty file)", path=input_path)
+
+    if jax.process_index() == 0:
+        with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+            stream(handle)
+    else:  # every process computes its share of each batch; only process 0 writes
+        stream(None)
+    seconds = time.perf_counter() - started
+    return {"records": count, "truncated": scorer.truncated, "seconds": seconds}

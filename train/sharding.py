@@ -1,0 +1,166 @@
+"""Device mesh, logical-axis rules and per-process batch assembly.
+
+The mesh has three named axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism
+with parameters and optimizer state sharded across it) and ``tensor`` (room for tensor
+parallelism of the attention/MLP inner dimensions). Axis types are ``Auto``: the compiler
+propagates shardings from the annotated inputs and outputs (``jax.make_mesh`` now defaults to
+``Explicit``, which would demand sharding-aware code everywhere).
+
+Parameters name their axes logically (``embed``, ``mlp``, ``vocab`` …, see train.encoder);
+:data:`LOGICAL_AXIS_RULES` maps each logical name to mesh axes. A rule is skipped for a
+dimension that the mesh axes do not divide, or whose mesh axis is already used by another
+dimension of the same array, so any checkpoint shape works on any mesh (replicated at worst).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from dynrules.errors import DynrulesError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis → mesh axes, in order of preference.
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "qkv": ("tensor",),
+    "mlp": ("tensor",),
+    "classes": (),
+    "layers": (),
+}
+
+
+def parse_mesh_spec(spec: str | dict | None, device_count: int) -> dict[str, int]:
+    """``"data=4,fsdp=2"`` (or a dict) → sizes of all three axes, multiplying to ``device_count``.
+
+    An empty spec puts every device on ``data``. When ``data`` is not given it takes whatever
+    the other axes leave, so ``"fsdp=2"`` works on any even device count.
+    """
+    if isinstance(spec, dict):
+        sizes = {str(k): v for k, v in spec.items()}
+    else:
+        sizes = {}
+        for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or not value.strip().lstrip("-").isdigit():
+                raise DynrulesError(f"mesh: expected axis=size pairs like 'data=4,fsdp=2', got {spec!r}")
+            sizes[name.strip()] = int(value)
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise DynrulesError(f"mesh: unknown axis {unknown[0]!r}; axes are {', '.join(MESH_AXES)}")
+    if any(size < 1 for size in sizes.values()):
+        raise DynrulesError(f"mesh: axis sizes must be positive, got {spec!r}")
+    if "data" not in sizes:
+        rest = math.prod(sizes.values())
+        if device_count % rest:
+            raise DynrulesError(f"mesh {spec!r} does not divide the {device_count} devices")
+        sizes["data"] = device_count // rest
+    full = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    if math.prod(full.values()) != device_count:
+        raise DynrulesError(
+            f"mesh {spec!r} has {math.prod(full.values())} devices but {device_count} are available"
+        )
+    return full
+
+
+def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axis types over ``devices`` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec, len(devices))
+    return jax.make_mesh(
+        tuple(sizes[a] for a in MESH_AXES),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def mesh_description(mesh: Mesh) -> str:
+    return ",".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry ``logical_axes`` names (None = any)."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape, strict=True):
+        chosen = []
+        for axis in rules.get(name, ()) if name else ():
+            width = mesh.shape[axis]
+            if axis in used or width == 1:
+                continue
+            if size % (math.prod(mesh.shape[a] for a in chosen) * width) == 0:
+                chosen.append(axis)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return PartitionSpec(*spec)
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """NamedShardings for an ``nnx.State`` of abstract Params, as a pure dict.
+
+    Each Param's ``logical_axes`` metadata goes through :func:`logical_to_spec`; a variable
+    without that metadata is replicated.
+    """
+    from flax import nnx
+
+    def sharding(variable):
+        axes = variable.get_metadata().get("logical_axes")
+        shape = variable[...].shape
+        spec = logical_to_spec(axes, shape, mesh) if axes else PartitionSpec()
+        return NamedSharding(mesh, spec)
+
+    return nnx.to_pure_dict(
+        jax.tree.map(
+            lambda v: v.replace(sharding(v)),
+            abstract_state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    """Shard dimension ``batch_dim`` over ('data', 'fsdp'); everything else replicated."""
+    spec = [None] * ndim
+    spec[batch_dim] = LOGICAL_AXIS_RULES["batch"]
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch dimension is split: global batches must be a multiple of it."""
+    return math.prod(mesh.shape[a] for a in LOGICAL_AXIS_RULES["batch"])
+
+
+def process_slice(global_rows: int) -> slice:
+    """The rows of a global batch that this process supplies (contiguous, equal shares)."""
+    count, index = jax.process_count(), jax.process_index()
+    if global_rows % count:
+        raise DynrulesError(f"batch of {global_rows} rows does not split over {count} processes")
+    share = global_rows // count
+    return slice(index * share, (index + 1) * share)
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding, batch_dim: int = 0) -> jax.Array:
+    """Assemble a global array from this process's rows (``make_array_from_process_local_data``).
+
+    Single-process this is a sharded device_put; multi-process every host passes only its
+    own rows and the result is one logical array spanning all hosts.
+    """
+    global_shape = list(local.shape)
+    global_shape[batch_dim] *= jax.process_count()
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def initialize_distributed() -> None:
+    """Join a multi-host job (TPU pod slice, GPU cluster); arguments come from the environment."""
+    jax.distributed.initialize()
