@@ -147,3 +147,68 @@ def demo(n_pairs, n_rules, k, out_dir):
                f"({selected['pairs'] / selected['seconds']:,.0f} pairs/s)")
     click.echo(f"labels: A preferred {selected['preferred_a']:,}, B preferred {selected['preferred_b']:,}, "
                f"ties {selected['ties']:,}; {selected['labelled']:,} labelled pairs in {out / 'labelled.jsonl'}")
+
+
+@main.command("train-rm")
+@click.argument("pairs", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory; an existing run resumes from its last checkpoint.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config keys.")
+@click.option("--distributed", is_flag=True, help="Call jax.distributed.initialize() first (multi-host).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
+    """Train a Bradley-Terry reward model on preference pairs (JSONL/Parquet, HH transcripts too)."""
+    from dynrules.train.trainer import resolve_config, train_reward_model
+
+    config = resolve_config(out_dir, config_file, overrides + (("distributed=true",) if distributed else ()))
+    result = train_reward_model(pairs, out_dir, config, progress=not as_json)
+    summary = {"run": str(result.run_dir), "model": str(result.model_dir), "steps": result.steps,
+               "resumed_from": result.resumed_from, "train": result.train, "eval": result.eval,
+               "truncated": result.truncated}
+    if as_json:
+        print_json(summary)
+    else:
+        accuracy = f", held-out accuracy {result.eval['accuracy']:.3f}" if result.eval else ""
+        click.echo(f"trained {result.steps} steps{accuracy}; model in {result.model_dir}; "
+                   f"truncated texts: {result.truncated['train']} train, {result.truncated['eval']} eval")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Scored JSONL to write.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--mesh", default="", help="Device mesh, e.g. data=8 (default: all devices on data).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def score(run, input_path, out_path, batch_size, mesh, as_json):
+    """Add a "reward" to every prompt/response (or text) record of INPUT with RUN's reward model."""
+    from dynrules.train.scoring import score_file
+
+    summary = score_file(run, input_path, out_path, batch_size=batch_size, mesh=mesh)
+    print_json(summary) if as_json else click.echo(
+        f"scored {summary['records']} records into {out_path} in {summary['seconds']:.1f} s "
+        f"({summary['truncated']} texts truncated)")
+
+
+@main.command("eval")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--mesh", default="", help="Device mesh, e.g. data=8 (default: all devices on data).")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report.")
+def eval_rm(run, data, batch_size, mesh, as_json):
+    """Pairwise accuracy of RUN's reward model on DATA (ties wrong), per subset and section."""
+    from dynrules.train.evaluate import evaluate
+
+    report = evaluate(run, data, batch_size=batch_size, mesh=mesh)
+    if as_json:
+        print_json({key: report[key] for key in ("pairs", "accuracy", "length_baseline", "reward_mean",
+                                                 "reward_std", "subsets", "sections")})
+        return
+    click.echo(f"{report['pairs']} pairs: accuracy {report['accuracy']:.4f} (length-only baseline "
+               f"{report['length_baseline']:.4f}); reward mean {report['reward_mean']:.4f} std {report['reward_std']:.4f}; "
+               f"{report['truncated']} texts truncated")
+    for kind in ("subsets", "sections"):
+        for name, value in report[kind].items():
+            click.echo(f"  {kind[:-1]} {name}: {value:.4f}")

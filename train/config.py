@@ -98,9 +98,14 @@ def make_config(values: dict | None = None, *, source: str = "config") -> TrainC
     return TrainConfig(**typed)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """YAML file (optional) then ``key=value`` overrides, later ones winning."""
-    values: dict = {}
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    base: dict | None = None,
+) -> TrainConfig:
+    """``base`` values (e.g. a run's saved config), then the YAML file, then ``key=value`` overrides."""
+    values: dict = dict(base or {})
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
@@ -108,6 +113,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise DynrulesError(f"cannot read config {path}: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise DynrulesError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+        make_config(loaded, source=str(path))  # name the file in errors about its own keys
         values.update(loaded or {})
     values.update(parse_overrides(overrides))
     return make_config(values, source=str(path) if path else "config")

@@ -509,3 +509,24 @@ def embed_texts(
     """
     embedder = sentence_embedder(None if checkpoint is None else str(checkpoint))
     return embedder(list(texts), batch_size=batch_size, max_length=max_length)
+
+
+def write_checkpoint(directory: str | Path, config: BertConfig, params: dict, tokenizer_file: str | Path) -> None:
+    """Write an encoder checkpoint in the layout :func:`read_checkpoint` reads (atomically)."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from dynrules.engine.atomic import atomic_path
+
+    host = jax.tree.map(np.asarray, params)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(hf_tensors_from_params(host), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+
+
+def random_params(config: BertConfig, seed: int = 0) -> dict:
+    """Freshly initialised encoder weights (pure dict), e.g. for small test models."""
+    return nnx.to_pure_dict(nnx.split(BertEncoder(config, rngs=nnx.Rngs(seed)))[1])

@@ -33,7 +33,7 @@ class Scorer:
         multiple = shd.batch_shards(mesh) * jax.process_count()
         self.batch_size = -(-batch_size // multiple) * multiple  # round up to fill every device
         self.truncated = 0
-        self._params = params
+        self.params = params
         rows = shd.batch_sharding(mesh, 2)
         self._rows_sharding, self._lengths_sharding = rows, shd.batch_sharding(mesh, 1)
         self._forward = jax.jit(
@@ -67,7 +67,7 @@ class Scorer:
             width = enc.bucket_for(int(lengths[chunk].max()), self.buckets)
             ids, lens = enc.pad_batch([tokens.ids[i] for i in chunk], width, self.batch_size, self.tokenizer.pad_id)
             logits = self._forward(
-                self._params,
+                self.params,
                 shd.global_batch(ids[rows], self._rows_sharding),
                 shd.global_batch(lens[rows], self._lengths_sharding),
             )

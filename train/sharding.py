@@ -112,7 +112,7 @@ def state_shardings(abstract_state, mesh: Mesh):
 
     def sharding(variable):
         axes = variable.get_metadata().get("logical_axes")
-        shape = variable[...].shape
+        shape = variable.get_value().shape
         spec = logical_to_spec(axes, shape, mesh) if axes else PartitionSpec()
         return NamedSharding(mesh, spec)
 

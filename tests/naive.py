@@ -1,0 +1,60 @@
+"""Slow, obviously-correct NumPy twins of the kernels. Tests compare the kernels against these."""
+
+import numpy as np
+
+MASK64 = (1 << 64) - 1
+
+
+def criterion(a, b, relevance, name, alpha, scale, relevance_scale):
+    """The selection criterion in float32, operation for operation as documented in the kernel."""
+    spread = np.abs(a.astype(np.float32) - b.astype(np.float32)) * np.float32(scale)
+    if name == "absolute":
+        return spread
+    rel = relevance.astype(np.float32) * np.float32(relevance_scale)
+    if name == "additive":
+        return rel + np.float32(alpha) * spread
+    return rel * spread
+
+
+def margin_of(a_row, b_row, indices, scale):
+    total = 0.0
+    for i in indices:
+        total += (float(a_row[i]) - float(b_row[i])) * scale
+    return total
+
+
+def select_top_k(a, b, relevance, k, name, alpha, scale, relevance_scale):
+    """(index [n, k], margin [n]) by a full stable sort per row: criterion descending, index ascending."""
+    values = criterion(a, b, relevance, name, alpha, scale, relevance_scale)
+    index = np.empty((a.shape[0], k), np.int64)
+    margin = np.empty(a.shape[0])
+    for row in range(a.shape[0]):
+        order = sorted(range(a.shape[1]), key=lambda i: (-float(values[row, i]), i))[:k]
+        index[row] = order
+        margin[row] = margin_of(a[row], b[row], order, scale)
+    return index, margin
+
+
+def splitmix64(state):
+    state = (state + 0x9E3779B97F4A7C15) & MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return state, z ^ (z >> 31)
+
+
+def random_rules(n, n_rules, k, seed, first_pair):
+    out = np.empty((n, k), np.int64)
+    for row in range(n):
+        perm = list(range(n_rules))
+        state = (seed ^ (((first_pair + row) * 0xD1B54A32D192ED03) & MASK64)) & MASK64
+        for j in range(k):
+            state, r = splitmix64(state)
+            pick = j + r % (n_rules - j)
+            perm[j], perm[pick] = perm[pick], perm[j]
+        out[row] = sorted(perm[:k])
+    return out
+
+
+def labels_of(margin):
+    return np.array([1 if m > 0 else (-1 if m < 0 else 0) for m in margin], np.int8)

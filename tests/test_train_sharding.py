@@ -1,0 +1,123 @@
+"""Mesh, logical-axis rules, sharded train step and checkpoint restore onto other meshes.
+
+The multi-device checks need 8 devices, which on CPU means XLA_FLAGS=
+--xla_force_host_platform_device_count=8 set before JAX starts. So they run in a
+subprocess (this file executed as a script), leaving every other test with the default
+single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dynrules.errors import DynrulesError
+from dynrules.train import sharding as shd
+from jax.sharding import PartitionSpec
+
+FAKE_MESH = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})
+
+
+def test_mesh_spec_parsing_fills_data_and_rejects_bad_specs():
+    assert shd.parse_mesh_spec("", 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert shd.parse_mesh_spec("fsdp=2", 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert shd.parse_mesh_spec("data=4,fsdp=2", 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    for bad in ("data=3", "model=2", "data", "fsdp=3", "data=0,fsdp=8"):
+        with pytest.raises(DynrulesError):
+            shd.parse_mesh_spec(bad, 8)
+
+
+def test_logical_rules_respect_divisibility_and_axis_reuse():
+    # embed → fsdp when divisible; vocab → tensor is size 1 here so it stays unsharded.
+    assert shd.logical_to_spec(("vocab", "embed"), (30522, 32), FAKE_MESH) == PartitionSpec(None, "fsdp")
+    # A dimension the mesh axis does not divide is replicated rather than failing.
+    assert shd.logical_to_spec(("embed",), (33,), FAKE_MESH) == PartitionSpec(None)
+    # The batch uses both data axes; a second dimension cannot reuse fsdp.
+    assert shd.logical_to_spec(("batch", "embed"), (16, 32), FAKE_MESH) == PartitionSpec(("data", "fsdp"), None)
+    assert shd.logical_to_spec(("batch",), (6,), FAKE_MESH) == PartitionSpec(None)
+
+
+@pytest.mark.timeout(300)
+def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(tmp_path, tiny_encoder):
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, __file__, str(tmp_path), str(tiny_encoder)],
+        env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8
+    assert report["embed_spec"] == ["fsdp"] or "fsdp" in str(report["embed_spec"])
+    assert report["max_step_difference"] < 2e-5, report
+    assert report["loss_difference"] < 1e-5, report
+    for target in ("8x1", "1"):
+        assert report[f"restore_{target}_difference"] == 0.0, report
+        assert report[f"restore_{target}_devices"] == (8 if target == "8x1" else 1)
+
+
+def _multi_device_main(out: Path, encoder_dir: str) -> None:
+    """Runs inside the 8-device subprocess; prints one JSON report line."""
+    import jax
+    from dynrules.train import encoder as enc
+    from dynrules.train import model as mdl
+    from dynrules.train.checkpoint import Checkpointer, abstract_like
+    from dynrules.train.config import TrainConfig
+    from dynrules.train.data import Pair
+    from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
+
+    loaded = enc.read_checkpoint(encoder_dir)
+    config = TrainConfig(steps=4, batch_size=16, max_length=32, learning_rate=1e-3, warmup_ratio=0.0)
+    spec = mdl.ModelSpec(loaded.config, pooling=config.pooling, max_length=config.max_length)
+    host = {"encoder": loaded.params, **mdl.initial_head(spec, 0)}
+    pairs = [Pair(chosen=f"safe answer {i} " * (1 + i % 3), rejected=f"harmful answer {i}", prompt=f"q{i}")
+             for i in range(32)]  # fmt: skip
+    tokens = TokenizedPairs.build(pairs, loaded.tokenizer, config.max_length)
+    batches = PairBatches(tokens, seed=0, batch_size=16, grad_accum=1, max_length=32, pad_id=0)
+
+    def run(mesh_spec, devices):
+        trainable = Trainable.build(spec, config, shd.make_mesh(mesh_spec, devices))
+        state = trainable.initial_state(host)
+        step = trainable.train_step(config)
+        losses = []
+        for index in range(2):
+            state, sums = step(state, trainable.global_batch(batches.batch(index)[0]))
+            losses.append(float(sums["loss"]) / float(sums["pairs"]))
+        return trainable, state, losses
+
+    sharded_trainable, sharded, sharded_losses = run("data=4,fsdp=2", jax.devices())
+    _, single, single_losses = run("", jax.devices()[:1])
+    gathered = mdl.gather(sharded["params"])
+    reference = mdl.gather(single["params"])
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(gathered), jax.tree.leaves(reference), strict=True))
+    embed = sharded["params"]["encoder"]["layers"]["mlp_in_kernel"].sharding.spec
+
+    checkpoints = Checkpointer(out / "ckpt", every=1, keep=2)
+    checkpoints.save(2, sharded, {"step": 2})
+    checkpoints.wait()
+    report = {
+        "devices": jax.device_count(),
+        "embed_spec": list(embed),
+        "max_step_difference": difference,
+        "loss_difference": max(abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)),
+    }
+    saved = jax.tree.leaves(mdl.gather(sharded["params"]))
+    for name, (mesh_spec, devices) in {"8x1": ("data=8", jax.devices()), "1": ("", jax.devices()[:1])}.items():
+        target = Trainable.build(spec, config, shd.make_mesh(mesh_spec, devices)).abstract_state
+        restored, meta = checkpoints.restore(target, 2)
+        assert meta["step"] == 2
+        leaves = jax.tree.leaves(mdl.gather(restored["params"]))
+        report[f"restore_{name}_difference"] = max(float(np.abs(a - b).max()) for a, b in zip(saved, leaves, strict=True))
+        report[f"restore_{name}_devices"] = len(restored["params"]["head_kernel"].sharding.device_set)
+        assert abstract_like(restored)["step"].shape == ()
+    checkpoints.close()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    _multi_device_main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,430 @@
+"""Reward-model training: data order, sharded train step, checkpoints, metrics, export.
+
+A run directory holds::
+
+    run.json        config, model spec, data fingerprint: what a resume must match
+    checkpoints/    Orbax steps (params, optimizer state, step; meta with data position)
+    metrics.jsonl   one record per log/eval point, written by process 0
+    model/          the final model (safetensors + config.json + tokenizer.json)
+    summary.json    final train/eval metrics and truncation counts
+
+Determinism: the data order is a function of (seed, step) only: epoch e is the permutation
+``default_rng([seed, e])`` of the training pairs and step s takes the next ``batch_size``
+pairs of that endless sequence. So a run resumed from the checkpoint at step s computes the
+same steps s+1… as an uninterrupted one and reaches the same parameters.
+
+The train step is one jitted function with explicit in/out shardings and the state donated:
+the global batch [grad_accum, pairs, 2, time] is split over ('data', 'fsdp') on the pairs
+axis (each pair's chosen and rejected texts stay on one device), and gradient accumulation
+is a ``lax.scan`` over micro-batches inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dynrules.errors import DynrulesError
+from dynrules.train import encoder as enc
+from dynrules.train import model as mdl
+from dynrules.train import sharding as shd
+from dynrules.train.checkpoint import Checkpointer
+from dynrules.train.config import TrainConfig, load_config, make_config
+from dynrules.train.data import Pair, fingerprint, load_pairs
+from dynrules.train.evaluate import pair_report
+from dynrules.train.objective import bradley_terry, make_optimizer, make_schedule, summarize
+
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished (or already complete) run reports."""
+
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    resumed_from: int | None
+    train: dict
+    eval: dict | None
+    truncated: dict
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class TokenizedPairs:
+    chosen: list[np.ndarray]
+    rejected: list[np.ndarray]
+    margins: np.ndarray
+    truncated: int
+
+    @classmethod
+    def build(cls, pairs: list[Pair], tokenizer: enc.TextTokenizer, max_length: int) -> TokenizedPairs:
+        texts = [text for pair in pairs for text in pair.texts()]
+        tokens = tokenizer.encode(texts, max_length)
+        return cls(
+            chosen=tokens.ids[0::2],
+            rejected=tokens.ids[1::2],
+            margins=np.array([p.margin for p in pairs], np.float32),
+            truncated=tokens.truncated,
+        )
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+class PairBatches:
+    """Global batch for any step, as a pure function of (seed, step)."""
+
+    def __init__(self, tokens: TokenizedPairs, *, seed: int, batch_size: int, grad_accum: int,
+                 max_length: int, pad_id: int):  # fmt: skip
+        self.tokens, self.seed = tokens, seed
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.buckets = enc.length_buckets(max_length)
+        self.pad_id = pad_id
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.tokens))}
+        return self._epochs[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        n = len(self.tokens)
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        return np.array([self._epoch(p // n)[p % n] for p in positions])
+
+    def batch(self, step: int) -> tuple[dict[str, np.ndarray], int]:
+        """Arrays shaped [grad_accum, pairs_per_micro, 2, time] etc., and the real token count."""
+        index = self.indices(step)
+        seqs = [s for i in index for s in (self.tokens.chosen[i], self.tokens.rejected[i])]
+        width = enc.bucket_for(max(len(s) for s in seqs), self.buckets)
+        ids, lengths = enc.pad_batch(seqs, width, len(seqs), self.pad_id)
+        micro = self.batch_size // self.grad_accum
+        batch = {
+            "ids": ids.reshape(self.grad_accum, micro, 2, width),
+            "lengths": lengths.reshape(self.grad_accum, micro, 2),
+            "margins": self.tokens.margins[index].reshape(self.grad_accum, micro),
+        }
+        return batch, int(lengths.sum())
+
+
+def split_held_out(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, held out): a seeded random ``fraction`` of the pairs, at least one left to train."""
+    count = min(int(round(len(pairs) * fraction)), len(pairs) - 1)
+    if count <= 0:
+        return pairs, []
+    order = np.random.default_rng([seed, 1_000_003]).permutation(len(pairs))
+    held = set(order[:count].tolist())
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+
+
+# --------------------------------------------------------------------------- state and step
+
+
+@dataclasses.dataclass
+class Trainable:
+    """Everything needed to run steps on one mesh: model structure, optimizer, layouts."""
+
+    graphdef: object
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    state_shardings: dict
+    abstract_state: dict
+
+    @classmethod
+    def build(cls, spec: mdl.ModelSpec, config: TrainConfig, mesh) -> Trainable:
+        graphdef, abstract = mdl.abstract_model(spec, dtype=mdl.COMPUTE_DTYPES[config.dtype], remat=config.remat)
+        param_shardings = shd.state_shardings(abstract, mesh)
+        abstract_params = jax.tree.map(
+            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(abstract), param_shardings
+        )
+        schedule = make_schedule(learning_rate=config.learning_rate, steps=config.steps, warmup_ratio=config.warmup_ratio)
+        tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        replicated = shd.replicated(mesh)
+        opt_shardings = optax.tree_map_params(
+            tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
+        )
+        shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+        abstract_state = {
+            "params": abstract_params,
+            "opt_state": jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_shardings
+            ),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        }
+        return cls(graphdef, tx, schedule, mesh, shardings, abstract_state)
+
+    def initial_state(self, host_params: dict) -> dict:
+        """Params placed shard by shard from host arrays; optimizer state created sharded."""
+        params = mdl.place(host_params, self.state_shardings["params"])
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
+        return {"params": params, "opt_state": opt_state, "step": step}
+
+    def batch_shardings(self) -> dict:
+        pairs = shd.LOGICAL_AXIS_RULES["batch"]
+        spec = jax.sharding.PartitionSpec
+        named = jax.sharding.NamedSharding
+        return {
+            "ids": named(self.mesh, spec(None, pairs, None, None)),
+            "lengths": named(self.mesh, spec(None, pairs, None)),
+            "margins": named(self.mesh, spec(None, pairs)),
+        }
+
+    def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of the pairs axis → global arrays on the mesh."""
+        sharding = self.batch_shardings()
+        rows = shd.process_slice(batch["margins"].shape[1])
+        return {k: shd.global_batch(v[:, rows], sharding[k], batch_dim=1) for k, v in batch.items()}
+
+    def train_step(self, config: TrainConfig):
+        """jit(step)(state, batch) → (state, metric sums); the state argument is donated."""
+        graphdef, tx = self.graphdef, self.tx
+
+        def micro_loss(params, micro):
+            pairs, _, width = micro["ids"].shape
+            rewards = mdl.apply(graphdef, params, micro["ids"].reshape(pairs * 2, width),
+                                micro["lengths"].reshape(pairs * 2))[:, 0].reshape(pairs, 2)  # fmt: skip
+            return bradley_terry(rewards[:, 0], rewards[:, 1], config.margin_scale * micro["margins"],
+                                 center_coef=config.center_coef)  # fmt: skip
+
+        def step(state, batch):
+            params = state["params"]
+
+            def accumulate(total, micro):
+                (_, sums), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, micro)
+                return jax.tree.map(jnp.add, total, grads), sums
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, sums = jax.lax.scan(accumulate, zeros, batch)
+            grads = jax.tree.map(lambda g: g / batch["ids"].shape[0], grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            sums = jax.tree.map(lambda x: x.sum(), sums)
+            sums["grad_norm"] = optax.global_norm(grads)
+            new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                         "step": state["step"] + 1}  # fmt: skip
+            return new_state, sums
+
+        return jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_shardings()),
+            out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
+            donate_argnums=0,
+        )
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _read_run(run_dir: Path) -> dict | None:
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise DynrulesError(f"{run_dir} exists and is not a dynrules run; refusing to write into it")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DynrulesError(f"cannot read {path}: {exc}") from exc
+
+
+def resolve_config(run_dir: str | Path, config_file: str | Path | None = None, overrides=()) -> TrainConfig:
+    """The CLI's config: the run's saved config when resuming, then the file, then overrides."""
+    saved = _read_run(Path(run_dir))
+    return load_config(config_file, overrides, base=saved["config"] if saved else None)
+
+
+def _check_resume(saved: dict, config: TrainConfig, spec: mdl.ModelSpec, data_hash: str, run_dir: Path):
+    if saved["model"] != spec.to_dict():
+        raise DynrulesError(f"{run_dir}: its checkpoints are from another model ({saved['model']['encoder']})")
+    changed = sorted(
+        key for key, value in config.to_dict().items()
+        if key not in TrainConfig.RESUMABLE_CHANGES and saved["config"].get(key) != value
+    )  # fmt: skip
+    if changed:
+        details = ", ".join(f"{k}: {saved['config'].get(k)!r} → {getattr(config, k)!r}" for k in changed)
+        raise DynrulesError(f"{run_dir}: cannot resume with a different config ({details}); use a new --out")
+    if saved["data"] != data_hash:
+        raise DynrulesError(f"{run_dir}: cannot resume on different pairs (data fingerprint changed); use a new --out")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from dynrules.engine.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train_reward_model(
+    pairs: str | Path | list[dict] | list[Pair],
+    out_dir: str | Path,
+    config: TrainConfig | dict | None = None,
+    *,
+    progress: bool = True,
+) -> RunResult:
+    """Train (or resume) a Bradley–Terry reward model on preference pairs.
+
+    Args:
+        pairs: a pairs file (JSONL/JSONL.gz/Parquet; see train.data) or the records/Pairs.
+        out_dir: the run directory. If it holds a run already, training resumes from its
+            latest checkpoint; the config must then match except for the keys in
+            ``TrainConfig.RESUMABLE_CHANGES`` (and ``config=None`` reuses the saved one).
+        config: a TrainConfig, a dict of config keys, or None (defaults / saved config).
+        progress: show a tqdm progress bar (process 0 only).
+
+    Returns:
+        RunResult with the exported model directory (``out_dir/model``) and final metrics.
+    """
+    run_dir = Path(out_dir)
+    saved = _read_run(run_dir)
+    if config is None:
+        config = make_config(saved["config"]) if saved else TrainConfig()
+    elif isinstance(config, dict):
+        config = make_config(config)
+    if config.distributed:
+        shd.initialize_distributed()
+
+    pairs = pairs if isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair) else load_pairs(pairs)
+    data_hash = fingerprint(pairs)
+    loaded = enc.read_checkpoint(config.encoder or None)
+    max_length = min(config.max_length, loaded.config.max_position_embeddings)
+    spec = mdl.ModelSpec(loaded.config, num_outputs=1, pooling=config.pooling, max_length=max_length)
+    if saved is not None:
+        _check_resume(saved, config, spec, data_hash, run_dir)
+
+    if config.eval_data:
+        train_pairs, held_out = pairs, load_pairs(config.eval_data)
+    else:
+        train_pairs, held_out = split_held_out(pairs, config.eval_fraction, config.seed)
+
+    mesh = shd.make_mesh(config.mesh)
+    micro = config.batch_size // config.grad_accum
+    shards = shd.batch_shards(mesh) * jax.process_count()
+    if micro % shards:
+        raise DynrulesError(
+            f"config: batch_size/grad_accum = {micro} pairs must be a multiple of the "
+            f"{shards} batch shards of mesh {shd.mesh_description(mesh)}"
+        )
+    trainable = Trainable.build(spec, config, mesh)
+    checkpointer = Checkpointer(run_dir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints)
+    is_writer = jax.process_index() == 0
+    if saved is None and is_writer:
+        _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "model": spec.to_dict(), "data": data_hash,
+                                         "encoder": str(loaded.directory)})  # fmt: skip
+
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is None:
+        state = trainable.initial_state({"encoder": loaded.params, **mdl.initial_head(spec, config.seed)})
+    else:
+        meta = checkpointer.read_meta(resumed_from)
+        if meta.get("model") != spec.to_dict():
+            raise DynrulesError(f"{checkpointer.directory}: checkpoint {resumed_from} is from another model")
+        state, _ = checkpointer.restore(trainable.abstract_state, resumed_from)
+        if resumed_from > config.steps:
+            raise DynrulesError(f"{run_dir}: already at step {resumed_from}, beyond steps={config.steps}")
+
+    tokenizer = loaded.tokenizer
+    train_tokens = TokenizedPairs.build(train_pairs, tokenizer, max_length)
+    batches = PairBatches(train_tokens, seed=config.seed, batch_size=config.batch_size,
+                          grad_accum=config.grad_accum, max_length=max_length, pad_id=tokenizer.pad_id)  # fmt: skip
+
+    from dynrules.train.scoring import Scorer
+
+    scorer = Scorer(trainable.graphdef, state["params"], tokenizer, mesh, max_length=max_length, batch_size=max(micro * 2, 16))
+    held_texts = [text for pair in held_out for text in pair.texts()]
+
+    def evaluate_now(step: int) -> dict | None:
+        if not held_out:
+            return None
+        scorer.params = state["params"]
+        scorer.truncated = 0
+        rewards = scorer.rewards(held_texts)
+        report = pair_report(held_out, rewards[0::2], rewards[1::2])
+        report["loss"] = float(np.logaddexp(0.0, -(rewards[0::2] - rewards[1::2])).mean())
+        report["truncated"] = scorer.truncated
+        record("eval", step, report)
+        return report
+
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def record(split: str, step: int, values: dict) -> None:
+        if is_writer:
+            with open(metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+
+    step = int(resumed_from or 0)
+    train_metrics: dict = {}
+    eval_metrics = None
+    if step < config.steps:
+        train_step = trainable.train_step(config)
+        pending, tokens_seen, clock = [], 0, time.perf_counter()
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, disable=not (progress and is_writer), desc="train-rm", unit="step")
+        while step < config.steps:
+            batch, tokens = batches.batch(step)
+            state, sums = train_step(state, trainable.global_batch(batch))
+            step += 1
+            pending.append(sums)
+            tokens_seen += tokens
+            checkpointer.save(step, state, _meta(step, config, spec, data_hash))
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))
+                elapsed = time.perf_counter() - clock
+                train_metrics = summarize(totals) | {
+                    "grad_norm": totals["grad_norm"] / len(pending),
+                    "learning_rate": float(trainable.schedule(step - 1)),
+                    "tokens_per_s": tokens_seen / elapsed,
+                    "pairs_per_s": len(pending) * config.batch_size / elapsed,
+                }
+                record("train", step, train_metrics)
+                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}")
+                pending, tokens_seen, clock = [], 0, time.perf_counter()
+            if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                evaluate_now(step)
+        bar.close()
+        checkpointer.save(step, state, _meta(step, config, spec, data_hash), force=step not in checkpointer.all_steps())
+    checkpointer.wait()
+    checkpointer.close()
+
+    eval_metrics = evaluate_now(step)
+    model_dir = run_dir / "model"
+    if is_writer:
+        mdl.export_model(mdl.gather(state["params"]), spec, tokenizer.path, model_dir)
+    else:
+        mdl.gather(state["params"])  # the all-gather is collective: every process takes part
+    truncated = {"train": train_tokens.truncated, "eval": eval_metrics["truncated"] if eval_metrics else 0}
+    result = RunResult(run_dir, model_dir, step, resumed_from, train_metrics, eval_metrics, truncated)
+    if is_writer:
+        _write_json(run_dir / "summary.json", {"steps": step, "resumed_from": resumed_from, "train": train_metrics,
+                                               "eval": eval_metrics, "truncated": truncated,
+                                               "mesh": shd.mesh_description(mesh)})  # fmt: skip
+    return result
+
+
+def _meta(step: int, config: TrainConfig, spec: mdl.ModelSpec, data_hash: str) -> dict:
+    """The JSON part of a checkpoint: step and data position, and what must match on restore."""
+    return {
+        "step": step,
+        "pairs_seen": step * config.batch_size,  # data position: next pair = this index of the order
+        "seed": config.seed,
+        "model": spec.to_dict(),
+        "data": data_hash,
+    }
