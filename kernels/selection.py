@@ -23,6 +23,27 @@ ADDITIVE, PRODUCT, ABSOLUTE = 0, 1, 2
 CRITERIA = {"additive": ADDITIVE, "product": PRODUCT, "absolute": ABSOLUTE}
 
 
+# Above this many candidates, ranking by counting (quadratic) costs more than insertion.
+RANK_LIMIT = 32
+
+
+@numba.njit(**EXACT)
+def _insertion_top_k(candidate, candidate_value, n_candidates, k, best_value, best_index):
+    """Top k of the candidates by a sorted insertion buffer; strict '>' keeps lower indices ahead."""
+    for j in range(k):
+        best_value[j] = np.float32(-1.0)
+    for t in range(n_candidates):
+        c = candidate_value[t]
+        if c > best_value[k - 1]:
+            j = k - 1
+            while j > 0 and c > best_value[j - 1]:
+                best_value[j] = best_value[j - 1]
+                best_index[j] = best_index[j - 1]
+                j -= 1
+            best_value[j] = c
+            best_index[j] = candidate[t]
+
+
 def _make_select_top_k(criterion):
     # One compiled kernel per criterion keeps the criterion branch out of the vectorised loop.
     @numba.njit(**PARALLEL_EXACT)
@@ -35,8 +56,10 @@ def _make_select_top_k(criterion):
         n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
         for block in numba.prange(n_blocks):
             value = np.empty(n_rules, np.float32)
+            candidate = np.empty(n_rules, np.int64)
+            candidate_value = np.empty(n_rules, np.float32)
+            best_index = np.empty(k + 1, np.int64)  # slot k absorbs every rank >= k
             best_value = np.empty(k, np.float32)
-            best_index = np.empty(k, np.int64)
             for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
                 # Pass 1 (vectorised): every rule's criterion.
                 for i in range(n_rules):
@@ -47,9 +70,8 @@ def _make_select_top_k(criterion):
                         value[i] = np.float32(relevance[row, i]) * relevance_scale32 * spread
                     else:
                         value[i] = spread
-                # Pass 2: a cheap lower bound on the k-th largest — the smallest of the maxima of
-                # k disjoint groups (each group holds one value >= it) — so that only a few
-                # candidates reach the insertion buffer.
+                # Pass 2: a cheap lower bound on the k-th largest value — the smallest of the
+                # maxima of k disjoint groups, each of which holds a value at least that large.
                 bound = np.float32(np.inf)
                 for g in range(k):
                     stop = n_rules if g == k - 1 else (g + 1) * group
@@ -57,23 +79,25 @@ def _make_select_top_k(criterion):
                     for i in range(g * group, stop):
                         group_max = max(group_max, value[i])
                     bound = min(bound, group_max)
-                # Pass 3: insertion top-k over the candidates, in index order; strict '>' keeps
-                # the lower index ahead on equal criteria.
-                for j in range(k):
-                    best_value[j] = np.float32(-1.0)
-                    best_index[j] = -1
-                floor = np.float32(-1.0)
+                # Pass 3: branch-free compaction of the few candidates >= bound, in index order.
+                n_candidates = 0
                 for i in range(n_rules):
-                    c = value[i]
-                    if c >= bound and c > floor:
-                        j = k - 1
-                        while j > 0 and c > best_value[j - 1]:
-                            best_value[j] = best_value[j - 1]
-                            best_index[j] = best_index[j - 1]
-                            j -= 1
-                        best_value[j] = c
-                        best_index[j] = i
-                        floor = best_value[k - 1]
+                    candidate[n_candidates] = i
+                    candidate_value[n_candidates] = value[i]
+                    n_candidates += value[i] >= bound
+                # Pass 4: each candidate's rank = candidates ahead of it (larger value, or equal
+                # and lower index); ranks are distinct, so the top k land in slots 0..k-1.
+                # Branch-free, which beats an insertion buffer's unpredictable branches — but
+                # quadratic, so rows with many equal values (say all-zero ratings) use insertion.
+                if n_candidates <= RANK_LIMIT:
+                    for t in range(n_candidates):
+                        c = candidate_value[t]
+                        rank = 0
+                        for u in range(n_candidates):
+                            rank += (candidate_value[u] > c) | ((candidate_value[u] == c) & (u < t))
+                        best_index[min(rank, k)] = candidate[t]
+                else:
+                    _insertion_top_k(candidate, candidate_value, n_candidates, k, best_value, best_index)
                 margin = 0.0
                 for j in range(k):
                     i = best_index[j]

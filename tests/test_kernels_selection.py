@@ -16,7 +16,7 @@ FLOAT_LEVELS = np.array([-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0], np.float32)
 @st.composite
 def ratings(draw, dtype=None):
     n = draw(st.integers(1, 40))
-    n_rules = draw(st.integers(1, 24))
+    n_rules = draw(st.integers(1, 48))  # past RANK_LIMIT too: both top-k paths
     k = draw(st.integers(1, n_rules))
     dtype = dtype or draw(st.sampled_from(["float32", "int8"]))
     seed = draw(st.integers(0, 2**32 - 1))
@@ -120,3 +120,15 @@ def test_random_rules_are_reproducible_per_pair_across_chunking():
     tail = np.empty((40, 4), np.int16)
     K.random_rules(40, 30, 4, 11, 60, tail)
     np.testing.assert_array_equal(whole[60:], tail)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.5])
+def test_rows_of_equal_values_take_the_insertion_path(level):
+    # Every criterion equal: all R rules are candidates, beyond the ranking path's limit.
+    n_rules = K.RANK_LIMIT * 2
+    a = np.full((3, n_rules), level, np.float32)
+    b = np.zeros_like(a)
+    index, margin = np.empty((3, 4), np.int16), np.empty(3)
+    K.select_top_k(a, b, np.zeros_like(a), 4, K.ADDITIVE, 0.5, 1.0, 1.0, index, margin)
+    assert index.tolist() == [[0, 1, 2, 3]] * 3
+    np.testing.assert_array_equal(margin, [4 * level] * 3)

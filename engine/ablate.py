@@ -1,0 +1,263 @@
+"""The policy ablation: which selection policy's label carries the most information about the truth.
+
+Policies, each at every requested k (criterion in brackets):
+
+    adaptive  top-k per pair by a criterion of kernels.selection (additive, product, absolute)
+    zscore    top-k per pair by |d_i| / σ_i, σ_i = rule i's discrepancy standard deviation over
+              the data set (absolute; and relevance·|d_i|/σ_i as "product" when the store has
+              relevance); a rule with σ_i = 0 never differs and gets weight 0
+    greedy    redundancy-aware greedy selection (kernels.policies): the next rule maximises
+              criterion·(1 − discount·max redundancy with the rules already chosen), redundancy
+              as in engine.mi, by the store's default criterion
+    all       every rule (one row, k = R)
+    random    k random rules per pair (reproducible from the seed)
+    fixed     the same k rules for every pair: those of highest vote MI over the data set. This
+              uses the truth, so it is an optimistic baseline for any fixed set.
+
+Two passes over the store: the first counts per-rule vote tables and discrepancy moments and
+measures redundancy (what zscore, greedy and fixed need); the second labels every pair by every
+policy and counts one label-by-truth table each. Each row then reports, from its table alone
+(see engine.mi): agreement (accuracy of the non-tie labels), Miller–Madow MI in bits with a
+multinomial-resampling interval, ties and coverage (the fraction of pairs labelled).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from dynrules.engine.atomic import atomic_path
+from dynrules.engine.mi import (
+    REDUNDANCY_PAIRS,
+    label_summary,
+    open_store,
+    redundant_pairs,
+    rule_statistics,
+    rule_table,
+    truth_labels,
+)
+from dynrules.engine.select import SelectionConfig, select_chunk
+from dynrules.engine.store import to_kernel_dtype
+from dynrules.errors import DynrulesError
+from dynrules.kernels import contingency as C
+from dynrules.kernels import policies as P
+from dynrules.kernels import selection as K
+
+POLICIES = ("adaptive", "zscore", "greedy", "all", "random", "fixed")
+OUTPUT_FILES = ("ablation.json", "ablation.md", "mi_vs_k.png", "rule_mi.png")
+
+
+class _Contender:
+    """One (policy, criterion, k) and how it labels a chunk."""
+
+    def __init__(self, policy: str, criterion: str | None, k: int, label_of):
+        self.policy, self.criterion, self.k, self.label_of = policy, criterion, k, label_of
+        self.counts = np.zeros((3, 2), np.int64)
+
+
+def _labels_by(kernel, arguments: tuple):
+    """Label a chunk with a kernel of kernels.policies: kernel(a, b, relevance, k, *arguments, index, margin)."""
+
+    def label_of(chunk, k):
+        a, b = to_kernel_dtype(chunk.scores_a), to_kernel_dtype(chunk.scores_b)
+        relevance = a if chunk.relevance is None else to_kernel_dtype(chunk.relevance)
+        index = np.empty((a.shape[0], k), np.int16)
+        margin = np.empty(a.shape[0], np.float64)
+        kernel(a, b, relevance, k, *arguments, index, margin)
+        label = np.empty(a.shape[0], np.int8)
+        K.labels_of_margins(margin, label)
+        return label
+
+    return label_of
+
+
+def _by_config(config: SelectionConfig, scale: float, rule_index=None):
+    return lambda chunk, k: select_chunk(chunk, config, scale, rule_index)[2]
+
+
+def parse_ks(text: str, n_rules: int | None = None) -> list[int]:
+    """'1,3,5,10' or ranges '1-10,20' to sorted distinct ks ('R' stands for the pool size)."""
+    ks = set()
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                ks.update(range(lo, hi + 1))
+            else:
+                ks.add(n_rules if part.upper() == "R" and n_rules else int(part))
+        except ValueError:
+            raise DynrulesError(f"bad k list {text!r}: expected numbers like 1,3,5,10 or 1-10") from None
+    if not ks:
+        raise DynrulesError("empty k list")
+    return sorted(ks)
+
+
+def ablate(store, truth, ks, *, policies=POLICIES, alpha: float = 0.5, seed: int = 0, resamples: int = 1000,
+           discount: float = 1.0, estimator: str = "miller-madow", redundancy_pairs: int = REDUNDANCY_PAIRS) -> dict:
+    """Compare selection policies on ``store`` against ``truth`` (a pair field name or an array).
+
+    Returns {"pairs", "rules", "estimator", "rows": [{"policy", "criterion", "k", "agreement",
+    "mi_bits", "ci_low", "ci_high", "ties", "coverage"}, …], "rule_mi": [...], "redundant": [...]}.
+    """
+    store = open_store(store)
+    truth_values = truth_labels(store, truth)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise DynrulesError(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1 or ks[-1] > store.n_rules:
+        raise DynrulesError(f"every k must be between 1 and R = {store.n_rules}, got {ks}")
+    if not 0.0 <= discount <= 1.0:
+        raise DynrulesError(f"discount must be in [0, 1], got {discount}")
+
+    stats = rule_statistics(store, truth_values, redundancy_pairs=redundancy_pairs)
+    rules = rule_table(stats, store.rule_ids, estimator)
+    contenders = _contenders(store, stats, rules, ks, policies, alpha, seed, discount)
+
+    for chunk in store.iter_chunks():
+        chunk_truth = truth_values[chunk.start:chunk.stop]
+        for contender in contenders:
+            C.label_counts(contender.label_of(chunk, contender.k), chunk_truth, contender.counts)
+
+    rows = [{"policy": c.policy, "criterion": c.criterion, "k": c.k,
+             **label_summary(c.counts, resamples=resamples, seed=seed, estimator=estimator)} for c in contenders]
+    return {"pairs": store.n_pairs, "rules": store.n_rules, "truth": truth if isinstance(truth, str) else None,
+            "estimator": estimator, "resamples": resamples, "rows": rows, "rule_mi": rules,
+            "redundant": redundant_pairs(stats, store.rule_ids)}
+
+
+def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> list[_Contender]:
+    criteria = list(K.CRITERIA) if store.has_relevance else ["absolute"]
+    default_criterion = "additive" if store.has_relevance else "absolute"
+    std = stats.discrepancy_std()
+    zscore_weight = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
+    unit_weight = np.ones(store.n_rules, np.float32)
+    redundancy = np.ascontiguousarray(stats.redundancy(), np.float32)
+    by_mi = [r["index"] for r in rules]
+    scale = store.scale
+    out = []
+    for policy in policies:
+        if policy == "all":
+            config = SelectionConfig(policy="all").resolved(store)
+            out.append(_Contender("all", None, store.n_rules, _by_config(config, scale)))
+            continue
+        for k in ks:
+            if policy == "adaptive":
+                for criterion in criteria:
+                    config = SelectionConfig(k=k, criterion=criterion, alpha=alpha).resolved(store)
+                    out.append(_Contender(policy, criterion, k, _by_config(config, scale)))
+            elif policy == "zscore":
+                for criterion in ("absolute", "product") if store.has_relevance else ("absolute",):
+                    code = K.CRITERIA[criterion]
+                    label_of = _labels_by(P.select_weighted_top_k, (code, alpha, scale, scale, zscore_weight))
+                    out.append(_Contender(policy, criterion, k, label_of))
+            elif policy == "greedy":
+                code = K.CRITERIA[default_criterion]
+                label_of = _labels_by(P.select_greedy,
+                                      (code, alpha, scale, scale, unit_weight, redundancy, discount))
+                out.append(_Contender(policy, default_criterion, k, label_of))
+            elif policy == "random":
+                config = SelectionConfig(policy="random", k=k, seed=seed).resolved(store)
+                out.append(_Contender(policy, None, k, _by_config(config, scale)))
+            else:
+                chosen = np.asarray(by_mi[:k], np.int64)
+                config = SelectionConfig(policy="fixed", rules=tuple(store.rule_ids[i] for i in chosen)).resolved(store)
+                out.append(_Contender(policy, None, k, _by_config(config, scale, chosen)))
+    return out
+
+
+# -- reports -----------------------------------------------------------------------------------------
+
+
+def _series_name(row: dict) -> str:
+    return row["policy"] + (f" ({row['criterion']})" if row["criterion"] else "")
+
+
+def markdown(result: dict, top_rules: int = 10) -> str:
+    lines = [f"# Policy ablation: {result['pairs']:,} pairs, {result['rules']} rules",
+             "",
+             f"Agreement: accuracy of the non-tie labels against the truth. MI: {result['estimator']} "
+             f"estimate in bits, 95% interval from {result['resamples']} multinomial resamples. "
+             "Coverage: fraction of pairs labelled (not tied).",
+             "",
+             "| policy | criterion | k | agreement | MI (bits) | 95% interval | ties | coverage |",
+             "|---|---|---:|---:|---:|---|---:|---:|"]
+    for row in result["rows"]:
+        agreement = "–" if row["agreement"] is None else f"{row['agreement']:.4f}"
+        lines.append(f"| {row['policy']} | {row['criterion'] or '–'} | {row['k']} | {agreement} | "
+                     f"{row['mi_bits']:.4f} | [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']:,} | "
+                     f"{row['coverage']:.4f} |")
+    lines += ["", f"## Rules by vote MI (top {top_rules})", "", "| rank | rule | MI (bits) | agreement | p-value |",
+              "|---:|---|---:|---:|---:|"]
+    for rank, rule in enumerate(result["rule_mi"][:top_rules], 1):
+        agreement = "–" if rule["agreement"] is None else f"{rule['agreement']:.4f}"
+        lines.append(f"| {rank} | {rule['id']} | {rule['mi_bits']:.5f} | {agreement} | {rule['p_value']:.3g} |")
+    if result.get("redundant"):
+        lines += ["", "## Most redundant rule pairs", "", "| rule | rule | redundancy |", "|---|---|---:|"]
+        lines += [f"| {p['a']} | {p['b']} | {p['redundancy']:.3f} |" for p in result["redundant"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, out_dir) -> list[Path]:
+    """mi_vs_k.png (MI and agreement against k, per policy, with intervals) and rule_mi.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        series.setdefault(_series_name(row), []).append(row)
+    figure, (mi_axis, agreement_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rows in series.items():
+        if rows[0]["policy"] == "all":
+            for axis, value in ((mi_axis, rows[0]["mi_bits"]), (agreement_axis, rows[0]["agreement"])):
+                if value is not None:
+                    axis.axhline(value, color="black", linestyle="--", linewidth=1, label=f"all (k = {rows[0]['k']})")
+            continue
+        ks = [r["k"] for r in rows]
+        mi = np.array([r["mi_bits"] for r in rows])
+        error = np.array([mi - [r["ci_low"] for r in rows], [r["ci_high"] for r in rows] - mi])
+        mi_axis.errorbar(ks, mi, yerr=np.maximum(error, 0), marker="o", capsize=3, label=name)
+        agreement_axis.plot(ks, [np.nan if r["agreement"] is None else r["agreement"] for r in rows], marker="o",
+                            label=name)
+    mi_axis.set(xlabel="k (rules per pair)", ylabel="I(label; truth), bits", title="Label MI vs k")
+    agreement_axis.set(xlabel="k (rules per pair)", ylabel="agreement with truth", title="Agreement vs k")
+    for axis in (mi_axis, agreement_axis):
+        axis.grid(alpha=0.3)
+    agreement_axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    written = [_save(figure, out_dir / "mi_vs_k.png")]
+    plt.close(figure)
+
+    rules = result["rule_mi"]
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.08 * len(rules) + 2), 4))
+    axis.bar(range(len(rules)), [r["mi_bits"] for r in rules], color="tab:blue")
+    axis.set(xlabel="rules, by vote MI", ylabel="I(vote; truth), bits", title="Per-rule vote MI")
+    shown = min(len(rules), 10)
+    axis.set_xticks(range(shown), [r["id"] for r in rules[:shown]], rotation=60, fontsize=7)
+    axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    written.append(_save(figure, out_dir / "rule_mi.png"))
+    plt.close(figure)
+    return written
+
+
+def _save(figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    return path
+
+
+def write_report(result: dict, out_dir) -> list[Path]:
+    """ablation.json, ablation.md and the plots into ``out_dir``, each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "ablation.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(out_dir / "ablation.md") as tmp:
+        tmp.write_text(markdown(result))
+    return [out_dir / "ablation.json", out_dir / "ablation.md", *plot(result, out_dir)]

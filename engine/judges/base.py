@@ -1,0 +1,120 @@
+"""The judge interface: rate (prompt, response, rule) triples, a pair's rules at a time.
+
+A judge answers, for a response y to a prompt x and a rule i of its pool, a score
+s_i(x, y) = P(Yes) − P(No) ∈ [−1, 1] ("does the response follow the rule?") and a relevance
+∈ [0, 1] (1 − P(Irrelevant)). The unit of work is a :class:`Job`: one prompt, its responses
+(A and B of a pair, or a single response) and the rule indices to rate on each, so that a judge
+can share work across the rules of one conversation (one HTTP request, one embedding).
+
+Judges return results in any order (the LLM client answers as requests complete). A rule that
+could not be rated carries the reason in ``JobResult.errors``; its score is NaN, never 0, so a
+failure can not pass for a neutral rating. In a pair, the cell's relevance is the mean of the
+two responses' relevance (the selection criterion takes one relevance per pair and rule).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from dynrules.engine.pool import RulePool
+from dynrules.errors import DynrulesError
+
+
+class JudgeAborted(DynrulesError):
+    """The judge can not go on (repeated failures, rejected credentials, unknown model)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """Rate ``rules`` (indices into the judge's pool) on each of ``responses`` to ``prompt``."""
+
+    row: int  # the caller's index of this prompt/pair (a store row)
+    prompt: str
+    responses: tuple[str, ...]
+    rules: np.ndarray  # int64 rule indices
+
+
+@dataclass
+class JobResult:
+    job: Job
+    scores: np.ndarray  # float32 [n_responses, n_rules]; NaN where not rated
+    relevance: np.ndarray  # float32 [n_responses, n_rules]; NaN where not rated
+    errors: list[str | None]  # per rule: None when every response was rated, else why not
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+def failed_result(job: Job, reason: str) -> JobResult:
+    """A result in which every rule of ``job`` failed for ``reason``."""
+    shape = (len(job.responses), len(job.rules))
+    nan = np.full(shape, np.nan, np.float32)
+    return JobResult(job, nan, nan.copy(), [reason] * len(job.rules))
+
+
+def pair_cells(result: JobResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rule indices, s(A), s(B), relevance) of the rated cells of a pair job."""
+    ok = result.ok
+    relevance = result.relevance[:, ok].mean(axis=0, dtype=np.float32)
+    return result.job.rules[ok], result.scores[0, ok], result.scores[1, ok], relevance
+
+
+@dataclass(frozen=True)
+class Rating:
+    """One triple's answer: score and relevance, or the reason there is none."""
+
+    score: float | None
+    relevance: float | None
+    error: str | None = None
+
+
+class Judge(abc.ABC):
+    """Rates jobs against a fixed rule pool. Subclasses implement :meth:`rate_jobs`."""
+
+    pool: RulePool
+    #: the runner cuts a pair's outstanding rules into jobs of at most this many rules
+    rules_per_job: int
+
+    @property
+    @abc.abstractmethod
+    def identity(self) -> dict:
+        """``{"judge": str, "template": str | None}``: what the store's manifest records, so a
+        store never mixes ratings of different judges or templates. Holds no secrets."""
+
+    @abc.abstractmethod
+    def rate_jobs(self, jobs: Iterable[Job]) -> Iterator[JobResult]:
+        """One result per job, in any order. Jobs are pulled lazily. Raises JudgeAborted."""
+
+    def close(self) -> None:
+        """Release resources (connections, models)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def rate(self, triples: Sequence[tuple[str, str, str]]) -> list[Rating]:
+        """Rate (prompt, response, rule id) triples; one :class:`Rating` per triple, in order."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for position, (prompt, response, _rule) in enumerate(triples):
+            groups.setdefault((prompt, response), []).append(position)
+        jobs = []
+        for row, ((prompt, response), positions) in enumerate(groups.items()):
+            rules = np.array([self.pool.index_of(triples[p][2]) for p in positions], np.int64)
+            jobs.append(Job(row, prompt, (response,), rules))
+        out: list[Rating | None] = [None] * len(triples)
+        positions_of = list(groups.values())
+        for result in self.rate_jobs(jobs):
+            for column, position in enumerate(positions_of[result.job.row]):
+                error = result.errors[column]
+                if error is None:
+                    out[position] = Rating(float(result.scores[0, column]), float(result.relevance[0, column]))
+                else:
+                    out[position] = Rating(None, None, error)
+        return out

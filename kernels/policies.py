@@ -1,0 +1,111 @@
+"""Selection policies beyond plain top-k: per-rule weighted (z-scored) top-k and redundancy-aware
+greedy selection.
+
+Both read the same inputs as ``kernels.selection.select_top_k`` plus ``weight`` [R] (float32), a
+per-rule factor on the discrepancy. The criterion per rule i, in float32 in exactly this order:
+
+    spread_i  = |a_i − b_i|·scale·weight_i
+    ADDITIVE  relevance_i·relevance_scale + alpha·spread_i
+    PRODUCT   relevance_i·relevance_scale · spread_i
+    ABSOLUTE  spread_i
+
+With weight_i = 1 / (rule i's discrepancy standard deviation over the data set) this is the
+z-scored criterion; with weight 1 it is exactly select_top_k's criterion.
+
+Greedy selection picks k rules one at a time: the next rule maximises
+    criterion_i · (1 − discount · max_{j chosen} redundancy[j, i])
+so a rule that (nearly) duplicates one already chosen is passed over. With discount 0 it selects
+exactly what top-k selects, in the same order. Ties go to the lower rule index; margins are
+Σ_{i∈S} d_i in float64 in selection order, as in kernels.selection.
+"""
+
+import numba
+import numpy as np
+
+from .config import EXACT, PARALLEL_EXACT, ROW_BLOCK
+from .selection import ADDITIVE, PRODUCT
+
+
+@numba.njit(**EXACT)
+def _criteria(a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, out):
+    for i in range(a.shape[1]):
+        spread = abs(np.float32(a[row, i]) - np.float32(b[row, i])) * scale32 * weight[i]
+        if criterion == ADDITIVE:
+            out[i] = np.float32(relevance[row, i]) * relevance_scale32 + alpha32 * spread
+        elif criterion == PRODUCT:
+            out[i] = np.float32(relevance[row, i]) * relevance_scale32 * spread
+        else:
+            out[i] = spread
+
+
+@numba.njit(**EXACT)
+def _margin(a, b, row, index, scale):
+    margin = 0.0
+    for j in range(index.shape[1]):
+        i = index[row, j]
+        margin += (np.float64(a[row, i]) - np.float64(b[row, i])) * scale
+    return margin
+
+
+@numba.njit(**PARALLEL_EXACT)
+def select_weighted_top_k(a, b, relevance, k, criterion, alpha, scale, relevance_scale, weight,
+                          out_index, out_margin):
+    """Top-k by the weighted criterion into out_index [n, k] (rank order) and out_margin [n]."""
+    n, n_rules = a.shape
+    alpha32, scale32, relevance_scale32 = np.float32(alpha), np.float32(scale), np.float32(relevance_scale)
+    n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    for block in numba.prange(n_blocks):
+        value = np.empty(n_rules, np.float32)
+        best_value = np.empty(k, np.float32)
+        for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
+            _criteria(a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, value)
+            # Insertion top-k in index order; strict '>' keeps the lower index ahead on ties.
+            for j in range(k):
+                best_value[j] = np.float32(-1.0)
+            for i in range(n_rules):
+                c = value[i]
+                if c > best_value[k - 1]:
+                    j = k - 1
+                    while j > 0 and c > best_value[j - 1]:
+                        best_value[j] = best_value[j - 1]
+                        out_index[row, j] = out_index[row, j - 1]
+                        j -= 1
+                    best_value[j] = c
+                    out_index[row, j] = i
+            out_margin[row] = _margin(a, b, row, out_index, scale)
+
+
+@numba.njit(**PARALLEL_EXACT)
+def select_greedy(a, b, relevance, k, criterion, alpha, scale, relevance_scale, weight, redundancy,
+                  discount, out_index, out_margin):
+    """Redundancy-aware greedy selection into out_index [n, k] (pick order) and out_margin [n].
+
+    ``redundancy`` [R, R] float32 in [0, 1]; ``discount`` in [0, 1].
+    """
+    n, n_rules = a.shape
+    alpha32, scale32, relevance_scale32 = np.float32(alpha), np.float32(scale), np.float32(relevance_scale)
+    discount32 = np.float32(discount)
+    n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    for block in numba.prange(n_blocks):
+        value = np.empty(n_rules, np.float32)
+        penalty = np.empty(n_rules, np.float32)
+        taken = np.empty(n_rules, np.bool_)
+        for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
+            _criteria(a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, value)
+            penalty[:] = 0.0
+            taken[:] = False
+            for j in range(k):
+                best = -1
+                best_score = np.float32(-1.0)
+                for i in range(n_rules):
+                    if not taken[i]:
+                        score = value[i] * (np.float32(1.0) - discount32 * penalty[i])
+                        if score > best_score:
+                            best_score = score
+                            best = i
+                taken[best] = True
+                out_index[row, j] = best
+                for i in range(n_rules):
+                    penalty[i] = max(penalty[i], redundancy[best, i])
+            out_margin[row] = _margin(a, b, row, out_index, scale)
+

@@ -1,0 +1,198 @@
+"""End to end: train-rm, eval, score through the CLI; resume after kill -9; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from dynrules.cli import main
+from dynrules.errors import DynrulesError
+
+TRAIN_KEYS = {"loss", "accuracy", "margin", "reward_mean", "reward_std", "tokens_per_s"}
+EVAL_KEYS = ["pairs", "accuracy", "length_baseline", "reward_mean", "reward_std", "subsets", "sections"]
+
+
+def _tiny_encoder(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
+    from dynrules.train import encoder as enc
+
+    config = enc.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=2 * hidden, max_position_embeddings=128)  # fmt: skip
+    enc.write_checkpoint(directory, config, enc.random_params(config, seed), enc.default_checkpoint_dir() / "tokenizer.json")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    with open(root / "pairs.jsonl", "w") as handle:
+        for i in range(48):
+            safe = "I can't help with that, but here is a safer alternative." + " Stay safe." * int(rng.integers(0, 3))
+            harmful = "Sure, here is exactly how to do the harmful thing." + " Step." * int(rng.integers(0, 3))
+            record = {"id": f"p{i}", "prompt": f"Question number {i}?", "chosen": safe, "rejected": harmful,
+                      "margin": 1.0, "rule_ids": ["r1"], "subset": "odd" if i % 2 else "even",
+                      "section": "safety"}  # fmt: skip
+            handle.write(json.dumps(record) + "\n")
+    return root, _tiny_encoder(root / "encoder")
+
+
+def _overrides(encoder: Path, **extra) -> list[str]:
+    values = {"encoder": str(encoder), "steps": 12, "batch_size": 8, "max_length": 48, "learning_rate": 2e-3,
+              "checkpoint_every": 4, "eval_every": 6, "log_every": 3, "eval_fraction": 0.25} | extra  # fmt: skip
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_train_eval_score_commands(workspace):
+    root, encoder = workspace
+    runner = CliRunner()
+    run = root / "cli-run"
+    done = runner.invoke(main, ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "--json", *_overrides(encoder)])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output.strip().splitlines()[-1])
+    assert summary["steps"] == 12 and summary["eval"]["accuracy"] > 0.5
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [3, 6, 9, 12] and TRAIN_KEYS <= set(train[-1])
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [6, 12]
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12][-3:]
+
+    done = runner.invoke(main, ["eval", str(run), str(root / "pairs.jsonl"), "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    assert list(report) == EVAL_KEYS
+    assert report["pairs"] == 48 and set(report["subsets"]) == {"odd", "even"} and set(report["sections"]) == {"safety"}
+    assert report["accuracy"] > 0.9 and 0 <= report["length_baseline"] <= 1
+
+    inputs = root / "to-score.jsonl"
+    pair = json.loads((root / "pairs.jsonl").read_text().splitlines()[0])
+    inputs.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "prompt": pair["prompt"], "response": pair["chosen"]},
+        {"id": "b", "prompt": pair["prompt"], "response": pair["rejected"], "extra": [1, 2]},
+        {"id": "c", "text": "\n\nHuman: hi\n\nAssistant: hello"},
+    ]) + "\n")  # fmt: skip
+    out = root / "scored.jsonl"
+    done = runner.invoke(main, ["score", str(run), str(inputs), "--out", str(out), "--batch-size", "2"])
+    assert done.exit_code == 0, done.output
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in scored] == ["a", "b", "c"] and scored[1]["extra"] == [1, 2]
+    assert scored[0]["reward"] > scored[1]["reward"]
+
+    from dynrules.train.evaluate import evaluate
+
+    direct = evaluate(run / "model", [{"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}])
+    assert direct["reward_mean"] == pytest.approx((scored[0]["reward"] + scored[1]["reward"]) / 2, abs=1e-5)
+
+    exported = load_file(str(run / "model" / "model.safetensors"))
+    assert "bert.encoder.layer.1.output.dense.weight" in exported and exported["classifier.weight"].shape == (1, 32)
+
+    # Running again with the same --out and steps resumes at the end: nothing to redo.
+    done = runner.invoke(main, ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output.strip().splitlines()[-1])["resumed_from"] == 12
+
+
+def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
+    root, encoder = workspace
+    runner = CliRunner()
+    run = tmp_path / "run"
+    done = runner.invoke(main, ["train-rm", str(root / "pairs.jsonl"), "--out", str(run),
+                                *_overrides(encoder, steps=2, eval_fraction=0)])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "chosen": "a"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    other = _tiny_encoder(tmp_path / "other-encoder", seed=1, hidden=16)
+    cases = [
+        (["train-rm", str(tmp_path / "bad.jsonl"), "--out", str(run)], "line 1, field 'rejected'"),
+        (["train-rm", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "new")], "empty file"),
+        (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "stepz=3"], "unknown key 'stepz'"),
+        (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), f"encoder={other}"], "another model"),
+        (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "seed=7"], "different config"),
+        (["eval", str(run), str(tmp_path / "empty.jsonl")], "empty file"),
+        (["eval", str(encoder), str(root / "pairs.jsonl")], "no 'dynrules' section"),
+        (["score", str(run), str(tmp_path / "bad.jsonl"), "--out", str(run / "model" / "config.json")], "field 'response'"),
+    ]
+    for args, message in cases:
+        done = runner.invoke(main, args)
+        assert done.exit_code == 2, (args, done.output)
+        assert message in done.output, (args, done.output)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.timeout(240)
+def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path):
+    from dynrules.train.checkpoint import Checkpointer
+    from dynrules.train.config import load_config
+    from dynrules.train.trainer import Trainable, train_reward_model
+
+    root, encoder = workspace
+    overrides = _overrides(encoder, steps=40, checkpoint_every=1, keep_checkpoints=2, eval_every=0, log_every=40)
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, __file__, str(root / "pairs.jsonl"), str(killed), *overrides],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    checkpoints = killed / "checkpoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
+        if steps and max(steps) >= 6:
+            break
+        time.sleep(0.01)
+    time.sleep(float(np.random.default_rng().uniform(0, 0.05)))  # land anywhere, saves included
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-3000:]
+
+    # The newest complete checkpoint loads even if a save was cut in half.
+    config = load_config(None, overrides)
+    survivor = Checkpointer(checkpoints, every=1, keep=2)
+    step = survivor.latest_step()
+    assert step is not None and 6 <= step < 40
+    from dynrules.train import encoder as enc
+    from dynrules.train import model as mdl
+    from dynrules.train import sharding as shd
+
+    spec = mdl.ModelSpec(enc.read_checkpoint(encoder).config, max_length=48)
+    state, meta = survivor.restore(Trainable.build(spec, config, shd.make_mesh("")).abstract_state)
+    assert int(state["step"]) == step == meta["step"] and meta["pairs_seen"] == step * 8
+    survivor.close()
+
+    resumed = train_reward_model(root / "pairs.jsonl", killed, config, progress=False)
+    assert resumed.resumed_from == step
+    straight = train_reward_model(root / "pairs.jsonl", tmp_path / "straight", config.replace(checkpoint_every=40),
+                                  progress=False)  # fmt: skip
+    a, b = (load_file(str(r.model_dir / "model.safetensors")) for r in (resumed, straight))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+    initial = load_file(str(encoder / "model.safetensors"))
+    assert np.abs(a["bert.encoder.layer.0.output.dense.weight"] - initial["encoder.layer.0.output.dense.weight"]).max() > 1e-3
+
+
+def test_run_directory_that_is_not_a_run_is_refused(tmp_path, workspace):
+    from dynrules.train.trainer import train_reward_model
+
+    root, encoder = workspace
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(DynrulesError, match="not a dynrules run"):
+        train_reward_model(root / "pairs.jsonl", tmp_path, {"encoder": str(encoder), "steps": 1})
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+if __name__ == "__main__":  # the child process of the kill -9 test
+    from dynrules.train.config import load_config
+    from dynrules.train.trainer import train_reward_model
+
+    train_reward_model(sys.argv[1], sys.argv[2], load_config(None, sys.argv[3:]), progress=False)
