@@ -40,27 +40,27 @@ REDUNDANCY_PAIRS = 20_000
 # -- estimators over tables [..., Kx, Ky] --------------------------------------------------------
 
 
-def _xlogx(counts: np.ndarray) -> np.ndarray:
-    return counts * np.log(np.where(counts > 0, counts, 1.0))
+def _tables(counts) -> tuple[np.ndarray, tuple]:
+    """Counts [..., Kx, Ky] as contiguous float64 tables [T, Kx, Ky], and the leading shape."""
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim < 2:
+        raise ValueError(f"expected tables [..., Kx, Ky], got shape {counts.shape}")
+    return np.ascontiguousarray(counts.reshape(-1, *counts.shape[-2:])), counts.shape[:-2]
 
 
 def mutual_information(counts, estimator: str = "miller-madow") -> np.ndarray:
     """MI in bits of each table of counts [..., Kx, Ky] (a scalar array for one table)."""
+    miller_madow = _miller_madow(estimator)
+    tables, leading = _tables(counts)
+    nats = np.empty(tables.shape[0])
+    C.mutual_information_nats(tables, miller_madow, nats)
+    return (nats / LN2).reshape(leading)
+
+
+def _miller_madow(estimator: str) -> bool:
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    counts = np.asarray(counts, np.float64)
-    n = counts.sum(axis=(-2, -1))
-    rows, cols = counts.sum(axis=-1), counts.sum(axis=-2)
-    # N·Î = Σ c ln c − Σ c_x ln c_x − Σ c_y ln c_y + N ln N, with 0 ln 0 = 0.
-    n_mi = (_xlogx(counts).sum(axis=(-2, -1)) - _xlogx(rows).sum(axis=-1) - _xlogx(cols).sum(axis=-1)
-            + _xlogx(n))
-    safe_n = np.where(n > 0, n, 1.0)
-    nats = np.maximum(n_mi, 0.0) / safe_n  # rounding can leave −1e−17 for independent tables
-    if estimator == "miller-madow":
-        m_xy = np.count_nonzero(counts, axis=(-2, -1))
-        m_x, m_y = np.count_nonzero(rows, axis=-1), np.count_nonzero(cols, axis=-1)
-        nats = nats + ((m_x - 1) + (m_y - 1) - (m_xy - 1)) / (2.0 * safe_n)
-    return np.where(n > 0, nats / LN2, 0.0)
+    return estimator == "miller-madow"
 
 
 def g_test_p_value(counts) -> np.ndarray:
@@ -141,17 +141,13 @@ def bootstrap_interval(counts, *, resamples: int = 1000, level: float = 0.95, se
                        estimator: str = "miller-madow") -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval (low, high) of the MI of each table [..., Kx, Ky], in bits, from
     ``resamples`` multinomial resamples of the table itself."""
-    counts = np.asarray(counts, np.int64)
-    shape = counts.shape
-    flat = counts.reshape(-1, shape[-2] * shape[-1])
-    n = flat.sum(axis=1)
-    probabilities = flat / np.where(n > 0, n, 1)[:, None]
-    rng = np.random.default_rng(seed)
-    drawn = rng.multinomial(n, probabilities, size=(resamples, flat.shape[0]))
-    values = mutual_information(drawn.reshape(resamples, flat.shape[0], *shape[-2:]), estimator)
+    miller_madow = _miller_madow(estimator)
+    tables, leading = _tables(counts)
+    values = np.empty((resamples, tables.shape[0]))
+    C.resampled_mutual_information(tables, resamples, seed, miller_madow, values)
     tail = (1.0 - level) / 2.0
-    low, high = np.quantile(values, [tail, 1.0 - tail], axis=0)
-    return low.reshape(shape[:-2]), high.reshape(shape[:-2])
+    low, high = np.quantile(values / LN2, [tail, 1.0 - tail], axis=0)
+    return low.reshape(leading), high.reshape(leading)
 
 
 # -- streaming over a store ------------------------------------------------------------------------

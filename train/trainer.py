@@ -213,7 +213,7 @@ class Trainable:
             grads = jax.tree.map(lambda g: g / batch["ids"].shape[0], grads)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             sums = jax.tree.map(lambda x: x.sum(), sums)
-            sums["grad_norm"] = optax.global_norm(grads)
+            sums["grad_norm"] = optax.tree.norm(grads)
             new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                          "step": state["step"] + 1}  # fmt: skip
             return new_state, sums

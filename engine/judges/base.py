@@ -89,7 +89,7 @@ class Judge(abc.ABC):
     def rate_jobs(self, jobs: Iterable[Job]) -> Iterator[JobResult]:
         """One result per job, in any order. Jobs are pulled lazily. Raises JudgeAborted."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most judges hold nothing to release
         """Release resources (connections, models)."""
 
     def __enter__(self):

@@ -48,6 +48,7 @@ from dynrules.errors import DynrulesError
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
 YES, NO, IRRELEVANT = 0, 1, 2
 _MARKERS = "▁Ġ"  # SentencePiece / byte-level BPE word markers some servers leave in tokens
+RETRY_AFTER_CAP = 300.0  # seconds: longest Retry-After honoured as given
 _FINISHED = object()
 
 
@@ -336,6 +337,8 @@ class OpenAIJudge(Judge):
             if attempt > self.max_retries:
                 return f"{reason} (gave up after {attempt} attempts)"
             if wait is None:
-                wait = delay * random.uniform(0.5, 1.0)
-                delay = min(delay * 2, self.max_backoff)
-            await asyncio.sleep(min(wait, self.max_backoff))
+                wait = min(delay, self.max_backoff) * random.uniform(0.5, 1.0)
+                delay *= 2
+            else:
+                wait = min(wait, RETRY_AFTER_CAP)  # the server's word, within reason
+            await asyncio.sleep(wait)

@@ -1,0 +1,5 @@
+"""`python -m dynrules …` is the `dynrules` command."""
+
+from dynrules.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""`make bench`: every side-by-side benchmark in one go, results kept as JSON.
+
+Each benchmark is a `dynrules bench …` command that measures its contenders in one process and
+prints one JSON object; this runner only sequences them and writes benchmarks/results/NAME.json.
+Pass names to run a subset: `python -m benchmarks.run_all selection mi`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCHMARKS = {
+    "selection": ["selection", "--pairs", "1000000", "--rules", "100", "--k", "5"],
+    "mi": ["mi", "--pairs", "1000000"],
+    "judge": ["judge"],
+    "train": ["train"],
+    "score": ["score"],
+}
+
+
+def main(names: list[str]) -> int:
+    RESULTS.mkdir(exist_ok=True)
+    failed = []
+    for name in names or list(BENCHMARKS):
+        command = [sys.executable, "-m", "dynrules", "bench", *BENCHMARKS[name], "--json"]
+        print(f"$ dynrules bench {' '.join(BENCHMARKS[name])} --json", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr.strip()[-2000:], file=sys.stderr)
+            failed.append(name)
+            continue
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2), flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,178 @@
+"""The OpenAI-compatible judge client against a loopback server, with injected faults."""
+
+import math
+import time
+
+import pytest
+from dynrules.engine.judges.base import JudgeAborted
+from dynrules.engine.judges.loopback import (
+    MALFORMED,
+    NO_ANSWER,
+    NO_LOGPROBS,
+    Faults,
+    LoopbackServer,
+    synthetic_rating,
+)
+from dynrules.engine.judges.openai import (
+    IRRELEVANT,
+    NO,
+    YES,
+    OpenAIJudge,
+    answer_class,
+    rating_from_top_logprobs,
+    retry_after_seconds,
+)
+from dynrules.engine.judges.templates import load_template
+from dynrules.errors import InputError
+
+FAST = dict(backoff=0.01, max_backoff=0.05, timeout=5.0)
+
+
+def triples(pool, n_rules=6, prompt="How do I pick a lock?", response="I can't help with that."):
+    return [(prompt, response, rule_id) for rule_id in pool.ids[:n_rules]]
+
+
+def expected(pool, triple, template="default"):
+    prompt, response, rule_id = triple
+    return synthetic_rating(load_template(template).render(prompt, response, pool.rules[pool.index_of(rule_id)].text))
+
+
+@pytest.fixture
+def server():
+    with LoopbackServer() as running:
+        yield running
+
+
+def test_answer_tokens_across_tokenizers():
+    for token in ("Yes", " Yes", "yes", "▁Yes", "ĠYes", " YES", "Yes."):
+        assert answer_class(token) == YES, token
+    for token in ("No", " no", "▁No"):
+        assert answer_class(token) == NO, token
+    for token in (" Ir", "Irrelevant", " irre", "IRRELEVANT"):
+        assert answer_class(token) == IRRELEVANT, token
+    for token in (" I", "Not", " Nope", " The", "", "yesterday"):
+        assert answer_class(token) is None, token
+
+
+def test_rating_normalises_over_the_three_answers():
+    top = [(" Yes", math.log(0.3)), ("Yes", math.log(0.1)), (" No", math.log(0.2)), (" Ir", math.log(0.2)),
+           (" Maybe", math.log(0.2))]
+    s, relevance = rating_from_top_logprobs(top)
+    assert s == pytest.approx((0.4 - 0.2) / 0.8) and relevance == pytest.approx(1 - 0.2 / 0.8)
+    # Two token ids decoding to the same string both count.
+    s, _ = rating_from_top_logprobs([("Yes", math.log(0.25)), ("Yes", math.log(0.25)), ("No", math.log(0.5))])
+    assert s == pytest.approx(0.0)
+    assert "no Yes/No/Irrelevant" in rating_from_top_logprobs([(" The", -0.1)])
+    assert "invalid log-probability" in rating_from_top_logprobs([("Yes", float("nan"))])
+
+
+def test_retry_after_parsing():
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_client_reads_the_servers_distribution(server, small_pool, endpoint):
+    judge = OpenAIJudge(small_pool, base_url=server.url, model="m", endpoint=endpoint, **FAST)
+    asked = triples(small_pool, 8)
+    ratings = judge.rate(asked)
+    for triple, rating in zip(asked, ratings, strict=True):
+        s, relevance = expected(small_pool, triple)
+        assert rating.error is None
+        assert rating.score == pytest.approx(s, abs=1e-6) and rating.relevance == pytest.approx(relevance, abs=1e-6)
+    # completions: one request for all rules of the response; chat: one per rule.
+    assert server.requests == (1 if endpoint == "completions" else 8)
+
+
+def test_several_rules_per_request_split_by_prompts_per_request(server, small_pool):
+    judge = OpenAIJudge(small_pool, base_url=server.url, model="m", prompts_per_request=4, **FAST)
+    assert all(r.error is None for r in judge.rate(triples(small_pool, 8)))
+    assert server.requests == 2
+
+
+def test_server_errors_are_retried(small_pool):
+    with LoopbackServer(Faults(status_first=2, status=500)) as server:
+        ratings = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST).rate(triples(small_pool))
+        assert all(r.error is None for r in ratings) and server.requests == 3
+
+
+def test_rate_limit_honours_retry_after(small_pool):
+    with LoopbackServer(Faults(status_first=1, status=429, retry_after="1")) as server:
+        started = time.perf_counter()
+        ratings = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST).rate(triples(small_pool))
+        assert time.perf_counter() - started >= 0.9  # waited as told, not the 10 ms backoff
+        assert all(r.error is None for r in ratings) and server.requests == 2
+
+
+def test_slow_answer_times_out_and_is_retried(small_pool):
+    with LoopbackServer(Faults(slow_first=1, slow_seconds=2.0)) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", timeout=0.3, backoff=0.01)
+        started = time.perf_counter()
+        ratings = judge.rate(triples(small_pool))
+        assert time.perf_counter() - started < 1.5
+        assert all(r.error is None for r in ratings) and server.requests == 2
+
+
+def test_gives_up_with_the_reason_after_max_retries(small_pool):
+    with LoopbackServer(Faults(status_first=100, status=503)) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", max_retries=2, **FAST)
+        ratings = judge.rate(triples(small_pool))
+        assert server.requests == 3
+        assert all(r.score is None and "HTTP 503" in r.error and "gave up after 3 attempts" in r.error
+                   for r in ratings)
+
+
+@pytest.mark.parametrize("marker, reason", [
+    (MALFORMED, "not JSON"), (NO_LOGPROBS, "no logprobs"), (NO_ANSWER, "no Yes/No/Irrelevant")])
+def test_bad_answers_are_failures_with_reasons_never_zero(server, small_pool, marker, reason):
+    judge = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST)
+    good = triples(small_pool, 3)
+    bad = triples(small_pool, 3, prompt=f"prompt {marker}")
+    ratings = judge.rate(good + bad)
+    assert all(r.error is None for r in ratings[:3])
+    assert all(r.score is None and r.relevance is None and reason in r.error for r in ratings[3:])
+
+
+def test_repeated_failures_abort_clearly(small_pool):
+    with LoopbackServer(Faults(status_first=10_000, status=500)) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", max_retries=0, concurrency=2,
+                            max_consecutive_failures=3, **FAST)
+        pairs = [(f"prompt {i}", "reply", small_pool.ids[0]) for i in range(10)]
+        with pytest.raises(JudgeAborted, match="3 requests in a row .* failed; last: HTTP 500"):
+            judge.rate(pairs)
+
+
+@pytest.mark.parametrize("status, match", [(401, "API key"), (404, "--model")])
+def test_rejected_credentials_or_unknown_model_abort_at_once(small_pool, status, match):
+    with LoopbackServer(Faults(status_first=100, status=status)) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST)
+        with pytest.raises(JudgeAborted, match=match):
+            judge.rate(triples(small_pool, 1))
+        assert server.requests == 1
+
+
+def test_unreachable_server_is_a_failure_not_a_hang(small_pool):
+    judge = OpenAIJudge(small_pool, base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, **FAST)
+    ratings = judge.rate(triples(small_pool, 2))
+    assert all("connection error" in r.error for r in ratings)
+
+
+def test_key_is_sent_but_never_shown(server, small_pool):
+    judge = OpenAIJudge(small_pool, base_url=server.url, model="m", api_key="sk-very-secret", **FAST)
+    assert "sk-very-secret" not in repr(judge) and "sk-very-secret" not in str(judge.identity)
+    assert all(r.error is None for r in judge.rate(triples(small_pool, 2)))
+
+
+def test_templates(tmp_path, small_pool):
+    default, published = load_template("default"), load_template("published-order")
+    rule = small_pool.rules[0].text
+    assert default.render("P {x}", "R", rule).index("P {x}") < default.render("P {x}", "R", rule).index(rule)
+    assert published.render("P", "R", rule).index(rule) < published.render("P", "R", rule).index("P")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("{prompt} {response}")
+    with pytest.raises(InputError, match=r"bad.txt, field 'rule': template must contain \{rule\}"):
+        load_template(str(bad))
+    custom = tmp_path / "custom.txt"
+    custom.write_text("Rule {rule}? {prompt} -> {response} Answer:")
+    assert load_template(str(custom)).render("p", "r", "x {prompt}") == "Rule x {prompt}? p -> r Answer:"

@@ -1,0 +1,205 @@
+"""Side-by-side benchmarks: the JAX reward model against the same model in PyTorch.
+
+Both sides run the all-MiniLM-L6-v2 reward model (encoder + mean pooling + linear head) on
+the very same padded batches (length-bucketed token ids and masks), so the numbers compare
+the model implementations, not the data pipelines. Training: forward and backward over
+chosen and rejected, Bradley–Terry loss, gradient clipping, AdamW (dropout off on both
+sides, as the dynrules trainer has none). Scoring: forward only.
+
+PyTorch and transformers are imported lazily and only here; install them with
+``pip install torch==2.13.0 transformers``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from dynrules.errors import DynrulesError
+
+TORCH_HINT = "the PyTorch side needs torch and transformers: pip install torch==2.13.0 transformers"
+WORDS = ("the model should refuse harmful requests and help with safe ones while explaining why "
+         "a careful assistant gives accurate answers about health chemistry security and law").split()  # fmt: skip
+
+
+def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
+    """Prompt/chosen/rejected pairs with response lengths spread over ~10–120 words."""
+    rng = np.random.default_rng(seed)
+
+    def sentence(n):
+        return " ".join(rng.choice(WORDS, size=n))
+
+    return [
+        {"prompt": sentence(int(rng.integers(5, 30))), "chosen": sentence(int(rng.integers(10, 120))),
+         "rejected": sentence(int(rng.integers(10, 120)))}  # fmt: skip
+        for _ in range(count)
+    ]
+
+
+def _torch():
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise DynrulesError(TORCH_HINT) from None
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch, transformers
+
+
+def _torch_reward_model(torch, transformers, checkpoint_dir, head_kernel: np.ndarray):
+    config = transformers.BertConfig.from_pretrained(
+        str(checkpoint_dir), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    encoder = transformers.BertModel.from_pretrained(str(checkpoint_dir), config=config, add_pooling_layer=False)
+    head = torch.nn.Linear(config.hidden_size, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(head_kernel.T.copy()))
+        head.bias.zero_()
+
+    class RewardModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = encoder, head
+
+        def forward(self, ids, mask):
+            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+            return self.head(pooled)[:, 0]
+
+    return RewardModel()
+
+
+def _timed(run, batches, seconds: float, warmup: int) -> tuple[float, int]:
+    """(elapsed, batches done) running ``run`` over ``batches`` cyclically for ``seconds``."""
+    for batch in batches[:warmup]:
+        run(batch)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done < len(batches):
+        run(batches[done % len(batches)])
+        done += 1
+    return time.perf_counter() - started, done
+
+
+def bench_train(*, pairs_per_step: int = 8, max_length: int = 128, seconds: float = 20.0, seed: int = 0) -> dict:
+    """Training pairs/s, JAX vs PyTorch, same MiniLM reward model and same batches."""
+    import jax
+
+    from dynrules.train import encoder as enc
+    from dynrules.train import model as mdl
+    from dynrules.train import sharding as shd
+    from dynrules.train.config import TrainConfig
+    from dynrules.train.data import load_pairs
+    from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
+
+    torch, transformers = _torch()
+    loaded = enc.read_checkpoint(None)
+    config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=max_length, learning_rate=1e-5)
+    spec = mdl.ModelSpec(loaded.config, max_length=max_length)
+    pairs = load_pairs(synthetic_pairs(pairs_per_step * 16, seed))
+    tokens = TokenizedPairs.build(pairs, loaded.tokenizer, max_length)
+    batcher = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
+                          max_length=max_length, pad_id=loaded.tokenizer.pad_id)  # fmt: skip
+    batches = [batcher.batch(step)[0] for step in range(16)]
+    head = mdl.initial_head(spec, seed)
+
+    trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
+    state = trainable.initial_state({"encoder": loaded.params, **head})
+    step = trainable.train_step(config)
+    device_batches = [trainable.global_batch(b) for b in batches]
+    holder = {"state": state}
+
+    def jax_run(batch):
+        holder["state"], sums = step(holder["state"], batch)
+        sums["loss"].block_until_ready()
+
+    jax_seconds, jax_steps = _timed(jax_run, device_batches, seconds, warmup=len(device_batches))
+
+    model = _torch_reward_model(torch, transformers, loaded.directory, head["head_kernel"]).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    torch_batches = [_torch_pairs(torch, b) for b in batches]
+
+    def torch_run(batch):
+        ids, mask = batch
+        rewards = model(ids, mask).view(-1, 2)
+        loss = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    torch_seconds, torch_steps = _timed(torch_run, torch_batches, seconds, warmup=2)
+    jax_rate = jax_steps * pairs_per_step / jax_seconds
+    torch_rate = torch_steps * pairs_per_step / torch_seconds
+    return {
+        "benchmark": "train",
+        "setup": {"model": "all-MiniLM-L6-v2 reward model", "pairs_per_step": pairs_per_step,
+                  "max_length": max_length, "devices": "cpu", "threads": os.cpu_count(),
+                  "torch": torch.__version__},  # fmt: skip
+        "results": {"jax_pairs_per_s": jax_rate, "torch_pairs_per_s": torch_rate},
+        "ratios": {"jax_over_torch": jax_rate / torch_rate},
+    }
+
+
+def _torch_pairs(torch, batch: dict) -> tuple:
+    """[1, pairs, 2, time] numpy batch → ([pairs·2, time] ids, mask) tensors, chosen/rejected interleaved."""
+    ids = batch["ids"][0].reshape(-1, batch["ids"].shape[-1])
+    lengths = batch["lengths"][0].reshape(-1)
+    mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
+
+
+def bench_score(*, pairs: int = 512, batch_size: int = 64, max_length: int = 256, seed: int = 0) -> dict:
+    """Scoring pairs/s (both texts of each pair), JAX vs PyTorch, on identical bucketed batches."""
+    import jax
+
+    from dynrules.train import encoder as enc
+    from dynrules.train import model as mdl
+    from dynrules.train import sharding as shd
+    from dynrules.train.data import load_pairs
+    from dynrules.train.scoring import Scorer
+
+    torch, transformers = _torch()
+    loaded = enc.read_checkpoint(None)
+    spec = mdl.ModelSpec(loaded.config, max_length=max_length)
+    head = mdl.initial_head(spec, seed)
+    texts = [t for p in load_pairs(synthetic_pairs(pairs, seed)) for t in p.texts()]
+
+    mesh = shd.make_mesh("", jax.devices()[:1])
+    graphdef, abstract = mdl.abstract_model(spec)
+    params = mdl.place({"encoder": loaded.params, **head}, shd.state_shardings(abstract, mesh))
+    scorer = Scorer(graphdef, params, loaded.tokenizer, mesh, max_length=max_length, batch_size=batch_size)
+    scorer(texts)  # compile every bucket once
+    started = time.perf_counter()
+    jax_rewards = scorer.rewards(texts)
+    jax_seconds = time.perf_counter() - started
+
+    model = _torch_reward_model(torch, transformers, loaded.directory, head["head_kernel"]).eval()
+    tokens = loaded.tokenizer.encode(texts, max_length)
+    order = np.argsort(tokens.lengths, kind="stable")  # the same batches the scorer builds
+    buckets = enc.length_buckets(max_length)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = enc.bucket_for(int(tokens.lengths[chunk].max()), buckets)
+        ids, lengths = enc.pad_batch([tokens.ids[i] for i in chunk], width, len(chunk), loaded.tokenizer.pad_id)
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        batches.append((chunk, torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)))
+    torch_rewards = np.zeros(len(texts), np.float32)
+    with torch.inference_mode():
+        model(batches[0][1], batches[0][2])  # warm-up
+        started = time.perf_counter()
+        for chunk, ids, mask in batches:
+            torch_rewards[chunk] = model(ids, mask).numpy()
+        torch_seconds = time.perf_counter() - started
+    jax_rate, torch_rate = pairs / jax_seconds, pairs / torch_seconds
+    return {
+        "benchmark": "score",
+        "setup": {"model": "all-MiniLM-L6-v2 reward model", "pairs": pairs, "batch_size": batch_size,
+                  "max_length": max_length, "threads": os.cpu_count(), "torch": torch.__version__},  # fmt: skip
+        "results": {"jax_pairs_per_s": jax_rate, "torch_pairs_per_s": torch_rate},
+        "ratios": {"jax_over_torch": jax_rate / torch_rate},
+        "max_reward_difference": float(np.abs(jax_rewards - torch_rewards).max()),
+    }
