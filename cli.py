@@ -451,3 +451,56 @@ def pipeline(pairs_path, out_dir, k, policy, criterion, judge, base_url, model, 
                    f"{rm['human_label_accuracy']:.3f} (human labels), {rm['length_baseline']:.3f} (length only)")
     click.echo(f"report: {Path(out_dir).resolve() / 'report.md'}")
     click.echo(str(Path(out_dir).resolve()))
+
+
+@bench.command("judge")
+@click.option("--client-pairs", default=400, show_default=True, help="Pairs rated on every rule by the client.")
+@click.option("--embedded-pairs", default=64, show_default=True, help="Pairs rated on every rule by the embedded judge.")
+@click.option("--prefix-pairs", default=50, show_default=True, help="Pairs for the shared-prefix fractions.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
+    """Judge client ratings/s vs a zero-latency loopback server, prefix sharing, embedded ratings/s."""
+    from dynrules.engine.judges.bench import bench_judge as run
+
+    result = run(client_pairs=client_pairs, embedded_pairs=embedded_pairs, prefix_pairs=prefix_pairs)
+    if as_json:
+        print_json(result)
+        return
+    for name, value in result["results"].items():
+        click.echo(f"{name:>34}: {value:>12,.4g}")
+
+
+@bench.command("train")
+@click.option("--pairs-per-step", default=8, show_default=True)
+@click.option("--max-length", default=128, show_default=True)
+@click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per side.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
+    """Reward-model training pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
+    from dynrules.train.bench import bench_train
+
+    result = bench_train(pairs_per_step=pairs_per_step, max_length=max_length, seconds=seconds)
+    if as_json:
+        print_json(result)
+        return
+    for name, value in result["results"].items():
+        click.echo(f"{name:>18}: {value:>10.2f} pairs/s")
+    click.echo(f"{'jax / torch':>18}: {result['ratios']['jax_over_torch']:.2f}x")
+
+
+@bench.command("score")
+@click.option("--pairs", "n_pairs", default=256, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--max-length", default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_score_rm(n_pairs, batch_size, max_length, as_json):
+    """Reward-model scoring pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
+    from dynrules.train.bench import bench_score
+
+    result = bench_score(pairs=n_pairs, batch_size=batch_size, max_length=max_length)
+    if as_json:
+        print_json(result)
+        return
+    for name, value in result["results"].items():
+        click.echo(f"{name:>18}: {value:>10.2f} pairs/s")
+    click.echo(f"{'jax / torch':>18}: {result['ratios']['jax_over_torch']:.2f}x")

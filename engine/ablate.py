@@ -45,7 +45,7 @@ from dynrules.kernels import policies as P
 from dynrules.kernels import selection as K
 
 POLICIES = ("adaptive", "zscore", "greedy", "all", "random", "fixed")
-OUTPUT_FILES = ("ablation.json", "ablation.md", "mi_vs_k.png", "rule_mi.png")
+RULES_PLOTTED = 30
 
 
 class _Contender:
@@ -77,15 +77,17 @@ def _by_config(config: SelectionConfig, scale: float, rule_index=None):
 
 
 def parse_ks(text: str, n_rules: int | None = None) -> list[int]:
-    """'1,3,5,10' or ranges '1-10,20' to sorted distinct ks ('R' stands for the pool size)."""
+    """'1,3,5,10' or ranges '1-10,20' to sorted distinct ks; 'R' stands for the pool size (1-R: all)."""
+
+    def number(token: str) -> int:
+        token = token.strip()
+        return n_rules if token.upper() == "R" and n_rules else int(token)
+
     ks = set()
     for part in (p.strip() for p in text.split(",") if p.strip()):
         try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                ks.update(range(lo, hi + 1))
-            else:
-                ks.add(n_rules if part.upper() == "R" and n_rules else int(part))
+            lo, _, hi = part.partition("-")
+            ks.update(range(number(lo), number(hi or lo) + 1))
         except ValueError:
             raise DynrulesError(f"bad k list {text!r}: expected numbers like 1,3,5,10 or 1-10") from None
     if not ks:
@@ -211,7 +213,7 @@ def plot(result: dict, out_dir) -> list[Path]:
     series: dict[str, list[dict]] = {}
     for row in result["rows"]:
         series.setdefault(_series_name(row), []).append(row)
-    figure, (mi_axis, agreement_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (mi_axis, agreement_axis) = plt.subplots(1, 2, figsize=(14, 4.5))
     for name, rows in series.items():
         if rows[0]["policy"] == "all":
             for axis, value in ((mi_axis, rows[0]["mi_bits"]), (agreement_axis, rows[0]["agreement"])):
@@ -228,18 +230,19 @@ def plot(result: dict, out_dir) -> list[Path]:
     agreement_axis.set(xlabel="k (rules per pair)", ylabel="agreement with truth", title="Agreement vs k")
     for axis in (mi_axis, agreement_axis):
         axis.grid(alpha=0.3)
-    agreement_axis.legend(fontsize=8, loc="lower right")
+    agreement_axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     written = [_save(figure, out_dir / "mi_vs_k.png")]
     plt.close(figure)
 
-    rules = result["rule_mi"]
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.08 * len(rules) + 2), 4))
-    axis.bar(range(len(rules)), [r["mi_bits"] for r in rules], color="tab:blue")
-    axis.set(xlabel="rules, by vote MI", ylabel="I(vote; truth), bits", title="Per-rule vote MI")
-    shown = min(len(rules), 10)
-    axis.set_xticks(range(shown), [r["id"] for r in rules[:shown]], rotation=60, fontsize=7)
-    axis.grid(alpha=0.3, axis="y")
+    rules = result["rule_mi"][:RULES_PLOTTED]
+    figure, axis = plt.subplots(figsize=(7, 1.5 + 0.22 * len(rules)))
+    positions = np.arange(len(rules))[::-1]  # the most informative rule on top
+    axis.barh(positions, [r["mi_bits"] for r in rules], color="tab:blue")
+    axis.set_yticks(positions, [r["id"] for r in rules], fontsize=7)
+    axis.set(xlabel="I(vote; truth), bits",
+             title=f"Per-rule vote MI (top {len(rules)} of {len(result['rule_mi'])} rules)")
+    axis.grid(alpha=0.3, axis="x")
     figure.tight_layout()
     written.append(_save(figure, out_dir / "rule_mi.png"))
     plt.close(figure)

@@ -69,7 +69,7 @@ def g_test_p_value(counts) -> np.ndarray:
     n = counts.sum(axis=(-2, -1))
     g = 2.0 * n * mutual_information(counts, "plug-in") * LN2
     df = (np.count_nonzero(counts.sum(axis=-1), axis=-1) - 1) * (np.count_nonzero(counts.sum(axis=-2), axis=-1) - 1)
-    flat = [chi2_sf(float(x), int(d)) for x, d in zip(np.ravel(g), np.ravel(df))]
+    flat = [chi2_sf(float(x), int(d)) for x, d in zip(np.ravel(g), np.ravel(df), strict=True)]
     return np.asarray(flat, np.float64).reshape(np.shape(g))
 
 
@@ -172,7 +172,8 @@ def truth_labels(store: RatingStore, truth) -> np.ndarray:
     bad = ~np.isin(numeric, (0.0, 1.0))
     if bad.any():
         row = int(np.argmax(bad))
-        raise InputError(f"truth must be 1 (A better) or 0 (B better); pair {row} has {values[row]!r}",
+        value = values[row].item() if isinstance(values[row], np.generic) else values[row]
+        raise InputError(f"truth must be 1 (A better) or 0 (B better); pair {row} has {value!r}",
                          path=where, field=truth if where else None)
     return numeric.astype(np.int8)
 

@@ -167,7 +167,7 @@ def simulate(out, n_pairs: int, model: SimulationModel = SimulationModel(), *, s
                        "rules": [{"id": rule.id, "relevance_rate": float(rho), "noise_scale": float(tau),
                                   "copies": pool.ids[src] if src != i else None}
                                  for i, (rule, rho, tau, src) in enumerate(zip(pool, params.relevance_rate,
-                                                                               params.noise_scale, params.source))]}
+                                                                               params.noise_scale, params.source, strict=True))]}
         (Path(tmp) / PARAMETERS_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return {"pairs": n_pairs, "rules": model.n_rules, "dtype": dtype, "a_better": a_better,
             "duplicates": model.duplicates, "seconds": round(time.perf_counter() - started, 3)}

@@ -11,8 +11,21 @@ import os
 
 FINITE_ONLY = {"nnan", "ninf", "nsz"}
 
-# cache=True needs a writable directory; without one, compile per process rather than fail.
-_CACHE = os.access(os.environ.get("NUMBA_CACHE_DIR", os.path.dirname(__file__)), os.W_OK)
+
+
+def _cache_writable() -> bool:
+    """cache=True needs a writable cache directory; without one, compile per process instead."""
+    directory = os.environ.get("NUMBA_CACHE_DIR")
+    if not directory:
+        return os.access(os.path.dirname(__file__), os.W_OK)  # Numba's default: beside the module
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
+_CACHE = _cache_writable()
 
 EXACT = dict(nogil=True, cache=_CACHE, error_model="numpy", fastmath=FINITE_ONLY)
 PARALLEL_EXACT = dict(EXACT, parallel=True)

@@ -22,7 +22,7 @@ def vote_counts(a, b, truth):
 
 def label_counts(label, truth):
     out = np.zeros((3, 2), np.int64)
-    for value, t in zip(label, truth):
+    for value, t in zip(label, truth, strict=True):
         out[int(value) + 1, int(t)] += 1
     return out
 
@@ -84,12 +84,12 @@ def greedy(a, b, relevance, k, name, alpha, scale, relevance_scale, weight, redu
     for row in range(a.shape[0]):
         chosen = []
         for _ in range(k):
-            def score(i):
-                penalty = max((redundancy[j, i] for j in chosen), default=np.float32(0))
-                return values[row, i] * (np.float32(1) - np.float32(discount) * penalty)
-
-            candidates = [i for i in range(a.shape[1]) if i not in chosen]
-            chosen.append(min(candidates, key=lambda i: (-float(score(i)), i)))
+            scores = {}
+            for i in range(a.shape[1]):
+                if i not in chosen:
+                    penalty = max((redundancy[j, i] for j in chosen), default=np.float32(0))
+                    scores[i] = values[row, i] * (np.float32(1) - np.float32(discount) * penalty)
+            chosen.append(min(scores, key=lambda i: (-float(scores[i]), i)))
         index[row] = chosen
         margin[row] = naive.margin_of(a[row], b[row], chosen, scale)
     return index, margin

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dynrules.errors import DynrulesError
 from dynrules.train import encoder as enc
 
@@ -29,7 +28,9 @@ def test_minilm_embeddings_match_pytorch_reference():
     assert embeddings.shape == (8, 384) and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, reference["embeddings"], atol=1e-4)
     tokens = enc.sentence_embedder().tokenizer.encode(texts, 256)
-    for ids, ref_ids, ref_len in zip(tokens.ids, reference["token_ids"], reference["lengths"], strict=True):
+    for ids, ref_ids, ref_len in zip(
+        tokens.ids, reference["token_ids"], reference["lengths"], strict=True
+    ):
         np.testing.assert_array_equal(ids, ref_ids[:ref_len])
     # Same text alone and among others: same vector (padding-independent).
     np.testing.assert_allclose(enc.embed_texts(texts[:1])[0], embeddings[0], atol=1e-5)
@@ -61,7 +62,9 @@ def test_checkpoint_round_trip_with_and_without_bert_prefix(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     params = enc.random_params(TINY, seed=3)
-    enc.write_checkpoint(tmp_path / "plain", TINY, params, enc.default_checkpoint_dir() / "tokenizer.json")
+    enc.write_checkpoint(
+        tmp_path / "plain", TINY, params, enc.default_checkpoint_dir() / "tokenizer.json"
+    )
     loaded = enc.read_checkpoint(tmp_path / "plain")
     assert loaded.config == TINY
     for ours, theirs in zip(_leaves(params), _leaves(loaded.params), strict=True):
@@ -73,10 +76,15 @@ def test_checkpoint_round_trip_with_and_without_bert_prefix(tmp_path):
         (prefixed / name).write_bytes((tmp_path / "plain" / name).read_bytes())
     tensors = load_file(str(tmp_path / "plain" / "model.safetensors"))
     save_file({"bert." + k: v for k, v in tensors.items()}, str(prefixed / "model.safetensors"))
-    for ours, theirs in zip(_leaves(params), _leaves(enc.read_checkpoint(prefixed).params), strict=True):
+    for ours, theirs in zip(
+        _leaves(params), _leaves(enc.read_checkpoint(prefixed).params), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(ours), theirs)
 
-    config = json.loads((prefixed / "config.json").read_text()) | {"hidden_size": 64, "intermediate_size": 128}
+    config = json.loads((prefixed / "config.json").read_text()) | {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+    }
     (prefixed / "config.json").write_text(json.dumps(config))
     with pytest.raises(DynrulesError, match="embeddings.word_embeddings.weight.*shape"):
         enc.read_checkpoint(prefixed)

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from dynrules.errors import DynrulesError, InputError
 from dynrules.train import encoder as enc
 from dynrules.train import model as mdl
@@ -66,7 +65,9 @@ def test_template_handles_plain_prompts_transcripts_and_hh_pairs():
     assert format_text("Hi?", "Hello.") == "\n\nHuman: Hi?\n\nAssistant: Hello."
     transcript = "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: And?"
     assert format_text(transcript, "More.") == transcript + "\n\nAssistant: More."
-    assert format_text("\n\nHuman: Hi?\n\nAssistant:", "Yes.") == "\n\nHuman: Hi?\n\nAssistant: Yes."
+    assert (
+        format_text("\n\nHuman: Hi?\n\nAssistant:", "Yes.") == "\n\nHuman: Hi?\n\nAssistant: Yes."
+    )
     assert format_text("", "\n\nHuman: x\n\nAssistant: y") == "\n\nHuman: x\n\nAssistant: y"
 
 
@@ -74,7 +75,12 @@ def test_config_from_yaml_and_overrides(tmp_path):
     path = tmp_path / "rm.yaml"
     path.write_text("steps: 50\nlearning_rate: 1.0e-4\nmesh: {data: 4, fsdp: 2}\n")
     config = load_config(path, ["batch_size=16", "remat=true", "learning_rate=3e-5"])
-    assert (config.steps, config.batch_size, config.remat, config.learning_rate) == (50, 16, True, 3e-5)
+    assert (config.steps, config.batch_size, config.remat, config.learning_rate) == (
+        50,
+        16,
+        True,
+        3e-5,
+    )
     assert config.mesh == "data=4,fsdp=2"
     assert TrainConfig().steps == 1000
     with pytest.raises(DynrulesError, match="unknown key 'stpes'"):
@@ -89,7 +95,14 @@ def test_config_from_yaml_and_overrides(tmp_path):
 
 
 def test_pair_files_errors_name_file_line_and_field(tmp_path):
-    good = {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 0.5, "rule_ids": ["r1"], "subset": "s"}
+    good = {
+        "prompt": "p",
+        "chosen": "a",
+        "rejected": "b",
+        "margin": 0.5,
+        "rule_ids": ["r1"],
+        "subset": "s",
+    }
     hh = {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: z"}
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(hh) + "\n")

@@ -13,13 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from safetensors.numpy import load_file
-
 from dynrules.cli import main
 from dynrules.errors import DynrulesError
+from safetensors.numpy import load_file
 
 TRAIN_KEYS = {"loss", "accuracy", "margin", "reward_mean", "reward_std", "tokens_per_s"}
-EVAL_KEYS = ["pairs", "accuracy", "length_baseline", "reward_mean", "reward_std", "subsets", "sections"]
+EVAL_KEYS = [
+    "pairs",
+    "accuracy",
+    "length_baseline",
+    "reward_mean",
+    "reward_std",
+    "subsets",
+    "sections",
+]
 
 
 def _tiny_encoder(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
@@ -27,7 +34,12 @@ def _tiny_encoder(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
 
     config = enc.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=2 * hidden, max_position_embeddings=128)  # fmt: skip
-    enc.write_checkpoint(directory, config, enc.random_params(config, seed), enc.default_checkpoint_dir() / "tokenizer.json")
+    enc.write_checkpoint(
+        directory,
+        config,
+        enc.random_params(config, seed),
+        enc.default_checkpoint_dir() / "tokenizer.json",
+    )
     return directory
 
 
@@ -37,8 +49,12 @@ def workspace(tmp_path_factory):
     rng = np.random.default_rng(0)
     with open(root / "pairs.jsonl", "w") as handle:
         for i in range(48):
-            safe = "I can't help with that, but here is a safer alternative." + " Stay safe." * int(rng.integers(0, 3))
-            harmful = "Sure, here is exactly how to do the harmful thing." + " Step." * int(rng.integers(0, 3))
+            safe = "I can't help with that, but here is a safer alternative." + " Stay safe." * int(
+                rng.integers(0, 3)
+            )
+            harmful = "Sure, here is exactly how to do the harmful thing." + " Step." * int(
+                rng.integers(0, 3)
+            )
             record = {"id": f"p{i}", "prompt": f"Question number {i}?", "chosen": safe, "rejected": harmful,
                       "margin": 1.0, "rule_ids": ["r1"], "subset": "odd" if i % 2 else "even",
                       "section": "safety"}  # fmt: skip
@@ -56,7 +72,10 @@ def test_train_eval_score_commands(workspace):
     root, encoder = workspace
     runner = CliRunner()
     run = root / "cli-run"
-    done = runner.invoke(main, ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "--json", *_overrides(encoder)])
+    done = runner.invoke(
+        main,
+        ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "--json", *_overrides(encoder)],
+    )
     assert done.exit_code == 0, done.output
     summary = json.loads(done.output.strip().splitlines()[-1])
     assert summary["steps"] == 12 and summary["eval"]["accuracy"] > 0.5
@@ -65,13 +84,20 @@ def test_train_eval_score_commands(workspace):
     assert [r["step"] for r in train] == [3, 6, 9, 12] and TRAIN_KEYS <= set(train[-1])
     assert train[-1]["loss"] < train[0]["loss"]
     assert [r["step"] for r in records if r["split"] == "eval"] == [6, 12]
-    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8, 12][-3:]
+    assert (
+        sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+        == [4, 8, 12][-3:]
+    )
 
     done = runner.invoke(main, ["eval", str(run), str(root / "pairs.jsonl"), "--json"])
     assert done.exit_code == 0, done.output
     report = json.loads(done.output)
     assert list(report) == EVAL_KEYS
-    assert report["pairs"] == 48 and set(report["subsets"]) == {"odd", "even"} and set(report["sections"]) == {"safety"}
+    assert (
+        report["pairs"] == 48
+        and set(report["subsets"]) == {"odd", "even"}
+        and set(report["sections"]) == {"safety"}
+    )
     assert report["accuracy"] > 0.9 and 0 <= report["length_baseline"] <= 1
 
     inputs = root / "to-score.jsonl"
@@ -82,7 +108,9 @@ def test_train_eval_score_commands(workspace):
         {"id": "c", "text": "\n\nHuman: hi\n\nAssistant: hello"},
     ]) + "\n")  # fmt: skip
     out = root / "scored.jsonl"
-    done = runner.invoke(main, ["score", str(run), str(inputs), "--out", str(out), "--batch-size", "2"])
+    done = runner.invoke(
+        main, ["score", str(run), str(inputs), "--out", str(out), "--batch-size", "2"]
+    )
     assert done.exit_code == 0, done.output
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in scored] == ["a", "b", "c"] and scored[1]["extra"] == [1, 2]
@@ -90,11 +118,18 @@ def test_train_eval_score_commands(workspace):
 
     from dynrules.train.evaluate import evaluate
 
-    direct = evaluate(run / "model", [{"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}])
-    assert direct["reward_mean"] == pytest.approx((scored[0]["reward"] + scored[1]["reward"]) / 2, abs=1e-5)
+    direct = evaluate(
+        run / "model",
+        [{"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}],
+    )
+    assert direct["reward_mean"] == pytest.approx(
+        (scored[0]["reward"] + scored[1]["reward"]) / 2, abs=1e-5
+    )
 
     exported = load_file(str(run / "model" / "model.safetensors"))
-    assert "bert.encoder.layer.1.output.dense.weight" in exported and exported["classifier.weight"].shape == (1, 32)
+    assert "bert.encoder.layer.1.output.dense.weight" in exported and exported[
+        "classifier.weight"
+    ].shape == (1, 32)
 
     # Running again with the same --out and steps resumes at the end: nothing to redo.
     done = runner.invoke(main, ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "--json"])
@@ -117,12 +152,27 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
     cases = [
         (["train-rm", str(tmp_path / "bad.jsonl"), "--out", str(run)], "line 1, field 'rejected'"),
         (["train-rm", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "new")], "empty file"),
-        (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "stepz=3"], "unknown key 'stepz'"),
-        (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), f"encoder={other}"], "another model"),
+        (
+            ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "stepz=3"],
+            "unknown key 'stepz'",
+        ),
+        (
+            ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), f"encoder={other}"],
+            "another model",
+        ),
         (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "seed=7"], "different config"),
         (["eval", str(run), str(tmp_path / "empty.jsonl")], "empty file"),
         (["eval", str(encoder), str(root / "pairs.jsonl")], "no 'dynrules' section"),
-        (["score", str(run), str(tmp_path / "bad.jsonl"), "--out", str(run / "model" / "config.json")], "field 'response'"),
+        (
+            [
+                "score",
+                str(run),
+                str(tmp_path / "bad.jsonl"),
+                "--out",
+                str(run / "model" / "config.json"),
+            ],
+            "field 'response'",
+        ),
     ]
     for args, message in cases:
         done = runner.invoke(main, args)
@@ -139,14 +189,20 @@ def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path):
     from dynrules.train.trainer import Trainable, train_reward_model
 
     root, encoder = workspace
-    overrides = _overrides(encoder, steps=40, checkpoint_every=1, keep_checkpoints=2, eval_every=0, log_every=40)
+    overrides = _overrides(
+        encoder, steps=40, checkpoint_every=1, keep_checkpoints=2, eval_every=0, log_every=40
+    )
     killed = tmp_path / "killed"
     child = subprocess.Popen([sys.executable, __file__, str(root / "pairs.jsonl"), str(killed), *overrides],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     checkpoints = killed / "checkpoints"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and child.poll() is None:
-        steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
+        steps = (
+            [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
+            if checkpoints.exists()
+            else []
+        )
         if steps and max(steps) >= 6:
             break
         time.sleep(0.01)
@@ -178,7 +234,13 @@ def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path):
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
     initial = load_file(str(encoder / "model.safetensors"))
-    assert np.abs(a["bert.encoder.layer.0.output.dense.weight"] - initial["encoder.layer.0.output.dense.weight"]).max() > 1e-3
+    assert (
+        np.abs(
+            a["bert.encoder.layer.0.output.dense.weight"]
+            - initial["encoder.layer.0.output.dense.weight"]
+        ).max()
+        > 1e-3
+    )
 
 
 def test_run_directory_that_is_not_a_run_is_refused(tmp_path, workspace):

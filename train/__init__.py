@@ -1,0 +1,37 @@
+"""Training stack: Flax NNX encoder, reward model, sharding, Orbax checkpoints, scoring, eval.
+
+The public entry points are re-exported here and imported on first use, so that
+``import dynrules.train`` stays cheap until JAX is actually needed:
+
+- ``embed_texts(texts, *, batch_size=64, max_length=256) -> np.ndarray [n, 384]``
+- ``train_reward_model(pairs, out_dir, config=None, *, progress=True) -> RunResult``
+- ``evaluate(model, pairs, *, batch_size=64, mesh="") -> dict``
+- ``score_file(model, input_path, out_path, ...) -> dict`` and ``Scorer``
+- ``TrainConfig``, ``load_config``; ``EncoderClassifier`` / ``ModelSpec`` (the building block
+  for multi-label heads such as the rule adapter)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "embed_texts": "dynrules.train.encoder",
+    "train_reward_model": "dynrules.train.trainer",
+    "RunResult": "dynrules.train.trainer",
+    "evaluate": "dynrules.train.evaluate",
+    "score_file": "dynrules.train.scoring",
+    "Scorer": "dynrules.train.scoring",
+    "TrainConfig": "dynrules.train.config",
+    "load_config": "dynrules.train.config",
+    "EncoderClassifier": "dynrules.train.model",
+    "ModelSpec": "dynrules.train.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dynrules.train' has no attribute {name!r}")

@@ -40,7 +40,9 @@ ADAPTER_FILE = "adapter.json"
 
 def adapter_text(prompt: str, response_a: str, response_b: str) -> str:
     """The adapter's input for one pair: the conversation, then both responses, labelled."""
-    return f"{prompt.strip()}\n\nResponse A: {response_a.strip()}\n\nResponse B: {response_b.strip()}"
+    return (
+        f"{prompt.strip()}\n\nResponse A: {response_a.strip()}\n\nResponse B: {response_b.strip()}"
+    )
 
 
 def oracle_selection(store: RatingStore, selection: SelectionConfig) -> np.ndarray:
@@ -48,7 +50,9 @@ def oracle_selection(store: RatingStore, selection: SelectionConfig) -> np.ndarr
     selection = selection.resolved(store)
     if selection.policy != "adaptive":
         raise DynrulesError("the adapter learns an adaptive selection; use policy 'adaptive'")
-    return np.concatenate([select_chunk(chunk, selection, store.scale)[0] for chunk in store.iter_chunks()])
+    return np.concatenate(
+        [select_chunk(chunk, selection, store.scale)[0] for chunk in store.iter_chunks()]
+    )
 
 
 def multi_hot(index: np.ndarray, n_rules: int) -> np.ndarray:
@@ -64,13 +68,21 @@ def top_k_rules(logits: np.ndarray, k: int) -> np.ndarray:
 
 def store_texts(store: RatingStore) -> tuple[list[str], list[str]]:
     pairs = store.read_pairs(columns=["id", "prompt", "response_a", "response_b"]).to_pydict()
-    texts = [adapter_text(p, a, b) for p, a, b in zip(pairs["prompt"], pairs["response_a"], pairs["response_b"],
-                                                      strict=True)]
+    texts = [
+        adapter_text(p, a, b)
+        for p, a, b in zip(pairs["prompt"], pairs["response_a"], pairs["response_b"], strict=True)
+    ]
     return pairs["id"], texts
 
 
-def train_adapter(store, out_dir, config: TrainConfig | dict | None = None, *,
-                  selection: SelectionConfig | None = None, progress: bool = True) -> dict:
+def train_adapter(
+    store,
+    out_dir,
+    config: TrainConfig | dict | None = None,
+    *,
+    selection: SelectionConfig | None = None,
+    progress: bool = True,
+) -> dict:
     """Train the adapter on a fully rated store; writes out_dir/model and out_dir/adapter.json.
 
     ``selection`` is the oracle policy whose top-k sets are the targets (default: adaptive, k=5).
@@ -84,28 +96,44 @@ def train_adapter(store, out_dir, config: TrainConfig | dict | None = None, *,
 
     loaded = enc.read_checkpoint(config.encoder or None)
     max_length = min(config.max_length, loaded.config.max_position_embeddings)
-    spec = mdl.ModelSpec(loaded.config, num_outputs=store.n_rules, pooling=config.pooling, max_length=max_length)
+    spec = mdl.ModelSpec(
+        loaded.config, num_outputs=store.n_rules, pooling=config.pooling, max_length=max_length
+    )
     mesh = shd.make_mesh(config.mesh)
     if config.batch_size % (shd.batch_shards(mesh) * jax.process_count()):
-        raise DynrulesError(f"config: batch_size {config.batch_size} must be a multiple of the mesh's batch shards")
+        raise DynrulesError(
+            f"config: batch_size {config.batch_size} must be a multiple of the mesh's batch shards"
+        )
     trainable = Trainable.build(spec, config, mesh)
-    state = trainable.initial_state({"encoder": loaded.params, **mdl.initial_head(spec, config.seed)})
+    state = trainable.initial_state(
+        {"encoder": loaded.params, **mdl.initial_head(spec, config.seed)}
+    )
     step_fn = _train_step(trainable)
     tokens = loaded.tokenizer.encode(texts, max_length)
     buckets = enc.length_buckets(max_length)
     rows_sharding, lengths_sharding = shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh, 1)
     rng = np.random.default_rng(config.seed)
-    order = np.concatenate([rng.permutation(len(texts)) for _ in range(-(-config.steps * config.batch_size // len(texts)))])
+    order = np.concatenate(
+        [
+            rng.permutation(len(texts))
+            for _ in range(-(-config.steps * config.batch_size // len(texts)))
+        ]
+    )
     losses = []
     from tqdm import tqdm
 
     for step in tqdm(range(config.steps), desc="train-adapter", unit="step", disable=not progress):
         chosen = order[step * config.batch_size : (step + 1) * config.batch_size]
         width = enc.bucket_for(max(len(tokens.ids[i]) for i in chosen), buckets)
-        ids, lengths = enc.pad_batch([tokens.ids[i] for i in chosen], width, config.batch_size, loaded.tokenizer.pad_id)
+        ids, lengths = enc.pad_batch(
+            [tokens.ids[i] for i in chosen], width, config.batch_size, loaded.tokenizer.pad_id
+        )
         rows = shd.process_slice(config.batch_size)
-        batch = {"ids": shd.global_batch(ids[rows], rows_sharding), "lengths": shd.global_batch(lengths[rows], lengths_sharding),
-                 "targets": shd.global_batch(targets[chosen][rows], rows_sharding)}
+        batch = {
+            "ids": shd.global_batch(ids[rows], rows_sharding),
+            "lengths": shd.global_batch(lengths[rows], lengths_sharding),
+            "targets": shd.global_batch(targets[chosen][rows], rows_sharding),
+        }
         state, loss = step_fn(state, batch)
         losses.append(loss)
     final_loss = float(np.mean(jax.device_get(losses[-10:]))) if losses else float("nan")
@@ -134,15 +162,21 @@ def _train_step(trainable: Trainable):
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                 "step": state["step"] + 1}, loss  # fmt: skip
 
-    return jax.jit(step, in_shardings=(trainable.state_shardings, None),
-                   out_shardings=(trainable.state_shardings, shd.replicated(trainable.mesh)), donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(trainable.state_shardings, None),
+        out_shardings=(trainable.state_shardings, shd.replicated(trainable.mesh)),
+        donate_argnums=0,
+    )
 
 
 def read_adapter(run_dir) -> dict:
     path = Path(run_dir) / ADAPTER_FILE
     if not path.is_file():
-        raise DynrulesError(f"{run_dir}: not a rule-adapter run (no {ADAPTER_FILE}); train one with "
-                            f"`dynrules train-adapter STORE --out {run_dir}`")
+        raise DynrulesError(
+            f"{run_dir}: not a rule-adapter run (no {ADAPTER_FILE}); train one with "
+            f"`dynrules train-adapter STORE --out {run_dir}`"
+        )
     return json.loads(path.read_text())
 
 
@@ -162,17 +196,29 @@ def write_plan(run_dir, pairs: list[dict], k: int, out) -> dict:
     """A rating plan: one JSONL record {"id", "rule_ids"} per pair, for `dynrules rate --plan`."""
     info = read_adapter(run_dir)
     ids = np.asarray(info["pool"]["ids"], dtype=object)
-    index = predict_rules(run_dir, [adapter_text(p["prompt"], p["response_a"], p["response_b"]) for p in pairs], k)
+    index = predict_rules(
+        run_dir, [adapter_text(p["prompt"], p["response_a"], p["response_b"]) for p in pairs], k
+    )
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for pair, row in zip(pairs, index, strict=True):
             handle.write(json.dumps({"id": pair["id"], "rule_ids": ids[row].tolist()}) + "\n")
     n_rules = len(ids)
-    return {"pairs": len(pairs), "k": k, "judge_calls": len(pairs) * k, "judge_calls_full_pool": len(pairs) * n_rules,
-            "judge_calls_saved": 1.0 - k / n_rules}
+    return {
+        "pairs": len(pairs),
+        "k": k,
+        "judge_calls": len(pairs) * k,
+        "judge_calls_full_pool": len(pairs) * n_rules,
+        "judge_calls_saved": 1.0 - k / n_rules,
+    }
 
 
-def adapter_metrics(predicted: np.ndarray, oracle: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
-                    scale: float = 1.0) -> dict:
+def adapter_metrics(
+    predicted: np.ndarray,
+    oracle: np.ndarray,
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+    scale: float = 1.0,
+) -> dict:
     """Per-row precision@k, recall@k and label agreement of predicted vs oracle rule sets.
 
     ``scores_a``/``scores_b`` are the full ratings [n, R] (stored units, times ``scale``).
@@ -180,13 +226,21 @@ def adapter_metrics(predicted: np.ndarray, oracle: np.ndarray, scores_a: np.ndar
     from dynrules.kernels.selection import labels_of_margins, margins_of_rows
 
     n = predicted.shape[0]
-    hits = np.array([len(set(p) & set(o)) for p, o in zip(predicted.tolist(), oracle.tolist(), strict=True)])
+    hits = np.array(
+        [len(set(p) & set(o)) for p, o in zip(predicted.tolist(), oracle.tolist(), strict=True)]
+    )
     labels = []
     for index in (predicted, oracle):
         margin, label = np.empty(n), np.empty(n, np.int8)
-        margins_of_rows(scores_a, scores_b, np.ascontiguousarray(index, dtype=np.int64), scale, margin)
+        margins_of_rows(
+            scores_a, scores_b, np.ascontiguousarray(index, dtype=np.int64), scale, margin
+        )
         labels_of_margins(margin, label)
         labels.append(label)
-    return {"precision_at_k": float(np.mean(hits / predicted.shape[1])),
-            "recall_at_k": float(np.mean(hits / oracle.shape[1])),
-            "label_agreement": float(np.mean(labels[0] == labels[1])), "labels": labels[0], "oracle_labels": labels[1]}
+    return {
+        "precision_at_k": float(np.mean(hits / predicted.shape[1])),
+        "recall_at_k": float(np.mean(hits / oracle.shape[1])),
+        "label_agreement": float(np.mean(labels[0] == labels[1])),
+        "labels": labels[0],
+        "oracle_labels": labels[1],
+    }

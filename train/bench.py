@@ -16,7 +16,6 @@ import os
 import time
 
 import numpy as np
-
 from dynrules.errors import DynrulesError
 
 TORCH_HINT = "the PyTorch side needs torch and transformers: pip install torch==2.13.0 transformers"
@@ -32,8 +31,11 @@ def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
         return " ".join(rng.choice(WORDS, size=n))
 
     return [
-        {"prompt": sentence(int(rng.integers(5, 30))), "chosen": sentence(int(rng.integers(10, 120))),
-         "rejected": sentence(int(rng.integers(10, 120)))}  # fmt: skip
+        {
+            "prompt": sentence(int(rng.integers(5, 30))),
+            "chosen": sentence(int(rng.integers(10, 120))),
+            "rejected": sentence(int(rng.integers(10, 120))),
+        }  # fmt: skip
         for _ in range(count)
     ]
 
@@ -52,7 +54,9 @@ def _torch_reward_model(torch, transformers, checkpoint_dir, head_kernel: np.nda
     config = transformers.BertConfig.from_pretrained(
         str(checkpoint_dir), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
-    encoder = transformers.BertModel.from_pretrained(str(checkpoint_dir), config=config, add_pooling_layer=False)
+    encoder = transformers.BertModel.from_pretrained(
+        str(checkpoint_dir), config=config, add_pooling_layer=False
+    )
     head = torch.nn.Linear(config.hidden_size, 1)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(head_kernel.T.copy()))
@@ -83,10 +87,11 @@ def _timed(run, batches, seconds: float, warmup: int) -> tuple[float, int]:
     return time.perf_counter() - started, done
 
 
-def bench_train(*, pairs_per_step: int = 8, max_length: int = 128, seconds: float = 20.0, seed: int = 0) -> dict:
+def bench_train(
+    *, pairs_per_step: int = 8, max_length: int = 128, seconds: float = 20.0, seed: int = 0
+) -> dict:
     """Training pairs/s, JAX vs PyTorch, same MiniLM reward model and same batches."""
     import jax
-
     from dynrules.train import encoder as enc
     from dynrules.train import model as mdl
     from dynrules.train import sharding as shd
@@ -96,13 +101,15 @@ def bench_train(*, pairs_per_step: int = 8, max_length: int = 128, seconds: floa
 
     torch, transformers = _torch()
     loaded = enc.read_checkpoint(None)
-    config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=max_length, learning_rate=1e-5)
+    config = TrainConfig(
+        steps=10_000, batch_size=pairs_per_step, max_length=max_length, learning_rate=1e-5
+    )
     spec = mdl.ModelSpec(loaded.config, max_length=max_length)
-    pairs = load_pairs(synthetic_pairs(pairs_per_step * 16, seed))
+    pairs = load_pairs(synthetic_pairs(pairs_per_step * 6, seed))
     tokens = TokenizedPairs.build(pairs, loaded.tokenizer, max_length)
     batcher = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
                           max_length=max_length, pad_id=loaded.tokenizer.pad_id)  # fmt: skip
-    batches = [batcher.batch(step)[0] for step in range(16)]
+    batches = [batcher.batch(step)[0] for step in range(6)]
     head = mdl.initial_head(spec, seed)
 
     trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
@@ -135,9 +142,14 @@ def bench_train(*, pairs_per_step: int = 8, max_length: int = 128, seconds: floa
     torch_rate = torch_steps * pairs_per_step / torch_seconds
     return {
         "benchmark": "train",
-        "setup": {"model": "all-MiniLM-L6-v2 reward model", "pairs_per_step": pairs_per_step,
-                  "max_length": max_length, "devices": "cpu", "threads": os.cpu_count(),
-                  "torch": torch.__version__},  # fmt: skip
+        "setup": {
+            "model": "all-MiniLM-L6-v2 reward model",
+            "pairs_per_step": pairs_per_step,
+            "max_length": max_length,
+            "devices": "cpu",
+            "threads": os.cpu_count(),
+            "torch": torch.__version__,
+        },  # fmt: skip
         "results": {"jax_pairs_per_s": jax_rate, "torch_pairs_per_s": torch_rate},
         "ratios": {"jax_over_torch": jax_rate / torch_rate},
     }
@@ -151,10 +163,11 @@ def _torch_pairs(torch, batch: dict) -> tuple:
     return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
 
 
-def bench_score(*, pairs: int = 512, batch_size: int = 64, max_length: int = 256, seed: int = 0) -> dict:
+def bench_score(
+    *, pairs: int = 256, batch_size: int = 64, max_length: int = 256, seed: int = 0
+) -> dict:
     """Scoring pairs/s (both texts of each pair), JAX vs PyTorch, on identical bucketed batches."""
     import jax
-
     from dynrules.train import encoder as enc
     from dynrules.train import model as mdl
     from dynrules.train import sharding as shd
@@ -170,7 +183,9 @@ def bench_score(*, pairs: int = 512, batch_size: int = 64, max_length: int = 256
     mesh = shd.make_mesh("", jax.devices()[:1])
     graphdef, abstract = mdl.abstract_model(spec)
     params = mdl.place({"encoder": loaded.params, **head}, shd.state_shardings(abstract, mesh))
-    scorer = Scorer(graphdef, params, loaded.tokenizer, mesh, max_length=max_length, batch_size=batch_size)
+    scorer = Scorer(
+        graphdef, params, loaded.tokenizer, mesh, max_length=max_length, batch_size=batch_size
+    )
     scorer(texts)  # compile every bucket once
     started = time.perf_counter()
     jax_rewards = scorer.rewards(texts)
@@ -178,13 +193,11 @@ def bench_score(*, pairs: int = 512, batch_size: int = 64, max_length: int = 256
 
     model = _torch_reward_model(torch, transformers, loaded.directory, head["head_kernel"]).eval()
     tokens = loaded.tokenizer.encode(texts, max_length)
-    order = np.argsort(tokens.lengths, kind="stable")  # the same batches the scorer builds
-    buckets = enc.length_buckets(max_length)
     batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = enc.bucket_for(int(tokens.lengths[chunk].max()), buckets)
-        ids, lengths = enc.pad_batch([tokens.ids[i] for i in chunk], width, len(chunk), loaded.tokenizer.pad_id)
+    for chunk, width, _ in scorer.plan(tokens.lengths):  # the scorer's batches, unpadded rows
+        ids, lengths = enc.pad_batch(
+            [tokens.ids[i] for i in chunk], width, len(chunk), loaded.tokenizer.pad_id
+        )
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         batches.append((chunk, torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)))
     torch_rewards = np.zeros(len(texts), np.float32)
@@ -197,9 +210,105 @@ def bench_score(*, pairs: int = 512, batch_size: int = 64, max_length: int = 256
     jax_rate, torch_rate = pairs / jax_seconds, pairs / torch_seconds
     return {
         "benchmark": "score",
-        "setup": {"model": "all-MiniLM-L6-v2 reward model", "pairs": pairs, "batch_size": batch_size,
-                  "max_length": max_length, "threads": os.cpu_count(), "torch": torch.__version__},  # fmt: skip
+        "setup": {
+            "model": "all-MiniLM-L6-v2 reward model",
+            "pairs": pairs,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "threads": os.cpu_count(),
+            "torch": torch.__version__,
+        },  # fmt: skip
         "results": {"jax_pairs_per_s": jax_rate, "torch_pairs_per_s": torch_rate},
         "ratios": {"jax_over_torch": jax_rate / torch_rate},
         "max_reward_difference": float(np.abs(jax_rewards - torch_rewards).max()),
+    }
+
+
+# Dense bf16 peak of the accelerators we expect, for MFU; override with peak_tflops.
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v5 lite": 197.0,
+    "TPU v4": 275.0,
+}
+
+
+def bench_train_mfu(
+    *,
+    layers: int = 24,
+    hidden: int = 1024,
+    heads: int = 16,
+    seq: int = 512,
+    pairs_per_step: int = 32,
+    steps: int = 20,
+    dtype: str = "bfloat16",
+    remat: bool = False,
+    peak_tflops: float | None = None,
+) -> dict:
+    """Training tokens/s and model FLOPs utilisation of a BERT-large-sized reward model.
+
+    Random weights and full-length random token ids (no padding), one device. Model FLOPs
+    per token: 6·(non-embedding params) + 12·layers·hidden·seq (PaLM appendix B), the same
+    for forward + backward whatever remat recomputes.
+    """
+    import jax
+    from dynrules.train import encoder as enc
+    from dynrules.train import model as mdl
+    from dynrules.train import sharding as shd
+    from dynrules.train.config import TrainConfig
+    from dynrules.train.trainer import Trainable
+
+    bert = enc.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          intermediate_size=4 * hidden, max_position_embeddings=max(512, seq))  # fmt: skip
+    config = TrainConfig(
+        steps=10_000, batch_size=pairs_per_step, max_length=seq, dtype=dtype, remat=remat
+    )
+    spec = mdl.ModelSpec(bert, max_length=seq)
+    trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
+    state = trainable.initial_state(
+        {"encoder": enc.random_params(bert), **mdl.initial_head(spec, 0)}
+    )
+    step = trainable.train_step(config)
+    rng = np.random.default_rng(0)
+    batch = trainable.global_batch({
+        "ids": rng.integers(1000, 30000, (1, pairs_per_step, 2, seq)).astype(np.int32),
+        "lengths": np.full((1, pairs_per_step, 2), seq, np.int32),
+        "margins": np.zeros((1, pairs_per_step), np.float32),
+    })  # fmt: skip
+    for _ in range(3):  # compile and warm up
+        state, sums = step(state, batch)
+    sums["loss"].block_until_ready()
+    started = time.perf_counter()
+    for _ in range(steps):
+        state, sums = step(state, batch)
+    sums["loss"].block_until_ready()
+    seconds = time.perf_counter() - started
+    tokens_per_s = steps * pairs_per_step * 2 * seq / seconds
+    non_embedding = layers * (4 * hidden * hidden + 2 * hidden * 4 * hidden)
+    flops_per_token = 6 * non_embedding + 12 * layers * hidden * seq
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", str(device))
+    peak = peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
+    return {
+        "benchmark": "train_mfu",
+        "setup": {
+            "device": kind,
+            "layers": layers,
+            "hidden": hidden,
+            "heads": heads,
+            "seq": seq,
+            "pairs_per_step": pairs_per_step,
+            "dtype": dtype,
+            "remat": remat,
+            "steps": steps,
+        },  # fmt: skip
+        "results": {
+            "tokens_per_s": tokens_per_s,
+            "step_seconds": seconds / steps,
+            "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
+            "mfu": tokens_per_s * flops_per_token / (peak * 1e12) if peak else None,
+            "peak_tflops": peak,
+        },
     }

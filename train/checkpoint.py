@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
-
 from dynrules.errors import DynrulesError
 
 
 class Checkpointer:
     """Save every ``every`` steps, keep the newest ``keep``; restore onto explicit shardings."""
 
-    def __init__(self, directory: str | Path, *, every: int = 1, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: str | Path, *, every: int = 1, keep: int = 3, async_save: bool = True
+    ):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -32,7 +32,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -44,13 +46,17 @@ class Checkpointer:
         """Start saving ``state`` and ``meta`` at ``step`` if due (or ``force``); True if started."""
         return self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
             force=force,
         )
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self._step(step)
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
 
     def restore(self, target, step: int | None = None):
         """(state, meta) at ``step`` (default: latest), laid out as the abstract ``target``.
@@ -85,7 +91,3 @@ class Checkpointer:
             raise DynrulesError(f"no checkpoint in {self.directory}")
         return step
 
-
-def abstract_like(tree):
-    """ShapeDtypeStructs (with shardings) describing ``tree``'s arrays: a restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -11,7 +11,6 @@ import typing
 from pathlib import Path
 
 import yaml
-
 from dynrules.errors import DynrulesError
 
 
@@ -46,7 +45,15 @@ class TrainConfig:
     # Keys that may differ when a run is resumed: they change how long or how visibly it
     # runs, never what a given step computes.
     RESUMABLE_CHANGES: typing.ClassVar[frozenset] = frozenset(
-        {"steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "mesh", "distributed"}
+        {
+            "steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_every",
+            "log_every",
+            "mesh",
+            "distributed",
+        }
     )
 
     def __post_init__(self):
@@ -67,7 +74,9 @@ class TrainConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise DynrulesError(f"config: dtype must be float32 or bfloat16, got {self.dtype!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise DynrulesError(f"config: eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise DynrulesError(
+                f"config: eval_fraction must be in [0, 1), got {self.eval_fraction}"
+            )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise DynrulesError(f"config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.eval_every < 0:
@@ -112,7 +121,9 @@ def load_config(
         except (OSError, yaml.YAMLError) as exc:
             raise DynrulesError(f"cannot read config {path}: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
-            raise DynrulesError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+            raise DynrulesError(
+                f"{path}: expected a mapping of config keys, got {type(loaded).__name__}"
+            )
         make_config(loaded, source=str(path))  # name the file in errors about its own keys
         values.update(loaded or {})
     values.update(parse_overrides(overrides))
@@ -143,7 +154,9 @@ def _coerce(key: str, value, hint, source: str):
         if hint is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return (
+                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            )
         if hint is float:
             return float(value)
         if hint is str:

