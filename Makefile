@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml assets.txt
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/dynrules demo
+	$(VENV)/bin/dynrules pipeline --out out/demo
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -118,38 +118,6 @@ def bench_selection(n_pairs, n_rules, k, as_json):
         click.echo(f"{name:>36}: {value:.3f}")
 
 
-@main.command()
-@click.option("--pairs", "n_pairs", default=1_000_000, show_default=True)
-@click.option("--rules", "n_rules", default=100, show_default=True)
-@click.option("--k", default=5, show_default=True)
-@click.option("--out", "out_dir", default="out/demo-random", show_default=True, type=click.Path(file_okay=False))
-def demo(n_pairs, n_rules, k, out_dir):
-    """Ingest -> select -> label on RANDOM ratings: a throughput demonstration, nothing more."""
-    from pathlib import Path
-
-    from dynrules.engine.ingest import ingest as run_ingest
-    from dynrules.engine.pool import RulePool, load_pool
-    from dynrules.engine.select import SelectionConfig, run_selection
-    from dynrules.engine.store import RatingStore
-    from dynrules.engine.synthetic import write_random_pairs
-
-    click.echo("NOTE: these ratings are uniform random numbers, not judgements of any text; the labels below "
-               "only show that the machinery works and how fast it runs.")
-    out = Path(out_dir)
-    pool = load_pool()
-    pool = pool if n_rules == len(pool) else RulePool("random", pool.rules[:n_rules])
-    parquet = write_random_pairs(out / "random-pairs.parquet", n_pairs, len(pool))
-    ingested = run_ingest(parquet, out / "store", pool=pool)
-    click.echo(f"ingest: {ingested['pairs']:,} pairs in {ingested['seconds']} s "
-               f"({ingested['pairs'] / ingested['seconds']:,.0f} pairs/s)")
-    store = RatingStore.open(out / "store", pool=pool)
-    selected = run_selection(store, SelectionConfig(k=k), out / "labelled.jsonl")
-    click.echo(f"select+label+write: {selected['pairs']:,} pairs in {selected['seconds']} s "
-               f"({selected['pairs'] / selected['seconds']:,.0f} pairs/s)")
-    click.echo(f"labels: A preferred {selected['preferred_a']:,}, B preferred {selected['preferred_b']:,}, "
-               f"ties {selected['ties']:,}; {selected['labelled']:,} labelled pairs in {out / 'labelled.jsonl'}")
-
-
 @main.command("train-rm")
 @click.argument("pairs", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),

@@ -120,7 +120,7 @@ def _jsonl_batches(path: Path, n_rules: int) -> Iterator[Batch]:
 
 def _jsonl_batch(lines, pairs, scores, path) -> Batch:
     columns = list(pairs[0])
-    for line, record in zip(lines, pairs):
+    for line, record in zip(lines, pairs, strict=True):
         if list(record) != columns:
             raise InputError(f"fields differ from the first record's ({', '.join(columns)})", path=path, line=line)
     return Batch(np.asarray(lines), {c: [r[c] for r in pairs] for c in columns},

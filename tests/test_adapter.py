@@ -4,10 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from dynrules.train import adapter as adp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from dynrules.train import adapter as adp
 
 
 def naive_metrics(predicted, oracle, a, b, scale):

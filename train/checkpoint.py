@@ -90,4 +90,3 @@ class Checkpointer:
         if step is None:
             raise DynrulesError(f"no checkpoint in {self.directory}")
         return step
-
