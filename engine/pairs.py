@@ -38,7 +38,10 @@ def iter_raw_records(path) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise InputError("no such file", path=path)
     if is_parquet(path):
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise InputError(f"cannot read Parquet: {exc}", path=path) from None
         number = 0
         for batch in pf.iter_batches(batch_size=4096):
             for record in batch.to_pylist():
@@ -49,18 +52,21 @@ def iter_raw_records(path) -> Iterator[tuple[int, dict]]:
         return
     opener = gzip.open if path.suffix == ".gz" else open
     seen = False
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"malformed JSON: {exc.msg}", path=path, line=number) from None
-            if not isinstance(record, dict):
-                raise InputError("each line must be a JSON object", path=path, line=number)
-            seen = True
-            yield number, record
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"malformed JSON: {exc.msg}", path=path, line=number) from None
+                if not isinstance(record, dict):
+                    raise InputError("each line must be a JSON object", path=path, line=number)
+                seen = True
+                yield number, record
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read: {exc}", path=path) from None
     if not seen:
         raise InputError("empty file: no records", path=path)
 

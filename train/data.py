@@ -22,12 +22,11 @@ survives.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
+from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import InputError
 
 TEMPLATE = "hh-v1"
@@ -59,43 +58,6 @@ class Pair:
 
     def texts(self) -> tuple[str, str]:
         return format_text(self.prompt, self.chosen), format_text(self.prompt, self.rejected)
-
-
-def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) from JSONL / JSONL.gz (1-based lines) or Parquet (1-based rows).
-
-    Blank lines are skipped; a line that is not a JSON object is an error naming the line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file", path=path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises several types for corrupt files
-            raise InputError(f"cannot read Parquet: {exc}", path=path) from exc
-        for row, record in enumerate(table.to_pylist(), start=1):
-            yield row, record
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(
-                        f"not valid JSON ({exc.msg})", path=path, line=line_no
-                    ) from None
-                if not isinstance(record, dict):
-                    raise InputError("expected a JSON object", path=path, line=line_no)
-                yield line_no, record
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read: {exc}", path=path) from exc
 
 
 def _text_field(record: dict, name: str, where: dict, *, required: bool) -> str:
@@ -134,7 +96,7 @@ def pair_from_record(record: dict, *, path=None, line: int | None = None) -> Pai
 def load_pairs(source: str | Path | Iterable[dict]) -> list[Pair]:
     """Pairs from a file or from dicts; errors name the file, line and field. Empty is an error."""
     if isinstance(source, str | Path):
-        pairs = [pair_from_record(r, path=source, line=n) for n, r in iter_records(source)]
+        pairs = [pair_from_record(r, path=source, line=n) for n, r in iter_raw_records(source)]
         if not pairs:
             raise InputError("no preference pairs (empty file)", path=source)
         return pairs

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import DynrulesError, InputError
 from dynrules.train import encoder as enc
 from dynrules.train import model as mdl
 from dynrules.train import sharding as shd
-from dynrules.train.data import iter_records, score_text
+from dynrules.train.data import score_text
 
 
 class Scorer:
@@ -161,7 +162,7 @@ def score_file(
 
     def stream(handle):
         nonlocal count
-        for line, record in iter_records(input_path):
+        for line, record in iter_raw_records(input_path):
             batch.append((record, score_text(record, path=input_path, line=line)))
             count += 1
             if len(batch) == chunk_records:
