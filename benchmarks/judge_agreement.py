@@ -20,7 +20,9 @@ from dynrules.engine.judges.embedded import EmbeddedJudge
 from dynrules.engine.pairs import normalize
 from dynrules.engine.pool import load_pool
 
-HH_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH_TEST = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
 
 
 def hh_pairs(limit: int | None) -> list[dict]:
@@ -31,19 +33,24 @@ def hh_pairs(limit: int | None) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hh-pairs", type=int, default=0, help="first N HH test pairs (0 = all 2,312)")
+    parser.add_argument(
+        "--hh-pairs", type=int, default=0, help="first N HH test pairs (0 = all 2,312)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     judge = EmbeddedJudge(load_pool())
     heldout = pyrit_pairs("heldout")
     a, b, relevance, failed = rate_in_memory(judge, heldout)
-    result = {"judge": judge.identity["judge"],
-              "pyrit_heldout": {**ratings_agreement(a, b, relevance, heldout), "failed_cells": failed}}
+    result = {
+        "judge": judge.identity["judge"],
+        "pyrit_heldout": {**ratings_agreement(a, b, relevance, heldout), "failed_cells": failed},
+    }
     by_subset = {}
     for subset in sorted({r["subset"] for r in heldout}):
         rows = np.array([r["subset"] == subset for r in heldout])
-        by_subset[subset] = ratings_agreement(a[rows], b[rows], relevance[rows],
-                                              [r for r in heldout if r["subset"] == subset])
+        by_subset[subset] = ratings_agreement(
+            a[rows], b[rows], relevance[rows], [r for r in heldout if r["subset"] == subset]
+        )
     result["pyrit_heldout_by_subset"] = by_subset
     if HH_TEST.exists():
         result["hh_harmless_test"] = judge_agreement(judge, hh_pairs(args.hh_pairs))

@@ -103,7 +103,9 @@ def prompt_split(prompt: str, seed: int = 0) -> str:
     return "heldout" if _unit_hash(str(seed), prompt) < HELDOUT_FRACTION else "train"
 
 
-def pyrit_pairs(split: str | None = None, seed: int = 0, *, max_pairs_per_prompt: int = 12) -> list[dict]:
+def pyrit_pairs(
+    split: str | None = None, seed: int = 0, *, max_pairs_per_prompt: int = 12
+) -> list[dict]:
     """Prompt-matched preference pairs from PyRIT's human-scored responses (see module docstring).
 
     Args:
@@ -120,29 +122,47 @@ def pyrit_pairs(split: str | None = None, seed: int = 0, *, max_pairs_per_prompt
     try:
         resources.files("pyrit")
     except ModuleNotFoundError:
-        raise DynrulesError("PyRIT's data is not installed; run `make setup` (assets.txt pins pyrit)") from None
+        raise DynrulesError(
+            "PyRIT's data is not installed; run `make setup` (assets.txt pins pyrit)"
+        ) from None
     pairs = []
     for subset in SUBSETS:
         for prompt, responses in sorted(_scored_responses(subset).items()):
             if split is not None and prompt_split(prompt, seed) != split:
                 continue
-            candidates = [(x, y) for x, y in itertools.combinations(sorted(responses.items()), 2) if x[1] != y[1]]
+            candidates = [
+                (x, y)
+                for x, y in itertools.combinations(sorted(responses.items()), 2)
+                if x[1] != y[1]
+            ]
             if max_pairs_per_prompt and len(candidates) > max_pairs_per_prompt:
-                candidates = sorted(candidates, key=lambda c: _unit_hash("keep", prompt, c[0][0], c[1][0]))
+                candidates = sorted(
+                    candidates, key=lambda c: _unit_hash("keep", prompt, c[0][0], c[1][0])
+                )
                 candidates = candidates[:max_pairs_per_prompt]
             for (first, s1), (second, s2) in candidates:
-                (good, good_score), (bad, bad_score) = sorted([(first, s1), (second, s2)], key=lambda r: r[1])
+                (good, good_score), (bad, bad_score) = sorted(
+                    [(first, s1), (second, s2)], key=lambda r: r[1]
+                )
                 a_first = _unit_hash("order", prompt, good, bad) < 0.5
-                a, b = ((good, good_score), (bad, bad_score)) if a_first else ((bad, bad_score), (good, good_score))
-                pair_key = hashlib.blake2b("\x1f".join((subset, prompt, a[0], b[0])).encode(), digest_size=6).hexdigest()
-                pairs.append({
-                    "id": f"pyrit-{subset}-{pair_key}",
-                    "prompt": prompt,
-                    "response_a": a[0],
-                    "response_b": b[0],
-                    "truth": int(a_first),
-                    "subset": subset,
-                    "score_a": a[1],
-                    "score_b": b[1],
-                })
+                a, b = (
+                    ((good, good_score), (bad, bad_score))
+                    if a_first
+                    else ((bad, bad_score), (good, good_score))
+                )
+                pair_key = hashlib.blake2b(
+                    "\x1f".join((subset, prompt, a[0], b[0])).encode(), digest_size=6
+                ).hexdigest()
+                pairs.append(
+                    {
+                        "id": f"pyrit-{subset}-{pair_key}",
+                        "prompt": prompt,
+                        "response_a": a[0],
+                        "response_b": b[0],
+                        "truth": int(a_first),
+                        "subset": subset,
+                        "score_a": a[1],
+                        "score_b": b[1],
+                    }
+                )
     return pairs

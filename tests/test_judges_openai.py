@@ -3,8 +3,9 @@
 import math
 import time
 
+import numpy as np
 import pytest
-from dynrules.engine.judges.base import JudgeAborted
+from dynrules.engine.judges.base import Job, JudgeAborted
 from dynrules.engine.judges.loopback import (
     MALFORMED,
     NO_ANSWER,
@@ -34,7 +35,9 @@ def triples(pool, n_rules=6, prompt="How do I pick a lock?", response="I can't h
 
 def expected(pool, triple, template="default"):
     prompt, response, rule_id = triple
-    return synthetic_rating(load_template(template).render(prompt, response, pool.rules[pool.index_of(rule_id)].text))
+    return synthetic_rating(
+        load_template(template).render(prompt, response, pool.rules[pool.index_of(rule_id)].text)
+    )
 
 
 @pytest.fixture
@@ -55,12 +58,19 @@ def test_answer_tokens_across_tokenizers():
 
 
 def test_rating_normalises_over_the_three_answers():
-    top = [(" Yes", math.log(0.3)), ("Yes", math.log(0.1)), (" No", math.log(0.2)), (" Ir", math.log(0.2)),
-           (" Maybe", math.log(0.2))]
+    top = [
+        (" Yes", math.log(0.3)),
+        ("Yes", math.log(0.1)),
+        (" No", math.log(0.2)),
+        (" Ir", math.log(0.2)),
+        (" Maybe", math.log(0.2)),
+    ]
     s, relevance = rating_from_top_logprobs(top)
     assert s == pytest.approx((0.4 - 0.2) / 0.8) and relevance == pytest.approx(1 - 0.2 / 0.8)
     # Two token ids decoding to the same string both count.
-    s, _ = rating_from_top_logprobs([("Yes", math.log(0.25)), ("Yes", math.log(0.25)), ("No", math.log(0.5))])
+    s, _ = rating_from_top_logprobs(
+        [("Yes", math.log(0.25)), ("Yes", math.log(0.25)), ("No", math.log(0.5))]
+    )
     assert s == pytest.approx(0.0)
     assert "no Yes/No/Irrelevant" in rating_from_top_logprobs([(" The", -0.1)])
     assert "invalid log-probability" in rating_from_top_logprobs([("Yes", float("nan"))])
@@ -80,7 +90,9 @@ def test_client_reads_the_servers_distribution(server, small_pool, endpoint):
     for triple, rating in zip(asked, ratings, strict=True):
         s, relevance = expected(small_pool, triple)
         assert rating.error is None
-        assert rating.score == pytest.approx(s, abs=1e-6) and rating.relevance == pytest.approx(relevance, abs=1e-6)
+        assert rating.score == pytest.approx(s, abs=1e-6) and rating.relevance == pytest.approx(
+            relevance, abs=1e-6
+        )
     # completions: one request for all rules of the response; chat: one per rule.
     assert server.requests == (1 if endpoint == "completions" else 8)
 
@@ -93,14 +105,18 @@ def test_several_rules_per_request_split_by_prompts_per_request(server, small_po
 
 def test_server_errors_are_retried(small_pool):
     with LoopbackServer(Faults(status_first=2, status=500)) as server:
-        ratings = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST).rate(triples(small_pool))
+        ratings = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST).rate(
+            triples(small_pool)
+        )
         assert all(r.error is None for r in ratings) and server.requests == 3
 
 
 def test_rate_limit_honours_retry_after(small_pool):
     with LoopbackServer(Faults(status_first=1, status=429, retry_after="1")) as server:
         started = time.perf_counter()
-        ratings = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST).rate(triples(small_pool))
+        ratings = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST).rate(
+            triples(small_pool)
+        )
         assert time.perf_counter() - started >= 0.9  # waited as told, not the 10 ms backoff
         assert all(r.error is None for r in ratings) and server.requests == 2
 
@@ -119,12 +135,16 @@ def test_gives_up_with_the_reason_after_max_retries(small_pool):
         judge = OpenAIJudge(small_pool, base_url=server.url, model="m", max_retries=2, **FAST)
         ratings = judge.rate(triples(small_pool))
         assert server.requests == 3
-        assert all(r.score is None and "HTTP 503" in r.error and "gave up after 3 attempts" in r.error
-                   for r in ratings)
+        assert all(
+            r.score is None and "HTTP 503" in r.error and "gave up after 3 attempts" in r.error
+            for r in ratings
+        )
 
 
-@pytest.mark.parametrize("marker, reason", [
-    (MALFORMED, "not JSON"), (NO_LOGPROBS, "no logprobs"), (NO_ANSWER, "no Yes/No/Irrelevant")])
+@pytest.mark.parametrize(
+    "marker, reason",
+    [(MALFORMED, "not JSON"), (NO_LOGPROBS, "no logprobs"), (NO_ANSWER, "no Yes/No/Irrelevant")],
+)
 def test_bad_answers_are_failures_with_reasons_never_zero(server, small_pool, marker, reason):
     judge = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST)
     good = triples(small_pool, 3)
@@ -136,8 +156,15 @@ def test_bad_answers_are_failures_with_reasons_never_zero(server, small_pool, ma
 
 def test_repeated_failures_abort_clearly(small_pool):
     with LoopbackServer(Faults(status_first=10_000, status=500)) as server:
-        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", max_retries=0, concurrency=2,
-                            max_consecutive_failures=3, **FAST)
+        judge = OpenAIJudge(
+            small_pool,
+            base_url=server.url,
+            model="m",
+            max_retries=0,
+            concurrency=2,
+            max_consecutive_failures=3,
+            **FAST,
+        )
         pairs = [(f"prompt {i}", "reply", small_pool.ids[0]) for i in range(10)]
         with pytest.raises(JudgeAborted, match="3 requests in a row .* failed; last: HTTP 500"):
             judge.rate(pairs)
@@ -153,13 +180,17 @@ def test_rejected_credentials_or_unknown_model_abort_at_once(small_pool, status,
 
 
 def test_unreachable_server_is_a_failure_not_a_hang(small_pool):
-    judge = OpenAIJudge(small_pool, base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, **FAST)
+    judge = OpenAIJudge(
+        small_pool, base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, **FAST
+    )
     ratings = judge.rate(triples(small_pool, 2))
     assert all("connection error" in r.error for r in ratings)
 
 
 def test_key_is_sent_but_never_shown(server, small_pool):
-    judge = OpenAIJudge(small_pool, base_url=server.url, model="m", api_key="sk-very-secret", **FAST)
+    judge = OpenAIJudge(
+        small_pool, base_url=server.url, model="m", api_key="sk-very-secret", **FAST
+    )
     assert "sk-very-secret" not in repr(judge) and "sk-very-secret" not in str(judge.identity)
     assert all(r.error is None for r in judge.rate(triples(small_pool, 2)))
 
@@ -167,12 +198,32 @@ def test_key_is_sent_but_never_shown(server, small_pool):
 def test_templates(tmp_path, small_pool):
     default, published = load_template("default"), load_template("published-order")
     rule = small_pool.rules[0].text
-    assert default.render("P {x}", "R", rule).index("P {x}") < default.render("P {x}", "R", rule).index(rule)
-    assert published.render("P", "R", rule).index(rule) < published.render("P", "R", rule).index("P")
+    assert default.render("P {x}", "R", rule).index("P {x}") < default.render(
+        "P {x}", "R", rule
+    ).index(rule)
+    assert published.render("P", "R", rule).index(rule) < published.render("P", "R", rule).index(
+        "P"
+    )
     bad = tmp_path / "bad.txt"
     bad.write_text("{prompt} {response}")
     with pytest.raises(InputError, match=r"bad.txt, field 'rule': template must contain \{rule\}"):
         load_template(str(bad))
     custom = tmp_path / "custom.txt"
     custom.write_text("Rule {rule}? {prompt} -> {response} Answer:")
-    assert load_template(str(custom)).render("p", "r", "x {prompt}") == "Rule x {prompt}? p -> r Answer:"
+    assert (
+        load_template(str(custom)).render("p", "r", "x {prompt}")
+        == "Rule x {prompt}? p -> r Answer:"
+    )
+
+
+def test_stopping_the_consumer_cancels_requests_in_flight(small_pool):
+    # The first request fails at once (400 is not retried); every later one would take 30 s.
+    with LoopbackServer(
+        Faults(status_first=1, status=400, slow_first=10_000, slow_seconds=30.0)
+    ) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", concurrency=4, timeout=20.0)
+        results = judge.rate_jobs(Job(i, "p", ("a", "b"), np.arange(2)) for i in range(50))
+        assert "HTTP 400" in next(results).errors[0]
+        started = time.perf_counter()
+        results.close()
+        assert time.perf_counter() - started < 5

@@ -24,19 +24,33 @@ from dynrules.errors import DynrulesError, InputError
 
 from .conftest import write_jsonl
 
-HH_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH_TEST = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
 FAST = dict(backoff=0.01, max_backoff=0.05, timeout=5.0)
 
 
 def pairs(n, marker_rows=()):
-    return [{"id": f"p{i}", "prompt": f"question {i}" + (f" {MALFORMED}" if i in marker_rows else ""),
-             "response_a": f"answer A{i}", "response_b": f"answer B{i}", "truth": i % 2} for i in range(n)]
+    return [
+        {
+            "id": f"p{i}",
+            "prompt": f"question {i}" + (f" {MALFORMED}" if i in marker_rows else ""),
+            "response_a": f"answer A{i}",
+            "response_b": f"answer B{i}",
+            "truth": i % 2,
+        }
+        for i in range(n)
+    ]
 
 
 def expected_arrays(records, pool):
     template = load_template()
     shape = (len(records), len(pool))
-    a, b, relevance = np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    a, b, relevance = (
+        np.zeros(shape, np.float32),
+        np.zeros(shape, np.float32),
+        np.zeros(shape, np.float32),
+    )
     for row, record in enumerate(records):
         for col, rule in enumerate(pool.texts):
             sa, ra = synthetic_rating(template.render(record["prompt"], record["response_a"], rule))
@@ -47,7 +61,10 @@ def expected_arrays(records, pool):
 
 def store_contents(path):
     store = RatingStore.open(path)
-    arrays = {name: store.array(name)[...].read().result() for name in ("scores_a", "scores_b", "relevance", DONE)}
+    arrays = {
+        name: store.array(name)[...].read().result()
+        for name in ("scores_a", "scores_b", "relevance", DONE)
+    }
     return arrays, store.manifest, pq.read_table(store.pairs_path)
 
 
@@ -63,10 +80,14 @@ def test_rates_every_cell_with_the_servers_values(tmp_path, server, small_pool):
     summary = rate_pairs(records, tmp_path / "store", pool=small_pool, judge=judge, progress=False)
     assert (summary["rated"], summary["skipped_done"], summary["failed"]) == (40, 0, 0)
     arrays, manifest, table = store_contents(tmp_path / "store")
-    for name, values in zip(("scores_a", "scores_b", "relevance"), expected_arrays(records, small_pool), strict=True):
+    for name, values in zip(
+        ("scores_a", "scores_b", "relevance"), expected_arrays(records, small_pool), strict=True
+    ):
         np.testing.assert_allclose(arrays[name], values, atol=1e-6)
     assert arrays[DONE].all() and manifest["rating"]["done"] == 40
-    assert manifest["judge"] == "openai-completions:m" and manifest["template"].startswith("default sha256:")
+    assert manifest["judge"] == "openai-completions:m" and manifest["template"].startswith(
+        "default sha256:"
+    )
     assert table.column("id").to_pylist() == [r["id"] for r in records]
     assert table.column("truth").to_pylist() == [r["truth"] for r in records]
     assert not read_log(RatingStore.open(tmp_path / "store")).size
@@ -83,7 +104,10 @@ def test_failures_are_recorded_not_stored_and_retried_next_run(tmp_path, server,
     arrays, _, _ = store_contents(tmp_path / "store")
     assert not arrays[DONE][2].any() and arrays[DONE][[0, 1, 3]].all()
     assert (arrays["scores_a"][2] == 0).all()  # untouched fill, flagged not-done: never a rating
-    failures = [json.loads(line) for line in (tmp_path / "store" / "failures.jsonl").read_text().splitlines()]
+    failures = [
+        json.loads(line)
+        for line in (tmp_path / "store" / "failures.jsonl").read_text().splitlines()
+    ]
     assert len(failures) == 8 and {f["id"] for f in failures} == {"p2"}
     assert all("not JSON" in f["reason"] for f in failures)
     asked_before = server.requests
@@ -95,9 +119,13 @@ def test_failures_are_recorded_not_stored_and_retried_next_run(tmp_path, server,
 def test_plan_rates_only_planned_rules_and_validates(tmp_path, server, small_pool):
     records = pairs(3)
     judge = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST)
-    plan = write_jsonl(tmp_path / "plan.jsonl", [{"id": "p0", "rule_ids": ["r1", "r3"]},
-                                                 {"id": "p2", "rule_ids": ["r0"]}])
-    summary = rate_pairs(records, tmp_path / "store", pool=small_pool, judge=judge, plan=plan, progress=False)
+    plan = write_jsonl(
+        tmp_path / "plan.jsonl",
+        [{"id": "p0", "rule_ids": ["r1", "r3"]}, {"id": "p2", "rule_ids": ["r0"]}],
+    )
+    summary = rate_pairs(
+        records, tmp_path / "store", pool=small_pool, judge=judge, plan=plan, progress=False
+    )
     assert summary["rated"] == 3
     done = store_contents(tmp_path / "store")[0][DONE]
     assert [tuple(np.flatnonzero(row)) for row in done] == [(1, 3), (), (0,)]
@@ -105,16 +133,23 @@ def test_plan_rates_only_planned_rules_and_validates(tmp_path, server, small_poo
     assert (rest["rated"], rest["skipped_done"]) == (21, 3)
 
     for lines, match in [
-        ([{"id": "nope", "rule_ids": ["r0"]}], r"plan.jsonl, line 1, field 'id': no pair with id 'nope'"),
-        ([{"id": "p0", "rule_ids": ["r0"]}, {"id": "p1", "rule_ids": ["zz"]}],
-         r"line 2, field 'rule_ids': unknown rule ids .*zz"),
+        (
+            [{"id": "nope", "rule_ids": ["r0"]}],
+            r"plan.jsonl, line 1, field 'id': no pair with id 'nope'",
+        ),
+        (
+            [{"id": "p0", "rule_ids": ["r0"]}, {"id": "p1", "rule_ids": ["zz"]}],
+            r"line 2, field 'rule_ids': unknown rule ids .*zz",
+        ),
         ([{"id": "p0", "rule_ids": "r0"}], r"line 1, field 'rule_ids': expected a list"),
         ([{"rule_ids": ["r0"]}], r"line 1, field 'id': missing field"),
         (["{not json"], r"line 1: malformed JSON"),
     ]:
         bad = write_jsonl(tmp_path / "plan.jsonl", lines)
         with pytest.raises(InputError, match=match):
-            rate_pairs(records, tmp_path / "other", pool=small_pool, judge=judge, plan=bad, progress=False)
+            rate_pairs(
+                records, tmp_path / "other", pool=small_pool, judge=judge, plan=bad, progress=False
+            )
 
 
 def test_store_is_only_continued_with_the_same_judge_pairs_and_pool(tmp_path, server, small_pool):
@@ -122,11 +157,17 @@ def test_store_is_only_continued_with_the_same_judge_pairs_and_pool(tmp_path, se
     judge = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST)
     rate_pairs(records, tmp_path / "store", pool=small_pool, judge=judge, progress=False)
     other_model = OpenAIJudge(small_pool, base_url=server.url, model="other", **FAST)
-    with pytest.raises(InputError, match="field 'judge': store was rated with judge 'openai-completions:m'"):
+    with pytest.raises(
+        InputError, match="field 'judge': store was rated with judge 'openai-completions:m'"
+    ):
         rate_pairs(records, tmp_path / "store", pool=small_pool, judge=other_model, progress=False)
-    other_template = OpenAIJudge(small_pool, base_url=server.url, model="m", template="published-order", **FAST)
+    other_template = OpenAIJudge(
+        small_pool, base_url=server.url, model="m", template="published-order", **FAST
+    )
     with pytest.raises(InputError, match="field 'template'"):
-        rate_pairs(records, tmp_path / "store", pool=small_pool, judge=other_template, progress=False)
+        rate_pairs(
+            records, tmp_path / "store", pool=small_pool, judge=other_template, progress=False
+        )
     with pytest.raises(InputError, match="different pairs"):
         rate_pairs(pairs(3), tmp_path / "store", pool=small_pool, judge=judge, progress=False)
     with pytest.raises(DynrulesError, match="different rule pool"):
@@ -147,7 +188,8 @@ def test_fold_is_idempotent_and_torn_records_are_dropped(tmp_path, server, small
     record["row"], record["rule"] = [1, 2], [4, 5]
     for i, (row, rule) in enumerate(zip(record["row"], record["rule"], strict=True)):
         record["a"][i], record["b"][i], record["relevance"][i] = (
-            full[name][row, rule] for name in ("scores_a", "scores_b", "relevance"))
+            full[name][row, rule] for name in ("scores_a", "scores_b", "relevance")
+        )
     raw = record.tobytes()
     (store.path / LOG).write_bytes(raw + raw[:7])  # the second copy is torn
     assert read_done(store.path)[1, 4] and read_done(store.path)[2, 5]
@@ -161,8 +203,22 @@ def test_fold_is_idempotent_and_torn_records_are_dropped(tmp_path, server, small
 
 
 def _rate_command(pairs_path, url, out):
-    return [str(Path(sys.executable).with_name("dynrules")), "rate", str(pairs_path), "--judge", "openai", "--base-url", url,
-            "--model", "m", "--concurrency", "2", "--out", str(out), "--json"]
+    return [
+        str(Path(sys.executable).with_name("dynrules")),
+        "rate",
+        str(pairs_path),
+        "--judge",
+        "openai",
+        "--base-url",
+        url,
+        "--model",
+        "m",
+        "--concurrency",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+    ]
 
 
 def test_kill_and_resume_gives_the_uninterrupted_store(tmp_path, small_pool):
@@ -170,13 +226,22 @@ def test_kill_and_resume_gives_the_uninterrupted_store(tmp_path, small_pool):
     pairs_path = write_jsonl(tmp_path / "pairs.jsonl", records)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with LoopbackServer() as server:
-        done = subprocess.run(_rate_command(pairs_path, server.url, tmp_path / "whole"), env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            _rate_command(pairs_path, server.url, tmp_path / "whole"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["rated"] == 6000
     with LoopbackServer(Faults(delay=0.02)) as server:
-        killed = subprocess.Popen(_rate_command(pairs_path, server.url, tmp_path / "resumed"), env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        killed = subprocess.Popen(
+            _rate_command(pairs_path, server.url, tmp_path / "resumed"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         log, deadline = tmp_path / "resumed" / LOG, time.monotonic() + 60
         while time.monotonic() < deadline and not (log.exists() and log.stat().st_size > 40 * 24):
             time.sleep(0.01)
@@ -186,11 +251,19 @@ def test_kill_and_resume_gives_the_uninterrupted_store(tmp_path, small_pool):
         assert 0 < committed.sum() < committed.size  # killed mid-run
         asked_first = server.questions.copy()
         server.handler.faults.delay = 0.0
-        resumed = subprocess.run(_rate_command(pairs_path, server.url, tmp_path / "resumed"), env=env,
-                                 capture_output=True, text=True, timeout=120)
+        resumed = subprocess.run(
+            _rate_command(pairs_path, server.url, tmp_path / "resumed"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert resumed.returncode == 0, resumed.stderr
         summary = json.loads(resumed.stdout)
-        assert summary["skipped_done"] == committed.sum() and summary["rated"] == 6000 - committed.sum()
+        assert (
+            summary["skipped_done"] == committed.sum()
+            and summary["rated"] == 6000 - committed.sum()
+        )
         asked_second = server.questions - asked_first
     # Nothing committed before the kill was asked again.
     pool, template = load_pool(), load_template()
@@ -201,7 +274,8 @@ def test_kill_and_resume_gives_the_uninterrupted_store(tmp_path, small_pool):
     for name in whole[0]:
         np.testing.assert_array_equal(whole[0][name], resumed_store[0][name])
     assert {k: v for k, v in whole[1].items() if k != "source"} == {
-        k: v for k, v in resumed_store[1].items() if k != "source"}
+        k: v for k, v in resumed_store[1].items() if k != "source"
+    }
     assert whole[2].equals(resumed_store[2])
 
 
@@ -216,13 +290,35 @@ def test_cli_rate_hh_transcripts_keeps_truth_and_hides_the_key(tmp_path, small_p
     with LoopbackServer() as server:
         os.environ["DYNRULES_TEST_KEY"] = "sk-should-never-appear"
         try:
-            result = CliRunner().invoke(main, [
-                "rate", str(pairs_path), "--pool", str(pool_path), "--judge", "openai", "--base-url", server.url,
-                "--model", "m", "--api-key-env", "DYNRULES_TEST_KEY", "--out", str(tmp_path / "store"), "--json"])
+            result = CliRunner().invoke(
+                main,
+                [
+                    "rate",
+                    str(pairs_path),
+                    "--pool",
+                    str(pool_path),
+                    "--judge",
+                    "openai",
+                    "--base-url",
+                    server.url,
+                    "--model",
+                    "m",
+                    "--api-key-env",
+                    "DYNRULES_TEST_KEY",
+                    "--out",
+                    str(tmp_path / "store"),
+                    "--json",
+                ],
+            )
         finally:
             del os.environ["DYNRULES_TEST_KEY"]
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {**json.loads(result.output), "rated": 32, "skipped_done": 0, "failed": 0}
+    assert json.loads(result.output) == {
+        **json.loads(result.output),
+        "rated": 32,
+        "skipped_done": 0,
+        "failed": 0,
+    }
     assert set(json.loads(result.output)) == {"rated", "skipped_done", "failed", "seconds"}
     table = pq.read_table(tmp_path / "store" / "pairs.parquet")
     assert set(table.column("truth").to_pylist()) <= {0, 1}
@@ -234,13 +330,45 @@ def test_cli_rate_hh_transcripts_keeps_truth_and_hides_the_key(tmp_path, small_p
 
 def test_cli_rate_errors_are_one_line(tmp_path):
     pairs_path = write_jsonl(tmp_path / "pairs.jsonl", pairs(2))
-    result = CliRunner().invoke(main, ["rate", str(pairs_path), "--judge", "openai", "--out", str(tmp_path / "s")])
+    result = CliRunner().invoke(
+        main, ["rate", str(pairs_path), "--judge", "openai", "--out", str(tmp_path / "s")]
+    )
     assert result.exit_code == 2 and "needs --base-url and --model" in result.output
-    result = CliRunner().invoke(main, ["rate", str(pairs_path), "--judge", "openai", "--base-url", "http://x/v1",
-                                       "--model", "m", "--api-key-env", "DYNRULES_UNSET_VAR", "--out",
-                                       str(tmp_path / "s")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "rate",
+            str(pairs_path),
+            "--judge",
+            "openai",
+            "--base-url",
+            "http://x/v1",
+            "--model",
+            "m",
+            "--api-key-env",
+            "DYNRULES_UNSET_VAR",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert result.exit_code == 2 and "DYNRULES_UNSET_VAR is not set" in result.output
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "response_a": "a"}])
-    result = CliRunner().invoke(main, ["rate", str(bad), "--judge", "openai", "--base-url", "http://x/v1",
-                                       "--model", "m", "--out", str(tmp_path / "s")])
-    assert result.exit_code == 2 and "bad.jsonl, line 1, field 'response_b': missing field" in result.output
+    result = CliRunner().invoke(
+        main,
+        [
+            "rate",
+            str(bad),
+            "--judge",
+            "openai",
+            "--base-url",
+            "http://x/v1",
+            "--model",
+            "m",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert (
+        result.exit_code == 2
+        and "bad.jsonl, line 1, field 'response_b': missing field" in result.output
+    )

@@ -111,10 +111,10 @@ def test_pair_files_errors_name_file_line_and_field(tmp_path):
     assert pairs[1].texts() == (hh["chosen"], hh["rejected"])
     cases = {
         "": "empty file",
-        json.dumps(good) + "\n{not json\n": "line 2.*not valid JSON",
+        json.dumps(good) + "\n{not json\n": "line 2.*malformed JSON",
         json.dumps({"prompt": "p", "chosen": "a"}) + "\n": "line 1, field 'rejected': missing",
         json.dumps(good | {"margin": "big"}) + "\n": "field 'margin'",
-        "[1, 2]\n": "expected a JSON object",
+        "[1, 2]\n": "must be a JSON object",
     }
     for text, message in cases.items():
         path.write_text(text)

@@ -20,8 +20,16 @@ JUDGES = ("embedded", "openai")
 __all__ = ["JUDGES", "Job", "JobResult", "Judge", "JudgeAborted", "Rating", "make_judge"]
 
 
-def make_judge(kind: str, pool: RulePool, *, base_url: str | None = None, model: str | None = None,
-               api_key_env: str | None = None, require_key: bool = False, **options) -> Judge:
+def make_judge(
+    kind: str,
+    pool: RulePool,
+    *,
+    base_url: str | None = None,
+    model: str | None = None,
+    api_key_env: str | None = None,
+    require_key: bool = False,
+    **options,
+) -> Judge:
     """A judge by name. ``openai`` needs base_url and model; its key is read from ``api_key_env``
     (absent is fine for local servers unless ``require_key``). Other options go to the judge."""
     if kind == "embedded":
@@ -35,6 +43,8 @@ def make_judge(kind: str, pool: RulePool, *, base_url: str | None = None, model:
             raise DynrulesError("the openai judge needs --base-url and --model")
         api_key = os.environ.get(api_key_env) if api_key_env else None
         if require_key and not api_key:
-            raise DynrulesError(f"environment variable {api_key_env} is not set (it should hold the API key)")
+            raise DynrulesError(
+                f"environment variable {api_key_env} is not set (it should hold the API key)"
+            )
         return OpenAIJudge(pool, base_url=base_url, model=model, api_key=api_key, **options)
     raise DynrulesError(f"unknown judge {kind!r}; choose one of {', '.join(JUDGES)}")

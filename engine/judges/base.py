@@ -107,7 +107,9 @@ class Judge(abc.ABC):
             for column, position in enumerate(positions_of[result.job.row]):
                 error = result.errors[column]
                 if error is None:
-                    out[position] = Rating(float(result.scores[0, column]), float(result.relevance[0, column]))
+                    out[position] = Rating(
+                        float(result.scores[0, column]), float(result.relevance[0, column])
+                    )
                 else:
                     out[position] = Rating(None, None, error)
         return out

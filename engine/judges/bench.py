@@ -1,8 +1,10 @@
 """Judge benchmarks (``dynrules bench judge``) and the agreement measurement of a judge.
 
-- client throughput: ratings/s of :class:`~.openai.OpenAIJudge` against the loopback server run
-  as a separate process (zero latency, so the client's own cost is what is measured); a rating
-  is one (prompt, response, rule) question; the pairs are PyRIT's real texts;
+- client throughput: ratings/s of :class:`~.openai.OpenAIJudge` with its default options
+  against the loopback server run as a separate process (zero latency, so the client's own cost
+  is what is measured); a rating is one (prompt, response, rule) question; the pairs are
+  PyRIT's real texts. Also: the chat endpoint (one question per request), and ``dynrules rate``
+  end to end (client plus commit log and folds into a new store);
 - shared-prefix fraction: for each (pair, response), the share of the prompt tokens of its R
   rule questions that lie in the prefix common to all R, Σ R·LCP / Σ length, with the default
   template (conversation first) and the published ordering (rule first); tokens are counted
@@ -35,12 +37,22 @@ Z95 = 1.959963984540054
 # -- agreement with human labels -------------------------------------------------------------
 
 
-def rate_in_memory(judge: Judge, records: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def rate_in_memory(
+    judge: Judge, records: list[dict]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(s(A), s(B), relevance) [N, R] float32 for all rules, and the number of failed cells (0s)."""
     n, n_rules = len(records), len(judge.pool)
     a, b, relevance = (np.zeros((n, n_rules), np.float32) for _ in range(3))
-    jobs = (Job(row, r["prompt"], (r["response_a"], r["response_b"]), np.arange(n_rules)[start:start + judge.rules_per_job])
-            for row, r in enumerate(records) for start in range(0, n_rules, judge.rules_per_job))
+    jobs = (
+        Job(
+            row,
+            r["prompt"],
+            (r["response_a"], r["response_b"]),
+            np.arange(n_rules)[start : start + judge.rules_per_job],
+        )
+        for row, r in enumerate(records)
+        for start in range(0, n_rules, judge.rules_per_job)
+    )
     failed = 0
     for result in judge.rate_jobs(jobs):
         rules, sa, sb, rel = pair_cells(result)
@@ -59,8 +71,9 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     return float(centre - half), float(centre + half)
 
 
-def cluster_bootstrap_interval(correct: np.ndarray, groups: np.ndarray, *, resamples: int = 2000,
-                               seed: int = 0) -> tuple[float, float]:
+def cluster_bootstrap_interval(
+    correct: np.ndarray, groups: np.ndarray, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """95% percentile interval of the mean of ``correct``, resampling whole groups (prompts)."""
     _, group_index = np.unique(groups, return_inverse=True)
     sums = np.bincount(group_index, weights=correct.astype(np.float64))
@@ -81,22 +94,37 @@ def judge_agreement(judge: Judge, records: list[dict], *, k: int = 5, alpha: flo
     return {**ratings_agreement(a, b, relevance, records, k=k, alpha=alpha), "failed_cells": failed}
 
 
-def ratings_agreement(a, b, relevance, records: list[dict], *, k: int = 5, alpha: float = 0.5) -> dict:
+def ratings_agreement(
+    a, b, relevance, records: list[dict], *, k: int = 5, alpha: float = 0.5
+) -> dict:
     """:func:`judge_agreement` from ratings already made (rows in the order of ``records``)."""
     truth = np.array([int(r["truth"]) for r in records])
     groups = np.array([r["prompt"] for r in records], dtype=object)
     index = np.empty((len(records), k), np.int16)
     margin = np.empty(len(records), np.float64)
-    K.select_top_k(np.ascontiguousarray(a), np.ascontiguousarray(b), np.ascontiguousarray(relevance), k,
-                   K.ADDITIVE, alpha, 1.0, 1.0, index, margin)
+    K.select_top_k(
+        np.ascontiguousarray(a),
+        np.ascontiguousarray(b),
+        np.ascontiguousarray(relevance),
+        k,
+        K.ADDITIVE,
+        alpha,
+        1.0,
+        1.0,
+        index,
+        margin,
+    )
     all_margin = (a.astype(np.float64) - b).sum(axis=1)
     out = {"pairs": len(records), "prompts": int(len(set(groups)))}
     for name, m in ((f"adaptive_top{k}", margin), ("all_rules", all_margin)):
         correct = np.where(truth == 1, m > 0, m < 0)
         hits = int(correct.sum())
-        out[name] = {"agreement": hits / len(records), "wilson95": wilson_interval(hits, len(records)),
-                     "prompt_bootstrap95": cluster_bootstrap_interval(correct, groups),
-                     "ties": int((m == 0).sum())}
+        out[name] = {
+            "agreement": hits / len(records),
+            "wilson95": wilson_interval(hits, len(records)),
+            "prompt_bootstrap95": cluster_bootstrap_interval(correct, groups),
+            "ties": int((m == 0).sum()),
+        }
     return out
 
 
@@ -108,15 +136,22 @@ def _bench_records(n: int) -> list[dict]:
     from dynrules.engine.datasets import pyrit_pairs
 
     base = pyrit_pairs()
-    return [{**base[i % len(base)], "prompt": f"[{i}] {base[i % len(base)]['prompt']}"} for i in range(n)]
+    return [
+        {**base[i % len(base)], "prompt": f"[{i}] {base[i % len(base)]['prompt']}"}
+        for i in range(n)
+    ]
 
 
 class _ServerProcess:
     """The loopback server in its own process (its own core and GIL)."""
 
     def __enter__(self) -> str:
-        self.process = subprocess.Popen([sys.executable, "-m", "dynrules.engine.judges.loopback"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dynrules.engine.judges.loopback"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         port = self.process.stdout.readline().strip()
         if not port.isdigit():
             self.process.kill()
@@ -131,16 +166,15 @@ class _ServerProcess:
             self.process.kill()
 
 
-def client_ratings_per_s(pool: RulePool, n_pairs: int, *, concurrency: int = 8, prompts_per_request: int = 128,
-                         repeats: int = 2) -> float:
-    """Best-of-``repeats`` ratings/s of the OpenAI client rating ``n_pairs`` pairs on every rule."""
+def client_ratings_per_s(pool: RulePool, n_pairs: int, *, repeats: int = 2, **options) -> float:
+    """Best-of-``repeats`` ratings/s of the OpenAI client (default options, as ``dynrules rate``
+    uses them, unless given) rating ``n_pairs`` pairs on every rule."""
     from dynrules.engine.judges.openai import OpenAIJudge
 
     records = _bench_records(n_pairs)
     best = 0.0
     with _ServerProcess() as url:
-        judge = OpenAIJudge(pool, base_url=url, model="loopback", concurrency=concurrency,
-                            prompts_per_request=prompts_per_request)
+        judge = OpenAIJudge(pool, base_url=url, model="loopback", **options)
         rate_in_memory(judge, records[: max(1, n_pairs // 10)])  # warm-up: connections, caches
         for _ in range(repeats):
             started = time.perf_counter()
@@ -150,6 +184,24 @@ def client_ratings_per_s(pool: RulePool, n_pairs: int, *, concurrency: int = 8, 
                 raise DynrulesError(f"{failed} cells failed against the loopback server")
             best = max(best, 2 * n_pairs * len(pool) / seconds)
     return best
+
+
+def runner_ratings_per_s(pool: RulePool, n_pairs: int) -> float:
+    """Ratings/s of ``dynrules rate`` end to end (client, commit log, folds into a new store)."""
+    import tempfile
+
+    from dynrules.engine.judges.openai import OpenAIJudge
+    from dynrules.engine.judges.runner import rate_pairs
+
+    records = _bench_records(n_pairs)
+    with _ServerProcess() as url, tempfile.TemporaryDirectory() as tmp:
+        judge = OpenAIJudge(pool, base_url=url, model="loopback")
+        started = time.perf_counter()
+        summary = rate_pairs(records, f"{tmp}/store", pool=pool, judge=judge, progress=False)
+        seconds = time.perf_counter() - started
+    if summary["failed"]:
+        raise DynrulesError(f"{summary['failed']} cells failed against the loopback server")
+    return 2 * summary["rated"] / seconds
 
 
 def _tokenizer():
@@ -194,23 +246,40 @@ def embedded_ratings_per_s(pool: RulePool, n_pairs: int) -> tuple[float, float]:
     return 2 * n_pairs * len(pool) / (time.perf_counter() - started), startup
 
 
-def bench_judge(*, client_pairs: int = 400, embedded_pairs: int = 64, prefix_pairs: int = 50,
-                pool: RulePool | None = None) -> dict:
+def bench_judge(
+    *,
+    client_pairs: int = 400,
+    embedded_pairs: int = 64,
+    prefix_pairs: int = 50,
+    pool: RulePool | None = None,
+) -> dict:
     """The ``dynrules bench judge`` result."""
     pool = pool or load_pool()
     prefix_records = _bench_records(prefix_pairs)
     client = client_ratings_per_s(pool, client_pairs)
+    chat = client_ratings_per_s(pool, max(1, client_pairs // 40), endpoint="chat", repeats=1)
+    runner = runner_ratings_per_s(pool, client_pairs)
     embedded, startup = embedded_ratings_per_s(pool, embedded_pairs)
     return {
         "benchmark": "judge",
         "results": {
             "client_ratings_per_s": round(client, 1),
             "embedded_ratings_per_s": round(embedded, 1),
-            "shared_prefix_fraction_default": round(shared_prefix_fraction(pool, prefix_records, "default"), 4),
+            "shared_prefix_fraction_default": round(
+                shared_prefix_fraction(pool, prefix_records, "default"), 4
+            ),
             "shared_prefix_fraction_published": round(
-                shared_prefix_fraction(pool, prefix_records, "published-order"), 4),
+                shared_prefix_fraction(pool, prefix_records, "published-order"), 4
+            ),
             "embedded_startup_s": round(startup, 2),
+            "client_chat_ratings_per_s": round(chat, 1),
+            "rate_into_store_ratings_per_s": round(runner, 1),
         },
-        "setup": {"rules": len(pool), "client_pairs": client_pairs, "embedded_pairs": embedded_pairs,
-                  "prefix_pairs": prefix_pairs, "server": "loopback process, zero latency"},
+        "setup": {
+            "rules": len(pool),
+            "client_pairs": client_pairs,
+            "embedded_pairs": embedded_pairs,
+            "prefix_pairs": prefix_pairs,
+            "server": "loopback process, zero latency",
+        },
     }

@@ -32,21 +32,32 @@ from dataclasses import dataclass
 MALFORMED = "<<malformed>>"
 NO_LOGPROBS = "<<no-logprobs>>"
 NO_ANSWER = "<<no-answer>>"
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def _logits(text: str) -> tuple[float, float, float]:
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
-    u = [int.from_bytes(digest[i:i + 4], "little") / 2**32 for i in (0, 4, 8)]
+    u = [int.from_bytes(digest[i : i + 4], "little") / 2**32 for i in (0, 4, 8)]
     return 6.0 * u[0] - 3.0, 6.0 * u[1] - 3.0, 6.0 * u[2] - 4.0
 
 
 def synthetic_top_logprobs(text: str) -> list[tuple[str, float]]:
     """The answer token's (token, logprob) list for a question text, most likely first."""
     yes, no, irrelevant = _logits(text)
-    raw = [(" Yes", yes + math.log(0.7)), ("Yes", yes + math.log(0.3)), (" No", no), (" Ir", irrelevant),
-           (" The", -2.0)]
+    raw = [
+        (" Yes", yes + math.log(0.7)),
+        ("Yes", yes + math.log(0.3)),
+        (" No", no),
+        (" Ir", irrelevant),
+        (" The", -2.0),
+    ]
     top = max(v for _, v in raw)
     log_total = top + math.log(sum(math.exp(v - top) for _, v in raw))
     return sorted(((t, v - log_total) for t, v in raw), key=lambda tv: -tv[1])
@@ -85,15 +96,24 @@ class _Handler:
                     return
                 lines = head.decode("latin-1").split("\r\n")
                 path = lines[0].split(" ")[1] if lines[0].count(" ") >= 2 else ""
-                headers = dict((k.strip().lower(), v.strip()) for k, _, v in (h.partition(":") for h in lines[1:] if h))
+                headers = dict(
+                    (k.strip().lower(), v.strip())
+                    for k, _, v in (h.partition(":") for h in lines[1:] if h)
+                )
                 body = await reader.readexactly(int(headers.get("content-length") or 0))
                 status, payload, extra = await self.answer(path, body)
-                head_out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "Content-Type: application/json",
-                            f"Content-Length: {len(payload)}", *extra, "", ""]
+                head_out = [
+                    f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(payload)}",
+                    *extra,
+                    "",
+                    "",
+                ]
                 writer.write("\r\n".join(head_out).encode("latin-1") + payload)
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return  # client gone, or server shutting down (asyncio logs a cancelled handler task)
         finally:
             writer.close()
 
@@ -125,7 +145,11 @@ class _Handler:
         if any(MALFORMED in q for q in questions):
             return 200, b'{"choices": [{"index": 0, "logprobs": ', []
         n_top = requested if isinstance(requested, int) and not isinstance(requested, bool) else 0
-        return 200, json.dumps(build(request.get("model", ""), questions, max(n_top, 1))).encode(), []
+        return (
+            200,
+            json.dumps(build(request.get("model", ""), questions, max(n_top, 1))).encode(),
+            [],
+        )
 
     @staticmethod
     def _top(question: str, n_top: int) -> list[tuple[str, float]]:
@@ -137,21 +161,55 @@ class _Handler:
         choices = []
         for index, question in enumerate(questions):
             top = self._top(question, n_top)
-            logprobs = None if NO_LOGPROBS in question else {
-                "tokens": [top[0][0]], "token_logprobs": [top[0][1]], "top_logprobs": [dict(top)],
-                "text_offset": [0]}
-            choices.append({"index": index, "text": top[0][0], "logprobs": logprobs, "finish_reason": "length"})
-        return {"id": "cmpl-loopback", "object": "text_completion", "model": model, "choices": choices}
+            logprobs = (
+                None
+                if NO_LOGPROBS in question
+                else {
+                    "tokens": [top[0][0]],
+                    "token_logprobs": [top[0][1]],
+                    "top_logprobs": [dict(top)],
+                    "text_offset": [0],
+                }
+            )
+            choices.append(
+                {"index": index, "text": top[0][0], "logprobs": logprobs, "finish_reason": "length"}
+            )
+        return {
+            "id": "cmpl-loopback",
+            "object": "text_completion",
+            "model": model,
+            "choices": choices,
+        }
 
     def _chat(self, model: str, questions: list[str], n_top: int) -> dict:
         question = questions[0]
         top = self._top(question, n_top)
-        logprobs = None if NO_LOGPROBS in question else {"content": [{
-            "token": top[0][0], "logprob": top[0][1],
-            "top_logprobs": [{"token": t, "logprob": v} for t, v in top]}]}
-        return {"id": "chatcmpl-loopback", "object": "chat.completion", "model": model, "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": top[0][0]}, "logprobs": logprobs,
-             "finish_reason": "length"}]}
+        logprobs = (
+            None
+            if NO_LOGPROBS in question
+            else {
+                "content": [
+                    {
+                        "token": top[0][0],
+                        "logprob": top[0][1],
+                        "top_logprobs": [{"token": t, "logprob": v} for t, v in top],
+                    }
+                ]
+            }
+        )
+        return {
+            "id": "chatcmpl-loopback",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": top[0][0]},
+                    "logprobs": logprobs,
+                    "finish_reason": "length",
+                }
+            ],
+        }
 
 
 class LoopbackServer:
@@ -191,7 +249,8 @@ class LoopbackServer:
     def _serve(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self.handler.serve, "127.0.0.1", self._port, limit=2**24))
+            asyncio.start_server(self.handler.serve, "127.0.0.1", self._port, limit=2**24)
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
@@ -229,9 +288,13 @@ async def _serve_until_stdin_closes(port: int, delay: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Loopback OpenAI-compatible server (deterministic logprobs).")
+    parser = argparse.ArgumentParser(
+        description="Loopback OpenAI-compatible server (deterministic logprobs)."
+    )
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each answer")
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds to wait before each answer"
+    )
     args = parser.parse_args(argv)
     asyncio.run(_serve_until_stdin_closes(args.port, args.delay))
 

@@ -93,7 +93,13 @@ def _top_of_completion_choice(choice: dict) -> list[tuple[str, float]] | str:
     if isinstance(top, list) and top and isinstance(top[0], dict):
         pairs = list(top[0].items())
         tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
-        if isinstance(tokens, list) and isinstance(values, list) and tokens and values and tokens[0] not in top[0]:
+        if (
+            isinstance(tokens, list)
+            and isinstance(values, list)
+            and tokens
+            and values
+            and tokens[0] not in top[0]
+        ):
             pairs.append((tokens[0], values[0]))  # the sampled token, if the top list omits it
         return pairs
     content = logprobs.get("content")  # some servers answer completions in the chat shape
@@ -106,10 +112,15 @@ def _top_of_chat_content(content) -> list[tuple[str, float]] | str:
     if not isinstance(content, list) or not content or not isinstance(content[0], dict):
         return "answer has no logprobs content (does the server support logprobs on chat?)"
     first = content[0]
-    top = [(e["token"], e.get("logprob")) for e in first.get("top_logprobs") or []
-           if isinstance(e, dict) and isinstance(e.get("token"), str)]
+    top = [
+        (e["token"], e.get("logprob"))
+        for e in first.get("top_logprobs") or []
+        if isinstance(e, dict) and isinstance(e.get("token"), str)
+    ]
     if isinstance(first.get("token"), str) and all(t != first["token"] for t, _ in top):
-        top.append((first["token"], first.get("logprob")))  # the sampled token, if the list omits it
+        top.append(
+            (first["token"], first.get("logprob"))
+        )  # the sampled token, if the list omits it
     return top or "answer has no top_logprobs for the first token"
 
 
@@ -150,9 +161,13 @@ class OpenAIJudge(Judge):
         max_consecutive_failures: int = 20,
     ):
         if endpoint not in ENDPOINTS:
-            raise DynrulesError(f"unknown endpoint {endpoint!r}; choose one of {', '.join(ENDPOINTS)}")
+            raise DynrulesError(
+                f"unknown endpoint {endpoint!r}; choose one of {', '.join(ENDPOINTS)}"
+            )
         if concurrency < 1 or prompts_per_request < 2 or max_retries < 0 or timeout <= 0:
-            raise DynrulesError("need concurrency >= 1, prompts_per_request >= 2, max_retries >= 0, timeout > 0")
+            raise DynrulesError(
+                "need concurrency >= 1, prompts_per_request >= 2, max_retries >= 0, timeout > 0"
+            )
         self.pool = pool
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -183,8 +198,13 @@ class OpenAIJudge(Judge):
     def rate_jobs(self, jobs: Iterable[Job]) -> Iterator[JobResult]:
         results: queue.Queue = queue.Queue()
         stop = threading.Event()
-        thread = threading.Thread(target=self._run, args=(iter(jobs), results, stop), daemon=True,
-                                  name="openai-judge")
+        running: dict = {}
+        thread = threading.Thread(
+            target=self._run,
+            args=(iter(jobs), results, stop, running),
+            daemon=True,
+            name="openai-judge",
+        )
         thread.start()
         try:
             while True:
@@ -195,23 +215,45 @@ class OpenAIJudge(Judge):
                     raise item
                 yield item
         finally:
+            # The consumer stopped (done, failed or interrupted): cancel requests still in flight
+            # rather than wait out their timeouts and retries.
             stop.set()
+            if "task" in running:
+                try:
+                    running["loop"].call_soon_threadsafe(running["task"].cancel)
+                except RuntimeError:
+                    pass  # the loop has already finished
             thread.join()
 
-    def _run(self, jobs: Iterator[Job], results: queue.Queue, stop: threading.Event) -> None:
+    def _run(
+        self, jobs: Iterator[Job], results: queue.Queue, stop: threading.Event, running: dict
+    ) -> None:
+        loop = asyncio.new_event_loop()
         try:
-            asyncio.run(self._rate_all(jobs, results.put, stop))
+            task = loop.create_task(self._rate_all(jobs, results.put, stop))
+            running.update(loop=loop, task=task)
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            results.put(_FINISHED)
         except BaseException as exc:  # handed to the consumer's thread, raised there
             results.put(exc)
         else:
             results.put(_FINISHED)
+        finally:
+            loop.close()
 
     async def _rate_all(self, jobs: Iterator[Job], emit, stop: threading.Event) -> None:
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
         self._semaphore = asyncio.Semaphore(self.concurrency)
         self._consecutive_failures = 0
-        async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers, limits=limits,
-                                     timeout=httpx.Timeout(self.timeout)) as client:
+        async with httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers,
+            limits=limits,
+            timeout=httpx.Timeout(self.timeout),
+        ) as client:
 
             async def worker():
                 # All workers run on this one thread, so pulling from the iterator is safe.
@@ -235,15 +277,20 @@ class OpenAIJudge(Judge):
 
     def _questions(self, job: Job) -> list[str]:
         # Response-major: the questions of one response share the conversation prefix.
-        return [self.template.render(job.prompt, response, self._rule_texts[rule])
-                for response in job.responses for rule in job.rules.tolist()]
+        return [
+            self.template.render(job.prompt, response, self._rule_texts[rule])
+            for response in job.responses
+            for rule in job.rules.tolist()
+        ]
 
     async def _rate_job(self, client: httpx.AsyncClient, job: Job) -> JobResult:
         questions = self._questions(job)
         if self.endpoint == "completions":
             answers = []
             for start in range(0, len(questions), self.prompts_per_request):
-                answers += await self._ask_completions(client, questions[start:start + self.prompts_per_request])
+                answers += await self._ask_completions(
+                    client, questions[start : start + self.prompts_per_request]
+                )
         else:
             answers = await asyncio.gather(*(self._ask_chat(client, q) for q in questions))
         n_rules = len(job.rules)
@@ -268,12 +315,19 @@ class OpenAIJudge(Judge):
             return
         self._consecutive_failures += 1
         if self._consecutive_failures >= self.max_consecutive_failures:
-            raise JudgeAborted(f"aborting: {self._consecutive_failures} requests in a row to {self.base_url} "
-                               f"failed; last: {result.errors[0]}")
+            raise JudgeAborted(
+                f"aborting: {self._consecutive_failures} requests in a row to {self.base_url} "
+                f"failed; last: {result.errors[0]}"
+            )
 
     async def _ask_completions(self, client, prompts: list[str]) -> list[tuple[float, float] | str]:
-        payload = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
-                   "logprobs": self.top_logprobs}
+        payload = {
+            "model": self.model,
+            "prompt": prompts,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": self.top_logprobs,
+        }
         body = await self._post(client, ENDPOINTS["completions"], payload)
         if isinstance(body, str):
             return [body] * len(prompts)
@@ -291,8 +345,14 @@ class OpenAIJudge(Judge):
         return answers
 
     async def _ask_chat(self, client, question: str) -> tuple[float, float] | str:
-        payload = {"model": self.model, "messages": [{"role": "user", "content": question}], "max_tokens": 1,
-                   "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs}
+        payload = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+        }
         body = await self._post(client, ENDPOINTS["chat"], payload)
         if isinstance(body, str):
             return body
@@ -326,11 +386,15 @@ class OpenAIJudge(Judge):
                         return "malformed answer: not JSON"
                 reason = f"HTTP {status}: {response.text[:200]!r}"
                 if status in (401, 403):
-                    raise JudgeAborted(f"{self.base_url}{path} rejected the request (HTTP {status}): "
-                                       "check the API key environment variable")
+                    raise JudgeAborted(
+                        f"{self.base_url}{path} rejected the request (HTTP {status}): "
+                        "check the API key environment variable"
+                    )
                 if status == 404:
-                    raise JudgeAborted(f"{self.base_url}{path} answered 404: check --base-url, --endpoint "
-                                       f"and --model ({response.text[:200]!r})")
+                    raise JudgeAborted(
+                        f"{self.base_url}{path} answered 404: check --base-url, --endpoint "
+                        f"and --model ({response.text[:200]!r})"
+                    )
                 if status != 429 and status < 500:
                     return reason  # the request itself is bad (for example too long): not retried
                 wait = retry_after_seconds(response.headers.get("retry-after"))

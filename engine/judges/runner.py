@@ -49,7 +49,9 @@ DONE = "done"
 LOG = "ratings.log"
 FAILURES = "failures.jsonl"
 LOCK = ".rating.lock"
-RECORD = np.dtype([("row", "<i8"), ("rule", "<i4"), ("a", "<f4"), ("b", "<f4"), ("relevance", "<f4")])
+RECORD = np.dtype(
+    [("row", "<i8"), ("rule", "<i4"), ("a", "<f4"), ("b", "<f4"), ("relevance", "<f4")]
+)
 FOLD_EVERY = 1 << 18  # records (6 MiB of log) between folds into the arrays
 
 
@@ -104,9 +106,12 @@ def rate_pairs(
         rated = failed = 0
         log = os.open(store.path / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            with open(store.path / FAILURES, "a", encoding="utf-8") as failures, tqdm(
-                total=todo_count, unit="cell", desc="rate", disable=not progress, smoothing=0.05
-            ) as bar:
+            with (
+                open(store.path / FAILURES, "a", encoding="utf-8") as failures,
+                tqdm(
+                    total=todo_count, unit="cell", desc="rate", disable=not progress, smoothing=0.05
+                ) as bar,
+            ):
                 pending = 0
                 for result in judge.rate_jobs(_jobs(records, wanted & ~done, judge.rules_per_job)):
                     rules, a, b, relevance = pair_cells(result)
@@ -117,11 +122,23 @@ def rate_pairs(
                     for column, reason in enumerate(result.errors):
                         if reason is not None:
                             rule_id = pool.ids[result.job.rules[column]]
-                            failures.write(json.dumps({"id": records[result.job.row]["id"], "rule_id": rule_id,
-                                                       "reason": reason}) + "\n")
+                            failures.write(
+                                json.dumps(
+                                    {
+                                        "id": records[result.job.row]["id"],
+                                        "rule_id": rule_id,
+                                        "reason": reason,
+                                    }
+                                )
+                                + "\n"
+                            )
                     failures.flush()
                     n_failed = len(result.errors) - len(rules)
-                    rated, failed, pending = rated + len(rules), failed + n_failed, pending + len(rules)
+                    rated, failed, pending = (
+                        rated + len(rules),
+                        failed + n_failed,
+                        pending + len(rules),
+                    )
                     bar.update(len(result.errors))
                     if n_failed:
                         bar.set_postfix(failed=failed)
@@ -132,9 +149,16 @@ def rate_pairs(
             os.close(log)
             fold(store)
         done_cells = int(store.manifest["rating"]["done"])
-    return {"rated": rated, "skipped_done": skipped, "failed": failed,
-            "seconds": round(time.perf_counter() - started, 3), "pairs": len(records), "rules": len(pool),
-            "done": done_cells, "failures_file": str(store.path / FAILURES)}
+    return {
+        "rated": rated,
+        "skipped_done": skipped,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - started, 3),
+        "pairs": len(records),
+        "rules": len(pool),
+        "done": done_cells,
+        "failures_file": str(store.path / FAILURES),
+    }
 
 
 # -- the store's extra parts ------------------------------------------------------------------
@@ -150,12 +174,22 @@ def pairs_fingerprint(records: Sequence[dict]) -> str:
     return digest.hexdigest()
 
 
-def _create(out: Path, records: Sequence[dict], *, pool: RulePool, judge: Judge, dtype: str, source) -> None:
+def _create(
+    out: Path, records: Sequence[dict], *, pool: RulePool, judge: Judge, dtype: str, source
+) -> None:
     """A new, empty store with pairs.parquet and the done mask, appearing all at once."""
     with atomic_path(out, overwrite=False) as tmp:
         identity = judge.identity
-        store = RatingStore.create(tmp, pool=pool, dtype=dtype, has_relevance=True, n_pairs=len(records),
-                                   source=source, judge=identity["judge"], template=identity["template"])
+        store = RatingStore.create(
+            tmp,
+            pool=pool,
+            dtype=dtype,
+            has_relevance=True,
+            n_pairs=len(records),
+            source=source,
+            judge=identity["judge"],
+            template=identity["template"],
+        )
         create_array(tmp / DONE, [len(records), len(pool)], "uint8", chunk_rows=store.chunk_rows)
         _write_pair_table(store, records)
         store.manifest["rating"] = {"pairs_sha256": pairs_fingerprint(records), "done": 0}
@@ -178,16 +212,25 @@ def _write_pair_table(store: RatingStore, records: Sequence[dict]) -> None:
 def _check_continuable(store: RatingStore, records: Sequence[dict], judge: Judge) -> None:
     rating = store.manifest.get("rating")
     if rating is None or not (store.path / DONE).exists():
-        raise InputError("this store was not made by `dynrules rate` (no done mask); rate into a new --out",
-                         path=store.path)
+        raise InputError(
+            "this store was not made by `dynrules rate` (no done mask); rate into a new --out",
+            path=store.path,
+        )
     identity = judge.identity
     for field in ("judge", "template"):
         if store.manifest.get(field) != identity[field]:
-            raise InputError(f"store was rated with {field} {store.manifest.get(field)!r}, not {identity[field]!r}; "
-                             "rate into a new --out", path=store.path, field=field)
+            raise InputError(
+                f"store was rated with {field} {store.manifest.get(field)!r}, not {identity[field]!r}; "
+                "rate into a new --out",
+                path=store.path,
+                field=field,
+            )
     if rating["pairs_sha256"] != pairs_fingerprint(records):
-        raise InputError("store was created for different pairs (ids or texts differ); rate into a new --out",
-                         path=store.path, field="pairs")
+        raise InputError(
+            "store was created for different pairs (ids or texts differ); rate into a new --out",
+            path=store.path,
+            field="pairs",
+        )
 
 
 @contextmanager
@@ -293,20 +336,34 @@ def load_plan(plan, records: Sequence[dict], pool: RulePool) -> dict[int, np.nda
             raise InputError("missing field", path=path, line=line, field="id")
         pair_id = str(pair_id)
         if pair_id not in row_of:
-            raise InputError(f"no pair with id {pair_id!r} in the pairs", path=path, line=line, field="id")
+            raise InputError(
+                f"no pair with id {pair_id!r} in the pairs", path=path, line=line, field="id"
+            )
         if pair_id in duplicated:
-            raise InputError(f"pair id {pair_id!r} is not unique in the pairs, so a plan can not name it",
-                             path=path, line=line, field="id")
+            raise InputError(
+                f"pair id {pair_id!r} is not unique in the pairs, so a plan can not name it",
+                path=path,
+                line=line,
+                field="id",
+            )
         rule_ids = entry.get("rule_ids")
         if not isinstance(rule_ids, list) or not all(isinstance(r, str) for r in rule_ids):
-            raise InputError("expected a list of rule id strings", path=path, line=line, field="rule_ids")
+            raise InputError(
+                "expected a list of rule id strings", path=path, line=line, field="rule_ids"
+            )
         unknown = [r for r in rule_ids if r not in pool.ids]
         if unknown:
-            raise InputError(f"unknown rule ids for pool {pool.name!r}: {', '.join(unknown[:5])}",
-                             path=path, line=line, field="rule_ids")
+            raise InputError(
+                f"unknown rule ids for pool {pool.name!r}: {', '.join(unknown[:5])}",
+                path=path,
+                line=line,
+                field="rule_ids",
+            )
         row = row_of[pair_id]
         if row in out:
-            raise InputError(f"pair id {pair_id!r} is planned twice", path=path, line=line, field="id")
+            raise InputError(
+                f"pair id {pair_id!r} is planned twice", path=path, line=line, field="id"
+            )
         out[row] = np.array(sorted({pool.index_of(r) for r in rule_ids}), np.int64)
     return out
 
@@ -316,5 +373,9 @@ def _jobs(records: Sequence[dict], todo: np.ndarray, rules_per_job: int) -> Iter
         rules = np.flatnonzero(todo[row])
         record = records[row]
         for start in range(0, len(rules), rules_per_job):
-            yield Job(row, record["prompt"], (record["response_a"], record["response_b"]),
-                      rules[start:start + rules_per_job])
+            yield Job(
+                row,
+                record["prompt"],
+                (record["response_a"], record["response_b"]),
+                rules[start : start + rules_per_job],
+            )

@@ -46,8 +46,11 @@ class Template:
         found = _PLACEHOLDER.findall(self.text)
         for name in PLACEHOLDERS:
             if found.count(name) != 1:
-                raise InputError(f"template must contain {{{name}}} exactly once (found {found.count(name)})",
-                                 path=self.name, field=name)
+                raise InputError(
+                    f"template must contain {{{name}}} exactly once (found {found.count(name)})",
+                    path=self.name,
+                    field=name,
+                )
         # Literal pieces between placeholders, and the placeholder order, for fast rendering.
         object.__setattr__(self, "_pieces", _PLACEHOLDER.split(self.text))
 
@@ -69,7 +72,9 @@ def load_template(source: str | None = None) -> Template:
         return Template(source, BUILTIN[source])
     path = Path(source)
     if not path.is_file():
-        raise InputError(f"no such template file (builtin templates: {', '.join(BUILTIN)})", path=path)
+        raise InputError(
+            f"no such template file (builtin templates: {', '.join(BUILTIN)})", path=path
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
