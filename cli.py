@@ -399,8 +399,8 @@ def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
 @click.option("--base-url", default=None, help="OpenAI-compatible server (openai judge).")
 @click.option("--model", default=None, help="Model name on that server (openai judge).")
 @click.option("--api-key-env", default=None, help="Environment variable holding the API key.")
-@click.option("--rm-steps", default=150, show_default=True, help="Reward-model training steps (each model).")
-@click.option("--adapter-steps", default=150, show_default=True, help="Rule-adapter training steps.")
+@click.option("--rm-steps", default=60, show_default=True, help="Reward-model training steps (each model).")
+@click.option("--adapter-steps", default=60, show_default=True, help="Rule-adapter training steps.")
 @click.option("--seed", default=0, show_default=True)
 def pipeline(pairs_path, out_dir, k, policy, criterion, judge, base_url, model, api_key_env, rm_steps, adapter_steps, seed):
     """The main job: rate -> select -> ablate -> adapter -> reward model -> evaluate -> report.

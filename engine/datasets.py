@@ -98,9 +98,9 @@ def _unit_hash(*parts: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def prompt_split(prompt: str, seed: int = 0) -> str:
+def prompt_split(prompt: str, seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION) -> str:
     """'heldout' or 'train' for a prompt, fixed by (seed, prompt text)."""
-    return "heldout" if _unit_hash(str(seed), prompt) < HELDOUT_FRACTION else "train"
+    return "heldout" if _unit_hash(str(seed), prompt) < heldout_fraction else "train"
 
 
 def pyrit_pairs(

@@ -36,13 +36,14 @@ class PipelineConfig:
     judge: str = "embedded"
     judge_options: dict = dataclasses.field(default_factory=dict)
     pool: str = "default"
-    rm_steps: int = 150
-    adapter_steps: int = 150
+    rm_steps: int = 60
+    adapter_steps: int = 60
     batch_size: int = 16
     max_length: int = 192
     learning_rate: float = 5e-5
     adapter_learning_rate: float = 3e-4
     seed: int = 0
+    heldout_fraction: float = 0.4  # share of prompts held out when splitting a pairs file
 
 
 class _Stages:
@@ -75,7 +76,7 @@ def load_data(pairs_path, config: PipelineConfig) -> tuple[list[dict], list[dict
     from dynrules.engine.pairs import load_pairs
 
     pairs = load_pairs(pairs_path)
-    split = [prompt_split(p["prompt"], config.seed) for p in pairs]
+    split = [prompt_split(p["prompt"], config.seed, config.heldout_fraction) for p in pairs]
     train = [p for p, s in zip(pairs, split, strict=True) if s == "train"]
     heldout = [p for p, s in zip(pairs, split, strict=True) if s == "heldout"]
     if not train or not heldout:
@@ -232,6 +233,7 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
             "human_truth": has_truth,
         },
         "judge": {
+            "kind": config.judge,
             "name": judge_name,
             "rated_train": rated["train"],
             "rated_heldout": rated["heldout"],
@@ -296,7 +298,7 @@ def markdown(report: dict) -> str:
         "",
         f"Judge: **{report['judge']['name']}**.",
     ]
-    if report["judge"]["name"] == "embedded":
+    if report["judge"]["kind"] == "embedded":
         lines += [
             "",
             "> The embedded judge is a small sentence encoder (all-MiniLM-L6-v2) scoring rules by "
