@@ -10,7 +10,9 @@ class DynrulesError(Exception):
 class InputError(DynrulesError):
     """Bad input data, located by file and, where known, line and field."""
 
-    def __init__(self, message: str, *, path=None, line: int | None = None, field: str | None = None):
+    def __init__(
+        self, message: str, *, path=None, line: int | None = None, field: str | None = None
+    ):
         where = []
         if path is not None:
             where.append(str(path))

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from dynrules.train.pipeline import PipelineConfig, run_pipeline
 
-HH_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH_TEST = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
 
 
 def main() -> None:
@@ -24,12 +29,23 @@ def main() -> None:
     parser.add_argument("--rm-steps", type=int, default=120)
     parser.add_argument("--adapter-steps", type=int, default=100)
     args = parser.parse_args()
-    config = PipelineConfig(heldout_fraction=0.5, rm_steps=args.rm_steps, adapter_steps=args.adapter_steps)
+    config = PipelineConfig(
+        heldout_fraction=0.5, rm_steps=args.rm_steps, adapter_steps=args.adapter_steps
+    )
     report = run_pipeline(args.out, HH_TEST, config)
-    summary = {"data": report["data"], "policies_k5": [r for r in report["policies"] if r["k"] == 5],
-               "adapter": report["adapter"], "reward_model": report["reward_model"], "stages": report["stages"],
-               "config": {"rm_steps": args.rm_steps, "adapter_steps": args.adapter_steps, "batch_size": config.batch_size,
-                          "max_length": config.max_length}}
+    summary = {
+        "data": report["data"],
+        "policies_k5": [r for r in report["policies"] if r["k"] == 5],
+        "adapter": report["adapter"],
+        "reward_model": report["reward_model"],
+        "stages": report["stages"],
+        "config": {
+            "rm_steps": args.rm_steps,
+            "adapter_steps": args.adapter_steps,
+            "batch_size": config.batch_size,
+            "max_length": config.max_length,
+        },
+    }
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
     (results / "hh_pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")

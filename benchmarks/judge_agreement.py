@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from dynrules.engine.datasets import pyrit_pairs
 from dynrules.engine.judges.bench import judge_agreement, rate_in_memory, ratings_agreement
 from dynrules.engine.judges.embedded import EmbeddedJudge

@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from dynrules.engine.atomic import atomic_path
 from dynrules.engine.mi import (
     REDUNDANCY_PAIRS,
@@ -89,14 +90,27 @@ def parse_ks(text: str, n_rules: int | None = None) -> list[int]:
             lo, _, hi = part.partition("-")
             ks.update(range(number(lo), number(hi or lo) + 1))
         except ValueError:
-            raise DynrulesError(f"bad k list {text!r}: expected numbers like 1,3,5,10 or 1-10") from None
+            raise DynrulesError(
+                f"bad k list {text!r}: expected numbers like 1,3,5,10 or 1-10"
+            ) from None
     if not ks:
         raise DynrulesError("empty k list")
     return sorted(ks)
 
 
-def ablate(store, truth, ks, *, policies=POLICIES, alpha: float = 0.5, seed: int = 0, resamples: int = 1000,
-           discount: float = 1.0, estimator: str = "miller-madow", redundancy_pairs: int = REDUNDANCY_PAIRS) -> dict:
+def ablate(
+    store,
+    truth,
+    ks,
+    *,
+    policies=POLICIES,
+    alpha: float = 0.5,
+    seed: int = 0,
+    resamples: int = 1000,
+    discount: float = 1.0,
+    estimator: str = "miller-madow",
+    redundancy_pairs: int = REDUNDANCY_PAIRS,
+) -> dict:
     """Compare selection policies on ``store`` against ``truth`` (a pair field name or an array).
 
     Returns {"pairs", "rules", "estimator", "rows": [{"policy", "criterion", "k", "agreement",
@@ -106,7 +120,9 @@ def ablate(store, truth, ks, *, policies=POLICIES, alpha: float = 0.5, seed: int
     truth_values = truth_labels(store, truth)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
-        raise DynrulesError(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+        raise DynrulesError(
+            f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}"
+        )
     ks = sorted(set(ks))
     if not ks or ks[0] < 1 or ks[-1] > store.n_rules:
         raise DynrulesError(f"every k must be between 1 and R = {store.n_rules}, got {ks}")
@@ -118,15 +134,29 @@ def ablate(store, truth, ks, *, policies=POLICIES, alpha: float = 0.5, seed: int
     contenders = _contenders(store, stats, rules, ks, policies, alpha, seed, discount)
 
     for chunk in store.iter_chunks():
-        chunk_truth = truth_values[chunk.start:chunk.stop]
+        chunk_truth = truth_values[chunk.start : chunk.stop]
         for contender in contenders:
             C.label_counts(contender.label_of(chunk, contender.k), chunk_truth, contender.counts)
 
-    rows = [{"policy": c.policy, "criterion": c.criterion, "k": c.k,
-             **label_summary(c.counts, resamples=resamples, seed=seed, estimator=estimator)} for c in contenders]
-    return {"pairs": store.n_pairs, "rules": store.n_rules, "truth": truth if isinstance(truth, str) else None,
-            "estimator": estimator, "resamples": resamples, "rows": rows, "rule_mi": rules,
-            "redundant": redundant_pairs(stats, store.rule_ids)}
+    rows = [
+        {
+            "policy": c.policy,
+            "criterion": c.criterion,
+            "k": c.k,
+            **label_summary(c.counts, resamples=resamples, seed=seed, estimator=estimator),
+        }
+        for c in contenders
+    ]
+    return {
+        "pairs": store.n_pairs,
+        "rules": store.n_rules,
+        "truth": truth if isinstance(truth, str) else None,
+        "estimator": estimator,
+        "resamples": resamples,
+        "rows": rows,
+        "rule_mi": rules,
+        "redundant": redundant_pairs(stats, store.rule_ids),
+    }
 
 
 def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> list[_Contender]:
@@ -152,19 +182,24 @@ def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> lis
             elif policy == "zscore":
                 for criterion in ("absolute", "product") if store.has_relevance else ("absolute",):
                     code = K.CRITERIA[criterion]
-                    label_of = _labels_by(P.select_weighted_top_k, (code, alpha, scale, scale, zscore_weight))
+                    label_of = _labels_by(
+                        P.select_weighted_top_k, (code, alpha, scale, scale, zscore_weight)
+                    )
                     out.append(_Contender(policy, criterion, k, label_of))
             elif policy == "greedy":
                 code = K.CRITERIA[default_criterion]
-                label_of = _labels_by(P.select_greedy,
-                                      (code, alpha, scale, scale, unit_weight, redundancy, discount))
+                label_of = _labels_by(
+                    P.select_greedy, (code, alpha, scale, scale, unit_weight, redundancy, discount)
+                )
                 out.append(_Contender(policy, default_criterion, k, label_of))
             elif policy == "random":
                 config = SelectionConfig(policy="random", k=k, seed=seed).resolved(store)
                 out.append(_Contender(policy, None, k, _by_config(config, scale)))
             else:
                 chosen = np.asarray(by_mi[:k], np.int64)
-                config = SelectionConfig(policy="fixed", rules=tuple(store.rule_ids[i] for i in chosen)).resolved(store)
+                config = SelectionConfig(
+                    policy="fixed", rules=tuple(store.rule_ids[i] for i in chosen)
+                ).resolved(store)
                 out.append(_Contender(policy, None, k, _by_config(config, scale, chosen)))
     return out
 
@@ -177,26 +212,43 @@ def _series_name(row: dict) -> str:
 
 
 def markdown(result: dict, top_rules: int = 10) -> str:
-    lines = [f"# Policy ablation: {result['pairs']:,} pairs, {result['rules']} rules",
-             "",
-             f"Agreement: accuracy of the non-tie labels against the truth. MI: {result['estimator']} "
-             f"estimate in bits, 95% interval from {result['resamples']} multinomial resamples. "
-             "Coverage: fraction of pairs labelled (not tied).",
-             "",
-             "| policy | criterion | k | agreement | MI (bits) | 95% interval | ties | coverage |",
-             "|---|---|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        f"# Policy ablation: {result['pairs']:,} pairs, {result['rules']} rules",
+        "",
+        f"Agreement: accuracy of the non-tie labels against the truth. MI: {result['estimator']} "
+        f"estimate in bits, 95% interval from {result['resamples']} multinomial resamples. "
+        "Coverage: fraction of pairs labelled (not tied).",
+        "",
+        "| policy | criterion | k | agreement | MI (bits) | 95% interval | ties | coverage |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
     for row in result["rows"]:
         agreement = "–" if row["agreement"] is None else f"{row['agreement']:.4f}"
-        lines.append(f"| {row['policy']} | {row['criterion'] or '–'} | {row['k']} | {agreement} | "
-                     f"{row['mi_bits']:.4f} | [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']:,} | "
-                     f"{row['coverage']:.4f} |")
-    lines += ["", f"## Rules by vote MI (top {top_rules})", "", "| rank | rule | MI (bits) | agreement | p-value |",
-              "|---:|---|---:|---:|---:|"]
+        lines.append(
+            f"| {row['policy']} | {row['criterion'] or '–'} | {row['k']} | {agreement} | "
+            f"{row['mi_bits']:.4f} | [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']:,} | "
+            f"{row['coverage']:.4f} |"
+        )
+    lines += [
+        "",
+        f"## Rules by vote MI (top {top_rules})",
+        "",
+        "| rank | rule | MI (bits) | agreement | p-value |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for rank, rule in enumerate(result["rule_mi"][:top_rules], 1):
         agreement = "–" if rule["agreement"] is None else f"{rule['agreement']:.4f}"
-        lines.append(f"| {rank} | {rule['id']} | {rule['mi_bits']:.5f} | {agreement} | {rule['p_value']:.3g} |")
+        lines.append(
+            f"| {rank} | {rule['id']} | {rule['mi_bits']:.5f} | {agreement} | {rule['p_value']:.3g} |"
+        )
     if result.get("redundant"):
-        lines += ["", "## Most redundant rule pairs", "", "| rule | rule | redundancy |", "|---|---|---:|"]
+        lines += [
+            "",
+            "## Most redundant rule pairs",
+            "",
+            "| rule | rule | redundancy |",
+            "|---|---|---:|",
+        ]
         lines += [f"| {p['a']} | {p['b']} | {p['redundancy']:.3f} |" for p in result["redundant"]]
     return "\n".join(lines) + "\n"
 
@@ -216,18 +268,33 @@ def plot(result: dict, out_dir) -> list[Path]:
     figure, (mi_axis, agreement_axis) = plt.subplots(1, 2, figsize=(14, 4.5))
     for name, rows in series.items():
         if rows[0]["policy"] == "all":
-            for axis, value in ((mi_axis, rows[0]["mi_bits"]), (agreement_axis, rows[0]["agreement"])):
+            for axis, value in (
+                (mi_axis, rows[0]["mi_bits"]),
+                (agreement_axis, rows[0]["agreement"]),
+            ):
                 if value is not None:
-                    axis.axhline(value, color="black", linestyle="--", linewidth=1, label=f"all (k = {rows[0]['k']})")
+                    axis.axhline(
+                        value,
+                        color="black",
+                        linestyle="--",
+                        linewidth=1,
+                        label=f"all (k = {rows[0]['k']})",
+                    )
             continue
         ks = [r["k"] for r in rows]
         mi = np.array([r["mi_bits"] for r in rows])
         error = np.array([mi - [r["ci_low"] for r in rows], [r["ci_high"] for r in rows] - mi])
         mi_axis.errorbar(ks, mi, yerr=np.maximum(error, 0), marker="o", capsize=3, label=name)
-        agreement_axis.plot(ks, [np.nan if r["agreement"] is None else r["agreement"] for r in rows], marker="o",
-                            label=name)
+        agreement_axis.plot(
+            ks,
+            [np.nan if r["agreement"] is None else r["agreement"] for r in rows],
+            marker="o",
+            label=name,
+        )
     mi_axis.set(xlabel="k (rules per pair)", ylabel="I(label; truth), bits", title="Label MI vs k")
-    agreement_axis.set(xlabel="k (rules per pair)", ylabel="agreement with truth", title="Agreement vs k")
+    agreement_axis.set(
+        xlabel="k (rules per pair)", ylabel="agreement with truth", title="Agreement vs k"
+    )
     for axis in (mi_axis, agreement_axis):
         axis.grid(alpha=0.3)
     agreement_axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -240,8 +307,10 @@ def plot(result: dict, out_dir) -> list[Path]:
     positions = np.arange(len(rules))[::-1]  # the most informative rule on top
     axis.barh(positions, [r["mi_bits"] for r in rules], color="tab:blue")
     axis.set_yticks(positions, [r["id"] for r in rules], fontsize=7)
-    axis.set(xlabel="I(vote; truth), bits",
-             title=f"Per-rule vote MI (top {len(rules)} of {len(result['rule_mi'])} rules)")
+    axis.set(
+        xlabel="I(vote; truth), bits",
+        title=f"Per-rule vote MI (top {len(rules)} of {len(result['rule_mi'])} rules)",
+    )
     axis.grid(alpha=0.3, axis="x")
     figure.tight_layout()
     written.append(_save(figure, out_dir / "rule_mi.png"))

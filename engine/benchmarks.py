@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import numpy as np
+
 from dynrules.kernels import roofline
 from dynrules.kernels import selection as K
 
@@ -58,8 +59,14 @@ def numpy_vectorised(a, b, relevance, k: int, alpha: float, rows: int = 65536):
     return margins
 
 
-def bench_selection(n_pairs: int, n_rules: int = 100, k: int = 5, alpha: float = 0.5, pandas_pairs: int = 20000,
-                    repeats: int = 3) -> dict:
+def bench_selection(
+    n_pairs: int,
+    n_rules: int = 100,
+    k: int = 5,
+    alpha: float = 0.5,
+    pandas_pairs: int = 20000,
+    repeats: int = 3,
+) -> dict:
     from dynrules.engine.pool import Rule, RulePool
     from dynrules.engine.select import SelectionConfig, select_chunk
     from dynrules.engine.store import RatingStore, quantize
@@ -74,15 +81,19 @@ def bench_selection(n_pairs: int, n_rules: int = 100, k: int = 5, alpha: float =
 
     sub = min(pandas_pairs, n_pairs)
     results = {
-        "pandas_loop": sub / best_seconds(lambda: pandas_loop(a[:sub], b[:sub], relevance[:sub], k, alpha), 1),
-        "numpy": n_pairs / best_seconds(lambda: numpy_vectorised(a, b, relevance, k, alpha), repeats),
+        "pandas_loop": sub
+        / best_seconds(lambda: pandas_loop(a[:sub], b[:sub], relevance[:sub], k, alpha), 1),
+        "numpy": n_pairs
+        / best_seconds(lambda: numpy_vectorised(a, b, relevance, k, alpha), repeats),
         "kernel_float32": n_pairs / best_seconds(kernel(a, b, relevance, 1.0), repeats),
         "kernel_int8": n_pairs / best_seconds(kernel(a8, b8, r8, 1 / 127), repeats),
     }
     pool = RulePool("bench", tuple(Rule(f"r{i}", "bench", f"rule {i}") for i in range(n_rules)))
     config = SelectionConfig(k=k, alpha=alpha, criterion="additive")
     with tempfile.TemporaryDirectory() as tmp:
-        store = RatingStore.create(f"{tmp}/store", pool=pool, dtype="float32", has_relevance=True, n_pairs=n_pairs)
+        store = RatingStore.create(
+            f"{tmp}/store", pool=pool, dtype="float32", has_relevance=True, n_pairs=n_pairs
+        )
         for lo in range(0, n_pairs, 65536):
             store.write_rows(lo, a[lo : lo + 65536], b[lo : lo + 65536], relevance[lo : lo + 65536])
         store.write_manifest()
@@ -92,15 +103,25 @@ def bench_selection(n_pairs: int, n_rules: int = 100, k: int = 5, alpha: float =
                 select_chunk(chunk, config, store.scale)
 
         results["store_stream"] = n_pairs / best_seconds(stream, repeats)
-    results["roofline_float32"] = n_pairs / best_seconds(lambda: roofline.read_sum(a, b, relevance, True), repeats)
-    results["roofline_int8"] = n_pairs / best_seconds(lambda: roofline.read_sum(a8, b8, r8, True), repeats)
+    results["roofline_float32"] = n_pairs / best_seconds(
+        lambda: roofline.read_sum(a, b, relevance, True), repeats
+    )
+    results["roofline_int8"] = n_pairs / best_seconds(
+        lambda: roofline.read_sum(a8, b8, r8, True), repeats
+    )
     ratios = {
-        "kernel_float32 / roofline_float32": results["kernel_float32"] / results["roofline_float32"],
+        "kernel_float32 / roofline_float32": results["kernel_float32"]
+        / results["roofline_float32"],
         "kernel_int8 / roofline_int8": results["kernel_int8"] / results["roofline_int8"],
         "store_stream / roofline_float32": results["store_stream"] / results["roofline_float32"],
         "kernel_float32 / pandas_loop": results["kernel_float32"] / results["pandas_loop"],
         "kernel_float32 / numpy": results["kernel_float32"] / results["numpy"],
     }
-    return {"benchmark": "selection", "pairs": n_pairs, "rules": n_rules, "k": k,
-            "results": {name: round(v, 1) for name, v in results.items()},
-            "ratios": {name: round(v, 3) for name, v in ratios.items()}}
+    return {
+        "benchmark": "selection",
+        "pairs": n_pairs,
+        "rules": n_rules,
+        "k": k,
+        "results": {name: round(v, 1) for name, v in results.items()},
+        "ratios": {name: round(v, 3) for name, v in ratios.items()},
+    }

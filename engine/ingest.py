@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
+
 from dynrules.engine.atomic import atomic_path
 from dynrules.engine.pairs import (
     PUBLISHED_NAMES,
@@ -29,7 +31,6 @@ from dynrules.engine.pairs import (
 from dynrules.engine.pool import RulePool
 from dynrules.engine.store import CHUNK_ROWS, PairTableWriter, RatingStore
 from dynrules.errors import InputError
-from tqdm import tqdm
 
 BOUNDS = {"scores_a": (-1.0, 1.0), "scores_b": (-1.0, 1.0), "relevance": (0.0, 1.0)}
 
@@ -41,27 +42,44 @@ class Batch:
     scores: dict[str, np.ndarray]  # scores_a, scores_b [, relevance], each [n, R] float
 
 
-def ingest(input_path, out, *, pool: RulePool, dtype: str = "float32", progress: bool = True) -> dict:
+def ingest(
+    input_path, out, *, pool: RulePool, dtype: str = "float32", progress: bool = True
+) -> dict:
     """Ingest scored pairs into a new store at ``out``; returns a summary."""
     input_path, started = Path(input_path), time.perf_counter()
-    batches = _parquet_batches(input_path, len(pool)) if is_parquet(input_path) else _jsonl_batches(input_path, len(pool))
+    batches = (
+        _parquet_batches(input_path, len(pool))
+        if is_parquet(input_path)
+        else _jsonl_batches(input_path, len(pool))
+    )
     first = next(batches)
     has_relevance = "relevance" in first.scores
     total = pq.ParquetFile(input_path).metadata.num_rows if is_parquet(input_path) else None
     with atomic_path(out) as tmp:
-        store = RatingStore.create(tmp, pool=pool, dtype=dtype, has_relevance=has_relevance, source=str(input_path))
+        store = RatingStore.create(
+            tmp, pool=pool, dtype=dtype, has_relevance=has_relevance, source=str(input_path)
+        )
         writer = PairTableWriter(store.pairs_path)
         with tqdm(total=total, unit="pair", desc="ingest", disable=not progress) as bar:
             for batch in _chain(first, batches):
                 _validate(batch, input_path, has_relevance)
-                store.append(batch.scores["scores_a"], batch.scores["scores_b"], batch.scores.get("relevance"))
+                store.append(
+                    batch.scores["scores_a"],
+                    batch.scores["scores_b"],
+                    batch.scores.get("relevance"),
+                )
                 writer.write(batch.pairs)
                 bar.update(len(batch.lines))
         writer.close()
         store.write_manifest()
         n_pairs = store.n_pairs
-    return {"pairs": n_pairs, "rules": len(pool), "dtype": dtype, "relevance": has_relevance,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "pairs": n_pairs,
+        "rules": len(pool),
+        "dtype": dtype,
+        "relevance": has_relevance,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
@@ -72,7 +90,12 @@ def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
 def _validate(batch: Batch, path: Path, has_relevance: bool) -> None:
     if has_relevance != ("relevance" in batch.scores):
         line = int(batch.lines[0])
-        raise InputError("relevance must be given for every pair or for none", path=path, line=line, field="relevance")
+        raise InputError(
+            "relevance must be given for every pair or for none",
+            path=path,
+            line=line,
+            field="relevance",
+        )
     for field, values in batch.scores.items():
         low, high = BOUNDS[field]
         bad = ~np.isfinite(values).all(axis=1)
@@ -82,9 +105,15 @@ def _validate(batch: Batch, path: Path, has_relevance: bool) -> None:
             what = f"is outside [{low:g}, {high:g}]"
         if bad.any():
             row = int(np.argmax(bad))
-            column = int(np.argmax(~np.isfinite(values[row]) | (values[row] < low) | (values[row] > high)))
-            raise InputError(f"value {values[row, column]!r} at rule index {column} {what}",
-                             path=path, line=int(batch.lines[row]), field=field)
+            column = int(
+                np.argmax(~np.isfinite(values[row]) | (values[row] < low) | (values[row] > high))
+            )
+            raise InputError(
+                f"value {values[row, column]!r} at rule index {column} {what}",
+                path=path,
+                line=int(batch.lines[row]),
+                field=field,
+            )
 
 
 def _jsonl_batches(path: Path, n_rules: int) -> Iterator[Batch]:
@@ -98,19 +127,32 @@ def _jsonl_batches(path: Path, n_rules: int) -> Iterator[Batch]:
         if fields is None:
             fields = row_fields
         elif row_fields != fields:
-            raise InputError("relevance must be given for every pair or for none", path=path, line=line, field="relevance")
+            raise InputError(
+                "relevance must be given for every pair or for none",
+                path=path,
+                line=line,
+                field="relevance",
+            )
         for field in fields:
             value = record[field]
             if not isinstance(value, list) or len(value) != n_rules:
                 size = len(value) if isinstance(value, list) else type(value).__name__
-                raise InputError(f"expected a list of {n_rules} numbers (the pool's size), got {size}",
-                                 path=path, line=line, field=field)
+                raise InputError(
+                    f"expected a list of {n_rules} numbers (the pool's size), got {size}",
+                    path=path,
+                    line=line,
+                    field=field,
+                )
             try:
                 scores.setdefault(field, []).append(np.asarray(value, np.float64))
             except (TypeError, ValueError):
-                raise InputError("scores must be numbers", path=path, line=line, field=field) from None
+                raise InputError(
+                    "scores must be numbers", path=path, line=line, field=field
+                ) from None
         lines.append(line)
-        pairs.append({"id": record["id"], **{t: record[t] for t in TEXT_FIELDS}, **extra_fields(record)})
+        pairs.append(
+            {"id": record["id"], **{t: record[t] for t in TEXT_FIELDS}, **extra_fields(record)}
+        )
         if len(lines) == CHUNK_ROWS:
             yield _jsonl_batch(lines, pairs, scores, path)
             lines, pairs, scores = [], [], {}
@@ -122,9 +164,16 @@ def _jsonl_batch(lines, pairs, scores, path) -> Batch:
     columns = list(pairs[0])
     for line, record in zip(lines, pairs, strict=True):
         if list(record) != columns:
-            raise InputError(f"fields differ from the first record's ({', '.join(columns)})", path=path, line=line)
-    return Batch(np.asarray(lines), {c: [r[c] for r in pairs] for c in columns},
-                 {f: np.stack(v) for f, v in scores.items()})
+            raise InputError(
+                f"fields differ from the first record's ({', '.join(columns)})",
+                path=path,
+                line=line,
+            )
+    return Batch(
+        np.asarray(lines),
+        {c: [r[c] for r in pairs] for c in columns},
+        {f: np.stack(v) for f, v in scores.items()},
+    )
 
 
 def _parquet_batches(path: Path, n_rules: int) -> Iterator[Batch]:
@@ -140,27 +189,47 @@ def _parquet_batches(path: Path, n_rules: int) -> Iterator[Batch]:
         for required in (*TEXT_FIELDS, "scores_a", "scores_b"):
             if required not in table.column_names:
                 raise InputError("missing column", path=path, field=required)
-        scores = {f: _list_column(table.column(f), n_rules, path, f, offset)
-                  for f in ("scores_a", "scores_b", "relevance") if f in table.column_names}
-        ids = table.column("id").cast(pa.string()) if "id" in table.column_names else pa.array(
-            [str(i) for i in range(offset, offset + n)])
+        scores = {
+            f: _list_column(table.column(f), n_rules, path, f, offset)
+            for f in ("scores_a", "scores_b", "relevance")
+            if f in table.column_names
+        }
+        ids = (
+            table.column("id").cast(pa.string())
+            if "id" in table.column_names
+            else pa.array([str(i) for i in range(offset, offset + n)])
+        )
         pairs = {"id": ids, **{t: table.column(t) for t in TEXT_FIELDS}}
         for name in table.column_names:
-            if name not in pairs and name not in scores and not pa.types.is_nested(table.schema.field(name).type):
+            if (
+                name not in pairs
+                and name not in scores
+                and not pa.types.is_nested(table.schema.field(name).type)
+            ):
                 pairs[name] = table.column(name)
         offset += n
         yield Batch(lines, pairs, scores)
 
 
-def _list_column(column: pa.ChunkedArray, n_rules: int, path, field: str, offset: int) -> np.ndarray:
+def _list_column(
+    column: pa.ChunkedArray, n_rules: int, path, field: str, offset: int
+) -> np.ndarray:
     array = column.combine_chunks()
-    if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type)):
+    if not (
+        pa.types.is_list(array.type)
+        or pa.types.is_large_list(array.type)
+        or pa.types.is_fixed_size_list(array.type)
+    ):
         raise InputError(f"expected a list column, got {array.type}", path=path, field=field)
     lengths = pc.list_value_length(array).fill_null(-1).to_numpy(zero_copy_only=False)
     wrong = lengths != n_rules
     if wrong.any():
         row = int(np.argmax(wrong))
-        raise InputError(f"expected {n_rules} numbers (the pool's size), got {lengths[row]}",
-                         path=path, line=offset + row + 1, field=field)
+        raise InputError(
+            f"expected {n_rules} numbers (the pool's size), got {lengths[row]}",
+            path=path,
+            line=offset + row + 1,
+            field=field,
+        )
     values = pc.list_flatten(array).to_numpy(zero_copy_only=False)
     return values.astype(np.float64, copy=False).reshape(len(array), n_rules)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from dynrules.engine.store import RatingStore, to_kernel_dtype
 from dynrules.errors import InputError
 from dynrules.kernels import contingency as C
@@ -68,7 +69,9 @@ def g_test_p_value(counts) -> np.ndarray:
     counts = np.asarray(counts, np.float64)
     n = counts.sum(axis=(-2, -1))
     g = 2.0 * n * mutual_information(counts, "plug-in") * LN2
-    df = (np.count_nonzero(counts.sum(axis=-1), axis=-1) - 1) * (np.count_nonzero(counts.sum(axis=-2), axis=-1) - 1)
+    df = (np.count_nonzero(counts.sum(axis=-1), axis=-1) - 1) * (
+        np.count_nonzero(counts.sum(axis=-2), axis=-1) - 1
+    )
     flat = [chi2_sf(float(x), int(d)) for x, d in zip(np.ravel(g), np.ravel(df), strict=True)]
     return np.asarray(flat, np.float64).reshape(np.shape(g))
 
@@ -137,8 +140,14 @@ def coverage(counts) -> np.ndarray:
     return 1.0 - ties(counts) / counts.sum(axis=(-2, -1))
 
 
-def bootstrap_interval(counts, *, resamples: int = 1000, level: float = 0.95, seed: int = 0,
-                       estimator: str = "miller-madow") -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_interval(
+    counts,
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    estimator: str = "miller-madow",
+) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval (low, high) of the MI of each table [..., Kx, Ky], in bits, from
     ``resamples`` multinomial resamples of the table itself."""
     miller_madow = _miller_madow(estimator)
@@ -162,19 +171,28 @@ def truth_labels(store: RatingStore, truth) -> np.ndarray:
     where = store.path if isinstance(truth, str) else None
     values = store.read_field(truth) if isinstance(truth, str) else np.asarray(truth)
     if values.shape != (store.n_pairs,):
-        raise InputError(f"truth has {values.shape[0] if values.ndim else 0} values for {store.n_pairs} pairs",
-                         path=where, field=truth if where else None)
+        raise InputError(
+            f"truth has {values.shape[0] if values.ndim else 0} values for {store.n_pairs} pairs",
+            path=where,
+            field=truth if where else None,
+        )
     try:
         numeric = values.astype(np.float64)
     except (TypeError, ValueError):
-        raise InputError("truth must be 1 (A better) or 0 (B better), got non-numbers", path=where,
-                         field=truth if where else None) from None
+        raise InputError(
+            "truth must be 1 (A better) or 0 (B better), got non-numbers",
+            path=where,
+            field=truth if where else None,
+        ) from None
     bad = ~np.isin(numeric, (0.0, 1.0))
     if bad.any():
         row = int(np.argmax(bad))
         value = values[row].item() if isinstance(values[row], np.generic) else values[row]
-        raise InputError(f"truth must be 1 (A better) or 0 (B better); pair {row} has {value!r}",
-                         path=where, field=truth if where else None)
+        raise InputError(
+            f"truth must be 1 (A better) or 0 (B better); pair {row} has {value!r}",
+            path=where,
+            field=truth if where else None,
+        )
     return numeric.astype(np.int8)
 
 
@@ -194,7 +212,9 @@ class RuleStatistics:
 
     def discrepancy_std(self) -> np.ndarray:
         mean = self.discrepancy_sum / max(self.pairs, 1)
-        return np.sqrt(np.maximum(self.discrepancy_sum_squares / max(self.pairs, 1) - mean * mean, 0.0))
+        return np.sqrt(
+            np.maximum(self.discrepancy_sum_squares / max(self.pairs, 1) - mean * mean, 0.0)
+        )
 
     def redundancy(self) -> np.ndarray:
         """|2·agreement − 1| of every rule pair (1 on the diagonal, 0 where never both voted)."""
@@ -209,8 +229,13 @@ def subsample_rows(start: int, stop: int, step: int) -> np.ndarray:
     return np.arange(first, stop, step) - start
 
 
-def rule_statistics(store: RatingStore, truth: np.ndarray | None, *, redundancy_pairs: int = REDUNDANCY_PAIRS,
-                    on_chunk=None) -> RuleStatistics:
+def rule_statistics(
+    store: RatingStore,
+    truth: np.ndarray | None,
+    *,
+    redundancy_pairs: int = REDUNDANCY_PAIRS,
+    on_chunk=None,
+) -> RuleStatistics:
     """One pass over the store. ``on_chunk(chunk, truth_of_chunk)`` is called on each chunk, so
     that callers can count their own tables in the same pass."""
     n_rules = store.n_rules
@@ -220,7 +245,7 @@ def rule_statistics(store: RatingStore, truth: np.ndarray | None, *, redundancy_
     step = max(1, -(-store.n_pairs // max(redundancy_pairs, 1)))
     for chunk in store.iter_chunks():
         a, b = to_kernel_dtype(chunk.scores_a), to_kernel_dtype(chunk.scores_b)
-        chunk_truth = None if truth is None else truth[chunk.start:chunk.stop]
+        chunk_truth = None if truth is None else truth[chunk.start : chunk.stop]
         if chunk_truth is not None:
             C.vote_counts(a, b, chunk_truth, counts)
         C.discrepancy_moments(a, b, store.scale, sums, squares)
@@ -234,14 +259,24 @@ def rule_statistics(store: RatingStore, truth: np.ndarray | None, *, redundancy_
     return RuleStatistics(counts, sums, squares, agree, both, store.n_pairs)
 
 
-def rule_table(stats: RuleStatistics, rule_ids: list[str], estimator: str = "miller-madow") -> list[dict]:
+def rule_table(
+    stats: RuleStatistics, rule_ids: list[str], estimator: str = "miller-madow"
+) -> list[dict]:
     """Per-rule MI, ranked (MI descending, index ascending)."""
     mi = stats.mi_bits(estimator)
     p = g_test_p_value(stats.vote_counts)
     accuracy = agreement(stats.vote_counts)
     order = sorted(range(len(rule_ids)), key=lambda i: (-mi[i], i))
-    return [{"id": rule_ids[i], "index": i, "mi_bits": float(mi[i]), "p_value": float(p[i]),
-             "agreement": _finite(accuracy[i])} for i in order]
+    return [
+        {
+            "id": rule_ids[i],
+            "index": i,
+            "mi_bits": float(mi[i]),
+            "p_value": float(p[i]),
+            "agreement": _finite(accuracy[i]),
+        }
+        for i in order
+    ]
 
 
 def redundant_pairs(stats: RuleStatistics, rule_ids: list[str], top: int = 10) -> list[dict]:
@@ -249,15 +284,30 @@ def redundant_pairs(stats: RuleStatistics, rule_ids: list[str], top: int = 10) -
     redundancy = stats.redundancy()
     upper = np.triu_indices(len(rule_ids), k=1)
     order = np.lexsort((upper[1], upper[0], -redundancy[upper]))[:top]
-    return [{"a": rule_ids[upper[0][o]], "b": rule_ids[upper[1][o]], "redundancy": float(redundancy[upper][o]),
-             "pairs": int(stats.both[upper[0][o], upper[1][o]])} for o in order]
+    return [
+        {
+            "a": rule_ids[upper[0][o]],
+            "b": rule_ids[upper[1][o]],
+            "redundancy": float(redundancy[upper][o]),
+            "pairs": int(stats.both[upper[0][o], upper[1][o]]),
+        }
+        for o in order
+    ]
 
 
-def label_summary(counts, *, resamples: int = 1000, seed: int = 0, estimator: str = "miller-madow") -> dict:
+def label_summary(
+    counts, *, resamples: int = 1000, seed: int = 0, estimator: str = "miller-madow"
+) -> dict:
     """MI with interval, agreement, ties and coverage of one label-by-truth table [3, 2]."""
     low, high = bootstrap_interval(counts, resamples=resamples, seed=seed, estimator=estimator)
-    return {"mi_bits": float(mutual_information(counts, estimator)), "ci_low": float(low), "ci_high": float(high),
-            "agreement": _finite(agreement(counts)), "ties": int(ties(counts)), "coverage": float(coverage(counts))}
+    return {
+        "mi_bits": float(mutual_information(counts, estimator)),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "agreement": _finite(agreement(counts)),
+        "ties": int(ties(counts)),
+        "coverage": float(coverage(counts)),
+    }
 
 
 def _finite(value) -> float | None:
@@ -265,9 +315,19 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def mi_report(store, truth, *, policy: str = "adaptive", k: int = 5, criterion: str | None = None,
-              alpha: float = 0.5, seed: int = 0, resamples: int = 1000, estimator: str = "miller-madow",
-              redundancy_pairs: int = REDUNDANCY_PAIRS) -> dict:
+def mi_report(
+    store,
+    truth,
+    *,
+    policy: str = "adaptive",
+    k: int = 5,
+    criterion: str | None = None,
+    alpha: float = 0.5,
+    seed: int = 0,
+    resamples: int = 1000,
+    estimator: str = "miller-madow",
+    redundancy_pairs: int = REDUNDANCY_PAIRS,
+) -> dict:
     """Per-rule MI, the MI of one policy's label, and the most redundant rule pairs, in one pass.
 
     The shape is that of ``dynrules mi --json``: {"rules": [...], "label": {...}, "redundant": [...]}.
@@ -276,7 +336,9 @@ def mi_report(store, truth, *, policy: str = "adaptive", k: int = 5, criterion: 
 
     store = open_store(store)
     truth = truth_labels(store, truth)
-    config = SelectionConfig(policy=policy, k=k, criterion=criterion, alpha=alpha, seed=seed).resolved(store)
+    config = SelectionConfig(
+        policy=policy, k=k, criterion=criterion, alpha=alpha, seed=seed
+    ).resolved(store)
     label_table = np.zeros((3, 2), np.int64)
 
     def count_label(chunk, chunk_truth):
@@ -284,7 +346,16 @@ def mi_report(store, truth, *, policy: str = "adaptive", k: int = 5, criterion: 
         C.label_counts(label, chunk_truth, label_table)
 
     stats = rule_statistics(store, truth, redundancy_pairs=redundancy_pairs, on_chunk=count_label)
-    label = {"policy": policy, "criterion": config.criterion if policy == "adaptive" else None, "k": config.k,
-             **label_summary(label_table, resamples=resamples, seed=seed, estimator=estimator)}
-    return {"pairs": store.n_pairs, "estimator": estimator, "rules": rule_table(stats, store.rule_ids, estimator),
-            "label": label, "redundant": redundant_pairs(stats, store.rule_ids)}
+    label = {
+        "policy": policy,
+        "criterion": config.criterion if policy == "adaptive" else None,
+        "k": config.k,
+        **label_summary(label_table, resamples=resamples, seed=seed, estimator=estimator),
+    }
+    return {
+        "pairs": store.n_pairs,
+        "estimator": estimator,
+        "rules": rule_table(stats, store.rule_ids, estimator),
+        "label": label,
+        "redundant": redundant_pairs(stats, store.rule_ids),
+    }

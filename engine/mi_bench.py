@@ -9,6 +9,7 @@ second) and with the parallel read roofline (one pass reading a and b, nothing e
 from __future__ import annotations
 
 import numpy as np
+
 from dynrules.engine.benchmarks import best_seconds
 from dynrules.engine.mi import bootstrap_interval, mutual_information
 from dynrules.kernels import contingency as C
@@ -22,8 +23,15 @@ def sklearn_loop(a, b, truth) -> list[float]:
     return [mutual_info_score(truth, np.sign(a[:, i] - b[:, i])) for i in range(a.shape[1])]
 
 
-def bench_mi(n_pairs: int, n_rules: int = 100, *, sklearn_pairs: int = 20_000, resamples: int = 1000,
-             repeats: int = 3, seed: int = 0) -> dict:
+def bench_mi(
+    n_pairs: int,
+    n_rules: int = 100,
+    *,
+    sklearn_pairs: int = 20_000,
+    resamples: int = 1000,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict:
     rng = np.random.default_rng(seed)
     a = rng.random((n_pairs, n_rules), np.float32) * 2 - 1
     b = rng.random((n_pairs, n_rules), np.float32) * 2 - 1
@@ -46,10 +54,18 @@ def bench_mi(n_pairs: int, n_rules: int = 100, *, sklearn_pairs: int = 20_000, r
         "kernel": n_pairs / point_seconds,
         "roofline": n_pairs / best_seconds(lambda: roofline.read_sum(a, b, a, False), repeats),
     }
-    ratios = {"kernel / sklearn_loop": results["kernel"] / results["sklearn_loop"],
-              "kernel / roofline": results["kernel"] / results["roofline"],
-              "interval_1000 / point": interval_seconds / point_seconds}
-    return {"benchmark": "mi", "pairs": n_pairs, "rules": n_rules,
-            "results": {name: round(v, 1) for name, v in results.items()},
-            "point_seconds": round(point_seconds, 6), "interval_1000_seconds": round(interval_seconds, 6),
-            "resamples": resamples, "ratios": {name: round(v, 3) for name, v in ratios.items()}}
+    ratios = {
+        "kernel / sklearn_loop": results["kernel"] / results["sklearn_loop"],
+        "kernel / roofline": results["kernel"] / results["roofline"],
+        "interval_1000 / point": interval_seconds / point_seconds,
+    }
+    return {
+        "benchmark": "mi",
+        "pairs": n_pairs,
+        "rules": n_rules,
+        "results": {name: round(v, 1) for name, v in results.items()},
+        "point_seconds": round(point_seconds, 6),
+        "interval_1000_seconds": round(interval_seconds, 6),
+        "resamples": resamples,
+        "ratios": {name: round(v, 3) for name, v in ratios.items()},
+    }

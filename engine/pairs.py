@@ -20,9 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from dynrules.errors import InputError
 
-PUBLISHED_NAMES = {"responseA": "response_a", "responseB": "response_b", "scoresA": "scores_a", "scoresB": "scores_b"}
+PUBLISHED_NAMES = {
+    "responseA": "response_a",
+    "responseB": "response_b",
+    "scoresA": "scores_a",
+    "scoresB": "scores_b",
+}
 TEXT_FIELDS = ("prompt", "response_a", "response_b")
 SCORE_FIELDS = ("scores_a", "scores_b", "relevance")
 ASSISTANT = "\n\nAssistant:"
@@ -103,7 +109,9 @@ def normalize(record: dict, position: int, path, line: int) -> dict:
         else:
             prompt, good, bad = split_hh(chosen, rejected)
         first = a_is_chosen(f"{position}:{prompt}")
-        record.update(prompt=prompt, response_a=good if first else bad, response_b=bad if first else good)
+        record.update(
+            prompt=prompt, response_a=good if first else bad, response_b=bad if first else good
+        )
         record["truth"] = int(first)
     for name in TEXT_FIELDS:
         if name not in record:
@@ -130,5 +138,8 @@ def extra_fields(record: dict) -> dict:
     return {
         k: v
         for k, v in record.items()
-        if k not in TEXT_FIELDS and k not in SCORE_FIELDS and k != "id" and (v is None or isinstance(v, (str, int, float, bool)))
+        if k not in TEXT_FIELDS
+        and k not in SCORE_FIELDS
+        and k != "id"
+        and (v is None or isinstance(v, (str, int, float, bool)))
     }

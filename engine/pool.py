@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+
 from dynrules.errors import InputError
 
 POLARITIES = ("harm", "helpfulness")
@@ -77,8 +78,9 @@ class RulePool:
 
     @functools.cached_property
     def content_hash(self) -> str:
-        canon = json.dumps([[r.id, r.text] for r in self.rules], ensure_ascii=False,
-                           separators=(",", ":"))
+        canon = json.dumps(
+            [[r.id, r.text] for r in self.rules], ensure_ascii=False, separators=(",", ":")
+        )
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
     def to_dict(self) -> dict:
@@ -137,7 +139,12 @@ def _validate(entries, path) -> list[Rule]:
     seen_texts: dict[str, str] = {}
     for where, line, e in entries:
         if not isinstance(e, dict):
-            _fail(path, where, line, f"expected a mapping with 'id' and 'text', got {type(e).__name__}")
+            _fail(
+                path,
+                where,
+                line,
+                f"expected a mapping with 'id' and 'text', got {type(e).__name__}",
+            )
         rid = e.get("id")
         if rid is None or not str(rid).strip():
             _fail(path, where, line, "rule has no id", "id")
@@ -151,8 +158,13 @@ def _validate(entries, path) -> list[Rule]:
         text = " ".join(text.split())
         polarity = str(e.get("polarity", "harm"))
         if polarity not in POLARITIES:
-            _fail(path, where, line, f"unknown polarity {polarity!r} "
-                  f"(expected one of: {', '.join(POLARITIES)})", "polarity")
+            _fail(
+                path,
+                where,
+                line,
+                f"unknown polarity {polarity!r} (expected one of: {', '.join(POLARITIES)})",
+                "polarity",
+            )
         if rid in seen_ids:
             _fail(path, where, line, f"duplicate id {rid!r} (first used at {seen_ids[rid]})", "id")
         key = text.casefold()

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from dynrules.engine.atomic import atomic_path
 from dynrules.engine.store import Chunk, RatingStore, open_or_create_array, to_kernel_dtype
 from dynrules.errors import DynrulesError
 from dynrules.kernels import selection as K
-from tqdm import tqdm
 
 POLICIES = ("adaptive", "all", "random", "fixed")
 TIES = ("drop", "a", "b")
@@ -41,15 +42,27 @@ class SelectionConfig:
     def resolved(self, store: RatingStore) -> SelectionConfig:
         """Checked against the store, with defaults filled in."""
         if self.policy not in POLICIES:
-            raise DynrulesError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+            raise DynrulesError(
+                f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}"
+            )
         if self.ties not in TIES:
-            raise DynrulesError(f"unknown ties option {self.ties!r}; choose one of {', '.join(TIES)}")
+            raise DynrulesError(
+                f"unknown ties option {self.ties!r}; choose one of {', '.join(TIES)}"
+            )
         criterion = self.criterion or ("additive" if store.has_relevance else "absolute")
         if criterion not in K.CRITERIA:
-            raise DynrulesError(f"unknown criterion {criterion!r}; choose one of {', '.join(K.CRITERIA)}")
+            raise DynrulesError(
+                f"unknown criterion {criterion!r}; choose one of {', '.join(K.CRITERIA)}"
+            )
         if criterion != "absolute" and not store.has_relevance:
-            raise DynrulesError(f"criterion {criterion!r} needs relevance, and this store has none; use 'absolute'")
-        k = store.n_rules if self.policy == "all" else (len(self.rules) if self.policy == "fixed" else self.k)
+            raise DynrulesError(
+                f"criterion {criterion!r} needs relevance, and this store has none; use 'absolute'"
+            )
+        k = (
+            store.n_rules
+            if self.policy == "all"
+            else (len(self.rules) if self.policy == "fixed" else self.k)
+        )
         if self.policy == "fixed":
             if not self.rules:
                 raise DynrulesError("the fixed policy needs rule ids (--rules ID,ID,…)")
@@ -58,7 +71,9 @@ class SelectionConfig:
                 raise DynrulesError(f"unknown rule ids for this store's pool: {', '.join(unknown)}")
         if not 1 <= k <= store.n_rules:
             raise DynrulesError(f"k must be between 1 and R = {store.n_rules}, got {k}")
-        return SelectionConfig(self.policy, k, criterion, self.alpha, self.seed, tuple(self.rules), self.ties)
+        return SelectionConfig(
+            self.policy, k, criterion, self.alpha, self.seed, tuple(self.rules), self.ties
+        )
 
     @property
     def name(self) -> str:
@@ -70,7 +85,9 @@ class SelectionConfig:
         return self.policy if self.policy == "all" else f"fixed-k{self.k}"
 
 
-def select_chunk(chunk: Chunk, config: SelectionConfig, scale: float, rule_index: np.ndarray | None = None):
+def select_chunk(
+    chunk: Chunk, config: SelectionConfig, scale: float, rule_index: np.ndarray | None = None
+):
     """(index [n, k] int16 or None for 'all', margin [n] float64, label [n] int8) for one chunk.
 
     ``config`` must be resolved; ``rule_index`` holds the fixed policy's rule indices.
@@ -83,7 +100,9 @@ def select_chunk(chunk: Chunk, config: SelectionConfig, scale: float, rule_index
         index = np.empty((n, config.k), np.int16)
         criterion = K.CRITERIA[config.criterion]
         relevance = a if chunk.relevance is None else to_kernel_dtype(chunk.relevance)
-        K.select_top_k(a, b, relevance, config.k, criterion, config.alpha, scale, scale, index, margin)
+        K.select_top_k(
+            a, b, relevance, config.k, criterion, config.alpha, scale, scale, index, margin
+        )
     elif config.policy == "random":
         index = np.empty((n, config.k), np.int16)
         K.random_rules(n, n_rules, config.k, config.seed, chunk.start, index)
@@ -122,10 +141,17 @@ def run_selection(
     started = time.perf_counter()
     start, stop = shard_range(store.n_pairs, shard, store.chunk_rows)
     rule_ids = np.asarray(store.rule_ids, dtype=object)
-    rule_index = np.asarray([store.rule_ids.index(r) for r in config.rules], np.int64) if config.policy == "fixed" else None
+    rule_index = (
+        np.asarray([store.rule_ids.index(r) for r in config.rules], np.int64)
+        if config.policy == "fixed"
+        else None
+    )
     arrays = _selection_arrays(store, config) if write_arrays else None
     counts = {"pairs": 0, "labelled": 0, "ties": 0, "a": 0, "b": 0}
-    with _maybe_atomic(out) as tmp, tqdm(total=stop - start, unit="pair", desc="select", disable=not progress) as bar:
+    with (
+        _maybe_atomic(out) as tmp,
+        tqdm(total=stop - start, unit="pair", desc="select", disable=not progress) as bar,
+    ):
         handle = open(tmp, "w", encoding="utf-8") if tmp is not None else None
         try:
             for chunk in store.iter_chunks(start, stop):
@@ -137,8 +163,12 @@ def run_selection(
                 counts["a"] += int(np.count_nonzero(label > 0))
                 counts["b"] += int(np.count_nonzero(label < 0))
                 if handle is not None:
-                    pairs = store.read_pairs(chunk.start, chunk.stop, ["id", "prompt", "response_a", "response_b"])
-                    counts["labelled"] += _write_labelled(handle, pairs.to_pydict(), index, margin, label, rule_ids, config)
+                    pairs = store.read_pairs(
+                        chunk.start, chunk.stop, ["id", "prompt", "response_a", "response_b"]
+                    )
+                    counts["labelled"] += _write_labelled(
+                        handle, pairs.to_pydict(), index, margin, label, rule_ids, config
+                    )
                 bar.update(len(label))
         finally:
             if handle is not None:
@@ -172,24 +202,33 @@ def _selection_arrays(store: RatingStore, config: SelectionConfig) -> dict:
     base = store.path / "selections" / config.name
     rows = store.chunk_rows
     arrays = {
-        "margin": open_or_create_array(base / "margin", [store.n_pairs], "float32", chunk_rows=rows),
+        "margin": open_or_create_array(
+            base / "margin", [store.n_pairs], "float32", chunk_rows=rows
+        ),
         "label": open_or_create_array(base / "label", [store.n_pairs], "int8", chunk_rows=rows),
     }
     if config.policy != "all":
-        arrays["index"] = open_or_create_array(base / "index", [store.n_pairs, config.k], "int16", chunk_rows=rows)
+        arrays["index"] = open_or_create_array(
+            base / "index", [store.n_pairs, config.k], "int16", chunk_rows=rows
+        )
     return arrays
 
 
 def _write_arrays(arrays: dict, start: int, index, margin, label) -> None:
     stop = start + len(label)
-    futures = [arrays["margin"][start:stop].write(margin.astype(np.float32)), arrays["label"][start:stop].write(label)]
+    futures = [
+        arrays["margin"][start:stop].write(margin.astype(np.float32)),
+        arrays["label"][start:stop].write(label),
+    ]
     if "index" in arrays:
         futures.append(arrays["index"][start:stop].write(np.ascontiguousarray(index)))
     for future in futures:
         future.result()
 
 
-def _write_labelled(handle, pairs: dict, index, margin, label, rule_ids, config: SelectionConfig) -> int:
+def _write_labelled(
+    handle, pairs: dict, index, margin, label, rule_ids, config: SelectionConfig
+) -> int:
     """Write one JSONL record per labelled pair (TRL / OpenRLHF: prompt, chosen, rejected, margin)."""
     all_ids = list(rule_ids) if index is None else None
     written = 0

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
 from dynrules.engine.atomic import atomic_path
 from dynrules.engine.pool import Rule, RulePool
 from dynrules.engine.store import PairTableWriter, RatingStore
@@ -119,10 +120,16 @@ def generate_block(model: SimulationModel, params: RuleParameters, seed: int, bl
     agrees = rng.random((n, n_base)) < 1.0 / (1.0 + np.exp(-model.slope * magnitude))
     informative = np.where(agrees, 1.0, -1.0) * y[:, None] * magnitude
     noise = np.clip(tau * rng.standard_normal((n, n_base)), -MAX_DISCREPANCY, MAX_DISCREPANCY)
-    d = np.clip(np.where(relevant, informative, noise) + model.position_bias, -MAX_DISCREPANCY, MAX_DISCREPANCY)
+    d = np.clip(
+        np.where(relevant, informative, noise) + model.position_bias,
+        -MAX_DISCREPANCY,
+        MAX_DISCREPANCY,
+    )
     if model.duplicates:
         originals = params.source[n_base:]
-        copies = d[:, originals] + model.duplicate_noise * rng.standard_normal((n, model.duplicates))
+        copies = d[:, originals] + model.duplicate_noise * rng.standard_normal(
+            (n, model.duplicates)
+        )
         d = np.concatenate([d, np.clip(copies, -MAX_DISCREPANCY, MAX_DISCREPANCY)], axis=1)
         relevance = np.concatenate([relevance, relevance[:, originals]], axis=1)
     half = np.abs(d) / 2.0
@@ -133,12 +140,20 @@ def generate_block(model: SimulationModel, params: RuleParameters, seed: int, bl
 
 
 def simulated_pool(n_rules: int) -> RulePool:
-    return RulePool("simulated", tuple(Rule(f"sim_{i:03d}", "simulated", f"simulated rule {i}")
-                                       for i in range(n_rules)))
+    return RulePool(
+        "simulated",
+        tuple(Rule(f"sim_{i:03d}", "simulated", f"simulated rule {i}") for i in range(n_rules)),
+    )
 
 
-def simulate(out, n_pairs: int, model: SimulationModel = SimulationModel(), *, seed: int = 0,
-             dtype: str = "float32") -> dict:
+def simulate(
+    out,
+    n_pairs: int,
+    model: SimulationModel = SimulationModel(),
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> dict:
     """Write a simulated store (with the pair field ``truth`` and simulation.json) at ``out``."""
     model.check()
     if n_pairs < 1:
@@ -147,9 +162,16 @@ def simulate(out, n_pairs: int, model: SimulationModel = SimulationModel(), *, s
     params = rule_parameters(model, seed)
     pool = simulated_pool(model.n_rules)
     with atomic_path(out) as tmp:
-        store = RatingStore.create(tmp, pool=pool, dtype=dtype, has_relevance=True, n_pairs=n_pairs,
-                                   source=f"dynrules simulate (seed {seed})", judge="simulated",
-                                   chunk_rows=BLOCK_ROWS)
+        store = RatingStore.create(
+            tmp,
+            pool=pool,
+            dtype=dtype,
+            has_relevance=True,
+            n_pairs=n_pairs,
+            source=f"dynrules simulate (seed {seed})",
+            judge="simulated",
+            chunk_rows=BLOCK_ROWS,
+        )
         writer = PairTableWriter(store.pairs_path)
         a_better = 0
         for block, lo in enumerate(range(0, n_pairs, BLOCK_ROWS)):
@@ -157,17 +179,39 @@ def simulate(out, n_pairs: int, model: SimulationModel = SimulationModel(), *, s
             a, b, relevance, truth = generate_block(model, params, seed, block, n)
             store.write_rows(lo, a, b, relevance)
             ids = [str(i) for i in range(lo, lo + n)]
-            writer.write({"id": ids, "prompt": [f"simulated prompt {i}" for i in ids],
-                          "response_a": [f"simulated response A {i}" for i in ids],
-                          "response_b": [f"simulated response B {i}" for i in ids], "truth": truth})
+            writer.write(
+                {
+                    "id": ids,
+                    "prompt": [f"simulated prompt {i}" for i in ids],
+                    "response_a": [f"simulated response A {i}" for i in ids],
+                    "response_b": [f"simulated response B {i}" for i in ids],
+                    "truth": truth,
+                }
+            )
             a_better += int(truth.sum())
         writer.close()
         store.write_manifest()
-        description = {"model": asdict(model), "seed": seed,
-                       "rules": [{"id": rule.id, "relevance_rate": float(rho), "noise_scale": float(tau),
-                                  "copies": pool.ids[src] if src != i else None}
-                                 for i, (rule, rho, tau, src) in enumerate(zip(pool, params.relevance_rate,
-                                                                               params.noise_scale, params.source, strict=True))]}
+        description = {
+            "model": asdict(model),
+            "seed": seed,
+            "rules": [
+                {
+                    "id": rule.id,
+                    "relevance_rate": float(rho),
+                    "noise_scale": float(tau),
+                    "copies": pool.ids[src] if src != i else None,
+                }
+                for i, (rule, rho, tau, src) in enumerate(
+                    zip(pool, params.relevance_rate, params.noise_scale, params.source, strict=True)
+                )
+            ],
+        }
         (Path(tmp) / PARAMETERS_FILE).write_text(json.dumps(description, indent=2) + "\n")
-    return {"pairs": n_pairs, "rules": model.n_rules, "dtype": dtype, "a_better": a_better,
-            "duplicates": model.duplicates, "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "pairs": n_pairs,
+        "rules": model.n_rules,
+        "dtype": dtype,
+        "a_better": a_better,
+        "duplicates": model.duplicates,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

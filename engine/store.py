@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorstore as ts
+
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError, InputError
 
@@ -54,7 +55,10 @@ def _context() -> ts.Context:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = ts.Context(
-            {"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": os.cpu_count() or 1}}
+            {
+                "cache_pool": {"total_bytes_limit": 0},
+                "data_copy_concurrency": {"limit": os.cpu_count() or 1},
+            }
         )
     return _CONTEXT
 
@@ -90,11 +94,16 @@ def create_array(path: Path, shape, dtype: str, *, chunk_rows: int = CHUNK_ROWS)
     """Create (or replace) a zarr3 array chunked along its first axis."""
     shard_rows = max(chunk_rows, (SHARD_ROWS // chunk_rows) * chunk_rows)
     return ts.open(
-        _spec(path, shape, dtype, chunk_rows, shard_rows), create=True, delete_existing=True, context=_context()
+        _spec(path, shape, dtype, chunk_rows, shard_rows),
+        create=True,
+        delete_existing=True,
+        context=_context(),
     ).result()
 
 
-def open_or_create_array(path: Path, shape, dtype: str, *, chunk_rows: int = CHUNK_ROWS) -> ts.TensorStore:
+def open_or_create_array(
+    path: Path, shape, dtype: str, *, chunk_rows: int = CHUNK_ROWS
+) -> ts.TensorStore:
     """Open an existing array of this shape or create it; several shard writers may race here."""
     shard_rows = max(chunk_rows, (SHARD_ROWS // chunk_rows) * chunk_rows)
     spec = _spec(path, shape, dtype, chunk_rows, shard_rows)
@@ -102,7 +111,9 @@ def open_or_create_array(path: Path, shape, dtype: str, *, chunk_rows: int = CHU
 
 
 def open_array(path: Path) -> ts.TensorStore:
-    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, context=_context()).result()
+    return ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, context=_context()
+    ).result()
 
 
 def quantize(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -173,7 +184,9 @@ class RatingStore:
         store = cls(path, manifest)
         names = SCORE_ARRAYS + ((RELEVANCE,) if has_relevance else ())
         for name in names:
-            store._arrays[name] = create_array(path / name, [n_pairs, len(pool)], dtype, chunk_rows=chunk_rows)
+            store._arrays[name] = create_array(
+                path / name, [n_pairs, len(pool)], dtype, chunk_rows=chunk_rows
+            )
         store.write_manifest()
         return store
 
@@ -188,7 +201,9 @@ class RatingStore:
         except json.JSONDecodeError as exc:
             raise InputError(f"unreadable manifest: {exc}", path=manifest_path) from None
         if manifest.get("format") != FORMAT:
-            raise InputError(f"not a rating store (format {manifest.get('format')!r})", path=manifest_path)
+            raise InputError(
+                f"not a rating store (format {manifest.get('format')!r})", path=manifest_path
+            )
         store = cls(path, manifest)
         if pool is not None:
             store.check_pool(pool)
@@ -249,12 +264,16 @@ class RatingStore:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def append(self, scores_a: np.ndarray, scores_b: np.ndarray, relevance: np.ndarray | None = None) -> None:
+    def append(
+        self, scores_a: np.ndarray, scores_b: np.ndarray, relevance: np.ndarray | None = None
+    ) -> None:
         """Append rows (given in score units) at the end, growing the arrays."""
         start = self.n_pairs
         stop = start + scores_a.shape[0]
         for name in self._present():
-            self._arrays[name] = self.array(name).resize(exclusive_max=[stop, None], expand_only=True).result()
+            self._arrays[name] = (
+                self.array(name).resize(exclusive_max=[stop, None], expand_only=True).result()
+            )
         self.manifest["pairs"] = stop
         self.write_rows(start, scores_a, scores_b, relevance)
 
@@ -290,7 +309,9 @@ class RatingStore:
         arrays = [f.result() for f in self._read_futures(start, stop)]
         return Chunk(start, arrays[0], arrays[1], arrays[2] if self.has_relevance else None)
 
-    def iter_chunks(self, start: int = 0, stop: int | None = None, rows: int | None = None) -> Iterator[Chunk]:
+    def iter_chunks(
+        self, start: int = 0, stop: int | None = None, rows: int | None = None
+    ) -> Iterator[Chunk]:
         """Stream rows [start, stop) chunk by chunk, the next read in flight while one is used."""
         start, stop = self.clamp(start, stop)
         rows = rows or self.chunk_rows
@@ -313,7 +334,9 @@ class RatingStore:
             return []
         return pq.read_schema(self.pairs_path).names
 
-    def read_pairs(self, start: int = 0, stop: int | None = None, columns: list[str] | None = None) -> pa.Table:
+    def read_pairs(
+        self, start: int = 0, stop: int | None = None, columns: list[str] | None = None
+    ) -> pa.Table:
         """Pair metadata rows [start, stop), reading only the row groups that cover them."""
         start, stop = self.clamp(start, stop)
         if not self.pairs_path.exists():
@@ -327,7 +350,11 @@ class RatingStore:
                 first = offset if first is None else first
             offset += n
         if not groups:
-            return pf.schema_arrow.empty_table().select(columns) if columns else pf.schema_arrow.empty_table()
+            return (
+                pf.schema_arrow.empty_table().select(columns)
+                if columns
+                else pf.schema_arrow.empty_table()
+            )
         table = pf.read_row_groups(groups, columns=columns)
         return table.slice(start - first, stop - start)
 
@@ -339,7 +366,11 @@ class RatingStore:
                 path=self.path,
                 field=name,
             )
-        return pq.read_table(self.pairs_path, columns=[name]).column(name).to_numpy(zero_copy_only=False)
+        return (
+            pq.read_table(self.pairs_path, columns=[name])
+            .column(name)
+            .to_numpy(zero_copy_only=False)
+        )
 
 
 class PairTableWriter:
@@ -351,7 +382,9 @@ class PairTableWriter:
         self._schema: pa.Schema | None = None
 
     def write(self, records: dict[str, list]) -> None:
-        table = pa.table(records) if self._schema is None else pa.table(records, schema=self._schema)
+        table = (
+            pa.table(records) if self._schema is None else pa.table(records, schema=self._schema)
+        )
         if self._writer is None:
             self._schema = table.schema
             self._writer = pq.ParquetWriter(self.path, self._schema)

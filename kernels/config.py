@@ -12,7 +12,6 @@ import os
 FINITE_ONLY = {"nnan", "ninf", "nsz"}
 
 
-
 def _cache_writable() -> bool:
     """cache=True needs a writable cache directory; without one, compile per process instead."""
     directory = os.environ.get("NUMBA_CACHE_DIR")

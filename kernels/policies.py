@@ -48,17 +48,24 @@ def _margin(a, b, row, index, scale):
 
 
 @numba.njit(**PARALLEL_EXACT)
-def select_weighted_top_k(a, b, relevance, k, criterion, alpha, scale, relevance_scale, weight,
-                          out_index, out_margin):
+def select_weighted_top_k(
+    a, b, relevance, k, criterion, alpha, scale, relevance_scale, weight, out_index, out_margin
+):
     """Top-k by the weighted criterion into out_index [n, k] (rank order) and out_margin [n]."""
     n, n_rules = a.shape
-    alpha32, scale32, relevance_scale32 = np.float32(alpha), np.float32(scale), np.float32(relevance_scale)
+    alpha32, scale32, relevance_scale32 = (
+        np.float32(alpha),
+        np.float32(scale),
+        np.float32(relevance_scale),
+    )
     n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
     for block in numba.prange(n_blocks):
         value = np.empty(n_rules, np.float32)
         best_value = np.empty(k, np.float32)
         for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
-            _criteria(a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, value)
+            _criteria(
+                a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, value
+            )
             # Insertion top-k in index order; strict '>' keeps the lower index ahead on ties.
             for j in range(k):
                 best_value[j] = np.float32(-1.0)
@@ -76,14 +83,31 @@ def select_weighted_top_k(a, b, relevance, k, criterion, alpha, scale, relevance
 
 
 @numba.njit(**PARALLEL_EXACT)
-def select_greedy(a, b, relevance, k, criterion, alpha, scale, relevance_scale, weight, redundancy,
-                  discount, out_index, out_margin):
+def select_greedy(
+    a,
+    b,
+    relevance,
+    k,
+    criterion,
+    alpha,
+    scale,
+    relevance_scale,
+    weight,
+    redundancy,
+    discount,
+    out_index,
+    out_margin,
+):
     """Redundancy-aware greedy selection into out_index [n, k] (pick order) and out_margin [n].
 
     ``redundancy`` [R, R] float32 in [0, 1]; ``discount`` in [0, 1].
     """
     n, n_rules = a.shape
-    alpha32, scale32, relevance_scale32 = np.float32(alpha), np.float32(scale), np.float32(relevance_scale)
+    alpha32, scale32, relevance_scale32 = (
+        np.float32(alpha),
+        np.float32(scale),
+        np.float32(relevance_scale),
+    )
     discount32 = np.float32(discount)
     n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
     for block in numba.prange(n_blocks):
@@ -91,7 +115,9 @@ def select_greedy(a, b, relevance, k, criterion, alpha, scale, relevance_scale, 
         penalty = np.empty(n_rules, np.float32)
         taken = np.empty(n_rules, np.bool_)
         for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
-            _criteria(a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, value)
+            _criteria(
+                a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, value
+            )
             penalty[:] = 0.0
             taken[:] = False
             for j in range(k):
@@ -108,4 +134,3 @@ def select_greedy(a, b, relevance, k, criterion, alpha, scale, relevance_scale, 
                 for i in range(n_rules):
                     penalty[i] = max(penalty[i], redundancy[best, i])
             out_margin[row] = _margin(a, b, row, out_index, scale)
-

@@ -65,7 +65,9 @@ def _make_select_top_k(criterion):
                 for i in range(n_rules):
                     spread = abs(np.float32(a[row, i]) - np.float32(b[row, i])) * scale32
                     if criterion == ADDITIVE:
-                        value[i] = np.float32(relevance[row, i]) * relevance_scale32 + alpha32 * spread
+                        value[i] = (
+                            np.float32(relevance[row, i]) * relevance_scale32 + alpha32 * spread
+                        )
                     elif criterion == PRODUCT:
                         value[i] = np.float32(relevance[row, i]) * relevance_scale32 * spread
                     else:
@@ -97,7 +99,9 @@ def _make_select_top_k(criterion):
                             rank += (candidate_value[u] > c) | ((candidate_value[u] == c) & (u < t))
                         best_index[min(rank, k)] = candidate[t]
                 else:
-                    _insertion_top_k(candidate, candidate_value, n_candidates, k, best_value, best_index)
+                    _insertion_top_k(
+                        candidate, candidate_value, n_candidates, k, best_value, best_index
+                    )
                 margin = 0.0
                 for j in range(k):
                     i = best_index[j]
@@ -111,12 +115,16 @@ def _make_select_top_k(criterion):
 _SELECT_TOP_K = {c: _make_select_top_k(c) for c in (ADDITIVE, PRODUCT, ABSOLUTE)}
 
 
-def select_top_k(a, b, relevance, k, criterion, alpha, scale, relevance_scale, out_index, out_margin):
+def select_top_k(
+    a, b, relevance, k, criterion, alpha, scale, relevance_scale, out_index, out_margin
+):
     """Fill out_index[n, k] and out_margin[n] with each pair's top-k rules and their margin.
 
     ``relevance`` is not read for ABSOLUTE; pass any 2-D array (for example ``a``).
     """
-    _SELECT_TOP_K[criterion](a, b, relevance, k, alpha, scale, relevance_scale, out_index, out_margin)
+    _SELECT_TOP_K[criterion](
+        a, b, relevance, k, alpha, scale, relevance_scale, out_index, out_margin
+    )
 
 
 @numba.njit(**PARALLEL_EXACT)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+
 from dynrules.engine.pool import Rule, RulePool
 
 
@@ -21,13 +22,21 @@ def write_jsonl(path, records):
 
 def scored_records(n, n_rules, seed=0, published=True, relevance=True):
     rng = np.random.default_rng(seed)
-    names = ("responseA", "responseB", "scoresA", "scoresB") if published else (
-        "response_a", "response_b", "scores_a", "scores_b")
+    names = (
+        ("responseA", "responseB", "scoresA", "scoresB")
+        if published
+        else ("response_a", "response_b", "scores_a", "scores_b")
+    )
     records = []
     for i in range(n):
-        record = {"prompt": f"prompt {i}", names[0]: f"answer A{i}", names[1]: f"answer B{i}",
-                  names[2]: rng.uniform(-1, 1, n_rules).round(3).tolist(),
-                  names[3]: rng.uniform(-1, 1, n_rules).round(3).tolist(), "truth": int(i % 2)}
+        record = {
+            "prompt": f"prompt {i}",
+            names[0]: f"answer A{i}",
+            names[1]: f"answer B{i}",
+            names[2]: rng.uniform(-1, 1, n_rules).round(3).tolist(),
+            names[3]: rng.uniform(-1, 1, n_rules).round(3).tolist(),
+            "truth": int(i % 2),
+        }
         if relevance:
             record["relevance"] = rng.uniform(0, 1, n_rules).round(3).tolist()
         records.append(record)

@@ -59,7 +59,11 @@ def mutual_information_bits(table, miller_madow=True):
 
 
 def weighted_criterion(a, b, relevance, name, alpha, scale, relevance_scale, weight):
-    spread = np.abs(a.astype(np.float32) - b.astype(np.float32)) * np.float32(scale) * weight.astype(np.float32)
+    spread = (
+        np.abs(a.astype(np.float32) - b.astype(np.float32))
+        * np.float32(scale)
+        * weight.astype(np.float32)
+    )
     if name == "absolute":
         return spread
     rel = relevance.astype(np.float32) * np.float32(relevance_scale)

@@ -4,9 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from dynrules.train import adapter as adp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from dynrules.train import adapter as adp
 
 
 def naive_metrics(predicted, oracle, a, b, scale):
@@ -57,19 +58,36 @@ def test_train_predict_and_plan(tmp_path, small_pool):
     n = 16
     rng = np.random.default_rng(0)
     store = RatingStore.create(tmp_path / "store", pool=small_pool, n_pairs=n, has_relevance=True)
-    store.write_rows(0, rng.uniform(-1, 1, (n, 8)), rng.uniform(-1, 1, (n, 8)), rng.uniform(0, 1, (n, 8)))
+    store.write_rows(
+        0, rng.uniform(-1, 1, (n, 8)), rng.uniform(-1, 1, (n, 8)), rng.uniform(0, 1, (n, 8))
+    )
     writer = PairTableWriter(store.pairs_path)
-    pairs = {"id": [str(i) for i in range(n)], "prompt": [f"question {i}" for i in range(n)],
-             "response_a": ["yes, here is how"] * n, "response_b": ["no"] * n}
+    pairs = {
+        "id": [str(i) for i in range(n)],
+        "prompt": [f"question {i}" for i in range(n)],
+        "response_a": ["yes, here is how"] * n,
+        "response_b": ["no"] * n,
+    }
     writer.write(pairs)
     writer.close()
-    info = adp.train_adapter(store, tmp_path / "run", {"steps": 2, "batch_size": 4, "max_length": 32},
-                             selection=adp.SelectionConfig(k=3), progress=False)
+    info = adp.train_adapter(
+        store,
+        tmp_path / "run",
+        {"steps": 2, "batch_size": 4, "max_length": 32},
+        selection=adp.SelectionConfig(k=3),
+        progress=False,
+    )
     assert info["train_pairs"] == n and np.isfinite(info["final_loss"])
-    records = [{"id": i, "prompt": p, "response_a": a, "response_b": b}
-               for i, p, a, b in zip(pairs["id"], pairs["prompt"], pairs["response_a"], pairs["response_b"], strict=True)]
+    records = [
+        {"id": i, "prompt": p, "response_a": a, "response_b": b}
+        for i, p, a, b in zip(
+            pairs["id"], pairs["prompt"], pairs["response_a"], pairs["response_b"], strict=True
+        )
+    ]
     summary = adp.write_plan(tmp_path / "run", records, 3, tmp_path / "plan.jsonl")
     plan = [json.loads(line) for line in open(tmp_path / "plan.jsonl")]
     assert [p["id"] for p in plan] == pairs["id"]
-    assert all(len(set(p["rule_ids"])) == 3 and set(p["rule_ids"]) <= set(small_pool.ids) for p in plan)
+    assert all(
+        len(set(p["rule_ids"])) == 3 and set(p["rule_ids"]) <= set(small_pool.ids) for p in plan
+    )
     assert summary["judge_calls_saved"] == pytest.approx(1 - 3 / 8)

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+
 from dynrules.cli import main
 from dynrules.engine.pool import load_pool
 from dynrules.engine.store import RatingStore
@@ -43,7 +44,9 @@ def test_ingest_select_round_trip(tmp_path, scored_jsonl):
     for record in records:
         source = inputs[int(record["id"])]
         a, b, rel = (np.asarray(source[f], np.float32) for f in ("scoresA", "scoresB", "relevance"))
-        index, margin = naive.select_top_k(a[None], b[None], rel[None], 5, "additive", 0.5, 1.0, 1.0)
+        index, margin = naive.select_top_k(
+            a[None], b[None], rel[None], 5, "additive", 0.5, 1.0, 1.0
+        )
         assert record["rule_ids"] == [pool.ids[i] for i in index[0]]
         assert record["margin"] == pytest.approx(abs(margin[0]))
         a_wins = margin[0] > 0
@@ -61,20 +64,49 @@ def test_parquet_input_and_shards_cover_the_store(tmp_path):
     records = scored_records(40, R, published=False, relevance=False)
     table = pa.table({key: [r[key] for r in records] for key in records[0]})
     pq.write_table(table, tmp_path / "pairs.parquet")
-    assert run("ingest", tmp_path / "pairs.parquet", "--out", tmp_path / "store", "--dtype", "int8").exit_code == 0
+    assert (
+        run(
+            "ingest", tmp_path / "pairs.parquet", "--out", tmp_path / "store", "--dtype", "int8"
+        ).exit_code
+        == 0
+    )
     ids = []
     for shard in ("0/2", "1/2"):
-        result = run("select", tmp_path / "store", "--shard", shard, "--ties", "b", "--out", tmp_path / f"{shard[0]}.jsonl")
+        result = run(
+            "select",
+            tmp_path / "store",
+            "--shard",
+            shard,
+            "--ties",
+            "b",
+            "--out",
+            tmp_path / f"{shard[0]}.jsonl",
+        )
         assert result.exit_code == 0, result.output
         ids += [json.loads(line)["id"] for line in open(tmp_path / f"{shard[0]}.jsonl")]
     assert ids == [str(i) for i in range(40)]
 
 
-@pytest.mark.parametrize("policy,extra", [("all", []), ("random", ["--seed", "3"]),
-                                          ("fixed", ["--rules", "violence.mass_harm_weapons,privacy.doxxing"])])
+@pytest.mark.parametrize(
+    "policy,extra",
+    [
+        ("all", []),
+        ("random", ["--seed", "3"]),
+        ("fixed", ["--rules", "violence.mass_harm_weapons,privacy.doxxing"]),
+    ],
+)
 def test_other_policies(tmp_path, scored_jsonl, policy, extra):
     run("ingest", scored_jsonl, "--out", tmp_path / "store")
-    result = run("select", tmp_path / "store", "--policy", policy, *extra, "--out", tmp_path / "o.jsonl", "--json")
+    result = run(
+        "select",
+        tmp_path / "store",
+        "--policy",
+        policy,
+        *extra,
+        "--out",
+        tmp_path / "o.jsonl",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     first = json.loads(open(tmp_path / "o.jsonl").readline())
     expected_k = {"all": R, "random": 5, "fixed": 2}[policy]
@@ -84,6 +116,7 @@ def test_other_policies(tmp_path, scored_jsonl, policy, extra):
 def _bad(records_or_lines):
     def build(tmp_path):
         return write_jsonl(tmp_path / "bad.jsonl", records_or_lines)
+
     return build
 
 
@@ -101,14 +134,26 @@ def _drop(field):
 
 BAD_INPUTS = {
     "nan": (_bad(_one(scoresA=[float("nan")] * R)), "line 2.*scores_a.*not finite"),
-    "infinite": (_bad(_one(scoresA=[0.0] * (R - 1) + [float("inf")])), "line 2.*scores_a.*index 99 is not finite"),
+    "infinite": (
+        _bad(_one(scoresA=[0.0] * (R - 1) + [float("inf")])),
+        "line 2.*scores_a.*index 99 is not finite",
+    ),
     "out of range": (_bad(_one(scoresB=[1.5] + [0.0] * (R - 1))), "line 2.*scores_b.*outside"),
-    "relevance out of range": (_bad(_one(relevance=[-0.1] + [0.0] * (R - 1))), "line 2.*relevance.*outside"),
-    "wrong row length": (_bad(_one(scoresA=[0.0] * (R - 1))), f"line 2.*scores_a.*expected a list of {R}"),
+    "relevance out of range": (
+        _bad(_one(relevance=[-0.1] + [0.0] * (R - 1))),
+        "line 2.*relevance.*outside",
+    ),
+    "wrong row length": (
+        _bad(_one(scoresA=[0.0] * (R - 1))),
+        f"line 2.*scores_a.*expected a list of {R}",
+    ),
     "R disagrees with the pool": (_bad(scored_records(3, 50)), f"line 1.*expected a list of {R}"),
     "missing column": (_bad(_drop("scoresB")), "line 2.*scores_b.*missing"),
     "missing text": (_bad(_drop("prompt")), "line 2.*prompt.*missing"),
-    "malformed JSON": (_bad([json.dumps(r) for r in scored_records(2, R)] + ['{"prompt": ']), "line 3.*malformed JSON"),
+    "malformed JSON": (
+        _bad([json.dumps(r) for r in scored_records(2, R)] + ['{"prompt": ']),
+        "line 3.*malformed JSON",
+    ),
     "empty file": (_bad([]), "empty file"),
     "not a number": (_bad(_one(scoresA=["x"] * R)), "line 2.*scores_a.*numbers"),
 }
@@ -139,7 +184,11 @@ def test_store_written_with_another_pool(tmp_path, scored_jsonl):
     pool_file = tmp_path / "pool.txt"
     pool_file.write_text("\n".join(f"custom rule {i}" for i in range(R)))
     result = run("select", tmp_path / "store", "--pool", pool_file, "--out", tmp_path / "o.jsonl")
-    assert result.exit_code == 2 and "rule pool" in result.output and str(tmp_path / "store") in result.output
+    assert (
+        result.exit_code == 2
+        and "rule pool" in result.output
+        and str(tmp_path / "store") in result.output
+    )
     assert not (tmp_path / "o.jsonl").exists()
 
 

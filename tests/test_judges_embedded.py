@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from dynrules.cli import main
 from dynrules.engine.datasets import prompt_split, pyrit_pairs
 from dynrules.engine.judges import make_judge

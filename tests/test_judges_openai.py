@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+
 from dynrules.engine.judges.base import Job, JudgeAborted
 from dynrules.engine.judges.loopback import (
     MALFORMED,

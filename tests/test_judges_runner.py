@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+
 from dynrules.cli import main
 from dynrules.engine.judges.loopback import MALFORMED, Faults, LoopbackServer, synthetic_rating
 from dynrules.engine.judges.openai import OpenAIJudge

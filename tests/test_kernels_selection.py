@@ -3,9 +3,10 @@
 import numba
 import numpy as np
 import pytest
-from dynrules.kernels import selection as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from dynrules.kernels import selection as K
 
 from . import naive
 
@@ -73,7 +74,9 @@ def test_fixed_margins_and_labels(data, draw):
     rules = np.asarray(draw.draw(st.permutations(range(a.shape[1])))[:k], np.int64)
     margin = np.empty(a.shape[0])
     K.margins_of_fixed(a, b, rules, scale, margin)
-    np.testing.assert_array_equal(margin, [naive.margin_of(a[r], b[r], rules, scale) for r in range(a.shape[0])])
+    np.testing.assert_array_equal(
+        margin, [naive.margin_of(a[r], b[r], rules, scale) for r in range(a.shape[0])]
+    )
     label = np.empty(a.shape[0], np.int8)
     K.labels_of_margins(margin, label)
     np.testing.assert_array_equal(label, naive.labels_of(margin))
@@ -87,7 +90,9 @@ def test_exact_tie_is_zero_and_lower_index_wins():
     margin = np.empty(1)
     K.select_top_k(a, b, relevance, 2, K.ADDITIVE, 0.5, 1.0, 1.0, index, margin)
     assert index.tolist() == [[0, 1]]  # four equal criteria: the two lowest indices
-    K.select_top_k(a, b, relevance, 3, K.ADDITIVE, 0.5, 1.0, 1.0, np.empty((1, 3), np.int16), margin)
+    K.select_top_k(
+        a, b, relevance, 3, K.ADDITIVE, 0.5, 1.0, 1.0, np.empty((1, 3), np.int16), margin
+    )
     fixed = np.empty(1)
     K.margins_of_fixed(a, b, np.array([1, 2]), 1.0, fixed)
     label = np.empty(1, np.int8)

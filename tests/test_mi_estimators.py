@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from dynrules.engine import mi as M
 from dynrules.engine.pool import Rule, RulePool
 from dynrules.engine.store import PairTableWriter, RatingStore
@@ -66,7 +67,9 @@ def test_chi2_survival_function():
 
 def test_g_test_has_its_nominal_size_under_independence():
     rng = np.random.default_rng(3)
-    tables = rng.multinomial(3000, np.outer([0.2, 0.1, 0.7], [0.5, 0.5]).ravel(), size=3000).reshape(-1, 3, 2)
+    tables = rng.multinomial(
+        3000, np.outer([0.2, 0.1, 0.7], [0.5, 0.5]).ravel(), size=3000
+    ).reshape(-1, 3, 2)
     p = M.g_test_p_value(tables)
     assert 0.035 < np.mean(p < 0.05) < 0.065
     assert float(M.g_test_p_value(np.array([[500, 10], [0, 0], [10, 500]]))) < 1e-100
@@ -76,7 +79,9 @@ def test_resampling_interval_covers_the_true_value():
     rng = np.random.default_rng(4)
     flip, n = 0.2, 5000
     truth = 1 - binary_entropy(flip)
-    tables = rng.multinomial(n, [(1 - flip) / 2, flip / 2, flip / 2, (1 - flip) / 2], size=200).reshape(-1, 2, 2)
+    tables = rng.multinomial(
+        n, [(1 - flip) / 2, flip / 2, flip / 2, (1 - flip) / 2], size=200
+    ).reshape(-1, 2, 2)
     low, high = M.bootstrap_interval(tables, resamples=1000, seed=9)
     assert low.shape == (200,) and np.all(low <= high)
     assert 0.9 <= np.mean((low <= truth) & (truth <= high)) <= 0.99
@@ -95,7 +100,9 @@ def test_agreement_ties_and_coverage():
 
 def _store(tmp_path, a, b, truth, chunk_rows=64, field="truth"):
     pool = RulePool("t", tuple(Rule(f"r{i}", "t", f"rule {i}") for i in range(a.shape[1])))
-    store = RatingStore.create(tmp_path / "store", pool=pool, n_pairs=a.shape[0], chunk_rows=chunk_rows)
+    store = RatingStore.create(
+        tmp_path / "store", pool=pool, n_pairs=a.shape[0], chunk_rows=chunk_rows
+    )
     store.write_rows(0, a, b)
     writer = PairTableWriter(store.pairs_path)
     writer.write({"id": [str(i) for i in range(a.shape[0])], field: truth})
@@ -128,7 +135,9 @@ def test_truth_must_be_binary(tmp_path):
         M.truth_labels(store, "truth")
     with pytest.raises(InputError, match="no pair field 'human'"):
         M.truth_labels(store, "human")
-    np.testing.assert_array_equal(M.truth_labels(store, np.array([True, False, True, True])), [1, 0, 1, 1])
+    np.testing.assert_array_equal(
+        M.truth_labels(store, np.array([True, False, True, True])), [1, 0, 1, 1]
+    )
 
 
 def test_parse_ks():
@@ -147,6 +156,13 @@ def test_ablate_a_store_without_relevance(tmp_path):
     store = _store(tmp_path, a, b, rng.integers(0, 2, 500))
     rows = ablate(store, "truth", [2], resamples=50)["rows"]
     assert {(r["policy"], r["criterion"]) for r in rows} == {
-        ("adaptive", "absolute"), ("zscore", "absolute"), ("greedy", "absolute"), ("all", None), ("random", None),
-        ("fixed", None)}
-    assert all(r["ties"] > 0 and 0 < r["coverage"] < 1 for r in rows)  # coarse levels: exact ties happen
+        ("adaptive", "absolute"),
+        ("zscore", "absolute"),
+        ("greedy", "absolute"),
+        ("all", None),
+        ("random", None),
+        ("fixed", None),
+    }
+    assert all(
+        r["ties"] > 0 and 0 < r["coverage"] < 1 for r in rows
+    )  # coarse levels: exact ties happen

@@ -3,11 +3,12 @@
 import numba
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dynrules.kernels import contingency as C
 from dynrules.kernels import policies as P
 from dynrules.kernels import selection as K
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from . import naive_mi
 
@@ -85,11 +86,15 @@ def test_table_mi_matches_definition(cells, miller_madow):
     table = np.asarray(cells, np.float64).reshape(1, 3, 2)
     out = np.empty(1)
     C.mutual_information_nats(table, miller_madow, out)
-    assert out[0] / np.log(2) == pytest.approx(naive_mi.mutual_information_bits(table[0], miller_madow), abs=1e-12)
+    assert out[0] / np.log(2) == pytest.approx(
+        naive_mi.mutual_information_bits(table[0], miller_madow), abs=1e-12
+    )
 
 
 def test_resampling_keeps_totals_and_does_not_depend_on_thread_count():
-    tables = np.array([[[30, 5], [0, 0], [7, 40]], [[1, 1], [1, 1], [1, 1]], [[0, 0], [0, 0], [0, 0]]], np.float64)
+    tables = np.array(
+        [[[30, 5], [0, 0], [7, 40]], [[1, 1], [1, 1], [1, 1]], [[0, 0], [0, 0], [0, 0]]], np.float64
+    )
     runs = []
     for threads in (1, numba.config.NUMBA_NUM_THREADS):
         numba.set_num_threads(threads)
@@ -124,11 +129,21 @@ def test_counts_do_not_depend_on_thread_count(threads):
 @given(ratings(), st.sampled_from(sorted(K.CRITERIA)), st.data())
 def test_weighted_top_k_matches_naive(data, criterion, draw):
     a, b, relevance, _, k, scale = data
-    weight = np.asarray(draw.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=a.shape[1],
-                                           max_size=a.shape[1])), np.float32)
+    weight = np.asarray(
+        draw.draw(
+            st.lists(
+                st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=a.shape[1], max_size=a.shape[1]
+            )
+        ),
+        np.float32,
+    )
     index, margin = np.empty((a.shape[0], k), np.int16), np.empty(a.shape[0])
-    P.select_weighted_top_k(a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, weight, index, margin)
-    want_index, want_margin = naive_mi.weighted_top_k(a, b, relevance, k, criterion, 0.5, scale, scale, weight)
+    P.select_weighted_top_k(
+        a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, weight, index, margin
+    )
+    want_index, want_margin = naive_mi.weighted_top_k(
+        a, b, relevance, k, criterion, 0.5, scale, scale, weight
+    )
     np.testing.assert_array_equal(index, want_index)
     np.testing.assert_array_equal(margin, want_margin)
 
@@ -142,10 +157,24 @@ def test_greedy_matches_naive(data, criterion, discount, draw):
     redundancy = rng.choice(np.array([0.0, 0.25, 0.5, 1.0], np.float32), (n_rules, n_rules))
     weight = np.ones(n_rules, np.float32)
     index, margin = np.empty((a.shape[0], k), np.int16), np.empty(a.shape[0])
-    P.select_greedy(a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, weight, redundancy, discount,
-                    index, margin)
-    want_index, want_margin = naive_mi.greedy(a, b, relevance, k, criterion, 0.5, scale, scale, weight, redundancy,
-                                              discount)
+    P.select_greedy(
+        a,
+        b,
+        relevance,
+        k,
+        K.CRITERIA[criterion],
+        0.5,
+        scale,
+        scale,
+        weight,
+        redundancy,
+        discount,
+        index,
+        margin,
+    )
+    want_index, want_margin = naive_mi.greedy(
+        a, b, relevance, k, criterion, 0.5, scale, scale, weight, redundancy, discount
+    )
     np.testing.assert_array_equal(index, want_index)
     np.testing.assert_array_equal(margin, want_margin)
 
@@ -157,11 +186,28 @@ def test_unit_weights_and_zero_discount_reduce_to_top_k(data, criterion):
     n, n_rules = a.shape
     ones, redundancy = np.ones(n_rules, np.float32), np.ones((n_rules, n_rules), np.float32)
     want_index, want_margin = np.empty((n, k), np.int16), np.empty(n)
-    K.select_top_k(a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, want_index, want_margin)
+    K.select_top_k(
+        a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, want_index, want_margin
+    )
     for run in (
-        lambda i, m: P.select_weighted_top_k(a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, ones, i, m),
-        lambda i, m: P.select_greedy(a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, ones, redundancy,
-                                     0.0, i, m),
+        lambda i, m: P.select_weighted_top_k(
+            a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, ones, i, m
+        ),
+        lambda i, m: P.select_greedy(
+            a,
+            b,
+            relevance,
+            k,
+            K.CRITERIA[criterion],
+            0.5,
+            scale,
+            scale,
+            ones,
+            redundancy,
+            0.0,
+            i,
+            m,
+        ),
     ):
         index, margin = np.empty((n, k), np.int16), np.empty(n)
         run(index, margin)
@@ -176,5 +222,19 @@ def test_greedy_skips_a_duplicate():
     redundancy = np.eye(4, dtype=np.float32)
     redundancy[0, 1] = redundancy[1, 0] = 0.95
     index, margin = np.empty((1, 2), np.int16), np.empty(1)
-    P.select_greedy(a, b, a, 2, K.ABSOLUTE, 0.5, 1.0, 1.0, np.ones(4, np.float32), redundancy, 1.0, index, margin)
+    P.select_greedy(
+        a,
+        b,
+        a,
+        2,
+        K.ABSOLUTE,
+        0.5,
+        1.0,
+        1.0,
+        np.ones(4, np.float32),
+        redundancy,
+        1.0,
+        index,
+        margin,
+    )
     assert index.tolist() == [[0, 2]] and margin[0] == pytest.approx(1.5)

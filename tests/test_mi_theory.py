@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+
 from dynrules.engine import mi as M
 from dynrules.engine.ablate import ablate
 from dynrules.engine.simulate import PARAMETERS_FILE, SimulationModel, simulate
@@ -24,7 +25,9 @@ def stores(tmp_path_factory):
 
 
 def _row(rows, policy, k, criterion=None):
-    return next(r for r in rows if r["policy"] == policy and r["k"] == k and r["criterion"] == criterion)
+    return next(
+        r for r in rows if r["policy"] == policy and r["k"] == k and r["criterion"] == criterion
+    )
 
 
 def test_per_rule_vote_mi_matches_the_model(stores):
@@ -33,7 +36,12 @@ def test_per_rule_vote_mi_matches_the_model(stores):
     model = SimulationModel()
     beta = model.slope
     g_mean = (math.log1p(math.exp(2 * beta)) - math.log(2)) / (2 * beta)
-    rho = np.array([r["relevance_rate"] for r in json.loads((stores / "plain" / PARAMETERS_FILE).read_text())["rules"]])
+    rho = np.array(
+        [
+            r["relevance_rate"]
+            for r in json.loads((stores / "plain" / PARAMETERS_FILE).read_text())["rules"]
+        ]
+    )
     p = 0.5 + rho * (g_mean - 0.5)
     predicted = 1 + p * np.log2(p) + (1 - p) * np.log2(1 - p)
     store = M.open_store(stores / "plain")
@@ -55,7 +63,10 @@ def test_adaptive_beats_random_and_fixed(stores):
 
 def test_redundancy_aware_greedy_beats_top_k_with_duplicated_rules(stores):
     result = ablate(stores / "duplicated", "truth", [5], policies=("adaptive", "greedy"))
-    top_k, greedy = _row(result["rows"], "adaptive", 5, "additive"), _row(result["rows"], "greedy", 5, "additive")
+    top_k, greedy = (
+        _row(result["rows"], "adaptive", 5, "additive"),
+        _row(result["rows"], "greedy", 5, "additive"),
+    )
     assert greedy["ci_low"] > top_k["ci_high"], (greedy, top_k)
     assert greedy["agreement"] > top_k["agreement"]
     # The redundancy measure finds exactly the injected duplicates.

@@ -15,9 +15,13 @@ from .conftest import write_jsonl
 def report_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     pairs = pyrit_pairs("train")[:24] + pyrit_pairs("heldout")[:16]
-    path = write_jsonl(out / "pairs.jsonl", [{k: p[k] for k in ("id", "prompt", "response_a", "response_b", "truth")}
-                                             for p in pairs])
-    config = PipelineConfig(rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3))
+    path = write_jsonl(
+        out / "pairs.jsonl",
+        [{k: p[k] for k in ("id", "prompt", "response_a", "response_b", "truth")} for p in pairs],
+    )
+    config = PipelineConfig(
+        rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3)
+    )
     run_pipeline(out / "report", path, config)
     return out / "report"
 
@@ -25,16 +29,44 @@ def report_dir(tmp_path_factory):
 def test_report_json_has_the_promised_shape(report_dir):
     report = json.loads((report_dir / "report.json").read_text())
     assert {"policies", "adapter", "reward_model", "stages"} <= set(report)
-    assert {"precision_at_k", "recall_at_k", "label_agreement", "judge_calls_saved"} <= set(report["adapter"])
+    assert {"precision_at_k", "recall_at_k", "label_agreement", "judge_calls_saved"} <= set(
+        report["adapter"]
+    )
     assert {"accuracy", "length_baseline", "human_label_accuracy"} <= set(report["reward_model"])
-    assert {r["policy"] for r in report["policies"]} == {"adaptive", "zscore", "greedy", "all", "random", "fixed"}
+    assert {r["policy"] for r in report["policies"]} == {
+        "adaptive",
+        "zscore",
+        "greedy",
+        "all",
+        "random",
+        "fixed",
+    }
     for row in report["policies"]:
-        assert {"policy", "criterion", "k", "agreement", "mi_bits", "ci_low", "ci_high", "ties"} <= set(row)
+        assert {
+            "policy",
+            "criterion",
+            "k",
+            "agreement",
+            "mi_bits",
+            "ci_low",
+            "ci_high",
+            "ties",
+        } <= set(row)
     assert report["adapter"]["judge_calls_saved"] == pytest.approx(0.95)
     for value in (report["reward_model"]["accuracy"], report["adapter"]["precision_at_k"]):
         assert 0.0 <= value <= 1.0
-    expected_stages = {"rate_train", "rate_heldout", "select", "ablate", "train_adapter", "apply_adapter",
-                       "train_rm_rules", "eval_rm_rules", "train_rm_human", "eval_rm_human"}
+    expected_stages = {
+        "rate_train",
+        "rate_heldout",
+        "select",
+        "ablate",
+        "train_adapter",
+        "apply_adapter",
+        "train_rm_rules",
+        "eval_rm_rules",
+        "train_rm_human",
+        "eval_rm_human",
+    }
     assert set(report["stages"]) == expected_stages
 
 

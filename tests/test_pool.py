@@ -3,13 +3,27 @@ from dataclasses import replace
 
 import pytest
 import yaml
+
 from dynrules.engine.pool import Rule, RulePool, load_pool
 from dynrules.errors import InputError
 
 REQUIRED_CATEGORIES = {
-    "violence", "self_harm", "sexual_content", "child_safety", "hate_harassment", "privacy",
-    "cybercrime", "fraud", "illegal_trade", "extremism", "dangerous_science", "misinformation",
-    "manipulation", "specialised_advice", "intellectual_property", "helpfulness",
+    "violence",
+    "self_harm",
+    "sexual_content",
+    "child_safety",
+    "hate_harassment",
+    "privacy",
+    "cybercrime",
+    "fraud",
+    "illegal_trade",
+    "extremism",
+    "dangerous_science",
+    "misinformation",
+    "manipulation",
+    "specialised_advice",
+    "intellectual_property",
+    "helpfulness",
 }
 RULES = [
     {"id": "a", "text": "The response is kind.", "category": "tone"},
@@ -46,9 +60,13 @@ def test_hash_stable_and_sensitive():
 
 
 def _expected(name):
-    return RulePool(name, (Rule("a", "tone", "The response is kind."),
-                           Rule("b", "custom", "The response answers the question.",
-                                "helpfulness")))
+    return RulePool(
+        name,
+        (
+            Rule("a", "tone", "The response is kind."),
+            Rule("b", "custom", "The response answers the question.", "helpfulness"),
+        ),
+    )
 
 
 def test_round_trip_yaml_json(tmp_path):
@@ -70,22 +88,28 @@ def test_round_trip_text(tmp_path):
     assert set(pool.categories) == {"custom"}
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("bad.yaml", "rules: [a, {b", "cannot parse"),
-    ("bad.json", "{not json", "cannot parse"),
-    ("empty.yaml", "", "empty"),
-    ("empty.json", '{"rules": []}', "empty"),
-    ("empty.txt", "# only a comment\n\n", "empty"),
-    ("notext.yaml", "rules: [{id: a}]", "rule 1.*no text"),
-    ("blank.yaml", "rules: [{id: a, text: ok}, {id: b, text: '  '}]", "rule 2.*empty"),
-    ("noid.yaml", "rules: [{text: ok}]", "rule 1.*no id"),
-    ("dupid.yaml", "rules: [{id: a, text: one}, {id: a, text: two}]", "duplicate id 'a'"),
-    ("duptext.yaml", "rules: [{id: a, text: Be Kind.}, {id: b, text: ' be  kind. '}]",
-     r"rule 2 \(id 'b'\).*rule 1 \(id 'a'\)"),
-    ("duptext.txt", "Be kind.\n# c\nBE KIND.\n", "line 3.*line 1"),
-    ("pol.yaml", "rules: [{id: a, text: ok, polarity: maybe}]", "unknown polarity 'maybe'"),
-    ("scalar.yaml", "rules: [just a string]", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("bad.yaml", "rules: [a, {b", "cannot parse"),
+        ("bad.json", "{not json", "cannot parse"),
+        ("empty.yaml", "", "empty"),
+        ("empty.json", '{"rules": []}', "empty"),
+        ("empty.txt", "# only a comment\n\n", "empty"),
+        ("notext.yaml", "rules: [{id: a}]", "rule 1.*no text"),
+        ("blank.yaml", "rules: [{id: a, text: ok}, {id: b, text: '  '}]", "rule 2.*empty"),
+        ("noid.yaml", "rules: [{text: ok}]", "rule 1.*no id"),
+        ("dupid.yaml", "rules: [{id: a, text: one}, {id: a, text: two}]", "duplicate id 'a'"),
+        (
+            "duptext.yaml",
+            "rules: [{id: a, text: Be Kind.}, {id: b, text: ' be  kind. '}]",
+            r"rule 2 \(id 'b'\).*rule 1 \(id 'a'\)",
+        ),
+        ("duptext.txt", "Be kind.\n# c\nBE KIND.\n", "line 3.*line 1"),
+        ("pol.yaml", "rules: [{id: a, text: ok, polarity: maybe}]", "unknown polarity 'maybe'"),
+        ("scalar.yaml", "rules: [just a string]", "expected a mapping"),
+    ],
+)
 def test_validation_errors(tmp_path, name, content, match):
     path = tmp_path / name
     path.write_text(content)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from dynrules.engine.pool import Rule, RulePool
 from dynrules.engine.store import RatingStore, quantize
 from dynrules.errors import InputError
@@ -10,8 +11,14 @@ from dynrules.errors import InputError
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_round_trip_each_dtype(tmp_path, small_pool, dtype):
     rng = np.random.default_rng(0)
-    a, b, rel = rng.uniform(-1, 1, (300, 8)), rng.uniform(-1, 1, (300, 8)), rng.uniform(0, 1, (300, 8))
-    store = RatingStore.create(tmp_path / "s", pool=small_pool, dtype=dtype, has_relevance=True, chunk_rows=64)
+    a, b, rel = (
+        rng.uniform(-1, 1, (300, 8)),
+        rng.uniform(-1, 1, (300, 8)),
+        rng.uniform(0, 1, (300, 8)),
+    )
+    store = RatingStore.create(
+        tmp_path / "s", pool=small_pool, dtype=dtype, has_relevance=True, chunk_rows=64
+    )
     store.append(a[:100], b[:100], rel[:100])
     store.append(a[100:], b[100:], rel[100:])
     store.write_manifest()
@@ -24,11 +31,15 @@ def test_round_trip_each_dtype(tmp_path, small_pool, dtype):
     tolerance = {"float32": 1e-7, "float16": 1e-3, "int8": 0.5 / 127 + 1e-7}[dtype]
     assert np.abs(got_a - a).max() <= tolerance
     assert np.abs(got_rel - rel).max() <= tolerance
-    np.testing.assert_array_equal(reopened.read(250, 10_000).scores_b, quantize(b[250:], dtype))  # clamped
+    np.testing.assert_array_equal(
+        reopened.read(250, 10_000).scores_b, quantize(b[250:], dtype)
+    )  # clamped
 
 
 def test_int8_is_round_127s():
-    np.testing.assert_array_equal(quantize(np.array([1.0, -1.0, 0.5, 0.0039]), "int8"), [127, -127, 64, 0])
+    np.testing.assert_array_equal(
+        quantize(np.array([1.0, -1.0, 0.5, 0.0039]), "int8"), [127, -127, 64, 0]
+    )
 
 
 def test_store_rejects_another_pool(tmp_path, small_pool):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dynrules.errors import DynrulesError
 from dynrules.train import encoder as enc
 

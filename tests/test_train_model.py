@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from dynrules.errors import DynrulesError, InputError
 from dynrules.train import encoder as enc
 from dynrules.train import model as mdl

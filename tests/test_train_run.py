@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors.numpy import load_file
+
 from dynrules.cli import main
 from dynrules.errors import DynrulesError
-from safetensors.numpy import load_file
 
 TRAIN_KEYS = {"loss", "accuracy", "margin", "reward_mean", "reward_std", "tokens_per_s"}
 EVAL_KEYS = [

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
+
 from dynrules.errors import DynrulesError
 from dynrules.train import sharding as shd
-from jax.sharding import PartitionSpec
 
 FAKE_MESH = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})
 
@@ -89,6 +90,7 @@ def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(tmp_
 def _multi_device_main(out: Path, encoder_dir: str) -> None:
     """Runs inside the 8-device subprocess; prints one JSON report line."""
     import jax
+
     from dynrules.train import encoder as enc
     from dynrules.train import model as mdl
     from dynrules.train.checkpoint import Checkpointer

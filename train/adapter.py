@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from dynrules.engine.atomic import atomic_path
 from dynrules.engine.select import SelectionConfig, select_chunk
 from dynrules.engine.store import RatingStore

@@ -16,6 +16,7 @@ import os
 import time
 
 import numpy as np
+
 from dynrules.errors import DynrulesError
 
 TORCH_HINT = "the PyTorch side needs torch and transformers: pip install torch==2.13.0 transformers"
@@ -92,6 +93,7 @@ def bench_train(
 ) -> dict:
     """Training pairs/s, JAX vs PyTorch, same MiniLM reward model and same batches."""
     import jax
+
     from dynrules.train import encoder as enc
     from dynrules.train import model as mdl
     from dynrules.train import sharding as shd
@@ -168,6 +170,7 @@ def bench_score(
 ) -> dict:
     """Scoring pairs/s (both texts of each pair), JAX vs PyTorch, on identical bucketed batches."""
     import jax
+
     from dynrules.train import encoder as enc
     from dynrules.train import model as mdl
     from dynrules.train import sharding as shd
@@ -254,6 +257,7 @@ def bench_train_mfu(
     for forward + backward whatever remat recomputes.
     """
     import jax
+
     from dynrules.train import encoder as enc
     from dynrules.train import model as mdl
     from dynrules.train import sharding as shd

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+
 from dynrules.errors import DynrulesError
 
 

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 import yaml
+
 from dynrules.errors import DynrulesError
 
 

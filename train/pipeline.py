@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from dynrules.engine.atomic import atomic_path
 from dynrules.errors import DynrulesError
 
@@ -130,11 +131,7 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
     pool = load_pool(config.pool)
 
     with make_judge(config.judge, pool, **config.judge_options) as judge:
-        judge_name = (
-            judge.identity.get("judge", config.judge)
-            if hasattr(judge, "identity")
-            else config.judge
-        )
+        judge_name = judge.identity["judge"]
         rated = {}
         for split, records in (("train", train), ("heldout", heldout)):
             rated[split] = stages.run(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
 from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import DynrulesError, InputError
 from dynrules.train import encoder as enc

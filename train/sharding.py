@@ -18,8 +18,9 @@ import math
 
 import jax
 import numpy as np
-from dynrules.errors import DynrulesError
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from dynrules.errors import DynrulesError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

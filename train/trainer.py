@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
+
 from dynrules.errors import DynrulesError
 from dynrules.train import encoder as enc
 from dynrules.train import model as mdl
@@ -39,7 +41,6 @@ from dynrules.train.config import TrainConfig, load_config, make_config
 from dynrules.train.data import Pair, fingerprint, load_pairs
 from dynrules.train.evaluate import pair_report
 from dynrules.train.objective import bradley_terry, make_optimizer, make_schedule, summarize
-from flax import nnx
 
 RUN_FILE = "run.json"
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError
 

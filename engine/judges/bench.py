@@ -25,6 +25,7 @@ import time
 from importlib import resources
 
 import numpy as np
+
 from dynrules.engine.judges.base import Job, Judge, pair_cells
 from dynrules.engine.judges.templates import load_template
 from dynrules.engine.pool import RulePool, load_pool

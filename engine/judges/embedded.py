@@ -39,6 +39,7 @@ import json
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+
 from dynrules.engine.judges.base import Job, JobResult, Judge
 from dynrules.engine.pool import RulePool
 

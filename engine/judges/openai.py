@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator
 
 import httpx
 import numpy as np
+
 from dynrules.engine.judges.base import Job, JobResult, Judge, JudgeAborted
 from dynrules.engine.judges.templates import Template, load_template
 from dynrules.engine.pool import RulePool

@@ -37,13 +37,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from dynrules.engine.atomic import atomic_path
 from dynrules.engine.judges.base import Job, Judge, pair_cells
 from dynrules.engine.pairs import TEXT_FIELDS, extra_fields, iter_raw_records, load_pairs
 from dynrules.engine.pool import RulePool
 from dynrules.engine.store import CHUNK_ROWS, PairTableWriter, RatingStore, create_array, quantize
 from dynrules.errors import DynrulesError, InputError
-from tqdm import tqdm
 
 DONE = "done"
 LOG = "ratings.log"
