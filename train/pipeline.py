@@ -173,7 +173,7 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
         lambda: adp.train_adapter(
             stores["train"], out / "adapter", adapter_config, selection=selection
         ),
-        items=config.adapter_steps,
+        items=config.adapter_steps * config.batch_size,
     )
     adapter = stages.run(
         "apply_adapter",
@@ -347,7 +347,15 @@ def markdown(report: dict) -> str:
         ]
     else:
         lines.append("No human truth in the data: held-out accuracy not measured.")
-    lines += ["", "## Stages", "", "| stage | seconds | items/s |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Stages",
+        "",
+        "items/s: rated cells, pairs, or training pairs (steps × batch)",
+        "",
+        "| stage | seconds | items/s |",
+        "|---|---|---|",
+    ]
     for name, seconds in report["stages"].items():
         lines.append(f"| {name} | {seconds} | {_fmt(report['throughput'].get(name), 1)} |")
     return "\n".join(lines) + "\n"
