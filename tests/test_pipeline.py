@@ -79,3 +79,17 @@ def test_markdown_and_html_carry_the_json_numbers(report_dir):
     assert "far weaker than a 70B LLM judge" in text
     assert (report_dir / "ablation" / "mi_vs_k.png").stat().st_size > 1000
     assert "<table>" in (report_dir / "report.html").read_text()
+
+
+def test_rerun_keeps_finished_work(report_dir):
+    first = json.loads((report_dir / "report.json").read_text())
+    pairs = report_dir.parent / "pairs.jsonl"
+    config = PipelineConfig(
+        rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3)
+    )
+    second = run_pipeline(report_dir, pairs, config)
+    assert "train_adapter" not in second["stages"]  # the trained adapter was reused
+    assert second["judge"]["rated_train"]["rated"] == 0  # every cell was already rated
+    assert second["judge"]["rated_train"]["skipped_done"] == first["judge"]["rated_train"]["rated"]
+    assert second["adapter"] == first["adapter"]
+    assert second["reward_model"] == first["reward_model"]  # resumed at the last step: same model

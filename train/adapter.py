@@ -144,7 +144,7 @@ def train_adapter(
         mdl.export_model(mdl.gather(state["params"]), spec, loaded.tokenizer.path, tmp / "model")
         info = {"pool": store.manifest["pool"], "selection": {"policy": selection.policy, "k": selection.k,
                 "criterion": selection.criterion, "alpha": selection.alpha}, "steps": config.steps,
-                "train_pairs": len(texts), "final_loss": final_loss, "truncated": tokens.truncated,
+                "config": config.to_dict(), "train_pairs": len(texts), "final_loss": final_loss, "truncated": tokens.truncated,
                 "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
         (tmp / ADAPTER_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -168,6 +168,31 @@ def _train_step(trainable: Trainable):
         in_shardings=(trainable.state_shardings, None),
         out_shardings=(trainable.state_shardings, shd.replicated(trainable.mesh)),
         donate_argnums=0,
+    )
+
+
+def is_trained(
+    run_dir, store: RatingStore, config: TrainConfig | dict, selection: SelectionConfig
+) -> bool:
+    """Whether ``run_dir`` already holds this adapter (same pool, pairs, selection and config),
+    so that a rerun of a killed pipeline does not train it again."""
+    path = Path(run_dir) / ADAPTER_FILE
+    if not path.is_file():
+        return False
+    info = json.loads(path.read_text())
+    config = make_config(config) if isinstance(config, dict) else config
+    selection = selection.resolved(store)
+    return (
+        info.get("pool") == store.manifest["pool"]
+        and info.get("train_pairs") == store.n_pairs
+        and info.get("config") == config.to_dict()
+        and info.get("selection")
+        == {
+            "policy": selection.policy,
+            "k": selection.k,
+            "criterion": selection.criterion,
+            "alpha": selection.alpha,
+        }
     )
 
 

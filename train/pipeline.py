@@ -109,7 +109,11 @@ def human_pairs(records: list[dict]) -> list[dict]:
 
 
 def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None) -> dict:
-    """Run the main job; returns report.json's content. Each stage's output is kept in out_dir."""
+    """Run the main job; returns report.json's content. Each stage's output is kept in out_dir.
+
+    Started again on the same ``out_dir`` after a kill, it keeps what was finished: rating skips
+    rated cells, a trained adapter is reused, reward models resume from their checkpoints.
+    """
     from dynrules.engine import ablate as abl
     from dynrules.engine.judges import make_judge
     from dynrules.engine.judges.runner import rate_pairs
@@ -168,13 +172,14 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
         "learning_rate": config.adapter_learning_rate,
         "seed": config.seed,
     }
-    stages.run(
-        "train_adapter",
-        lambda: adp.train_adapter(
-            stores["train"], out / "adapter", adapter_config, selection=selection
-        ),
-        items=config.adapter_steps * config.batch_size,
-    )
+    if not adp.is_trained(out / "adapter", stores["train"], adapter_config, selection):
+        stages.run(
+            "train_adapter",
+            lambda: adp.train_adapter(
+                stores["train"], out / "adapter", adapter_config, selection=selection
+            ),
+            items=config.adapter_steps * config.batch_size,
+        )
     adapter = stages.run(
         "apply_adapter",
         lambda: _adapter_report(
@@ -190,7 +195,8 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
         "learning_rate": config.learning_rate,
         "seed": config.seed,
         "eval_every": 0,
-        "checkpoint_every": config.rm_steps,
+        # A killed pipeline started again resumes each reward model from its last checkpoint.
+        "checkpoint_every": max(1, config.rm_steps // 4),
         "eval_fraction": 0.0,
     }
     rule_pairs = [json.loads(line) for line in open(out / "labelled-train.jsonl", encoding="utf-8")]
