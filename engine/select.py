@@ -12,6 +12,7 @@ give them to A or B (``"b"`` reproduces the published code, which did so silentl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -186,16 +187,8 @@ def run_selection(
     }
 
 
-class _NoFile:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _maybe_atomic(out):
-    return atomic_path(out) if out is not None else _NoFile()
+    return atomic_path(out) if out is not None else contextlib.nullcontext()
 
 
 def _selection_arrays(store: RatingStore, config: SelectionConfig) -> dict:
