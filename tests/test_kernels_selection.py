@@ -137,3 +137,16 @@ def test_rows_of_equal_values_take_the_insertion_path(level):
     K.select_top_k(a, b, np.zeros_like(a), 4, K.ADDITIVE, 0.5, 1.0, 1.0, index, margin)
     assert index.tolist() == [[0, 1, 2, 3]] * 3
     np.testing.assert_array_equal(margin, [4 * level] * 3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(ratings(), st.booleans())
+def test_roofline_reads_every_element_once(data, use_relevance):
+    from dynrules.kernels.roofline import read_sum
+
+    a, b, relevance, _, _ = data
+    want = float(a.astype(np.float64).sum() + b.astype(np.float64).sum())
+    if use_relevance:
+        want += float(relevance.astype(np.float64).sum())
+    # The roofline may reassociate its float32 sum: equal up to rounding, not bit for bit.
+    assert read_sum(a, b, relevance, use_relevance) == pytest.approx(want, rel=1e-5, abs=1e-3)
