@@ -23,6 +23,7 @@ multinomial-resampling interval, ties and coverage (the fraction of pairs labell
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -58,7 +59,7 @@ class _Contender:
 
 
 def _labels_by(kernel, arguments: tuple):
-    """Label a chunk with a kernel of kernels.policies: kernel(a, b, relevance, k, *arguments, index, margin)."""
+    """Label a chunk with a selection kernel: kernel(a, b, relevance, k, *arguments, index, margin)."""
 
     def label_of(chunk, k):
         a, b = to_kernel_dtype(chunk.scores_a), to_kernel_dtype(chunk.scores_b)
@@ -183,7 +184,8 @@ def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> lis
                 for criterion in ("absolute", "product") if store.has_relevance else ("absolute",):
                     code = K.CRITERIA[criterion]
                     label_of = _labels_by(
-                        P.select_weighted_top_k, (code, alpha, scale, scale, zscore_weight)
+                        functools.partial(K.select_top_k, weight=zscore_weight),
+                        (code, alpha, scale, scale),
                     )
                     out.append(_Contender(policy, criterion, k, label_of))
             elif policy == "greedy":

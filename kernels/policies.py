@@ -1,16 +1,12 @@
-"""Selection policies beyond plain top-k: per-rule weighted (z-scored) top-k and redundancy-aware
-greedy selection.
+"""Redundancy-aware greedy selection (the z-scored criterion is select_top_k with a weight).
 
-Both read the same inputs as ``kernels.selection.select_top_k`` plus ``weight`` [R] (float32), a
-per-rule factor on the discrepancy. The criterion per rule i, in float32 in exactly this order:
+It reads the same inputs as ``kernels.selection.select_top_k``, including ``weight`` [R]
+(float32), and evaluates the same criterion, in float32 in exactly the same order:
 
     spread_i  = |a_i − b_i|·scale·weight_i
     ADDITIVE  relevance_i·relevance_scale + alpha·spread_i
     PRODUCT   relevance_i·relevance_scale · spread_i
     ABSOLUTE  spread_i
-
-With weight_i = 1 / (rule i's discrepancy standard deviation over the data set) this is the
-z-scored criterion; with weight 1 it is exactly select_top_k's criterion.
 
 Greedy selection picks k rules one at a time: the next rule maximises
     criterion_i · (1 − discount · max_{j chosen} redundancy[j, i])
@@ -45,41 +41,6 @@ def _margin(a, b, row, index, scale):
         i = index[row, j]
         margin += (np.float64(a[row, i]) - np.float64(b[row, i])) * scale
     return margin
-
-
-@numba.njit(**PARALLEL_EXACT)
-def select_weighted_top_k(
-    a, b, relevance, k, criterion, alpha, scale, relevance_scale, weight, out_index, out_margin
-):
-    """Top-k by the weighted criterion into out_index [n, k] (rank order) and out_margin [n]."""
-    n, n_rules = a.shape
-    alpha32, scale32, relevance_scale32 = (
-        np.float32(alpha),
-        np.float32(scale),
-        np.float32(relevance_scale),
-    )
-    n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
-    for block in numba.prange(n_blocks):
-        value = np.empty(n_rules, np.float32)
-        best_value = np.empty(k, np.float32)
-        for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
-            _criteria(
-                a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, value
-            )
-            # Insertion top-k in index order; strict '>' keeps the lower index ahead on ties.
-            for j in range(k):
-                best_value[j] = np.float32(-1.0)
-            for i in range(n_rules):
-                c = value[i]
-                if c > best_value[k - 1]:
-                    j = k - 1
-                    while j > 0 and c > best_value[j - 1]:
-                        best_value[j] = best_value[j - 1]
-                        out_index[row, j] = out_index[row, j - 1]
-                        j -= 1
-                    best_value[j] = c
-                    out_index[row, j] = i
-            out_margin[row] = _margin(a, b, row, out_index, scale)
 
 
 @numba.njit(**PARALLEL_EXACT)

@@ -4,10 +4,11 @@ Inputs are pair-major rating matrices ``a`` and ``b`` (scores of responses A and
 optionally ``relevance`` [n, R], stored as float32 or int8 (int8 holds round(127·s); ``scale``
 and ``relevance_scale`` turn stored units back into [-1, 1] and [0, 1]).
 
-Criterion per rule i, with d_i = s_i(A) − s_i(B), evaluated in float32 in exactly this order:
-    ADDITIVE  relevance_i·relevance_scale + alpha·(|a_i − b_i|·scale)   (published, alpha = 0.5)
-    PRODUCT   relevance_i·relevance_scale · (|a_i − b_i|·scale)
-    ABSOLUTE  |a_i − b_i|·scale                                          (no relevance)
+Criterion per rule i, with d_i = s_i(A) − s_i(B) and spread_i = |a_i − b_i|·scale·weight_i
+(weight_i = 1 unless given), evaluated in float32 in exactly this order:
+    ADDITIVE  relevance_i·relevance_scale + alpha·spread_i   (the published choice, alpha = 0.5)
+    PRODUCT   relevance_i·relevance_scale · spread_i
+    ABSOLUTE  spread_i                                       (no relevance)
 The k largest criteria are selected; on equal criteria the lower rule index wins, so results
 do not depend on thread count or chunking. Indices come out in rank order (criterion
 descending, index ascending). Margins Σ_{i∈S} d_i are summed in float64 in that order, so an
@@ -47,7 +48,7 @@ def _insertion_top_k(candidate, candidate_value, n_candidates, k, best_value, be
 def _make_select_top_k(criterion):
     # One compiled kernel per criterion keeps the criterion branch out of the vectorised loop.
     @numba.njit(**PARALLEL_EXACT)
-    def select(a, b, relevance, k, alpha, scale, relevance_scale, out_index, out_margin):
+    def select(a, b, relevance, k, alpha, scale, relevance_scale, weight, out_index, out_margin):
         n, n_rules = a.shape
         alpha32 = np.float32(alpha)
         scale32 = np.float32(scale)
@@ -63,7 +64,9 @@ def _make_select_top_k(criterion):
             for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
                 # Pass 1 (vectorised): every rule's criterion.
                 for i in range(n_rules):
-                    spread = abs(np.float32(a[row, i]) - np.float32(b[row, i])) * scale32
+                    spread = (
+                        abs(np.float32(a[row, i]) - np.float32(b[row, i])) * scale32 * weight[i]
+                    )
                     if criterion == ADDITIVE:
                         value[i] = (
                             np.float32(relevance[row, i]) * relevance_scale32 + alpha32 * spread
@@ -116,14 +119,18 @@ _SELECT_TOP_K = {c: _make_select_top_k(c) for c in (ADDITIVE, PRODUCT, ABSOLUTE)
 
 
 def select_top_k(
-    a, b, relevance, k, criterion, alpha, scale, relevance_scale, out_index, out_margin
+    a, b, relevance, k, criterion, alpha, scale, relevance_scale, out_index, out_margin, weight=None
 ):
     """Fill out_index[n, k] and out_margin[n] with each pair's top-k rules and their margin.
 
-    ``relevance`` is not read for ABSOLUTE; pass any 2-D array (for example ``a``).
+    ``relevance`` is not read for ABSOLUTE; pass any 2-D array (for example ``a``). ``weight``
+    [R] float32 multiplies each rule's |d| in the criterion (1 / the rule's discrepancy spread
+    gives the z-scored criterion); None means 1, which leaves every value unchanged.
     """
+    if weight is None:
+        weight = np.ones(a.shape[1], np.float32)
     _SELECT_TOP_K[criterion](
-        a, b, relevance, k, alpha, scale, relevance_scale, out_index, out_margin
+        a, b, relevance, k, alpha, scale, relevance_scale, weight, out_index, out_margin
     )
 
 

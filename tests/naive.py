@@ -5,9 +5,11 @@ import numpy as np
 MASK64 = (1 << 64) - 1
 
 
-def criterion(a, b, relevance, name, alpha, scale, relevance_scale):
+def criterion(a, b, relevance, name, alpha, scale, relevance_scale, weight=None):
     """The selection criterion in float32, operation for operation as documented in the kernel."""
     spread = np.abs(a.astype(np.float32) - b.astype(np.float32)) * np.float32(scale)
+    if weight is not None:
+        spread = spread * weight.astype(np.float32)
     if name == "absolute":
         return spread
     rel = relevance.astype(np.float32) * np.float32(relevance_scale)
@@ -23,9 +25,9 @@ def margin_of(a_row, b_row, indices, scale):
     return total
 
 
-def select_top_k(a, b, relevance, k, name, alpha, scale, relevance_scale):
+def select_top_k(a, b, relevance, k, name, alpha, scale, relevance_scale, weight=None):
     """(index [n, k], margin [n]) by a full stable sort per row: criterion descending, index ascending."""
-    values = criterion(a, b, relevance, name, alpha, scale, relevance_scale)
+    values = criterion(a, b, relevance, name, alpha, scale, relevance_scale, weight)
     index = np.empty((a.shape[0], k), np.int64)
     margin = np.empty(a.shape[0])
     for row in range(a.shape[0]):

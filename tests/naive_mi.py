@@ -58,31 +58,8 @@ def mutual_information_bits(table, miller_madow=True):
     return total / math.log(2)
 
 
-def weighted_criterion(a, b, relevance, name, alpha, scale, relevance_scale, weight):
-    spread = (
-        np.abs(a.astype(np.float32) - b.astype(np.float32))
-        * np.float32(scale)
-        * weight.astype(np.float32)
-    )
-    if name == "absolute":
-        return spread
-    rel = relevance.astype(np.float32) * np.float32(relevance_scale)
-    return rel + np.float32(alpha) * spread if name == "additive" else rel * spread
-
-
-def weighted_top_k(a, b, relevance, k, name, alpha, scale, relevance_scale, weight):
-    values = weighted_criterion(a, b, relevance, name, alpha, scale, relevance_scale, weight)
-    index = np.empty((a.shape[0], k), np.int64)
-    margin = np.empty(a.shape[0])
-    for row in range(a.shape[0]):
-        order = sorted(range(a.shape[1]), key=lambda i: (-float(values[row, i]), i))[:k]
-        index[row] = order
-        margin[row] = naive.margin_of(a[row], b[row], order, scale)
-    return index, margin
-
-
 def greedy(a, b, relevance, k, name, alpha, scale, relevance_scale, weight, redundancy, discount):
-    values = weighted_criterion(a, b, relevance, name, alpha, scale, relevance_scale, weight)
+    values = naive.criterion(a, b, relevance, name, alpha, scale, relevance_scale, weight)
     index = np.empty((a.shape[0], k), np.int64)
     margin = np.empty(a.shape[0])
     for row in range(a.shape[0]):

@@ -10,7 +10,7 @@ from dynrules.kernels import contingency as C
 from dynrules.kernels import policies as P
 from dynrules.kernels import selection as K
 
-from . import naive_mi
+from . import naive, naive_mi
 
 # Coarse levels make equal scores (zero votes) and equal criteria (ties) common.
 LEVELS = np.array([-1.0, -0.5, 0.0, 0.5, 1.0], np.float32)
@@ -138,10 +138,10 @@ def test_weighted_top_k_matches_naive(data, criterion, draw):
         np.float32,
     )
     index, margin = np.empty((a.shape[0], k), np.int16), np.empty(a.shape[0])
-    P.select_weighted_top_k(
-        a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, weight, index, margin
+    K.select_top_k(
+        a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, index, margin, weight=weight
     )
-    want_index, want_margin = naive_mi.weighted_top_k(
+    want_index, want_margin = naive.select_top_k(
         a, b, relevance, k, criterion, 0.5, scale, scale, weight
     )
     np.testing.assert_array_equal(index, want_index)
@@ -190,8 +190,8 @@ def test_unit_weights_and_zero_discount_reduce_to_top_k(data, criterion):
         a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, want_index, want_margin
     )
     for run in (
-        lambda i, m: P.select_weighted_top_k(
-            a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, ones, i, m
+        lambda i, m: K.select_top_k(
+            a, b, relevance, k, K.CRITERIA[criterion], 0.5, scale, scale, i, m, weight=ones
         ),
         lambda i, m: P.select_greedy(
             a,
