@@ -1,9 +1,10 @@
 """Rule pools: the ordered list of safety rules that ratings, selection and the adapter index.
 
-A pool's identity is its ``content_hash``: SHA-256 over the ordered (id, text) pairs. Rating
-stores and checkpoints record it, so ratings made against one pool are never read against
-another. The pool name and categories are labels only and do not change the hash; reordering,
-renaming or rewording a rule does.
+A pool's identity is its ``content_hash``: SHA-256 over the ordered (id, text, polarity)
+triples. Rating stores and checkpoints record it, so ratings made against one pool are never
+read against another. The pool name and categories are labels only and do not change the hash;
+reordering, renaming or rewording a rule does, and so does flipping its polarity (a judge scores
+helpfulness rules the other way).
 
 Sources accepted by :func:`load_pool`:
 
@@ -79,7 +80,9 @@ class RulePool:
     @functools.cached_property
     def content_hash(self) -> str:
         canon = json.dumps(
-            [[r.id, r.text] for r in self.rules], ensure_ascii=False, separators=(",", ":")
+            [[r.id, r.text, r.polarity] for r in self.rules],
+            ensure_ascii=False,
+            separators=(",", ":"),
         )
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 

@@ -57,6 +57,8 @@ def test_hash_stable_and_sensitive():
     assert RulePool(pool.name, reworded).content_hash != h
     swapped = (pool.rules[1], pool.rules[0]) + pool.rules[2:]
     assert RulePool(pool.name, swapped).content_hash != h
+    flipped = (replace(pool.rules[0], polarity="helpfulness"), *pool.rules[1:])
+    assert RulePool(pool.name, flipped).content_hash != h
 
 
 def _expected(name):
