@@ -142,6 +142,12 @@ def select(
         ties=ties,
     )
     summary = run_selection(store, config, out, shard=shard, progress=not as_json)
+    if summary["rated_cells"] < summary["cells"]:
+        click.echo(
+            f"note: {summary['rated_cells']:,} of {summary['cells']:,} cells are rated (a plan, or "
+            "failed cells); an unrated cell has d = 0 and adds nothing to a margin",
+            err=True,
+        )
     if as_json:
         print_json({key: summary[key] for key in ("pairs", "labelled", "ties", "seconds")})
     else:

@@ -139,6 +139,7 @@ def run_selection(
 ) -> dict:
     """Select, label and write labelled pairs (JSONL at ``out``) and arrays into the store."""
     config = config.resolved(store)
+    rated_cells = _rated_cells(store)
     started = time.perf_counter()
     start, stop = shard_range(store.n_pairs, shard, store.chunk_rows)
     rule_ids = np.asarray(store.rule_ids, dtype=object)
@@ -184,7 +185,25 @@ def run_selection(
         "preferred_a": counts["a"],
         "preferred_b": counts["b"],
         "selection": config.name,
+        "rated_cells": rated_cells,
+        "cells": store.n_pairs * store.n_rules,
     }
+
+
+def _rated_cells(store: RatingStore) -> int:
+    """Cells holding a rating: all of them for an ingested store; for a store a judge fills,
+    the done count — after refusing one whose interrupted rating left cells outside the arrays."""
+    if "rating" not in store.manifest:
+        return store.n_pairs * store.n_rules
+    from dynrules.engine.judges.runner import read_log
+
+    pending = len(read_log(store))
+    if pending:
+        raise DynrulesError(
+            f"{store.path}: {pending} rated cells are not yet in the arrays (an interrupted "
+            "`dynrules rate`); run the same `dynrules rate` command again to finish it"
+        )
+    return int(store.manifest["rating"].get("done", 0))
 
 
 def _maybe_atomic(out):

@@ -10,8 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from dynrules.cli import main
+from dynrules.engine.judges.base import JobResult, Judge
 from dynrules.engine.pool import load_pool
+from dynrules.engine.select import SelectionConfig, run_selection
 from dynrules.engine.store import RatingStore
+from dynrules.errors import DynrulesError
 
 from . import naive
 from .conftest import scored_records, write_jsonl
@@ -197,3 +200,54 @@ def test_relevance_criterion_without_relevance(tmp_path):
     run("ingest", tmp_path / "p.jsonl", "--out", tmp_path / "store")
     result = run("select", tmp_path / "store", "--criterion", "additive")
     assert result.exit_code == 2 and "needs relevance" in result.output
+
+
+class LengthJudge(Judge):
+    """A deterministic toy judge for store plumbing tests: scores are a function of lengths."""
+
+    rules_per_job = 4
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    @property
+    def identity(self):
+        return {"judge": "length-toy", "template": None}
+
+    def rate_jobs(self, jobs):
+        for job in jobs:
+            lengths = np.array([len(r) for r in job.responses], np.float32)[:, None]
+            scores = np.tanh((lengths - 8) / 8 + 0.1 * job.rules[None, :]).astype(np.float32)
+            yield JobResult(job, scores, np.full_like(scores, 0.5), [None] * len(job.rules))
+
+
+def test_select_refuses_an_interrupted_rating_and_counts_planned_cells(tmp_path, small_pool):
+    from dynrules.engine.judges.runner import LOG, RECORD, rate_pairs
+
+    records = [
+        {"id": str(i), "prompt": f"q{i}", "response_a": "a" * i, "response_b": "b" * (9 - i)}
+        for i in range(6)
+    ]
+    plan = {r["id"]: ["r1", "r2"] for r in records}
+    rate_pairs(
+        records,
+        tmp_path / "store",
+        pool=small_pool,
+        judge=LengthJudge(small_pool),
+        plan=plan,
+        progress=False,
+    )
+    store = RatingStore.open(tmp_path / "store")
+    summary = run_selection(store, SelectionConfig(k=2), tmp_path / "out.jsonl", progress=False)
+    assert summary["rated_cells"] == 12 and summary["cells"] == 48
+    assert all(
+        set(json.loads(line)["rule_ids"]) == {"r1", "r2"} for line in open(tmp_path / "out.jsonl")
+    )
+
+    with open(
+        tmp_path / "store" / LOG, "ab"
+    ) as handle:  # a cell committed, then a kill before the fold
+        handle.write(np.zeros(1, RECORD).tobytes())
+    with pytest.raises(DynrulesError, match="run the same `dynrules rate` command again"):
+        run_selection(store, SelectionConfig(k=2), tmp_path / "again.jsonl", progress=False)
+    assert not (tmp_path / "again.jsonl").exists()
