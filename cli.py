@@ -583,7 +583,7 @@ def mi_command(
         f"label of {policy}"
         + (f" ({label['criterion']})" if label["criterion"] else "")
         + f", k = {label['k']}: I = {label['mi_bits']:.4f} bits [{label['ci_low']:.4f}, {label['ci_high']:.4f}]"
-        + f", agreement {label['agreement']}, ties {label['ties']:,}"
+        + f", agreement {label['agreement'] or float('nan'):.4f}, ties {label['ties']:,}"
     )
     for pair in report["redundant"][:3]:
         click.echo(f"redundant: {pair['a']} ~ {pair['b']} ({pair['redundancy']:.3f})")
