@@ -37,6 +37,11 @@ def bench():
     """Side-by-side benchmarks; each prints its results and the ratios between them."""
 
 
+def _or_nan(value) -> float:
+    """None (an undefined rate, e.g. agreement with no decided labels) printed as nan."""
+    return float("nan") if value is None else value
+
+
 def print_json(obj) -> None:
     click.echo(json.dumps(obj, sort_keys=False))
 
@@ -583,7 +588,7 @@ def mi_command(
         f"label of {policy}"
         + (f" ({label['criterion']})" if label["criterion"] else "")
         + f", k = {label['k']}: I = {label['mi_bits']:.4f} bits [{label['ci_low']:.4f}, {label['ci_high']:.4f}]"
-        + f", agreement {label['agreement'] or float('nan'):.4f}, ties {label['ties']:,}"
+        + f", agreement {_or_nan(label['agreement']):.4f}, ties {label['ties']:,}"
     )
     for pair in report["redundant"][:3]:
         click.echo(f"redundant: {pair['a']} ~ {pair['b']} ({pair['redundancy']:.3f})")
@@ -640,7 +645,7 @@ def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resa
     for row in result["rows"]:
         name = row["policy"] + (f" ({row['criterion']})" if row["criterion"] else "")
         click.echo(
-            f"{name:>20} k={row['k']:<4} agreement {row['agreement'] or float('nan'):.4f}  "
+            f"{name:>20} k={row['k']:<4} agreement {_or_nan(row['agreement']):.4f}  "
             f"I = {row['mi_bits']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] bits  ties {row['ties']:,}"
         )
     click.echo("wrote " + ", ".join(str(path) for path in written))
