@@ -8,6 +8,7 @@ and renamed only when complete, so a failed or killed ingest leaves nothing behi
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def ingest(
         )
         writer = PairTableWriter(store.pairs_path)
         with tqdm(total=total, unit="pair", desc="ingest", disable=not progress) as bar:
-            for batch in _chain(first, batches):
+            for batch in itertools.chain([first], batches):
                 _validate(batch, input_path, has_relevance)
                 store.append(
                     batch.scores["scores_a"],
@@ -80,11 +81,6 @@ def ingest(
         "relevance": has_relevance,
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
-    yield first
-    yield from rest
 
 
 def _validate(batch: Batch, path: Path, has_relevance: bool) -> None:

@@ -63,7 +63,9 @@ def _context() -> ts.Context:
     return _CONTEXT
 
 
-def _spec(path: Path, shape, dtype: str, chunk_rows: int, shard_rows: int) -> dict:
+def _spec(path: Path, shape, dtype: str, chunk_rows: int) -> dict:
+    # A shard file holds whole chunks: SHARD_ROWS rounded down to a multiple of chunk_rows.
+    shard_rows = max(chunk_rows, (SHARD_ROWS // chunk_rows) * chunk_rows)
     inner = [chunk_rows, *shape[1:]]
     outer = [shard_rows, *shape[1:]]
     return {
@@ -92,9 +94,8 @@ def _spec(path: Path, shape, dtype: str, chunk_rows: int, shard_rows: int) -> di
 
 def create_array(path: Path, shape, dtype: str, *, chunk_rows: int = CHUNK_ROWS) -> ts.TensorStore:
     """Create (or replace) a zarr3 array chunked along its first axis."""
-    shard_rows = max(chunk_rows, (SHARD_ROWS // chunk_rows) * chunk_rows)
     return ts.open(
-        _spec(path, shape, dtype, chunk_rows, shard_rows),
+        _spec(path, shape, dtype, chunk_rows),
         create=True,
         delete_existing=True,
         context=_context(),
@@ -105,8 +106,7 @@ def open_or_create_array(
     path: Path, shape, dtype: str, *, chunk_rows: int = CHUNK_ROWS
 ) -> ts.TensorStore:
     """Open an existing array of this shape or create it; several shard writers may race here."""
-    shard_rows = max(chunk_rows, (SHARD_ROWS // chunk_rows) * chunk_rows)
-    spec = _spec(path, shape, dtype, chunk_rows, shard_rows)
+    spec = _spec(path, shape, dtype, chunk_rows)
     return ts.open(spec, create=True, open=True, context=_context()).result()
 
 
@@ -389,10 +389,6 @@ class PairTableWriter:
             self._schema = table.schema
             self._writer = pq.ParquetWriter(self.path, self._schema)
         self._writer.write_table(table)
-
-    @property
-    def schema(self) -> pa.Schema | None:
-        return self._schema
 
     def close(self) -> None:
         if self._writer is not None:

@@ -117,11 +117,9 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
     from dynrules.engine import ablate as abl
     from dynrules.engine.judges import make_judge
     from dynrules.engine.judges.runner import rate_pairs
-    from dynrules.engine.mi import label_summary
     from dynrules.engine.pool import load_pool
     from dynrules.engine.select import SelectionConfig, run_selection
     from dynrules.engine.store import RatingStore
-    from dynrules.kernels.contingency import label_counts
     from dynrules.train import adapter as adp
     from dynrules.train.evaluate import evaluate
     from dynrules.train.trainer import train_reward_model
@@ -182,9 +180,7 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
         )
     adapter = stages.run(
         "apply_adapter",
-        lambda: _adapter_report(
-            adp, label_counts, label_summary, out, stores["heldout"], selection, heldout, has_truth
-        ),
+        lambda: _adapter_report(out / "adapter", stores["heldout"], selection, has_truth),
         items=len(heldout),
     )
 
@@ -199,7 +195,8 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
         "checkpoint_every": max(1, config.rm_steps // 4),
         "eval_fraction": 0.0,
     }
-    rule_pairs = [json.loads(line) for line in open(out / "labelled-train.jsonl", encoding="utf-8")]
+    with open(out / "labelled-train.jsonl", encoding="utf-8") as handle:
+        rule_pairs = [json.loads(line) for line in handle]
     stages.run(
         "train_rm_rules",
         lambda: train_reward_model(rule_pairs, out / "rm-rules", rm_config),
@@ -262,11 +259,14 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
     return report
 
 
-def _adapter_report(
-    adp, label_counts, label_summary, out: Path, store, selection, heldout, has_truth
-) -> dict:
+def _adapter_report(adapter_dir: Path, store, selection, has_truth: bool) -> dict:
+    """The adapter against the oracle selection on the held-out store (and both against truth)."""
+    from dynrules.engine.mi import label_summary
+    from dynrules.kernels.contingency import label_counts
+    from dynrules.train import adapter as adp
+
     _, texts = adp.store_texts(store)
-    predicted = adp.predict_rules(out / "adapter", texts, selection.k)
+    predicted = adp.predict_rules(adapter_dir, texts, selection.k)
     oracle = adp.oracle_selection(store, selection)
     chunk = store.read()
     metrics = adp.adapter_metrics(predicted, oracle, chunk.scores_a, chunk.scores_b, store.scale)
