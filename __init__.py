@@ -29,8 +29,8 @@ _EXPORTS = {
     "train_reward_model": "dynrules.train.trainer",
     "evaluate": "dynrules.train.evaluate",
     "train_adapter": "dynrules.train.adapter",
-    "run_pipeline": "dynrules.train.pipeline",
-    "PipelineConfig": "dynrules.train.pipeline",
+    "run_pipeline": "dynrules.pipeline",
+    "PipelineConfig": "dynrules.pipeline",
     "DynrulesError": "dynrules.errors",
     "InputError": "dynrules.errors",
 }

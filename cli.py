@@ -171,7 +171,7 @@ def select(
 @click.option("--json", "as_json", is_flag=True)
 def bench_selection(n_pairs, n_rules, k, as_json):
     """Selection throughput: pandas loop, NumPy, our kernel (memory, store) and the roofline."""
-    from dynrules.engine.benchmarks import bench_selection as run
+    from dynrules.bench.selection import bench_selection as run
 
     result = run(n_pairs, n_rules, k)
     if as_json:
@@ -624,8 +624,9 @@ def mi_command(
 def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resamples, as_json):
     """Compare selection policies x k against the truth: Markdown, JSON and PNG plots in --out."""
     from dynrules.engine.ablate import ablate as run_ablate
-    from dynrules.engine.ablate import parse_ks, write_report
+    from dynrules.engine.ablate import parse_ks
     from dynrules.engine.mi import open_store
+    from dynrules.report import write_ablation_report
 
     store = open_store(store_path)
     result = run_ablate(
@@ -638,7 +639,7 @@ def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resa
         resamples=resamples,
         policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
     )
-    written = write_report(result, out)
+    written = write_ablation_report(result, out)
     if as_json:
         print_json({"rows": result["rows"]})
         return
@@ -665,7 +666,7 @@ def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resa
 @click.option("--json", "as_json", is_flag=True)
 def bench_mi(n_pairs, n_rules, sklearn_pairs, as_json):
     """Per-rule MI: scikit-learn loop, our counting kernel and the read roofline; interval cost."""
-    from dynrules.engine.mi_bench import bench_mi as run
+    from dynrules.bench.mi import bench_mi as run
 
     result = run(n_pairs, n_rules, sklearn_pairs=sklearn_pairs)
     if as_json:
@@ -777,7 +778,7 @@ def pipeline(
 
     PAIRS defaults to the embedded PyRIT pairs (real responses, human harm scores).
     """
-    from dynrules.train.pipeline import PipelineConfig, run_pipeline
+    from dynrules.pipeline import PipelineConfig, run_pipeline
 
     options = {
         k_: v
@@ -824,7 +825,7 @@ def pipeline(
 @click.option("--json", "as_json", is_flag=True)
 def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
     """Judge client ratings/s vs a zero-latency loopback server, prefix sharing, embedded ratings/s."""
-    from dynrules.engine.judges.bench import bench_judge as run
+    from dynrules.bench.judge import bench_judge as run
 
     result = run(
         client_pairs=client_pairs, embedded_pairs=embedded_pairs, prefix_pairs=prefix_pairs
@@ -843,7 +844,7 @@ def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
     """Reward-model training pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
-    from dynrules.train.bench import bench_train
+    from dynrules.bench.rewardmodel import bench_train
 
     result = bench_train(pairs_per_step=pairs_per_step, max_length=max_length, seconds=seconds)
     if as_json:
@@ -861,7 +862,7 @@ def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def bench_score_rm(n_pairs, batch_size, max_length, as_json):
     """Reward-model scoring pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
-    from dynrules.train.bench import bench_score
+    from dynrules.bench.rewardmodel import bench_score
 
     result = bench_score(pairs=n_pairs, batch_size=batch_size, max_length=max_length)
     if as_json:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dynrules.train import bench
+from dynrules.bench import rewardmodel as bench
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dynrules.train.pipeline import PipelineConfig, run_pipeline
+from dynrules.pipeline import PipelineConfig, run_pipeline
 
 HH_TEST = (
     Path(__file__).resolve().parents[1].parent

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dynrules.bench.judge import judge_agreement, rate_in_memory, ratings_agreement
 from dynrules.engine.datasets import pyrit_pairs
-from dynrules.engine.judges.bench import judge_agreement, rate_in_memory, ratings_agreement
 from dynrules.engine.judges.embedded import EmbeddedJudge
 from dynrules.engine.pairs import normalize
 from dynrules.engine.pool import load_pool

@@ -24,12 +24,9 @@ multinomial-resampling interval, ties and coverage (the fraction of pairs labell
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 import numpy as np
 
-from dynrules.engine.atomic import atomic_path
 from dynrules.engine.mi import (
     REDUNDANCY_PAIRS,
     label_summary,
@@ -47,7 +44,6 @@ from dynrules.kernels import policies as P
 from dynrules.kernels import selection as K
 
 POLICIES = ("adaptive", "zscore", "greedy", "all", "random", "fixed")
-RULES_PLOTTED = 30
 
 
 class _Contender:
@@ -204,134 +200,3 @@ def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> lis
                 ).resolved(store)
                 out.append(_Contender(policy, None, k, _by_config(config, scale, chosen)))
     return out
-
-
-# -- reports -----------------------------------------------------------------------------------------
-
-
-def _series_name(row: dict) -> str:
-    return row["policy"] + (f" ({row['criterion']})" if row["criterion"] else "")
-
-
-def markdown(result: dict, top_rules: int = 10) -> str:
-    lines = [
-        f"# Policy ablation: {result['pairs']:,} pairs, {result['rules']} rules",
-        "",
-        f"Agreement: accuracy of the non-tie labels against the truth. MI: {result['estimator']} "
-        f"estimate in bits, 95% interval from {result['resamples']} multinomial resamples. "
-        "Coverage: fraction of pairs labelled (not tied).",
-        "",
-        "| policy | criterion | k | agreement | MI (bits) | 95% interval | ties | coverage |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
-    ]
-    for row in result["rows"]:
-        agreement = "–" if row["agreement"] is None else f"{row['agreement']:.4f}"
-        lines.append(
-            f"| {row['policy']} | {row['criterion'] or '–'} | {row['k']} | {agreement} | "
-            f"{row['mi_bits']:.4f} | [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']:,} | "
-            f"{row['coverage']:.4f} |"
-        )
-    lines += [
-        "",
-        f"## Rules by vote MI (top {top_rules})",
-        "",
-        "| rank | rule | MI (bits) | agreement | p-value |",
-        "|---:|---|---:|---:|---:|",
-    ]
-    for rank, rule in enumerate(result["rule_mi"][:top_rules], 1):
-        agreement = "–" if rule["agreement"] is None else f"{rule['agreement']:.4f}"
-        lines.append(
-            f"| {rank} | {rule['id']} | {rule['mi_bits']:.5f} | {agreement} | {rule['p_value']:.3g} |"
-        )
-    if result.get("redundant"):
-        lines += [
-            "",
-            "## Most redundant rule pairs",
-            "",
-            "| rule | rule | redundancy |",
-            "|---|---|---:|",
-        ]
-        lines += [f"| {p['a']} | {p['b']} | {p['redundancy']:.3f} |" for p in result["redundant"]]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, out_dir) -> list[Path]:
-    """mi_vs_k.png (MI and agreement against k, per policy, with intervals) and rule_mi.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    series: dict[str, list[dict]] = {}
-    for row in result["rows"]:
-        series.setdefault(_series_name(row), []).append(row)
-    figure, (mi_axis, agreement_axis) = plt.subplots(1, 2, figsize=(14, 4.5))
-    for name, rows in series.items():
-        if rows[0]["policy"] == "all":
-            for axis, value in (
-                (mi_axis, rows[0]["mi_bits"]),
-                (agreement_axis, rows[0]["agreement"]),
-            ):
-                if value is not None:
-                    axis.axhline(
-                        value,
-                        color="black",
-                        linestyle="--",
-                        linewidth=1,
-                        label=f"all (k = {rows[0]['k']})",
-                    )
-            continue
-        ks = [r["k"] for r in rows]
-        mi = np.array([r["mi_bits"] for r in rows])
-        error = np.array([mi - [r["ci_low"] for r in rows], [r["ci_high"] for r in rows] - mi])
-        mi_axis.errorbar(ks, mi, yerr=np.maximum(error, 0), marker="o", capsize=3, label=name)
-        agreement_axis.plot(
-            ks,
-            [np.nan if r["agreement"] is None else r["agreement"] for r in rows],
-            marker="o",
-            label=name,
-        )
-    mi_axis.set(xlabel="k (rules per pair)", ylabel="I(label; truth), bits", title="Label MI vs k")
-    agreement_axis.set(
-        xlabel="k (rules per pair)", ylabel="agreement with truth", title="Agreement vs k"
-    )
-    for axis in (mi_axis, agreement_axis):
-        axis.grid(alpha=0.3)
-    agreement_axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.tight_layout()
-    written = [_save(figure, out_dir / "mi_vs_k.png")]
-    plt.close(figure)
-
-    rules = result["rule_mi"][:RULES_PLOTTED]
-    figure, axis = plt.subplots(figsize=(7, 1.5 + 0.22 * len(rules)))
-    positions = np.arange(len(rules))[::-1]  # the most informative rule on top
-    axis.barh(positions, [r["mi_bits"] for r in rules], color="tab:blue")
-    axis.set_yticks(positions, [r["id"] for r in rules], fontsize=7)
-    axis.set(
-        xlabel="I(vote; truth), bits",
-        title=f"Per-rule vote MI (top {len(rules)} of {len(result['rule_mi'])} rules)",
-    )
-    axis.grid(alpha=0.3, axis="x")
-    figure.tight_layout()
-    written.append(_save(figure, out_dir / "rule_mi.png"))
-    plt.close(figure)
-    return written
-
-
-def _save(figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")
-    return path
-
-
-def write_report(result: dict, out_dir) -> list[Path]:
-    """ablation.json, ablation.md and the plots into ``out_dir``, each written atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "ablation.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-    with atomic_path(out_dir / "ablation.md") as tmp:
-        tmp.write_text(markdown(result))
-    return [out_dir / "ablation.json", out_dir / "ablation.md", *plot(result, out_dir)]

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dynrules.engine.atomic import atomic_path
+from dynrules.atomic import atomic_path
 from dynrules.engine.pairs import (
     PUBLISHED_NAMES,
     TEXT_FIELDS,

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dynrules.engine.atomic import atomic_path
+from dynrules.atomic import atomic_path
+from dynrules.engine import ratinglog
 from dynrules.engine.store import Chunk, RatingStore, open_or_create_array, to_kernel_dtype
 from dynrules.errors import DynrulesError
 from dynrules.kernels import selection as K
@@ -195,9 +196,8 @@ def _rated_cells(store: RatingStore) -> int:
     the done count — after refusing one whose interrupted rating left cells outside the arrays."""
     if "rating" not in store.manifest:
         return store.n_pairs * store.n_rules
-    from dynrules.engine.judges.runner import read_log
 
-    pending = len(read_log(store))
+    pending = len(ratinglog.read_log(store))
     if pending:
         raise DynrulesError(
             f"{store.path}: {pending} rated cells are not yet in the arrays (an interrupted "

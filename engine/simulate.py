@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynrules.engine.atomic import atomic_path
+from dynrules.atomic import atomic_path
 from dynrules.engine.pool import Rule, RulePool
 from dynrules.engine.store import PairTableWriter, RatingStore
 from dynrules.errors import DynrulesError

@@ -222,7 +222,8 @@ class LengthJudge(Judge):
 
 
 def test_select_refuses_an_interrupted_rating_and_counts_planned_cells(tmp_path, small_pool):
-    from dynrules.engine.judges.runner import LOG, RECORD, rate_pairs
+    from dynrules.engine.judges.runner import rate_pairs
+    from dynrules.engine.ratinglog import LOG, RECORD
 
     records = [
         {"id": str(i), "prompt": f"q{i}", "response_a": "a" * i, "response_b": "b" * (9 - i)}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from dynrules.bench.judge import judge_agreement, rate_in_memory
 from dynrules.cli import main
 from dynrules.engine.datasets import prompt_split, pyrit_pairs
 from dynrules.engine.judges import make_judge
-from dynrules.engine.judges.bench import judge_agreement, rate_in_memory
 from dynrules.engine.judges.embedded import EmbeddedJudge
 from dynrules.engine.pool import load_pool
 from dynrules.engine.store import RatingStore

@@ -17,9 +17,10 @@ from click.testing import CliRunner
 from dynrules.cli import main
 from dynrules.engine.judges.loopback import MALFORMED, Faults, LoopbackServer, synthetic_rating
 from dynrules.engine.judges.openai import OpenAIJudge
-from dynrules.engine.judges.runner import DONE, LOG, fold, rate_pairs, read_done, read_log
+from dynrules.engine.judges.runner import rate_pairs
 from dynrules.engine.judges.templates import load_template
 from dynrules.engine.pool import load_pool
+from dynrules.engine.ratinglog import DONE, LOG, fold, read_done, read_log
 from dynrules.engine.store import RatingStore
 from dynrules.errors import DynrulesError, InputError
 

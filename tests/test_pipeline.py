@@ -6,7 +6,8 @@ import json
 import pytest
 
 from dynrules.engine.datasets import pyrit_pairs
-from dynrules.train.pipeline import PipelineConfig, markdown, run_pipeline
+from dynrules.pipeline import PipelineConfig, run_pipeline
+from dynrules.report import pipeline_markdown
 
 from .conftest import write_jsonl
 
@@ -73,7 +74,7 @@ def test_report_json_has_the_promised_shape(report_dir):
 def test_markdown_and_html_carry_the_json_numbers(report_dir):
     report = json.loads((report_dir / "report.json").read_text())
     text = (report_dir / "report.md").read_text()
-    assert text == markdown(report)
+    assert text == pipeline_markdown(report)
     assert f"| {report['reward_model']['accuracy']:.3f} |" in text
     assert f"precision@k {report['adapter']['precision_at_k']:.3f}" in text
     assert "far weaker than a 70B LLM judge" in text

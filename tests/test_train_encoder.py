@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 from dynrules.errors import DynrulesError
-from dynrules.train import encoder as enc
+from dynrules.models import bert, embedder
+from dynrules.models import bert_checkpoint as bert_ckpt
+from dynrules.models import tokenizer as tok
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
-TINY = enc.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+TINY = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=128)  # fmt: skip
 
 
@@ -25,21 +27,21 @@ def test_minilm_embeddings_match_pytorch_reference():
     reference = np.load(FIXTURE)
     texts = [str(t) for t in reference["texts"]]
     # batch_size 3 mixes lengths and pads the last batch: results must not care.
-    embeddings = enc.embed_texts(texts, batch_size=3)
+    embeddings = embedder.embed_texts(texts, batch_size=3)
     assert embeddings.shape == (8, 384) and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, reference["embeddings"], atol=1e-4)
-    tokens = enc.sentence_embedder().tokenizer.encode(texts, 256)
+    tokens = embedder.sentence_embedder().tokenizer.encode(texts, 256)
     for ids, ref_ids, ref_len in zip(
         tokens.ids, reference["token_ids"], reference["lengths"], strict=True
     ):
         np.testing.assert_array_equal(ids, ref_ids[:ref_len])
     # Same text alone and among others: same vector (padding-independent).
-    np.testing.assert_allclose(enc.embed_texts(texts[:1])[0], embeddings[0], atol=1e-5)
-    assert enc.embed_texts([]).shape == (0, 384)
+    np.testing.assert_allclose(embedder.embed_texts(texts[:1])[0], embeddings[0], atol=1e-5)
+    assert embedder.embed_texts([]).shape == (0, 384)
 
 
 def test_truncation_keeps_the_end_and_counts_texts():
-    tokenizer = enc.TextTokenizer(enc.default_checkpoint_dir() / "tokenizer.json")
+    tokenizer = tok.TextTokenizer(bert_ckpt.default_checkpoint_dir() / "tokenizer.json")
     long_text = " ".join(f"word{i}" for i in range(200)) + " final ending"
     tokens = tokenizer.encode([long_text, "short"], max_length=16)
     assert tokens.truncated == 1
@@ -52,21 +54,21 @@ def test_truncation_keeps_the_end_and_counts_texts():
 
 
 def test_missing_weights_name_the_setup_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(enc.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(bert_ckpt.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DynrulesError, match="make setup"):
-        enc.read_checkpoint(None)
+        bert_ckpt.read_checkpoint(None)
     with pytest.raises(DynrulesError, match="lacks config.json"):
-        enc.read_checkpoint(tmp_path)
+        bert_ckpt.read_checkpoint(tmp_path)
 
 
 def test_checkpoint_round_trip_with_and_without_bert_prefix(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    params = enc.random_params(TINY, seed=3)
-    enc.write_checkpoint(
-        tmp_path / "plain", TINY, params, enc.default_checkpoint_dir() / "tokenizer.json"
+    params = bert.random_params(TINY, seed=3)
+    bert_ckpt.write_checkpoint(
+        tmp_path / "plain", TINY, params, bert_ckpt.default_checkpoint_dir() / "tokenizer.json"
     )
-    loaded = enc.read_checkpoint(tmp_path / "plain")
+    loaded = bert_ckpt.read_checkpoint(tmp_path / "plain")
     assert loaded.config == TINY
     for ours, theirs in zip(_leaves(params), _leaves(loaded.params), strict=True):
         np.testing.assert_array_equal(np.asarray(ours), theirs)
@@ -78,7 +80,7 @@ def test_checkpoint_round_trip_with_and_without_bert_prefix(tmp_path):
     tensors = load_file(str(tmp_path / "plain" / "model.safetensors"))
     save_file({"bert." + k: v for k, v in tensors.items()}, str(prefixed / "model.safetensors"))
     for ours, theirs in zip(
-        _leaves(params), _leaves(enc.read_checkpoint(prefixed).params), strict=True
+        _leaves(params), _leaves(bert_ckpt.read_checkpoint(prefixed).params), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(ours), theirs)
 
@@ -88,7 +90,7 @@ def test_checkpoint_round_trip_with_and_without_bert_prefix(tmp_path):
     }
     (prefixed / "config.json").write_text(json.dumps(config))
     with pytest.raises(DynrulesError, match="embeddings.word_embeddings.weight.*shape"):
-        enc.read_checkpoint(prefixed)
+        bert_ckpt.read_checkpoint(prefixed)
 
 
 def _leaves(tree):

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from dynrules.errors import DynrulesError, InputError
-from dynrules.train import encoder as enc
-from dynrules.train import model as mdl
+from dynrules.models import bert
+from dynrules.models import classifier as mdl
+from dynrules.models import tokenizer as tok
 from dynrules.train.config import TrainConfig, load_config
 from dynrules.train.data import format_text, load_pairs
 from dynrules.train.objective import bradley_terry, summarize
 
-TINY = enc.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+TINY = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=128)  # fmt: skip
 
 
@@ -25,13 +26,13 @@ TINY = enc.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4
 def test_score_alone_equals_score_inside_a_padded_batch(pooling):
     spec = mdl.ModelSpec(TINY, pooling=pooling, max_length=64)
     graphdef, _ = mdl.abstract_model(spec)
-    params = {"encoder": enc.random_params(TINY, seed=1), **mdl.initial_head(spec, 0)}
+    params = {"encoder": bert.random_params(TINY, seed=1), **mdl.initial_head(spec, 0)}
     params["head_kernel"] = params["head_kernel"] * 1000  # make scores big enough to compare
     forward = jax.jit(lambda p, ids, lengths: mdl.apply(graphdef, p, ids, lengths))
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1000, 2000, size=n).astype(np.int32) for n in (5, 17, 9, 30)]
-    alone = [float(forward(params, *enc.pad_batch([s], len(s), 1, 0))[0, 0]) for s in seqs]
-    batched = forward(params, *enc.pad_batch(seqs, 64, 8, 0))[: len(seqs), 0]
+    alone = [float(forward(params, *tok.pad_batch([s], len(s), 1, 0))[0, 0]) for s in seqs]
+    batched = forward(params, *tok.pad_batch(seqs, 64, 8, 0))[: len(seqs), 0]
     np.testing.assert_allclose(np.asarray(batched), alone, rtol=1e-5, atol=1e-5)
     assert np.std(alone) > 1e-3  # the texts do score differently
 
@@ -39,8 +40,8 @@ def test_score_alone_equals_score_inside_a_padded_batch(pooling):
 def test_untrained_head_scores_near_zero_so_first_loss_is_log2():
     spec = mdl.ModelSpec(TINY)
     graphdef, _ = mdl.abstract_model(spec)
-    params = {"encoder": enc.random_params(TINY), **mdl.initial_head(spec, 0)}
-    ids, lengths = enc.pad_batch([np.arange(100, 110, dtype=np.int32)] * 4, 16, 4, 0)
+    params = {"encoder": bert.random_params(TINY), **mdl.initial_head(spec, 0)}
+    ids, lengths = tok.pad_batch([np.arange(100, 110, dtype=np.int32)] * 4, 16, 4, 0)
     rewards = mdl.apply(graphdef, params, jnp.asarray(ids), jnp.asarray(lengths))
     assert float(jnp.abs(rewards).max()) < 0.05
     loss, _ = bradley_terry(rewards[:2, 0], rewards[2:, 0], jnp.zeros(2))

@@ -31,15 +31,16 @@ EVAL_KEYS = [
 
 
 def _tiny_encoder(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
-    from dynrules.train import encoder as enc
+    from dynrules.models import bert
+    from dynrules.models import bert_checkpoint as bert_ckpt
 
-    config = enc.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+    config = bert.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=2 * hidden, max_position_embeddings=128)  # fmt: skip
-    enc.write_checkpoint(
+    bert_ckpt.write_checkpoint(
         directory,
         config,
-        enc.random_params(config, seed),
-        enc.default_checkpoint_dir() / "tokenizer.json",
+        bert.random_params(config, seed),
+        bert_ckpt.default_checkpoint_dir() / "tokenizer.json",
     )
     return directory
 
@@ -217,11 +218,11 @@ def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path):
     survivor = Checkpointer(checkpoints, every=1, keep=2)
     step = survivor.latest_step()
     assert step is not None and 6 <= step < 40
-    from dynrules.train import encoder as enc
-    from dynrules.train import model as mdl
+    from dynrules.models import bert_checkpoint as bert_ckpt
+    from dynrules.models import classifier as mdl
     from dynrules.train import sharding as shd
 
-    spec = mdl.ModelSpec(enc.read_checkpoint(encoder).config, max_length=48)
+    spec = mdl.ModelSpec(bert_ckpt.read_checkpoint(encoder).config, max_length=48)
     state, meta = survivor.restore(Trainable.build(spec, config, shd.make_mesh("")).abstract_state)
     assert int(state["step"]) == step == meta["step"] and meta["pairs_seen"] == step * 8
     survivor.close()

@@ -28,16 +28,17 @@ FAKE_MESH = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
     """A 2-layer, 32-wide random BERT with the real MiniLM tokenizer."""
-    from dynrules.train import encoder as enc
+    from dynrules.models import bert
+    from dynrules.models import bert_checkpoint as bert_ckpt
 
-    config = enc.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=128)  # fmt: skip
     directory = tmp_path_factory.mktemp("tiny") / "encoder"
-    enc.write_checkpoint(
+    bert_ckpt.write_checkpoint(
         directory,
         config,
-        enc.random_params(config),
-        enc.default_checkpoint_dir() / "tokenizer.json",
+        bert.random_params(config),
+        bert_ckpt.default_checkpoint_dir() / "tokenizer.json",
     )
     return directory
 
@@ -91,14 +92,14 @@ def _multi_device_main(out: Path, encoder_dir: str) -> None:
     """Runs inside the 8-device subprocess; prints one JSON report line."""
     import jax
 
-    from dynrules.train import encoder as enc
-    from dynrules.train import model as mdl
+    from dynrules.models import bert_checkpoint as bert_ckpt
+    from dynrules.models import classifier as mdl
     from dynrules.train.checkpoint import Checkpointer
     from dynrules.train.config import TrainConfig
     from dynrules.train.data import Pair
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
-    loaded = enc.read_checkpoint(encoder_dir)
+    loaded = bert_ckpt.read_checkpoint(encoder_dir)
     config = TrainConfig(
         steps=4, batch_size=16, max_length=32, learning_rate=1e-3, warmup_ratio=0.0
     )
@@ -121,8 +122,8 @@ def _multi_device_main(out: Path, encoder_dir: str) -> None:
 
     sharded_trainable, sharded, sharded_losses = run("data=4,fsdp=2", jax.devices())
     _, single, single_losses = run("", jax.devices()[:1])
-    gathered = mdl.gather(sharded["params"])
-    reference = mdl.gather(single["params"])
+    gathered = shd.gather(sharded["params"])
+    reference = shd.gather(single["params"])
     difference = max(
         float(np.abs(a - b).max())
         for a, b in zip(jax.tree.leaves(gathered), jax.tree.leaves(reference), strict=True)
@@ -140,7 +141,7 @@ def _multi_device_main(out: Path, encoder_dir: str) -> None:
             abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)
         ),
     }
-    saved = jax.tree.leaves(mdl.gather(sharded["params"]))
+    saved = jax.tree.leaves(shd.gather(sharded["params"]))
     for name, (mesh_spec, devices) in {
         "8x1": ("data=8", jax.devices()),
         "1": ("", jax.devices()[:1]),
@@ -148,7 +149,7 @@ def _multi_device_main(out: Path, encoder_dir: str) -> None:
         target = Trainable.build(spec, config, shd.make_mesh(mesh_spec, devices)).abstract_state
         restored, meta = checkpoints.restore(target, 2)
         assert meta["step"] == 2
-        leaves = jax.tree.leaves(mdl.gather(restored["params"]))
+        leaves = jax.tree.leaves(shd.gather(restored["params"]))
         report[f"restore_{name}_difference"] = max(
             float(np.abs(a - b).max()) for a, b in zip(saved, leaves, strict=True)
         )

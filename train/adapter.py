@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynrules.engine.atomic import atomic_path
+from dynrules.atomic import atomic_path
 from dynrules.engine.select import SelectionConfig, select_chunk
 from dynrules.engine.store import RatingStore
 from dynrules.errors import DynrulesError
-from dynrules.train import encoder as enc
-from dynrules.train import model as mdl
+from dynrules.models import bert_checkpoint as bert_ckpt
+from dynrules.models import classifier as mdl
+from dynrules.models import tokenizer as tok
 from dynrules.train import sharding as shd
 from dynrules.train.config import TrainConfig, make_config
 from dynrules.train.trainer import Trainable
@@ -95,7 +96,7 @@ def train_adapter(
     targets = multi_hot(oracle_selection(store, selection), store.n_rules)
     _, texts = store_texts(store)
 
-    loaded = enc.read_checkpoint(config.encoder or None)
+    loaded = bert_ckpt.read_checkpoint(config.encoder or None)
     max_length = min(config.max_length, loaded.config.max_position_embeddings)
     spec = mdl.ModelSpec(
         loaded.config, num_outputs=store.n_rules, pooling=config.pooling, max_length=max_length
@@ -111,7 +112,7 @@ def train_adapter(
     )
     step_fn = _train_step(trainable)
     tokens = loaded.tokenizer.encode(texts, max_length)
-    buckets = enc.length_buckets(max_length)
+    buckets = tok.length_buckets(max_length)
     rows_sharding, lengths_sharding = shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh, 1)
     rng = np.random.default_rng(config.seed)
     order = np.concatenate(
@@ -125,8 +126,8 @@ def train_adapter(
 
     for step in tqdm(range(config.steps), desc="train-adapter", unit="step", disable=not progress):
         chosen = order[step * config.batch_size : (step + 1) * config.batch_size]
-        width = enc.bucket_for(max(len(tokens.ids[i]) for i in chosen), buckets)
-        ids, lengths = enc.pad_batch(
+        width = tok.bucket_for(max(len(tokens.ids[i]) for i in chosen), buckets)
+        ids, lengths = tok.pad_batch(
             [tokens.ids[i] for i in chosen], width, config.batch_size, loaded.tokenizer.pad_id
         )
         rows = shd.process_slice(config.batch_size)
@@ -141,7 +142,7 @@ def train_adapter(
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        mdl.export_model(mdl.gather(state["params"]), spec, loaded.tokenizer.path, tmp / "model")
+        mdl.export_model(shd.gather(state["params"]), spec, loaded.tokenizer.path, tmp / "model")
         info = {"pool": store.manifest["pool"], "selection": {"policy": selection.policy, "k": selection.k,
                 "criterion": selection.criterion, "alpha": selection.alpha}, "steps": config.steps,
                 "config": config.to_dict(), "train_pairs": len(texts), "final_loss": final_loss, "truncated": tokens.truncated,

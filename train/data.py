@@ -7,16 +7,7 @@ Accepted pair records (JSONL, JSONL.gz or Parquet; or a list of dicts from Pytho
 - Anthropic HH transcripts ``{"chosen", "rejected"}``: full "\\n\\nHuman: …\\n\\nAssistant: …"
   strings with no separate prompt.
 
-The template (:func:`format_text`, named ``hh-v1``) renders prompt + response as an HH
-transcript, the format the HH data already has, so both record kinds reach the encoder the
-same way::
-
-    "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"
-
-A prompt that is already a transcript (starts with "Human:") is kept as is, the response
-appended as the next Assistant turn; an empty prompt means the response is a whole
-transcript. Long texts are truncated from the start by the tokenizer, so the response end
-survives.
+Texts are rendered by :func:`dynrules.models.templates.format_text` (template ``hh-v1``).
 """
 
 from __future__ import annotations
@@ -28,20 +19,7 @@ from pathlib import Path
 
 from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import InputError
-
-TEMPLATE = "hh-v1"
-
-
-def format_text(prompt: str, response: str) -> str:
-    """Prompt + response as one HH-style transcript (template ``hh-v1``, see module doc)."""
-    if not prompt:
-        return response
-    stripped = prompt.rstrip()
-    if stripped.lstrip().startswith("Human:"):
-        if stripped.endswith("Assistant:"):
-            return f"{stripped} {response.lstrip()}"
-        return f"{stripped}\n\nAssistant: {response}"
-    return f"\n\nHuman: {prompt}\n\nAssistant: {response}"
+from dynrules.models.templates import format_text
 
 
 @dataclasses.dataclass(frozen=True)

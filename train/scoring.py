@@ -18,8 +18,8 @@ import numpy as np
 
 from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import DynrulesError, InputError
-from dynrules.train import encoder as enc
-from dynrules.train import model as mdl
+from dynrules.models import classifier as mdl
+from dynrules.models import tokenizer as tok
 from dynrules.train import sharding as shd
 from dynrules.train.data import score_text
 
@@ -36,7 +36,7 @@ class Scorer:
                  tokens_per_batch: int = 4096):  # fmt: skip
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.buckets = enc.length_buckets(max_length)
+        self.buckets = tok.length_buckets(max_length)
         multiple = shd.batch_shards(mesh) * jax.process_count()
 
         def rows(width):  # rounded up to a multiple of the batch shards
@@ -67,7 +67,7 @@ class Scorer:
         loaded = mdl.read_model(resolve_model_dir(directory))
         mesh = shd.make_mesh(mesh_spec)
         graphdef, abstract_state = mdl.abstract_model(loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype])
-        params = mdl.place(loaded.params, shd.state_shardings(abstract_state, mesh))
+        params = shd.place(loaded.params, shd.state_shardings(abstract_state, mesh))
         scorer = cls(
             graphdef,
             params,
@@ -84,7 +84,7 @@ class Scorer:
         self.truncated += tokens.truncated
         out = np.zeros((len(texts), self.params["head_bias"].shape[0]), np.float32)
         for chunk, width, batch_rows in self.plan(tokens.lengths):
-            ids, lens = enc.pad_batch(
+            ids, lens = tok.pad_batch(
                 [tokens.ids[i] for i in chunk], width, batch_rows, self.tokenizer.pad_id
             )
             local = shd.process_slice(batch_rows)
@@ -99,7 +99,7 @@ class Scorer:
     def plan(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
         """Batches as (text indices, padded width, rows): sorted by length, one bucket each."""
         order = np.argsort(lengths, kind="stable")
-        widths = np.array([enc.bucket_for(int(n), self.buckets) for n in lengths[order]], np.int64)
+        widths = np.array([tok.bucket_for(int(n), self.buckets) for n in lengths[order]], np.int64)
         batches, start = [], 0
         while start < len(order):
             width = int(widths[start])
@@ -142,7 +142,7 @@ def score_file(
     Records carry ``prompt`` (optional) and ``response``, or a ``text`` transcript. The output
     is written to a temporary name and renamed when complete (by process 0 only).
     """
-    from dynrules.engine.atomic import atomic_path
+    from dynrules.atomic import atomic_path
 
     scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
     if scorer.spec.num_outputs != 1:

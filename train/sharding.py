@@ -166,3 +166,28 @@ def global_batch(local: np.ndarray, sharding: NamedSharding, batch_dim: int = 0)
 def initialize_distributed() -> None:
     """Join a multi-host job (TPU pod slice, GPU cluster); arguments come from the environment."""
     jax.distributed.initialize()
+
+
+def place(host_params: dict, shardings: dict) -> dict:
+    """Host arrays → global arrays laid out by ``shardings``; each device gets only its shard.
+
+    Uses ``make_array_from_callback``, which also works when the mesh spans several hosts.
+    """
+
+    def put(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, host_params, shardings)
+
+
+def gather(params: dict) -> dict:
+    """Global arrays → host NumPy arrays (all-gathered across processes when needed)."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(fetch, params)

@@ -33,8 +33,9 @@ import optax
 from flax import nnx
 
 from dynrules.errors import DynrulesError
-from dynrules.train import encoder as enc
-from dynrules.train import model as mdl
+from dynrules.models import bert_checkpoint as bert_ckpt
+from dynrules.models import classifier as mdl
+from dynrules.models import tokenizer as tok
 from dynrules.train import sharding as shd
 from dynrules.train.checkpoint import Checkpointer
 from dynrules.train.config import TrainConfig, load_config, make_config
@@ -70,7 +71,7 @@ class TokenizedPairs:
 
     @classmethod
     def build(
-        cls, pairs: list[Pair], tokenizer: enc.TextTokenizer, max_length: int
+        cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int
     ) -> TokenizedPairs:
         texts = [text for pair in pairs for text in pair.texts()]
         tokens = tokenizer.encode(texts, max_length)
@@ -92,7 +93,7 @@ class PairBatches:
                  max_length: int, pad_id: int):  # fmt: skip
         self.tokens, self.seed = tokens, seed
         self.batch_size, self.grad_accum = batch_size, grad_accum
-        self.buckets = enc.length_buckets(max_length)
+        self.buckets = tok.length_buckets(max_length)
         self.pad_id = pad_id
         self._epochs: dict[int, np.ndarray] = {}
 
@@ -112,8 +113,8 @@ class PairBatches:
         """Arrays shaped [grad_accum, pairs_per_micro, 2, time] etc., and the real token count."""
         index = self.indices(step)
         seqs = [s for i in index for s in (self.tokens.chosen[i], self.tokens.rejected[i])]
-        width = enc.bucket_for(max(len(s) for s in seqs), self.buckets)
-        ids, lengths = enc.pad_batch(seqs, width, len(seqs), self.pad_id)
+        width = tok.bucket_for(max(len(s) for s in seqs), self.buckets)
+        ids, lengths = tok.pad_batch(seqs, width, len(seqs), self.pad_id)
         micro = self.batch_size // self.grad_accum
         batch = {
             "ids": ids.reshape(self.grad_accum, micro, 2, width),
@@ -185,7 +186,7 @@ class Trainable:
 
     def initial_state(self, host_params: dict) -> dict:
         """Params placed shard by shard from host arrays; optimizer state created sharded."""
-        params = mdl.place(host_params, self.state_shardings["params"])
+        params = shd.place(host_params, self.state_shardings["params"])
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
         return {"params": params, "opt_state": opt_state, "step": step}
@@ -292,7 +293,7 @@ def _check_resume(
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from dynrules.engine.atomic import atomic_path
+    from dynrules.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -336,7 +337,7 @@ def train_reward_model(
         else load_pairs(pairs)
     )
     data_hash = fingerprint(pairs)
-    loaded = enc.read_checkpoint(config.encoder or None)
+    loaded = bert_ckpt.read_checkpoint(config.encoder or None)
     max_length = min(config.max_length, loaded.config.max_position_embeddings)
     spec = mdl.ModelSpec(
         loaded.config, num_outputs=1, pooling=config.pooling, max_length=max_length
@@ -471,9 +472,9 @@ def train_reward_model(
     eval_metrics = evaluate_now(step)
     model_dir = run_dir / "model"
     if is_writer:
-        mdl.export_model(mdl.gather(state["params"]), spec, tokenizer.path, model_dir)
+        mdl.export_model(shd.gather(state["params"]), spec, tokenizer.path, model_dir)
     else:
-        mdl.gather(state["params"])  # the all-gather is collective: every process takes part
+        shd.gather(state["params"])  # the all-gather is collective: every process takes part
     truncated = {
         "train": train_tokens.truncated,
         "eval": eval_metrics["truncated"] if eval_metrics else 0,

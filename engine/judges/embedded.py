@@ -135,7 +135,7 @@ class EmbeddedJudge(Judge):
         return {"judge": f"embedded:{model}:method-{method_fingerprint()}", "template": None}
 
     def _embed(self, texts: list[str], max_length: int = MAX_TOKENS) -> np.ndarray:
-        from dynrules.train.encoder import embed_texts  # JAX: imported only when rating
+        from dynrules.models.embedder import embed_texts  # JAX: imported only when rating
 
         if not texts:
             return np.zeros((0, 384), np.float32)

@@ -1,22 +1,7 @@
 """Rating pairs into a rating store with a judge, resumably (``dynrules rate``).
 
-A store made by this module holds, besides the usual arrays and pairs.parquet (with every
-scalar field of the input, such as ``truth``)::
-
-    done/            zarr3 [N, R] uint8: 1 where the cell (pair, rule) is rated
-    ratings.log      committed cells not yet folded into the arrays (binary records)
-    failures.jsonl   one line per cell that could not be rated: pair id, rule id, reason
-    .rating.lock     held (flock) by the one process rating this store
-
-Commit protocol. A cell is committed the moment its result arrives, by appending one fixed-size
-record (row, rule, s(A), s(B), relevance) to ``ratings.log`` with a single ``write``; kill -9
-loses at most a torn last record, which replay drops. Every ``fold_every`` records and at the
-end, the log is folded: its cells are written into scores_a / scores_b / relevance, then into
-``done``, and only then is the log emptied. Folding is idempotent (a cell's value is fixed once
-committed), so a kill inside a fold is repaired by folding the same log again on restart. A
-restarted run therefore starts from exactly the committed cells, asks only for the others, and
-ends with the same arrays as an uninterrupted run. Cells that fail stay not-done (and are asked
-again by the next run); their reasons go to ``failures.jsonl``, never a 0 into the arrays.
+The store's rating state (done mask, commit log, failures, lock) and its commit protocol are
+:mod:`dynrules.engine.ratinglog`'s.
 
 Unrated cells hold 0 in the score arrays and 0 in ``done``; with a plan (rule ids per pair,
 for example from the rule adapter) only the planned cells are rated.
@@ -27,33 +12,23 @@ judge, template, rule pool and pairs.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from dynrules.engine.atomic import atomic_path
+from dynrules.atomic import atomic_path
+from dynrules.engine import ratinglog
 from dynrules.engine.judges.base import Job, Judge, pair_cells
 from dynrules.engine.pairs import TEXT_FIELDS, extra_fields, iter_raw_records, load_pairs
 from dynrules.engine.pool import RulePool
-from dynrules.engine.store import CHUNK_ROWS, PairTableWriter, RatingStore, create_array, quantize
+from dynrules.engine.store import CHUNK_ROWS, PairTableWriter, RatingStore, create_array
 from dynrules.errors import DynrulesError, InputError
-
-DONE = "done"
-LOG = "ratings.log"
-FAILURES = "failures.jsonl"
-LOCK = ".rating.lock"
-RECORD = np.dtype(
-    [("row", "<i8"), ("rule", "<i4"), ("a", "<f4"), ("b", "<f4"), ("relevance", "<f4")]
-)
-FOLD_EVERY = 1 << 18  # records (6 MiB of log) between folds into the arrays
 
 
 def rate_pairs(
@@ -65,7 +40,7 @@ def rate_pairs(
     plan: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
     dtype: str = "float32",
     progress: bool = True,
-    fold_every: int = FOLD_EVERY,
+    fold_every: int = ratinglog.FOLD_EVERY,
 ) -> dict:
     """Rate every (pair, rule) cell — or the planned ones — not yet done in the store at ``out``.
 
@@ -96,19 +71,19 @@ def rate_pairs(
         raise InputError("exists and is not a rating store; choose a new --out", path=out)
     if not out.exists():
         _create(out, records, pool=pool, judge=judge, dtype=dtype, source=source)
-    with _locked(out):
+    with ratinglog.locked(out):
         store = RatingStore.open(out, pool=pool)
         _check_continuable(store, records, judge)
-        fold(store)
-        done = store.array(DONE)[...].read().result().astype(bool)
+        ratinglog.fold(store)
+        done = store.array(ratinglog.DONE)[...].read().result().astype(bool)
         wanted = _wanted_cells(plan, records, pool)
         todo_count = int((wanted & ~done).sum())
         skipped = int((wanted & done).sum())
         rated = failed = 0
-        log = os.open(store.path / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        log = ratinglog.open_log(store)
         try:
             with (
-                open(store.path / FAILURES, "a", encoding="utf-8") as failures,
+                open(store.path / ratinglog.FAILURES, "a", encoding="utf-8") as failures,
                 tqdm(
                     total=todo_count, unit="cell", desc="rate", disable=not progress, smoothing=0.05
                 ) as bar,
@@ -116,10 +91,7 @@ def rate_pairs(
                 pending = 0
                 for result in judge.rate_jobs(_jobs(records, wanted & ~done, judge.rules_per_job)):
                     rules, a, b, relevance = pair_cells(result)
-                    block = np.empty(len(rules), RECORD)
-                    block["row"], block["rule"] = result.job.row, rules
-                    block["a"], block["b"], block["relevance"] = a, b, relevance
-                    os.write(log, block.tobytes())
+                    ratinglog.commit(log, result.job.row, rules, a, b, relevance)
                     for column, reason in enumerate(result.errors):
                         if reason is not None:
                             rule_id = pool.ids[result.job.rules[column]]
@@ -144,11 +116,11 @@ def rate_pairs(
                     if n_failed:
                         bar.set_postfix(failed=failed)
                     if pending >= fold_every:
-                        fold(store)
+                        ratinglog.fold(store)
                         pending = 0
         finally:
             os.close(log)
-            fold(store)
+            ratinglog.fold(store)
         done_cells = int(store.manifest["rating"]["done"])
     return {
         "rated": rated,
@@ -158,7 +130,7 @@ def rate_pairs(
         "pairs": len(records),
         "rules": len(pool),
         "done": done_cells,
-        "failures_file": str(store.path / FAILURES),
+        "failures_file": str(store.path / ratinglog.FAILURES),
     }
 
 
@@ -191,7 +163,9 @@ def _create(
             judge=identity["judge"],
             template=identity["template"],
         )
-        create_array(tmp / DONE, [len(records), len(pool)], "uint8", chunk_rows=store.chunk_rows)
+        create_array(
+            tmp / ratinglog.DONE, [len(records), len(pool)], "uint8", chunk_rows=store.chunk_rows
+        )
         _write_pair_table(store, records)
         store.manifest["rating"] = {"pairs_sha256": pairs_fingerprint(records), "done": 0}
         store.write_manifest()
@@ -212,7 +186,7 @@ def _write_pair_table(store: RatingStore, records: Sequence[dict]) -> None:
 
 def _check_continuable(store: RatingStore, records: Sequence[dict], judge: Judge) -> None:
     rating = store.manifest.get("rating")
-    if rating is None or not (store.path / DONE).exists():
+    if rating is None or not (store.path / ratinglog.DONE).exists():
         raise InputError(
             "this store was not made by `dynrules rate` (no done mask); rate into a new --out",
             path=store.path,
@@ -232,74 +206,6 @@ def _check_continuable(store: RatingStore, records: Sequence[dict], judge: Judge
             path=store.path,
             field="pairs",
         )
-
-
-@contextmanager
-def _locked(path: Path):
-    handle = open(path / LOCK, "a")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DynrulesError(f"another process is rating into {path}") from None
-        yield
-    finally:
-        handle.close()
-
-
-def read_log(store: RatingStore) -> np.ndarray:
-    """The committed, not yet folded records (a torn last record from a kill is dropped)."""
-    path = store.path / LOG
-    if not path.exists():
-        return np.empty(0, RECORD)
-    raw = path.read_bytes()
-    whole = len(raw) - len(raw) % RECORD.itemsize
-    return np.frombuffer(raw[:whole], RECORD)
-
-
-def fold(store: RatingStore) -> int:
-    """Write the log's cells into the arrays and the done mask, then empty the log."""
-    records = read_log(store)
-    if len(records):
-        records = records[np.argsort(records["row"], kind="stable")]
-        rows, rules = records["row"], records["rule"].astype(np.int64)
-        window = store.chunk_rows
-        bounds = np.flatnonzero(np.diff(rows // window)) + 1
-        for part in np.split(np.arange(len(records)), bounds):
-            lo, hi = int(rows[part[0]]), int(rows[part[-1]]) + 1
-            local = (rows[part] - lo, rules[part])
-            for name, field in (("scores_a", "a"), ("scores_b", "b"), ("relevance", "relevance")):
-                block = store.array(name)[lo:hi].read().result()
-                block[local] = quantize(records[field][part], store.dtype)
-                store.array(name)[lo:hi].write(block).result()
-            # The done mask last: a cell marked done always has its values written.
-            done = store.array(DONE)[lo:hi].read().result()
-            done[local] = 1
-            store.array(DONE)[lo:hi].write(done).result()
-    done_cells = _count_done(store)
-    if store.manifest["rating"].get("done") != done_cells:
-        store.manifest["rating"]["done"] = done_cells
-        store.write_manifest()
-    if (store.path / LOG).exists():
-        os.truncate(store.path / LOG, 0)
-    return len(records)
-
-
-def _count_done(store: RatingStore) -> int:
-    total, done = 0, store.array(DONE)
-    for lo in range(0, store.n_pairs, store.chunk_rows):
-        hi = min(lo + store.chunk_rows, store.n_pairs)  # TensorStore raises on slices past the end
-        total += int(np.count_nonzero(done[lo:hi].read().result()))
-    return total
-
-
-def read_done(store_path) -> np.ndarray:
-    """The done mask [N, R] (bool) of a store, including committed cells not yet folded."""
-    store = RatingStore.open(store_path)
-    done = store.array(DONE)[...].read().result().astype(bool)
-    records = read_log(store)
-    done[records["row"], records["rule"]] = True
-    return done
 
 
 # -- the work ---------------------------------------------------------------------------------

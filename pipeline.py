@@ -17,15 +17,14 @@ human labels of the same training pairs (the upper reference), and a length-only
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from dynrules.engine.atomic import atomic_path
 from dynrules.errors import DynrulesError
+from dynrules.report import write_ablation_report, write_pipeline_report
 
 
 @dataclasses.dataclass
@@ -160,7 +159,7 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
             lambda: abl.ablate(stores["train"], "truth", config.ablate_ks, seed=config.seed),
             items=len(train),
         )
-        abl.write_report(ablation, out / "ablation")
+        write_ablation_report(ablation, out / "ablation")
         policies = ablation["rows"]
 
     adapter_config = {
@@ -255,7 +254,7 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
             if name in stages.items and s > 0
         },
     }
-    write_report(report, out)
+    write_pipeline_report(report, out)
     return report
 
 
@@ -283,138 +282,3 @@ def _adapter_report(adapter_dir: Path, store, selection, has_truth: bool) -> dic
             label_counts(labels, truth, counts)
             report[name] = label_summary(counts)
     return report
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def markdown(report: dict) -> str:
-    rm, ad = report["reward_model"], report["adapter"]
-    lines = [
-        "# dynrules pipeline report",
-        "",
-        f"Data: {report['data']['source']} — {report['data']['train_pairs']} train pairs, "
-        f"{report['data']['heldout_pairs']} held-out pairs.",
-        "",
-        f"Judge: **{report['judge']['name']}**.",
-    ]
-    if report["judge"]["kind"] == "embedded":
-        lines += [
-            "",
-            "> The embedded judge is a small sentence encoder (all-MiniLM-L6-v2) scoring rules by "
-            "similarity, not an LLM reading the rule. It is far weaker than a 70B LLM judge; the numbers "
-            "below measure the machinery and this weak judge, not the ceiling of the method.",
-        ]
-    lines += ["", "## Label agreement with human preferences, per policy", ""]
-    if report["policies"]:
-        lines += [
-            "| policy | criterion | k | agreement | MI bits [95% CI] | ties |",
-            "|---|---|---|---|---|---|",
-        ]
-        for row in report["policies"]:
-            lines.append(
-                f"| {row['policy']} | {row.get('criterion') or ''} | {row['k']} | {_fmt(row['agreement'])} | "
-                f"{row['mi_bits']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']} |"
-            )
-        lines += [
-            "",
-            "![MI vs k](ablation/mi_vs_k.png)",
-            "",
-            "![per-rule MI](ablation/rule_mi.png)",
-        ]
-    else:
-        lines.append("No human truth in the data: ablation skipped.")
-    lines += [
-        "",
-        "## Rule adapter (held-out pairs, per row)",
-        "",
-        f"- precision@k {ad['precision_at_k']:.3f}, recall@k {ad['recall_at_k']:.3f}",
-        f"- label agreement with the oracle set (full ratings) {ad['label_agreement']:.3f}",
-        f"- judge calls saved against rating the whole pool: {ad['judge_calls_saved']:.0%}",
-    ]
-    for name in ("adapter_label", "oracle_label"):
-        if name in ad:
-            s = ad[name]
-            lines.append(
-                f"- {name.replace('_', ' ')} vs human truth: agreement {_fmt(s['agreement'])}, "
-                f"MI {s['mi_bits']:.4f} bits [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
-            )
-    lines += ["", "## Reward model (held-out pairs, human preferences; ties count wrong)", ""]
-    if "accuracy" in rm:
-        lines += [
-            "| model | accuracy |",
-            "|---|---|",
-            f"| trained on rule labels ({rm['trained_on']}) | {rm['accuracy']:.3f} |",
-            f"| trained on human labels of the same pairs (upper reference) | {rm['human_label_accuracy']:.3f} |",
-            f"| length-only baseline (longer response wins) | {rm['length_baseline']:.3f} |",
-        ]
-    else:
-        lines.append("No human truth in the data: held-out accuracy not measured.")
-    lines += [
-        "",
-        "## Stages",
-        "",
-        "items/s: rated cells, pairs, or training pairs (steps × batch)",
-        "",
-        "| stage | seconds | items/s |",
-        "|---|---|---|",
-    ]
-    for name, seconds in report["stages"].items():
-        lines.append(f"| {name} | {seconds} | {_fmt(report['throughput'].get(name), 1)} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict, out: Path) -> None:
-    """report.json, report.md and report.html (the Markdown's content, with the plots inline)."""
-    with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(text)
-    with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(_html(text))
-
-
-def _html(markdown_text: str) -> str:
-    """A plain HTML rendering of the report's Markdown subset (headings, tables, lists, images)."""
-    body, table = [], []
-    for line in markdown_text.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if not set("".join(cells)) <= set("-"):
-                table.append(cells)
-            continue
-        if table:
-            head, *rows = table
-            body.append(
-                "<table><tr>"
-                + "".join(f"<th>{c}</th>" for c in head)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-                + "</table>"
-            )
-            table = []
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
-        elif line.startswith("!["):
-            alt, src = line[2:].split("](")
-            body.append(
-                f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}" style="max-width:100%">'
-            )
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.startswith("> "):
-            body.append(f"<blockquote>{html.escape(line[2:])}</blockquote>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    return (
-        "<!doctype html><meta charset='utf-8'><title>dynrules report</title>"
-        "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style>\n"
-        + "\n".join(body)
-        + "\n"
-    )

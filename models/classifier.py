@@ -1,7 +1,7 @@
 """Encoder + linear head: the reward model (one output) and the rule adapter's building block.
 
 :class:`EncoderClassifier` pools the encoder's hidden states at explicit lengths
-(train.encoder.pool) and applies a linear head initialised near zero (std 1e-3, zero bias),
+(models.pooling.pool) and applies a linear head initialised near zero (std 1e-3, zero bias),
 so an untrained reward model scores every text ≈ 0 and the first Bradley–Terry loss is
 ≈ log 2. With ``num_outputs=1`` it is the reward model; with one output per rule it is a
 multi-label rule adapter on the same encoder.
@@ -27,9 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dynrules.atomic import atomic_path
 from dynrules.errors import DynrulesError
-from dynrules.train import encoder as enc
-from dynrules.train.data import TEMPLATE
+from dynrules.models.bert import BertConfig, BertEncoder
+from dynrules.models.bert_checkpoint import (
+    hf_tensors_from_params,
+    params_from_hf_tensors,
+    read_config,
+    resolve_checkpoint_dir,
+)
+from dynrules.models.pooling import pool
+from dynrules.models.templates import TEMPLATE
+from dynrules.models.tokenizer import TextTokenizer
 
 HEAD_STD = 1e-3
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -39,7 +48,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class ModelSpec:
     """What defines a model's function: architecture, head size, pooling, text handling."""
 
-    encoder: enc.BertConfig
+    encoder: BertConfig
     num_outputs: int = 1
     pooling: str = "mean"
     max_length: int = 256
@@ -57,7 +66,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, raw: dict) -> ModelSpec:
         return cls(
-            encoder=enc.BertConfig.from_dict(raw["encoder"]),
+            encoder=BertConfig.from_dict(raw["encoder"]),
             num_outputs=int(raw["num_outputs"]),
             pooling=raw["pooling"],
             max_length=int(raw["max_length"]),
@@ -69,7 +78,7 @@ class EncoderClassifier(nnx.Module):
     """BERT encoder → pooled vector → ``num_outputs`` logits (float32)."""
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False):
-        self.encoder = enc.BertEncoder(spec.encoder, rngs=rngs, dtype=dtype, remat=remat)
+        self.encoder = BertEncoder(spec.encoder, rngs=rngs, dtype=dtype, remat=remat)
         self.pooling = spec.pooling
         width = spec.encoder.hidden_size
         self.head_kernel = nnx.Param(
@@ -81,7 +90,7 @@ class EncoderClassifier(nnx.Module):
         )
 
     def __call__(self, input_ids: jax.Array, lengths: jax.Array) -> jax.Array:
-        pooled = enc.pool(self.encoder(input_ids, lengths), lengths, self.pooling)
+        pooled = pool(self.encoder(input_ids, lengths), lengths, self.pooling)
         return pooled @ self.head_kernel[...] + self.head_bias[...]
 
 
@@ -109,31 +118,6 @@ def initial_head(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def place(host_params: dict, shardings: dict) -> dict:
-    """Host arrays → global arrays laid out by ``shardings``; each device gets only its shard.
-
-    Uses ``make_array_from_callback``, which also works when the mesh spans several hosts.
-    """
-
-    def put(value, sharding):
-        value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    return jax.tree.map(put, host_params, shardings)
-
-
-def gather(params: dict) -> dict:
-    """Global arrays → host NumPy arrays (all-gathered across processes when needed)."""
-    from jax.experimental import multihost_utils
-
-    def fetch(x):
-        if x.is_fully_addressable:
-            return np.asarray(jax.device_get(x))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(fetch, params)
-
-
 # --------------------------------------------------------------------------- model directories
 
 
@@ -144,15 +128,15 @@ class LoadedModel:
     directory: Path
     spec: ModelSpec
     params: dict
-    tokenizer: enc.TextTokenizer
+    tokenizer: TextTokenizer
 
 
 def read_model(directory: str | Path) -> LoadedModel:
     """Read an exported model directory (see module doc); clear errors for foreign checkpoints."""
     from safetensors.numpy import load_file
 
-    directory = enc.resolve_checkpoint_dir(directory)
-    raw = enc.read_config(directory)
+    directory = resolve_checkpoint_dir(directory)
+    raw = read_config(directory)
     extra = raw.get("dynrules")
     if not isinstance(extra, dict):
         raise DynrulesError(
@@ -161,7 +145,7 @@ def read_model(directory: str | Path) -> LoadedModel:
         )
     try:
         spec = ModelSpec(
-            encoder=enc.BertConfig.from_dict(raw),
+            encoder=BertConfig.from_dict(raw),
             num_outputs=int(extra["num_outputs"]),
             pooling=extra["pooling"],
             max_length=int(extra["max_length"]),
@@ -175,9 +159,7 @@ def read_model(directory: str | Path) -> LoadedModel:
         )
     tensors = load_file(str(directory / "model.safetensors"))
     params = {
-        "encoder": enc.params_from_hf_tensors(
-            tensors, spec.encoder, directory / "model.safetensors"
-        )
+        "encoder": params_from_hf_tensors(tensors, spec.encoder, directory / "model.safetensors")
     }
     for key in ("classifier.weight", "classifier.bias"):
         if key not in tensors:
@@ -190,7 +172,7 @@ def read_model(directory: str | Path) -> LoadedModel:
                             f"does not match config ({spec.num_outputs} outputs)")  # fmt: skip
     params["head_kernel"] = np.ascontiguousarray(kernel, np.float32)
     params["head_bias"] = np.asarray(bias, np.float32)
-    return LoadedModel(directory, spec, params, enc.TextTokenizer(directory / "tokenizer.json"))
+    return LoadedModel(directory, spec, params, TextTokenizer(directory / "tokenizer.json"))
 
 
 def export_model(host_params: dict, spec: ModelSpec, tokenizer_file: Path, out_dir: Path) -> None:
@@ -201,9 +183,7 @@ def export_model(host_params: dict, spec: ModelSpec, tokenizer_file: Path, out_d
     """
     from safetensors.numpy import save_file
 
-    from dynrules.engine.atomic import atomic_path
-
-    tensors = enc.hf_tensors_from_params(host_params["encoder"], prefix="bert.")
+    tensors = hf_tensors_from_params(host_params["encoder"], prefix="bert.")
     tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(host_params["head_kernel"]).T)
     tensors["classifier.bias"] = np.asarray(host_params["head_bias"])
     config = spec.encoder.to_hf_dict() | {

@@ -94,15 +94,15 @@ def bench_train(
     """Training pairs/s, JAX vs PyTorch, same MiniLM reward model and same batches."""
     import jax
 
-    from dynrules.train import encoder as enc
-    from dynrules.train import model as mdl
+    from dynrules.models import bert_checkpoint as bert_ckpt
+    from dynrules.models import classifier as mdl
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
     from dynrules.train.data import load_pairs
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
     torch, transformers = _torch()
-    loaded = enc.read_checkpoint(None)
+    loaded = bert_ckpt.read_checkpoint(None)
     config = TrainConfig(
         steps=10_000, batch_size=pairs_per_step, max_length=max_length, learning_rate=1e-5
     )
@@ -171,21 +171,22 @@ def bench_score(
     """Scoring pairs/s (both texts of each pair), JAX vs PyTorch, on identical bucketed batches."""
     import jax
 
-    from dynrules.train import encoder as enc
-    from dynrules.train import model as mdl
+    from dynrules.models import bert_checkpoint as bert_ckpt
+    from dynrules.models import classifier as mdl
+    from dynrules.models import tokenizer as tok
     from dynrules.train import sharding as shd
     from dynrules.train.data import load_pairs
     from dynrules.train.scoring import Scorer
 
     torch, transformers = _torch()
-    loaded = enc.read_checkpoint(None)
+    loaded = bert_ckpt.read_checkpoint(None)
     spec = mdl.ModelSpec(loaded.config, max_length=max_length)
     head = mdl.initial_head(spec, seed)
     texts = [t for p in load_pairs(synthetic_pairs(pairs, seed)) for t in p.texts()]
 
     mesh = shd.make_mesh("", jax.devices()[:1])
     graphdef, abstract = mdl.abstract_model(spec)
-    params = mdl.place({"encoder": loaded.params, **head}, shd.state_shardings(abstract, mesh))
+    params = shd.place({"encoder": loaded.params, **head}, shd.state_shardings(abstract, mesh))
     scorer = Scorer(
         graphdef, params, loaded.tokenizer, mesh, max_length=max_length, batch_size=batch_size
     )
@@ -198,7 +199,7 @@ def bench_score(
     tokens = loaded.tokenizer.encode(texts, max_length)
     batches = []
     for chunk, width, _ in scorer.plan(tokens.lengths):  # the scorer's batches, unpadded rows
-        ids, lengths = enc.pad_batch(
+        ids, lengths = tok.pad_batch(
             [tokens.ids[i] for i in chunk], width, len(chunk), loaded.tokenizer.pad_id
         )
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
@@ -258,13 +259,13 @@ def bench_train_mfu(
     """
     import jax
 
-    from dynrules.train import encoder as enc
-    from dynrules.train import model as mdl
+    from dynrules.models import bert
+    from dynrules.models import classifier as mdl
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
     from dynrules.train.trainer import Trainable
 
-    bert = enc.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+    bert = bert.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                           intermediate_size=4 * hidden, max_position_embeddings=max(512, seq))  # fmt: skip
     config = TrainConfig(
         steps=10_000, batch_size=pairs_per_step, max_length=seq, dtype=dtype, remat=remat
@@ -272,7 +273,7 @@ def bench_train_mfu(
     spec = mdl.ModelSpec(bert, max_length=seq)
     trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
     state = trainable.initial_state(
-        {"encoder": enc.random_params(bert), **mdl.initial_head(spec, 0)}
+        {"encoder": bert.random_params(bert), **mdl.initial_head(spec, 0)}
     )
     step = trainable.train_step(config)
     rng = np.random.default_rng(0)

@@ -1,0 +1,201 @@
+"""A BERT-family text encoder in Flax NNX (the architecture; file IO is in bert_checkpoint).
+
+Layers are stored stacked (a leading ``layers`` axis) and run with ``jax.lax.scan``: one
+layer is compiled once whatever the depth, which keeps compile time flat for deep models
+and lets ``remat`` wrap a single layer.
+
+Every parameter carries ``logical_axes`` metadata (e.g. ``('embed', 'mlp')``); train.sharding
+maps those names onto mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynrules.errors import DynrulesError
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The architecture fields of a Hugging Face BERT config.json that the forward pass uses."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> BertConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in raw.items() if k in names})
+        if config.hidden_size % config.num_attention_heads:
+            raise DynrulesError(
+                f"hidden_size {config.hidden_size} is not divisible by "
+                f"num_attention_heads {config.num_attention_heads}"
+            )
+        if config.hidden_act not in _ACTIVATIONS:
+            raise DynrulesError(
+                f"unsupported hidden_act {config.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}"
+            )
+        return config
+
+    def to_hf_dict(self) -> dict:
+        """A config.json that Hugging Face ``BertModel`` also accepts."""
+        return {"architectures": ["BertModel"], "model_type": "bert", **dataclasses.asdict(self)}
+
+
+_ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def param_shapes(config: BertConfig) -> dict:
+    d, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    layer = {
+        "query_kernel": (d, d), "query_bias": (d,), "key_kernel": (d, d), "key_bias": (d,),
+        "value_kernel": (d, d), "value_bias": (d,), "attn_out_kernel": (d, d), "attn_out_bias": (d,),
+        "attn_ln_scale": (d,), "attn_ln_bias": (d,), "mlp_in_kernel": (d, f), "mlp_in_bias": (f,),
+        "mlp_out_kernel": (f, d), "mlp_out_bias": (d,), "mlp_ln_scale": (d,), "mlp_ln_bias": (d,),
+    }  # fmt: skip
+    return {
+        "word_embeddings": (config.vocab_size, d),
+        "position_embeddings": (config.max_position_embeddings, d),
+        "token_type_embeddings": (config.type_vocab_size, d),
+        "embeddings_ln_scale": (d,),
+        "embeddings_ln_bias": (d,),
+        "layers": {name: (n, *shape) for name, shape in layer.items()},
+    }
+
+
+# Logical axis names per parameter; train.sharding maps them to mesh axes.
+_EMBEDDING_AXES = {
+    "word_embeddings": ("vocab", "embed"),
+    "position_embeddings": (None, "embed"),
+    "token_type_embeddings": (None, "embed"),
+    "embeddings_ln_scale": ("embed",),
+    "embeddings_ln_bias": ("embed",),
+}
+_LAYER_AXES = {
+    "query_kernel": ("embed", "qkv"), "query_bias": ("qkv",),
+    "key_kernel": ("embed", "qkv"), "key_bias": ("qkv",),
+    "value_kernel": ("embed", "qkv"), "value_bias": ("qkv",),
+    "attn_out_kernel": ("qkv", "embed"), "attn_out_bias": ("embed",),
+    "attn_ln_scale": ("embed",), "attn_ln_bias": ("embed",),
+    "mlp_in_kernel": ("embed", "mlp"), "mlp_in_bias": ("mlp",),
+    "mlp_out_kernel": ("mlp", "embed"), "mlp_out_bias": ("embed",),
+    "mlp_ln_scale": ("embed",), "mlp_ln_bias": ("embed",),
+}  # fmt: skip
+
+
+def _initial_value(name: str, shape: tuple, key: jax.Array, std: float = 0.02) -> jax.Array:
+    if name.endswith("ln_scale"):
+        return jnp.ones(shape, jnp.float32)
+    if name.endswith("bias"):
+        return jnp.zeros(shape, jnp.float32)
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+
+
+class EncoderLayers(nnx.Module):
+    """All transformer layers, each parameter stacked on a leading ``layers`` axis."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        shapes = param_shapes(config)["layers"]
+        for name, shape in shapes.items():
+            value = _initial_value(name, shape, rngs.params())
+            setattr(self, name, nnx.Param(value, logical_axes=("layers", *_LAYER_AXES[name])))
+
+
+class BertEncoder(nnx.Module):
+    """BERT encoder: token ids + explicit lengths → hidden states [batch, time, hidden].
+
+    Right padding with explicit ``lengths`` (never inferred from pad ids): positions ≥ length
+    are masked as attention keys, and real tokens never see them, so a text's hidden states
+    do not depend on the padding around it.
+    """
+
+    def __init__(
+        self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        for name, shape in param_shapes(config).items():
+            if name != "layers":
+                value = _initial_value(name, shape, rngs.params())
+                setattr(self, name, nnx.Param(value, logical_axes=_EMBEDDING_AXES[name]))
+        self.layers = EncoderLayers(config, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, lengths: jax.Array) -> jax.Array:
+        config = self.config
+        time = input_ids.shape[1]
+        mask = jnp.arange(time)[None, :] < lengths[:, None]  # [batch, time]
+        hidden = (
+            jnp.take(self.word_embeddings[...], input_ids, axis=0)
+            + self.position_embeddings[...][:time][None]
+            + self.token_type_embeddings[...][0][None, None]
+        )
+        hidden = _layer_norm(
+            hidden,
+            self.embeddings_ln_scale[...],
+            self.embeddings_ln_bias[...],
+            config.layer_norm_eps,
+        )
+        layer_params = {name: getattr(self.layers, name)[...] for name in _LAYER_AXES}
+        step = functools.partial(_layer, config=config, mask=mask, dtype=self.dtype)
+        if self.remat:
+            step = jax.checkpoint(step)
+        hidden, _ = jax.lax.scan(lambda h, p: (step(h, p), None), hidden, layer_params)
+        return hidden
+
+
+def _layer_norm(x, scale, bias, eps):
+    x = x.astype(jnp.float32)  # statistics in float32 even under bf16 compute
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def _dense(x, kernel, bias, dtype):
+    return (x.astype(dtype) @ kernel.astype(dtype)).astype(jnp.float32) + bias
+
+
+def _layer(hidden, p, *, config: BertConfig, mask, dtype):
+    batch, time, width = hidden.shape
+    heads = config.num_attention_heads
+
+    def split_heads(x):
+        return x.reshape(batch, time, heads, width // heads).astype(dtype)
+
+    q = split_heads(_dense(hidden, p["query_kernel"], p["query_bias"], dtype))
+    k = split_heads(_dense(hidden, p["key_kernel"], p["key_bias"], dtype))
+    v = split_heads(_dense(hidden, p["value_kernel"], p["value_bias"], dtype))
+    attended = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+    attended = attended.reshape(batch, time, width)
+    hidden = _layer_norm(
+        hidden + _dense(attended, p["attn_out_kernel"], p["attn_out_bias"], dtype),
+        p["attn_ln_scale"], p["attn_ln_bias"], config.layer_norm_eps,
+    )  # fmt: skip
+    inner = _ACTIVATIONS[config.hidden_act](
+        _dense(hidden, p["mlp_in_kernel"], p["mlp_in_bias"], dtype)
+    )
+    return _layer_norm(
+        hidden + _dense(inner, p["mlp_out_kernel"], p["mlp_out_bias"], dtype),
+        p["mlp_ln_scale"], p["mlp_ln_bias"], config.layer_norm_eps,
+    )  # fmt: skip
+
+
+def random_params(config: BertConfig, seed: int = 0) -> dict:
+    """Freshly initialised encoder weights (pure dict), e.g. for small test models."""
+    return nnx.to_pure_dict(nnx.split(BertEncoder(config, rngs=nnx.Rngs(seed)))[1])

@@ -1,0 +1,31 @@
+"""Pooling hidden states into one vector per text, at explicit lengths."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dynrules.errors import DynrulesError
+
+POOLING_MODES = ("mean", "last", "cls")
+
+
+def pool(hidden: jax.Array, lengths: jax.Array, mode: str) -> jax.Array:
+    """One vector per text from hidden states, using explicit lengths (never the padding).
+
+    - ``mean``: average over the ``length`` real tokens ([CLS] and [SEP] included), as
+      sentence-transformers does; the default, and how MiniLM was trained.
+    - ``last``: the hidden state at index ``length - 1`` (the final [SEP]).
+    - ``cls``: the hidden state at index 0.
+    """
+    hidden = hidden.astype(jnp.float32)
+    if mode == "mean":
+        mask = (jnp.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(jnp.float32)
+        return (hidden * mask[..., None]).sum(1) / jnp.maximum(lengths, 1)[:, None].astype(
+            jnp.float32
+        )
+    if mode == "last":
+        return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    if mode == "cls":
+        return hidden[:, 0]
+    raise DynrulesError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")

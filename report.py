@@ -1,0 +1,257 @@
+"""Report rendering for the application layer: the pipeline report and the policy ablation.
+
+Markdown is the source of every report; HTML pages are the same Markdown rendered by
+Python-Markdown into a small Jinja template, and plots are Matplotlib PNGs. Every file is
+written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+import markdown as md
+import numpy as np
+
+from dynrules.atomic import atomic_path
+
+RULES_PLOTTED = 30
+
+_PAGE = jinja2.Environment(autoescape=True).from_string(
+    """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}</style>
+</head><body>
+{{ body }}
+</body></html>
+"""
+)
+
+
+def markdown_page(text: str, *, title: str) -> str:
+    """A standalone HTML page of Markdown ``text`` (tables and images included)."""
+    body = md.markdown(text, extensions=["tables"], output_format="html")
+    return _PAGE.render(title=title, body=jinja2.utils.markupsafe.Markup(body))
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def pipeline_markdown(report: dict) -> str:
+    rm, ad = report["reward_model"], report["adapter"]
+    lines = [
+        "# dynrules pipeline report",
+        "",
+        f"Data: {report['data']['source']} — {report['data']['train_pairs']} train pairs, "
+        f"{report['data']['heldout_pairs']} held-out pairs.",
+        "",
+        f"Judge: **{report['judge']['name']}**.",
+    ]
+    if report["judge"]["kind"] == "embedded":
+        lines += [
+            "",
+            "> The embedded judge is a small sentence encoder (all-MiniLM-L6-v2) scoring rules by "
+            "similarity, not an LLM reading the rule. It is far weaker than a 70B LLM judge; the numbers "
+            "below measure the machinery and this weak judge, not the ceiling of the method.",
+        ]
+    lines += ["", "## Label agreement with human preferences, per policy", ""]
+    if report["policies"]:
+        lines += [
+            "| policy | criterion | k | agreement | MI bits [95% CI] | ties |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in report["policies"]:
+            lines.append(
+                f"| {row['policy']} | {row.get('criterion') or ''} | {row['k']} | {_fmt(row['agreement'])} | "
+                f"{row['mi_bits']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']} |"
+            )
+        lines += [
+            "",
+            "![MI vs k](ablation/mi_vs_k.png)",
+            "",
+            "![per-rule MI](ablation/rule_mi.png)",
+        ]
+    else:
+        lines.append("No human truth in the data: ablation skipped.")
+    lines += [
+        "",
+        "## Rule adapter (held-out pairs, per row)",
+        "",
+        f"- precision@k {ad['precision_at_k']:.3f}, recall@k {ad['recall_at_k']:.3f}",
+        f"- label agreement with the oracle set (full ratings) {ad['label_agreement']:.3f}",
+        f"- judge calls saved against rating the whole pool: {ad['judge_calls_saved']:.0%}",
+    ]
+    for name in ("adapter_label", "oracle_label"):
+        if name in ad:
+            s = ad[name]
+            lines.append(
+                f"- {name.replace('_', ' ')} vs human truth: agreement {_fmt(s['agreement'])}, "
+                f"MI {s['mi_bits']:.4f} bits [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
+            )
+    lines += ["", "## Reward model (held-out pairs, human preferences; ties count wrong)", ""]
+    if "accuracy" in rm:
+        lines += [
+            "| model | accuracy |",
+            "|---|---|",
+            f"| trained on rule labels ({rm['trained_on']}) | {rm['accuracy']:.3f} |",
+            f"| trained on human labels of the same pairs (upper reference) | {rm['human_label_accuracy']:.3f} |",
+            f"| length-only baseline (longer response wins) | {rm['length_baseline']:.3f} |",
+        ]
+    else:
+        lines.append("No human truth in the data: held-out accuracy not measured.")
+    lines += [
+        "",
+        "## Stages",
+        "",
+        "items/s: rated cells, pairs, or training pairs (steps × batch)",
+        "",
+        "| stage | seconds | items/s |",
+        "|---|---|---|",
+    ]
+    for name, seconds in report["stages"].items():
+        lines.append(f"| {name} | {seconds} | {_fmt(report['throughput'].get(name), 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_pipeline_report(report: dict, out: Path) -> None:
+    """report.json, report.md and report.html (the Markdown's content, with the plots inline)."""
+    with atomic_path(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    text = pipeline_markdown(report)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(text)
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(markdown_page(text, title="dynrules report"))
+
+
+def _series_name(row: dict) -> str:
+    return row["policy"] + (f" ({row['criterion']})" if row["criterion"] else "")
+
+
+def ablation_markdown(result: dict, top_rules: int = 10) -> str:
+    lines = [
+        f"# Policy ablation: {result['pairs']:,} pairs, {result['rules']} rules",
+        "",
+        f"Agreement: accuracy of the non-tie labels against the truth. MI: {result['estimator']} "
+        f"estimate in bits, 95% interval from {result['resamples']} multinomial resamples. "
+        "Coverage: fraction of pairs labelled (not tied).",
+        "",
+        "| policy | criterion | k | agreement | MI (bits) | 95% interval | ties | coverage |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for row in result["rows"]:
+        agreement = "–" if row["agreement"] is None else f"{row['agreement']:.4f}"
+        lines.append(
+            f"| {row['policy']} | {row['criterion'] or '–'} | {row['k']} | {agreement} | "
+            f"{row['mi_bits']:.4f} | [{row['ci_low']:.4f}, {row['ci_high']:.4f}] | {row['ties']:,} | "
+            f"{row['coverage']:.4f} |"
+        )
+    lines += [
+        "",
+        f"## Rules by vote MI (top {top_rules})",
+        "",
+        "| rank | rule | MI (bits) | agreement | p-value |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for rank, rule in enumerate(result["rule_mi"][:top_rules], 1):
+        agreement = "–" if rule["agreement"] is None else f"{rule['agreement']:.4f}"
+        lines.append(
+            f"| {rank} | {rule['id']} | {rule['mi_bits']:.5f} | {agreement} | {rule['p_value']:.3g} |"
+        )
+    if result.get("redundant"):
+        lines += [
+            "",
+            "## Most redundant rule pairs",
+            "",
+            "| rule | rule | redundancy |",
+            "|---|---|---:|",
+        ]
+        lines += [f"| {p['a']} | {p['b']} | {p['redundancy']:.3f} |" for p in result["redundant"]]
+    return "\n".join(lines) + "\n"
+
+
+def ablation_plots(result: dict, out_dir) -> list[Path]:
+    """mi_vs_k.png (MI and agreement against k, per policy, with intervals) and rule_mi.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        series.setdefault(_series_name(row), []).append(row)
+    figure, (mi_axis, agreement_axis) = plt.subplots(1, 2, figsize=(14, 4.5))
+    for name, rows in series.items():
+        if rows[0]["policy"] == "all":
+            for axis, value in (
+                (mi_axis, rows[0]["mi_bits"]),
+                (agreement_axis, rows[0]["agreement"]),
+            ):
+                if value is not None:
+                    axis.axhline(
+                        value,
+                        color="black",
+                        linestyle="--",
+                        linewidth=1,
+                        label=f"all (k = {rows[0]['k']})",
+                    )
+            continue
+        ks = [r["k"] for r in rows]
+        mi = np.array([r["mi_bits"] for r in rows])
+        error = np.array([mi - [r["ci_low"] for r in rows], [r["ci_high"] for r in rows] - mi])
+        mi_axis.errorbar(ks, mi, yerr=np.maximum(error, 0), marker="o", capsize=3, label=name)
+        agreement_axis.plot(
+            ks,
+            [np.nan if r["agreement"] is None else r["agreement"] for r in rows],
+            marker="o",
+            label=name,
+        )
+    mi_axis.set(xlabel="k (rules per pair)", ylabel="I(label; truth), bits", title="Label MI vs k")
+    agreement_axis.set(
+        xlabel="k (rules per pair)", ylabel="agreement with truth", title="Agreement vs k"
+    )
+    for axis in (mi_axis, agreement_axis):
+        axis.grid(alpha=0.3)
+    agreement_axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    written = [_save(figure, out_dir / "mi_vs_k.png")]
+    plt.close(figure)
+
+    rules = result["rule_mi"][:RULES_PLOTTED]
+    figure, axis = plt.subplots(figsize=(7, 1.5 + 0.22 * len(rules)))
+    positions = np.arange(len(rules))[::-1]  # the most informative rule on top
+    axis.barh(positions, [r["mi_bits"] for r in rules], color="tab:blue")
+    axis.set_yticks(positions, [r["id"] for r in rules], fontsize=7)
+    axis.set(
+        xlabel="I(vote; truth), bits",
+        title=f"Per-rule vote MI (top {len(rules)} of {len(result['rule_mi'])} rules)",
+    )
+    axis.grid(alpha=0.3, axis="x")
+    figure.tight_layout()
+    written.append(_save(figure, out_dir / "rule_mi.png"))
+    plt.close(figure)
+    return written
+
+
+def _save(figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    return path
+
+
+def write_ablation_report(result: dict, out_dir) -> list[Path]:
+    """ablation.json, ablation.md and the plots into ``out_dir``, each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "ablation.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(out_dir / "ablation.md") as tmp:
+        tmp.write_text(ablation_markdown(result))
+    return [out_dir / "ablation.json", out_dir / "ablation.md", *ablation_plots(result, out_dir)]
