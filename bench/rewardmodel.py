@@ -186,7 +186,7 @@ def bench_score(
 
     mesh = shd.make_mesh("", jax.devices()[:1])
     graphdef, abstract = mdl.abstract_model(spec)
-    params = shd.place({"encoder": loaded.params, **head}, shd.state_shardings(abstract, mesh))
+    params = shd.place({"encoder": loaded.params, **head}, shd.abstract_params(abstract, mesh))
     scorer = Scorer(
         graphdef, params, loaded.tokenizer, mesh, max_length=max_length, batch_size=batch_size
     )

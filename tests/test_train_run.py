@@ -65,7 +65,7 @@ def workspace(tmp_path_factory):
 
 
 def _overrides(encoder: Path, **extra) -> list[str]:
-    values = {"encoder": str(encoder), "steps": 12, "batch_size": 8, "max_length": 48, "learning_rate": 2e-3,
+    values = {"model": str(encoder), "steps": 12, "batch_size": 8, "max_length": 48, "learning_rate": 2e-3,
               "checkpoint_every": 4, "eval_every": 6, "log_every": 3, "eval_fraction": 0.25} | extra  # fmt: skip
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -159,7 +159,7 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
             "unknown key 'stepz'",
         ),
         (
-            ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), f"encoder={other}"],
+            ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), f"model={other}"],
             "another model",
         ),
         (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "seed=7"], "different config"),
@@ -251,7 +251,7 @@ def test_run_directory_that_is_not_a_run_is_refused(tmp_path, workspace):
     root, encoder = workspace
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(DynrulesError, match="not a dynrules run"):
-        train_reward_model(root / "pairs.jsonl", tmp_path, {"encoder": str(encoder), "steps": 1})
+        train_reward_model(root / "pairs.jsonl", tmp_path, {"model": str(encoder), "steps": 1})
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
