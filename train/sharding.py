@@ -186,7 +186,9 @@ def place(host_params: dict, targets: dict) -> dict:
     """
 
     def put(value, target):
-        if isinstance(value, jax.Array) or not hasattr(value, "shape"):
+        if isinstance(value, jax.Array):  # already on devices: lay it out there
+            return jax.device_put(value.astype(target.dtype), target.sharding)
+        if not hasattr(value, "shape"):
             value = np.asarray(value)
         if tuple(value.shape) != tuple(target.shape):
             raise DynrulesError(
