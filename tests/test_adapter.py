@@ -82,7 +82,7 @@ def test_train_predict_and_plan(tmp_path, small_pool, backbone):
         selection=adp.SelectionConfig(k=3),
         progress=False,
     )
-    assert info["train_pairs"] == n and np.isfinite(info["final_loss"])
+    assert info.train_pairs == n and np.isfinite(info.final_loss)
     records = [
         {"id": i, "prompt": p, "response_a": a, "response_b": b}
         for i, p, a, b in zip(
@@ -95,4 +95,4 @@ def test_train_predict_and_plan(tmp_path, small_pool, backbone):
     assert all(
         len(set(p["rule_ids"])) == 3 and set(p["rule_ids"]) <= set(small_pool.ids) for p in plan
     )
-    assert summary["judge_calls_saved"] == pytest.approx(1 - 3 / 8)
+    assert summary.judge_calls_saved == pytest.approx(1 - 3 / 8)
