@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from dynrules.cliopts import (
+    backbone_option,
     config_from,
     config_options,
     criterion_option,
@@ -673,15 +674,17 @@ def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
 
 
 @bench.command("train")
+@backbone_option()
 @click.option("--pairs-per-step", default=8, show_default=True)
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per side.")
 @json_option()
-def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
-    """Reward-model training pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
+def bench_train_rm(backbone, pairs_per_step, max_length, seconds, as_json):
+    """Reward-model training pairs/s: JAX vs the same model in PyTorch (same batches)."""
     from dynrules.bench.rewardmodel import bench_train
 
-    result = bench_train(pairs_per_step=pairs_per_step, max_length=max_length, seconds=seconds)
+    result = bench_train(backbone=backbone, pairs_per_step=pairs_per_step, max_length=max_length,
+                         seconds=seconds)  # fmt: skip
     if as_json:
         print_json(result)
         return
@@ -691,15 +694,17 @@ def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
 
 
 @bench.command("score")
+@backbone_option()
 @click.option("--pairs", "n_pairs", default=256, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--max-length", default=256, show_default=True)
 @json_option()
-def bench_score_rm(n_pairs, batch_size, max_length, as_json):
-    """Reward-model scoring pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
+def bench_score_rm(backbone, n_pairs, batch_size, max_length, as_json):
+    """Reward-model scoring pairs/s: JAX vs the same model in PyTorch (same batches)."""
     from dynrules.bench.rewardmodel import bench_score
 
-    result = bench_score(pairs=n_pairs, batch_size=batch_size, max_length=max_length)
+    result = bench_score(backbone=backbone, pairs=n_pairs, batch_size=batch_size,
+                         max_length=max_length)  # fmt: skip
     if as_json:
         print_json(result)
         return

@@ -436,3 +436,18 @@ def with_params(config: LlamaConfig, params: dict, **options) -> LlamaDecoder:
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def train_flops_per_token(config: LlamaConfig, seq: int) -> float:
+    """Model FLOPs per token of one training step (forward + backward) of the backbone.
+
+    PaLM's count (appendix B): 6 × the matmul parameters (embeddings excluded: a lookup) plus
+    12 × layers × heads × head_dim × seq for the attention scores and values, whatever remat
+    recomputes and although causal masking skips half the score matrix.
+    """
+    d, f, e = config.hidden_size, config.intermediate_size, config.head_dim
+    h, kv = config.num_attention_heads, config.num_key_value_heads
+    per_layer = d * h * e * 2 + d * kv * e * 2 + 3 * d * f
+    return (
+        6.0 * per_layer * config.num_hidden_layers + 12.0 * config.num_hidden_layers * h * e * seq
+    )

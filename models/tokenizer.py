@@ -8,6 +8,7 @@ conversation and differs at the end; right truncation can make chosen and reject
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,16 @@ class TextTokenizer:
         self.pad_id = 0 if pad_id is None else pad_id
 
     def save(self, path: str | Path) -> None:
-        """Write the tokenizer as a tokenizer.json (without our truncation setting)."""
-        self._tokenizer.no_truncation()
+        """Write the tokenizer as a tokenizer.json: the file it came from, or serialised."""
+        if self.path is not None:
+            shutil.copyfile(self.path, path)
+            return
+        self._tokenizer.no_truncation()  # our truncation setting is not part of the tokenizer
         self._max_length = None
         self._tokenizer.save(str(path))
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
 
     def encode(self, texts: list[str], max_length: int) -> TokenizedTexts:
         if max_length < 3:

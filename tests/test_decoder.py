@@ -29,17 +29,19 @@ from dynrules.models import llama
 from dynrules.models import tokenizer as tok
 from dynrules.models.templates import ChatTemplate
 
+from . import decoder_fixtures as fx
+
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.npz"
 LOGIT_TOLERANCE, MEAN_TOLERANCE = 1.0, 0.3
 
 TINY_LLAMA = llama.LlamaConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    vocab_size=fx.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=500000.0,
     rope_type="llama3", rope_factor=8.0, rope_original_max_position=64,
     max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
 TINY_QWEN2 = llama.LlamaConfig(
-    vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+    vocab_size=fx.VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
     num_attention_heads=6, num_key_value_heads=2, head_dim=4, model_type="qwen2",
     qkv_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6,
 )  # fmt: skip
@@ -94,50 +96,11 @@ def test_smollm2_gguf_metadata_and_chat_template(smollm2):
     assert hh.count("<|im_start|>user\n") == 2 and hh.endswith("assistant\nd<|im_end|>\n")
 
 
-def _permute(value, heads):
-    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute, verbatim in NumPy."""
-    return (
-        value.reshape(heads, 2, value.shape[0] // heads // 2, *value.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(value.shape)
-    )
-
-
 @pytest.mark.parametrize("shape", [(48, 5), (48,)])
 def test_unpermute_inverts_llama_cpp_permute(shape):
     value = np.random.default_rng(0).normal(size=shape)
-    np.testing.assert_array_equal(dio.unpermute_rows(_permute(value, 3), 3), value)
-    assert not np.array_equal(_permute(value, 3), value)
-
-
-def _write_hf(directory, config, params, *, shards=1):
-    """A HF directory: config.json and the tensors in ``shards`` safetensors files (+ index)."""
-    from safetensors.numpy import save_file
-
-    directory.mkdir()
-    tensors = dio.hf_tensors(params, config)
-    (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))
-    if shards == 1:
-        save_file(tensors, str(directory / "model.safetensors"))
-    else:
-        keys, weight_map = sorted(tensors), {}
-        for shard in range(shards):
-            name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
-            part = {k: tensors[k] for k in keys[shard::shards]}
-            save_file(part, str(directory / name))
-            weight_map |= dict.fromkeys(part, name)
-        (directory / dio.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-    write_tiny_tokenizer(directory / "tokenizer.json", config.vocab_size)
-    return directory
-
-
-def write_tiny_tokenizer(path, vocab_size):
-    """A word-level tokenizer.json over ``vocab_size`` words "w0" … (enough for tiny models)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(path))
+    np.testing.assert_array_equal(dio.unpermute_rows(fx._permute(value, 3), 3), value)
+    assert not np.array_equal(fx._permute(value, 3), value)
 
 
 @pytest.mark.parametrize(("config", "shards"), [(TINY_LLAMA, 1), (TINY_QWEN2, 3)],
@@ -147,7 +110,7 @@ def test_tiny_models_round_trip_through_hf_safetensors(tmp_path, config, shards)
     params = llama.random_params(config, seed=1, lm_head=lm_head)
     hf_config = config.to_hf_dict()
     assert llama.LlamaConfig.from_hf_dict(hf_config) == config
-    directory = _write_hf(tmp_path / "model", config, params, shards=shards)
+    directory = fx.write_hf_decoder(tmp_path / "model", config, params, shards=shards)
     loaded = dio.read_decoder(directory, lm_head=lm_head)
     assert loaded.config == config
     host = jax.tree.map(np.asarray, loaded.params)
@@ -162,10 +125,31 @@ def test_tiny_models_round_trip_through_hf_safetensors(tmp_path, config, shards)
                                       host["layers"]["q_bias"][0:2, 2:5, 1:3])  # fmt: skip
 
 
+def test_gguf_written_by_the_gguf_package_reads_back(tmp_path):
+    """Every supported tensor type dequantised, Q/K rows un-permuted, vocabulary and template."""
+    config = fx.tiny_config()
+    expected = fx.write_gguf_decoder(
+        tmp_path / "tiny.gguf", config, llama.random_params(config, 5, lm_head=True)
+    )
+    loaded = dio.read_decoder(tmp_path / "tiny.gguf", lm_head=True)
+    assert loaded.config.num_key_value_heads == 2 and not loaded.config.tie_word_embeddings
+    assert loaded.config.rms_norm_eps == pytest.approx(config.rms_norm_eps)
+    got = dio.hf_tensors(jax.tree.map(np.asarray, loaded.params), loaded.config)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    ids = loaded.tokenizer.encode(["<|im_start|>héllo"], 64).ids[0]
+    assert ids.tolist() == [258, *"héllo".encode()]  # one token per byte, specials whole
+    assert (
+        loaded.chat_template.render("a", "b")
+        == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+    )
+
+
 def test_padding_does_not_change_a_texts_hidden_states():
     model = llama.with_params(TINY_QWEN2, llama.random_params(TINY_QWEN2, seed=2))
     rng = np.random.default_rng(0)
-    short, long = rng.integers(0, 64, 5), rng.integers(0, 64, 19)
+    short, long = rng.integers(0, fx.VOCAB, 5), rng.integers(0, fx.VOCAB, 19)
     ids, lengths = tok.pad_batch([short, long], 24, 3, 0)
     batch = np.asarray(model(jnp.asarray(ids), jnp.asarray(lengths)))
     alone = np.asarray(model(jnp.asarray(short[None]), jnp.asarray([5])))
@@ -174,7 +158,7 @@ def test_padding_does_not_change_a_texts_hidden_states():
 
 def test_bf16_compute_stays_close_to_float32():
     params = llama.random_params(TINY_LLAMA, seed=3, lm_head=True)
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 16)))
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, fx.VOCAB, (2, 16)))
     lengths = jnp.asarray([16, 9])
     full = llama.with_params(TINY_LLAMA, params, lm_head=True)
     half = llama.with_params(TINY_LLAMA, params, lm_head=True, dtype=jnp.bfloat16, remat="dots")
@@ -235,7 +219,7 @@ def test_unsupported_configs_are_refused_clearly():
 
 def test_bad_checkpoints_name_the_file_and_tensor(tmp_path):
     params = llama.random_params(TINY_LLAMA, seed=0)
-    directory = _write_hf(tmp_path / "model", TINY_LLAMA, params)
+    directory = fx.write_hf_decoder(tmp_path / "model", TINY_LLAMA, params)
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps(config | {"intermediate_size": 50}))
     with pytest.raises(
