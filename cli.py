@@ -6,6 +6,7 @@ Heavy modules (JAX above all) are imported inside the commands that need them, s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def _or_nan(value) -> float:
 
 
 def print_json(obj) -> None:
-    click.echo(json.dumps(obj, sort_keys=False))
+    """One JSON object on stdout; a typed result prints its fields."""
+    click.echo(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj))
 
 
 @main.command()
@@ -86,7 +88,7 @@ def ingest(input_path, out, pool_source, dtype, as_json):
         input_path, out, pool=load_pool(pool_source), dtype=dtype, progress=not as_json
     )
     print_json(summary) if as_json else click.echo(
-        f"ingested {summary['pairs']} pairs x {summary['rules']} rules ({dtype}) into {out} in {summary['seconds']} s"
+        f"ingested {summary.pairs} pairs x {summary.rules} rules ({dtype}) into {out} in {summary.seconds} s"
     )
 
 
@@ -434,8 +436,8 @@ def simulate(n_pairs, out, seed, dtype, as_json, **fields):
     model = config_from(SimulationModel, fields)
     summary = run_simulate(out, n_pairs, model, seed=seed, dtype=dtype)
     print_json(summary) if as_json else click.echo(
-        f"simulated {summary['pairs']:,} pairs x {summary['rules']} rules ({summary['a_better']:,} with A better, "
-        f"{summary['duplicates']} duplicated rules) into {out} in {summary['seconds']} s"
+        f"simulated {summary.pairs:,} pairs x {summary.rules} rules ({summary.a_better:,} with A better, "
+        f"{summary.duplicates} duplicated rules) into {out} in {summary.seconds} s"
     )
 
 
@@ -614,8 +616,8 @@ def train_adapter_command(store_path, overrides, out, k, criterion, config_file)
         store_path, out, config, selection=SelectionConfig(k=k, criterion=criterion)
     )
     click.echo(
-        f"adapter trained on {info['train_pairs']} pairs, {info['steps']} steps, final BCE "
-        f"{info['final_loss']:.4f}; written to {out}"
+        f"adapter trained on {info.train_pairs} pairs, {info.steps} steps, final BCE "
+        f"{info.final_loss:.4f}; written to {out}"
     )
 
 
@@ -637,8 +639,8 @@ def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
 
     summary = write_plan(run_dir, load_pairs(pairs_path), k, out)
     print_json(summary) if as_json else click.echo(
-        f"plan for {summary['pairs']} pairs x {k} rules written to {out}: {summary['judge_calls']} judge calls "
-        f"instead of {summary['judge_calls_full_pool']} ({summary['judge_calls_saved']:.0%} saved)"
+        f"plan for {summary.pairs} pairs x {k} rules written to {out}: {summary.judge_calls} judge calls "
+        f"instead of {summary.judge_calls_full_pool} ({summary.judge_calls_saved:.0%} saved)"
     )
 
 

@@ -77,7 +77,7 @@ def test_train_predict_and_plan(tmp_path, small_pool):
         selection=adp.SelectionConfig(k=3),
         progress=False,
     )
-    assert info["train_pairs"] == n and np.isfinite(info["final_loss"])
+    assert info.train_pairs == n and np.isfinite(info.final_loss)
     records = [
         {"id": i, "prompt": p, "response_a": a, "response_b": b}
         for i, p, a, b in zip(
@@ -90,4 +90,4 @@ def test_train_predict_and_plan(tmp_path, small_pool):
     assert all(
         len(set(p["rule_ids"])) == 3 and set(p["rule_ids"]) <= set(small_pool.ids) for p in plan
     )
-    assert summary["judge_calls_saved"] == pytest.approx(1 - 3 / 8)
+    assert summary.judge_calls_saved == pytest.approx(1 - 3 / 8)
