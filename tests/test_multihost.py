@@ -259,6 +259,26 @@ def test_score_and_eval_on_two_processes_equal_one(reference, tmp_path):
     assert report["reward_mean"] == pytest.approx(single["reward_mean"], abs=1e-6)
 
 
+def test_launch_fails_when_its_processes_fail_and_prefixes_their_output(tmp_path):
+    done = subprocess.run(_launch_command(2, ["score", str(tmp_path / "no-run"), "x.jsonl", "--out", "y"]),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2  # the first failure's code; the other process is stopped
+    header, *lines = done.stderr.splitlines()
+    assert header.startswith("launch: 2 processes (pids ")
+    assert lines and all(line[:4] in ("[0] ", "[1] ") for line in lines), done.stderr
+    assert any("does not exist" in line for line in lines)
+
+
+def test_join_job_reads_the_environment(monkeypatch):
+    from dynrules.errors import DynrulesError
+    from dynrules.train import sharding as shd
+
+    assert shd.join_job() is False  # no job named: one process, nothing joined
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(DynrulesError, match="JAX_NUM_PROCESSES must be an integer, got 'two'"):
+        shd.join_job()
+
+
 # --------------------------------------------------------------------------- several workers, one store
 
 

@@ -171,17 +171,13 @@ def global_batch(
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
 
 
-# The variables `dynrules launch` sets for local processes (JAX reads the first itself).
-JOB_ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
-
 def join_job(requested: bool = False) -> bool:
     """Join a multi-process job when ``requested`` (``--distributed``) or when the environment
     names one (``JAX_NUM_PROCESSES``, as `dynrules launch` sets); True if this process is in one.
 
     ``jax.distributed.initialize()`` finds the cluster itself on a TPU pod, under SLURM and
-    Open MPI; the ``JAX_*`` variables of :data:`JOB_ENVIRONMENT` name it anywhere else. CPU
-    processes exchange collectives through gloo. Must run before anything else touches JAX's
+    Open MPI; ``JAX_COORDINATOR_ADDRESS`` (read by JAX), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` name it anywhere else. CPU processes exchange collectives through gloo. Must run before anything else touches JAX's
     devices; calling it again is harmless.
     """
     if jax.distributed.is_initialized():
@@ -245,27 +241,27 @@ def total(value: int) -> int:
     return int(sum(_everywhere(value)))
 
 
-def gather_blocks(block: np.ndarray, total: int) -> np.ndarray:
-    """Every process's ``block`` (process p holds rows :func:`block_range` (p)), concatenated: [total]."""
+def gather_blocks(block: np.ndarray, items: int) -> np.ndarray:
+    """Every process's ``block`` (process p holds :func:`block_range` (items, p)), concatenated."""
     if jax.process_count() == 1:
         return block
     from jax.experimental import multihost_utils
 
     count = jax.process_count()
-    width = -(-total // count)
+    width = -(-items // count)
     padded = np.zeros((width, *block.shape[1:]), block.dtype)
     padded[: len(block)] = block
     everywhere = np.asarray(multihost_utils.process_allgather(padded))  # [processes, width, ...]
     return np.concatenate(
-        [everywhere[p, : len(range(*block_range(total, p, count)))] for p in range(count)]
+        [everywhere[p, : len(range(*block_range(items, p, count)))] for p in range(count)]
     )
 
 
-def block_range(total: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
-    """[start, stop) of process ``index``'s contiguous share of ``total`` items (default: this one)."""
+def block_range(items: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """[start, stop) of process ``index``'s contiguous share of ``items`` (default: this one's)."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
-    return total * index // count, total * (index + 1) // count
+    return items * index // count, items * (index + 1) // count
 
 
 def place(host_params: dict, shardings: dict) -> dict:
