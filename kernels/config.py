@@ -34,3 +34,6 @@ PARALLEL_REASSOC = dict(PARALLEL_EXACT, fastmath=FINITE_ONLY | {"reassoc", "cont
 # Rows per parallel work item: large enough to amortise scheduling and per-block scratch buffers,
 # small enough to balance across threads.
 ROW_BLOCK = 2048
+# Bytes the vectoriser handles per unrolled loop step (4 AVX-512 registers): key rows padded to a
+# multiple of it run without a scalar remainder loop.
+VECTOR_BYTES = 256
