@@ -26,6 +26,11 @@ def _cache_writable() -> bool:
 
 _CACHE = _cache_writable()
 
+# Idle OpenMP workers sleep rather than spin. Streaming selection alternates short kernel calls
+# with TensorStore's read threads on the same cores; a spinning worker takes them from the reads
+# (it cost a third more CPU per pair). Read when the OpenMP runtime loads, at the first kernel.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 EXACT = dict(nogil=True, cache=_CACHE, error_model="numpy", fastmath=FINITE_ONLY)
 PARALLEL_EXACT = dict(EXACT, parallel=True)
 # Only for the roofline read pass, whose sum is a sink for loads, not a result anyone reads.
