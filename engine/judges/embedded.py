@@ -51,6 +51,7 @@ from dynrules.engine.pool import RulePool
 
 KAPPA, THETA, THETA_REQUEST, BETA, LAMBDA, MU, C0 = 20.0, 0.2, -0.05, 3.0, 0.5, 3.0, 0.5
 HEAD_CHARS, HEAD_TOKENS, MAX_TOKENS = 300, 96, 256
+SEEN_LIMIT = 8192  # embeddings kept for reuse (384 floats each: about 12 MiB)
 
 REFUSAL = (
     "I'm sorry, but I can't help with that.",
@@ -167,6 +168,9 @@ class EmbeddedJudge(Judge):
         self.checkpoint = checkpoint
         self._harm = np.array([rule.polarity == "harm" for rule in pool], dtype=bool)
         self._constants: dict[str, np.ndarray] | None = None
+        # (text, max_length) -> embedding: data sets repeat texts across pairs (one answer against
+        # several refusals, one refusal for many prompts). Exact, since each text is embedded alone.
+        self._seen: dict[tuple[str, int], np.ndarray] = {}
 
     @property
     def identity(self) -> dict:
@@ -182,6 +186,15 @@ class EmbeddedJudge(Judge):
         # (batched, XLA's reduction order varies with the batch's shape by a few ulp, which would
         # break resume-equals-uninterrupted), and on CPU it is also the fastest (no padding).
         return embed_texts(texts, batch_size=1, max_length=max_length, checkpoint=self.checkpoint)
+
+    def _embed_cached(self, texts: set[str], max_length: int) -> dict[str, np.ndarray]:
+        new = sorted(t for t in texts if (t, max_length) not in self._seen)
+        if len(self._seen) + len(new) > SEEN_LIMIT:
+            self._seen.clear()
+        self._seen.update(
+            {(t, max_length): e for t, e in zip(new, self._embed(new, max_length), strict=True)}
+        )
+        return {t: self._seen[t, max_length] for t in texts}
 
     def _fixed(self) -> dict[str, np.ndarray]:
         if self._constants is None:
@@ -211,10 +224,10 @@ class EmbeddedJudge(Judge):
 
     def _rate_batch(self, jobs: list[Job]) -> Iterator[JobResult]:
         fixed = self._fixed()
-        texts = sorted({job.prompt for job in jobs} | {y for job in jobs for y in job.responses})
-        heads = sorted({y[:HEAD_CHARS] for job in jobs for y in job.responses})
-        full = dict(zip(texts, self._embed(texts), strict=True))
-        head = dict(zip(heads, self._embed(heads, HEAD_TOKENS), strict=True))
+        texts = {job.prompt for job in jobs} | {y for job in jobs for y in job.responses}
+        heads = {y[:HEAD_CHARS] for job in jobs for y in job.responses}
+        full = self._embed_cached(texts, MAX_TOKENS)
+        head = self._embed_cached(heads, HEAD_TOKENS)
         rules = fixed["rules"]
         for job in jobs:
             x = full[job.prompt]
