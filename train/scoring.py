@@ -1,10 +1,12 @@
 """Batch scoring with static shapes: texts → model outputs, sharded over the mesh.
 
 Texts are sorted by token length and cut into fixed-size batches, each padded to the
-smallest power-of-two length bucket that fits (train.encoder.length_buckets). A scorer
+smallest power-of-two length bucket that fits (models.tokenizer.length_buckets). A scorer
 therefore compiles once per bucket, never per batch. Batches are split over the mesh's
-('data', 'fsdp') axes, each process supplying its rows. Scores do not depend on what else is
-in the batch: padding is masked by explicit lengths.
+('data', 'fsdp') axes. In a multi-process job every process plans the same batches (the
+texts are tokenized once across processes, train.tokens), supplies only its rows of each, and
+receives every score back; process 0 writes the one output, in input order. Scores do not
+depend on what else is in the batch: padding is masked by explicit lengths.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import DynrulesError, InputError
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
+from dynrules.models.templates import format_text
 from dynrules.train import sharding as shd
 from dynrules.train.data import score_text
+from dynrules.train.tokens import SharedTokens
 
 
 class Scorer:
@@ -37,7 +41,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = tok.length_buckets(max_length)
-        multiple = shd.batch_shards(mesh) * jax.process_count()
+        multiple = shd.batch_shards(mesh)
 
         def rows(width):  # rounded up to a multiple of the batch shards
             wanted = max(1, min(batch_size, tokens_per_batch // width))
@@ -46,6 +50,7 @@ class Scorer:
         self.rows = {width: rows(width) for width in self.buckets}
         self.truncated = 0
         self.params = params
+        self.render = format_text  # (prompt, response) → text; from_model_dir sets the model's
         rows = shd.batch_sharding(mesh, 2)
         self._rows_sharding, self._lengths_sharding = rows, shd.batch_sharding(mesh, 1)
         self._forward = jax.jit(
@@ -66,8 +71,10 @@ class Scorer:
         """A scorer for a run or model directory, its weights laid out on ``mesh_spec``."""
         loaded = mdl.read_model(resolve_model_dir(directory))
         mesh = shd.make_mesh(mesh_spec)
-        graphdef, abstract_state = mdl.abstract_model(loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype])
-        params = shd.place(loaded.params, shd.state_shardings(abstract_state, mesh))
+        graphdef, abstract_state = mdl.abstract_model(
+            loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype], constrain=shd.ActivationSharding(mesh)
+        )
+        params = shd.place(loaded.params, shd.abstract_params(abstract_state, mesh))
         scorer = cls(
             graphdef,
             params,
@@ -77,21 +84,21 @@ class Scorer:
             batch_size=batch_size,
         )
         scorer.spec = loaded.spec
+        scorer.render = loaded.render
         return scorer
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer.encode(texts, self.max_length)
+        tokens = SharedTokens(texts, self.tokenizer, self.max_length)
         self.truncated += tokens.truncated
-        out = np.zeros((len(texts), self.params["head_bias"].shape[0]), np.float32)
+        out = np.zeros((len(texts), self.params["head_kernel"].shape[1]), np.float32)
         for chunk, width, batch_rows in self.plan(tokens.lengths):
-            ids, lens = tok.pad_batch(
-                [tokens.ids[i] for i in chunk], width, batch_rows, self.tokenizer.pad_id
-            )
-            local = shd.process_slice(batch_rows)
+            rows = shd.local_rows(self._lengths_sharding, (batch_rows,))
+            mine = [int(chunk[r]) for r in rows if r < len(chunk)]  # beyond: filler rows
+            ids, lens = tok.pad_batch(tokens.ids(mine), width, len(rows), self.tokenizer.pad_id)
             logits = self._forward(
                 self.params,
-                shd.global_batch(ids[local], self._rows_sharding),
-                shd.global_batch(lens[local], self._lengths_sharding),
+                shd.global_batch(ids, self._rows_sharding, batch_rows),
+                shd.global_batch(lens, self._lengths_sharding, batch_rows),
             )
             out[chunk] = np.asarray(logits)[: len(chunk)]
         return out
@@ -136,14 +143,17 @@ def score_file(
     batch_size: int = 64,
     chunk_records: int = 4096,
     mesh: str = "",
+    distributed: bool = False,
 ) -> dict:
     """Stream JSONL records through the reward model; write each with its ``reward`` added.
 
     Records carry ``prompt`` (optional) and ``response``, or a ``text`` transcript. The output
-    is written to a temporary name and renamed when complete (by process 0 only).
+    is written to a temporary name and renamed when complete (by process 0 only, in a
+    multi-process job: see :func:`dynrules.train.sharding.join_job` for ``distributed``).
     """
     from dynrules.atomic import atomic_path
 
+    shd.join_job(distributed)
     scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
     if scorer.spec.num_outputs != 1:
         raise DynrulesError(
@@ -164,7 +174,9 @@ def score_file(
     def stream(handle):
         nonlocal count
         for line, record in iter_raw_records(input_path):
-            batch.append((record, score_text(record, path=input_path, line=line)))
+            batch.append(
+                (record, score_text(record, path=input_path, line=line, render=scorer.render))
+            )
             count += 1
             if len(batch) == chunk_records:
                 flush(handle)
@@ -173,7 +185,7 @@ def score_file(
         if count == 0:
             raise InputError("no records to score (empty file)", path=input_path)
 
-    if jax.process_index() == 0:
+    if shd.is_writer():
         with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
             stream(handle)
     else:  # every process computes its share of each batch; only process 0 writes
