@@ -263,9 +263,12 @@ def eval_rm(run, data, batch_size, mesh, distributed, as_json):
         f"{report['length_baseline']:.4f}); reward mean {report['reward_mean']:.4f} std {report['reward_std']:.4f}; "
         f"{report['truncated']} texts truncated"
     )
-    for kind in ("subsets", "sections"):
-        for name, value in report[kind].items():
-            click.echo(f"  {kind[:-1]} {name}: {value:.4f}")
+    for kind in ("sections", "subsets"):
+        for name, group in report[kind].items():
+            click.echo(
+                f"  {kind[:-1]} {name}: {group['accuracy']:.4f} over {group['pairs']} pairs "
+                f"(length-only {group['length_baseline']:.4f})"
+            )
 
 
 @main.command("plan")
