@@ -351,7 +351,21 @@ def launch(processes, devices_per_process, command):
     type=click.Choice(tuple(ENDPOINTS)),
     default="completions",
     show_default=True,
-    help="completions batches several rule questions per request; chat sends one per request.",
+    help="completions batches several rule questions per request; chat sends one per request "
+    "and renders the model's chat template (the one for an instruct judge).",
+)
+@click.option(
+    "--prompts-per-request",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Questions per completions request [default: 64, or 1 once the server refuses lists].",
+)
+@click.option(
+    "--top-logprobs",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Top answer tokens asked for (vLLM and OpenAI allow at most 20).",
 )
 @click.option(
     "--template",
@@ -360,7 +374,11 @@ def launch(processes, devices_per_process, command):
     help="'default' (conversation first), 'published-order' (rule first) or a file with {prompt}, {response}, {rule}.",
 )
 @click.option(
-    "--concurrency", default=16, show_default=True, help="Requests in flight (openai judge)."
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests in flight (openai judge) [default: 16, or 1 once the server is found to take "
+    "one prompt per request]; with one question a request, each stream rates a pair at a time.",
 )
 @click.option(
     "--timeout",
@@ -400,6 +418,8 @@ def rate(
     model,
     api_key_env,
     endpoint,
+    prompts_per_request,
+    top_logprobs,
     template,
     concurrency,
     timeout,
@@ -421,6 +441,8 @@ def rate(
     options = (
         dict(
             endpoint=endpoint,
+            prompts_per_request=prompts_per_request,
+            top_logprobs=top_logprobs,
             template=template,
             concurrency=concurrency,
             timeout=timeout,
@@ -722,10 +744,43 @@ def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
 
 @bench.command("judge")
 @click.option(
-    "--client-pairs",
-    default=400,
+    "--base-url",
+    default=None,
+    help="Measure against this OpenAI-compatible server instead of the loopback one.",
+)
+@click.option("--model", default=None, help="Model name served at --base-url.")
+@click.option(
+    "--endpoint",
+    type=click.Choice(["completions", "chat"]),
+    default="completions",
     show_default=True,
-    help="Pairs rated on every rule by the client.",
+)
+@click.option(
+    "--api-key-env",
+    default="OPENAI_API_KEY",
+    show_default=True,
+    help="Environment variable holding the API key for --base-url.",
+)
+@click.option(
+    "--client-pairs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pairs rated by the client [default: 400 on the loopback server, 4 on --base-url].",
+)
+@click.option(
+    "--rules",
+    "n_rules",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="With --base-url: rules of the default pool asked per pair.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --base-url: timed runs per request pattern (the best counts).",
 )
 @click.option(
     "--embedded-pairs",
@@ -737,18 +792,48 @@ def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
     "--prefix-pairs", default=50, show_default=True, help="Pairs for the shared-prefix fractions."
 )
 @json_option()
-def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
-    """Judge client ratings/s vs a zero-latency loopback server, prefix sharing, embedded ratings/s."""
-    from dynrules.bench.judge import bench_judge as run
+def bench_judge(
+    base_url,
+    model,
+    endpoint,
+    api_key_env,
+    client_pairs,
+    n_rules,
+    repeats,
+    embedded_pairs,
+    prefix_pairs,
+    as_json,
+):
+    """Judge client ratings/s (loopback server, or a real one with --base-url), prefix sharing,
+    embedded ratings/s."""
+    import os
 
-    result = run(
-        client_pairs=client_pairs, embedded_pairs=embedded_pairs, prefix_pairs=prefix_pairs
-    )
+    from dynrules.bench import judge as judge_bench
+
+    if base_url:
+        if not model:
+            raise DynrulesError("--base-url needs --model")
+        result = judge_bench.bench_judge_server(
+            base_url=base_url,
+            model=model,
+            endpoint=endpoint,
+            api_key=os.environ.get(api_key_env),
+            n_pairs=client_pairs or 4,
+            n_rules=n_rules,
+            repeats=repeats,
+            prefix_pairs=prefix_pairs,
+        )
+    else:
+        result = judge_bench.bench_judge(
+            client_pairs=client_pairs or 400,
+            embedded_pairs=embedded_pairs,
+            prefix_pairs=prefix_pairs,
+        )
     if as_json:
         print_json(result)
         return
     for name, value in result["results"].items():
-        click.echo(f"{name:>34}: {value:>12,.4g}")
+        click.echo(f"{name:>38}: {value:>12,.4g}")
 
 
 @bench.command("train")
