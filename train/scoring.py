@@ -29,11 +29,15 @@ class Scorer:
 
     A batch of width w holds ``min(batch_size, tokens_per_batch // w)`` rows (rounded to fill
     every device): short texts go in big batches, long ones in smaller batches whose
-    attention scores ([rows, heads, w, w]) still fit in cache.
+    attention scores ([rows, heads, w, w]) still fit in cache. With ``row_tiers`` = t > 1 a
+    bucket also has programs for 1/2, 1/4, … 1/2^(t-1) of those rows, and a bucket's last,
+    partial batch runs in the smallest that fits: a server scoring a few texts at a time then
+    pads a handful of rows, not a whole batch (t programs per bucket, all compiled by
+    :meth:`warm_up`).
     """
 
     def __init__(self, graphdef, params, tokenizer, mesh, *, max_length: int, batch_size: int = 64,
-                 tokens_per_batch: int = 4096):  # fmt: skip
+                 tokens_per_batch: int = 4096, row_tiers: int = 1):  # fmt: skip
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = tok.length_buckets(max_length)
@@ -44,6 +48,10 @@ class Scorer:
             return -(-wanted // multiple) * multiple
 
         self.rows = {width: rows(width) for width in self.buckets}
+        self.row_tiers = {
+            width: sorted({-(-full // 2**tier // multiple) * multiple for tier in range(row_tiers)})
+            for width, full in self.rows.items()
+        }
         self.truncated = 0
         self.params = params
         rows = shd.batch_sharding(mesh, 2)
@@ -62,6 +70,7 @@ class Scorer:
         mesh_spec: str = "",
         batch_size: int = 64,
         dtype: str = "float32",
+        row_tiers: int = 1,
     ) -> Scorer:
         """A scorer for a run or model directory, its weights laid out on ``mesh_spec``."""
         loaded = mdl.read_model(resolve_model_dir(directory))
@@ -75,36 +84,56 @@ class Scorer:
             mesh,
             max_length=loaded.spec.max_length,
             batch_size=batch_size,
+            row_tiers=row_tiers,
         )
         scorer.spec = loaded.spec
         return scorer
 
     def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.score_tokens(self.encode(texts).ids)
+
+    def encode(self, texts: list[str]) -> tok.TokenizedTexts:
+        """Token ids of ``texts``, cut to the model's length from the start (counted)."""
         tokens = self.tokenizer.encode(texts, self.max_length)
         self.truncated += tokens.truncated
-        out = np.zeros((len(texts), self.params["head_bias"].shape[0]), np.float32)
-        for chunk, width, batch_rows in self.plan(tokens.lengths):
-            ids, lens = tok.pad_batch(
-                [tokens.ids[i] for i in chunk], width, batch_rows, self.tokenizer.pad_id
-            )
-            local = shd.process_slice(batch_rows)
-            logits = self._forward(
-                self.params,
-                shd.global_batch(ids[local], self._rows_sharding),
-                shd.global_batch(lens[local], self._lengths_sharding),
-            )
-            out[chunk] = np.asarray(logits)[: len(chunk)]
+        return tokens
+
+    def score_tokens(self, ids: list[np.ndarray]) -> np.ndarray:
+        """Model outputs [n, outputs] for token ids made by :meth:`encode`."""
+        out = np.zeros((len(ids), self.params["head_bias"].shape[0]), np.float32)
+        lengths = np.array([len(x) for x in ids], np.int32)
+        for chunk, width, batch_rows in self.plan(lengths):
+            out[chunk] = self._run([ids[i] for i in chunk], width, batch_rows)
         return out
 
+    def warm_up(self) -> int:
+        """Compile every (bucket, rows) program now, not on first use; returns how many."""
+        programs = [(w, rows) for w, tiers in self.row_tiers.items() for rows in tiers]
+        for width, rows in programs:
+            self._run([np.zeros(1, np.int32)], width, rows)
+        return len(programs)
+
+    def _run(self, ids: list[np.ndarray], width: int, rows: int) -> np.ndarray:
+        padded, lengths = tok.pad_batch(ids, width, rows, self.tokenizer.pad_id)
+        local = shd.process_slice(rows)
+        logits = self._forward(
+            self.params,
+            shd.global_batch(padded[local], self._rows_sharding),
+            shd.global_batch(lengths[local], self._lengths_sharding),
+        )
+        return np.asarray(logits)[: len(ids)]
+
     def plan(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
-        """Batches as (text indices, padded width, rows): sorted by length, one bucket each."""
+        """Batches as (text indices, padded width, rows): sorted by length, one bucket each;
+        a partial batch takes the smallest row tier that holds it."""
         order = np.argsort(lengths, kind="stable")
         widths = np.array([tok.bucket_for(int(n), self.buckets) for n in lengths[order]], np.int64)
         batches, start = [], 0
         while start < len(order):
             width = int(widths[start])
             stop = min(start + self.rows[width], int(np.searchsorted(widths, width, side="right")))
-            batches.append((order[start:stop], width, self.rows[width]))
+            rows = next(r for r in self.row_tiers[width] if r >= stop - start)
+            batches.append((order[start:stop], width, rows))
             start = stop
         return batches
 
