@@ -12,7 +12,24 @@ from pathlib import Path
 
 import click
 
+from dynrules.cliopts import (
+    config_from,
+    config_options,
+    criterion_option,
+    dtype_option,
+    estimator_option,
+    json_option,
+    mesh_option,
+    pool_option,
+)
+from dynrules.engine.ablate import ABLATION_POLICIES
+from dynrules.engine.judges import JUDGES
+from dynrules.engine.judges.openai import ENDPOINTS
+from dynrules.engine.mi import LABEL_POLICIES
+from dynrules.engine.select import SelectionConfig
+from dynrules.engine.simulate import SimulationModel
 from dynrules.errors import DynrulesError
+from dynrules.pipeline import PipelineConfig
 
 
 class _Group(click.Group):
@@ -64,20 +81,9 @@ def _parse_shard(value: str) -> tuple[int, int]:
     type=click.Path(file_okay=False),
     help="Rating store directory to create.",
 )
-@click.option(
-    "--pool",
-    "pool_source",
-    default="default",
-    show_default=True,
-    help="Rule pool: 'default' or a file.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "int8"]),
-    default="float32",
-    show_default=True,
-)
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@pool_option
+@dtype_option("Stored dtype.")
+@json_option()
 def ingest(input_path, out, pool_source, dtype, as_json):
     """Ingest scored pairs (JSONL or Parquet) into a rating store."""
     from dynrules.engine.ingest import ingest as run_ingest
@@ -93,31 +99,7 @@ def ingest(input_path, out, pool_source, dtype, as_json):
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.option("--k", default=5, show_default=True, help="Rules selected per pair.")
-@click.option(
-    "--policy",
-    type=click.Choice(["adaptive", "all", "random", "fixed"]),
-    default="adaptive",
-    show_default=True,
-)
-@click.option(
-    "--criterion",
-    type=click.Choice(["additive", "product", "absolute"]),
-    default=None,
-    help="Adaptive criterion [default: additive with relevance, else absolute].",
-)
-@click.option(
-    "--alpha", default=0.5, show_default=True, help="Weight of |d| in the additive criterion."
-)
-@click.option("--seed", default=0, show_default=True, help="Seed of the random policy.")
-@click.option("--rules", default="", help="Comma-separated rule ids for the fixed policy.")
-@click.option(
-    "--ties",
-    type=click.Choice(["drop", "a", "b"]),
-    default="drop",
-    show_default=True,
-    help="Exact ties: leave out, or give to A or to B (the published behaviour).",
-)
+@config_options(SelectionConfig)
 @click.option(
     "--shard", default="0/1", callback=lambda c, p, v: _parse_shard(v), help="Process slice I of N."
 )
@@ -127,25 +109,15 @@ def ingest(input_path, out, pool_source, dtype, as_json):
     type=click.Path(dir_okay=False),
     help="Labelled pairs JSONL (prompt, chosen, rejected, margin).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def select(
-    store_path, k, policy, criterion, alpha, seed, rules, ties, shard, pool_source, out, as_json
-):
+@json_option()
+def select(store_path, shard, pool_source, out, as_json, **fields):
     """Select rules per pair, label the pairs and write them for reward-model training."""
     from dynrules.engine.pool import load_pool
-    from dynrules.engine.select import SelectionConfig, run_selection
+    from dynrules.engine.select import run_selection
     from dynrules.engine.store import RatingStore
 
     store = RatingStore.open(store_path, pool=load_pool(pool_source) if pool_source else None)
-    config = SelectionConfig(
-        policy=policy,
-        k=k,
-        criterion=criterion,
-        alpha=alpha,
-        seed=seed,
-        rules=tuple(r for r in rules.split(",") if r),
-        ties=ties,
-    )
+    config = config_from(SelectionConfig, fields)
     summary = run_selection(store, config, out, shard=shard, progress=not as_json)
     if summary["rated_cells"] < summary["cells"]:
         click.echo(
@@ -168,7 +140,7 @@ def select(
 @click.option("--pairs", "n_pairs", default=1_000_000, show_default=True)
 @click.option("--rules", "n_rules", default=100, show_default=True)
 @click.option("--k", default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def bench_selection(n_pairs, n_rules, k, as_json):
     """Selection throughput: pandas loop, NumPy, our kernel (memory, store) and the roofline."""
     from dynrules.bench.selection import bench_selection as run
@@ -198,7 +170,7 @@ def bench_selection(n_pairs, n_rules, k, as_json):
 @click.option(
     "--distributed", is_flag=True, help="Call jax.distributed.initialize() first (multi-host)."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@json_option()
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
     """Train a Bradley-Terry reward model on preference pairs (JSONL/Parquet, HH transcripts too)."""
@@ -238,8 +210,8 @@ def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
     help="Scored JSONL to write.",
 )
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--mesh", default="", help="Device mesh, e.g. data=8 (default: all devices on data).")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@mesh_option
+@json_option()
 def score(run, input_path, out_path, batch_size, mesh, as_json):
     """Add a "reward" to every prompt/response (or text) record of INPUT with RUN's reward model."""
     from dynrules.train.scoring import score_file
@@ -255,8 +227,8 @@ def score(run, input_path, out_path, batch_size, mesh, as_json):
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("data", type=click.Path(dir_okay=False))
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--mesh", default="", help="Device mesh, e.g. data=8 (default: all devices on data).")
-@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report.")
+@mesh_option
+@json_option("Print the machine-readable report.")
 def eval_rm(run, data, batch_size, mesh, as_json):
     """Pairwise accuracy of RUN's reward model on DATA (ties wrong), per subset and section."""
     from dynrules.train.evaluate import evaluate
@@ -290,17 +262,11 @@ def eval_rm(run, data, batch_size, mesh, as_json):
 
 @main.command()
 @click.argument("pairs_path", metavar="PAIRS", type=click.Path(dir_okay=False))
-@click.option(
-    "--pool",
-    "pool_source",
-    default="default",
-    show_default=True,
-    help="Rule pool: 'default' or a file.",
-)
+@pool_option
 @click.option(
     "--judge",
     "judge_kind",
-    type=click.Choice(["embedded", "openai"]),
+    type=click.Choice(JUDGES),
     default="embedded",
     show_default=True,
     help="Offline embedded judge, or an LLM behind an OpenAI-compatible API.",
@@ -315,7 +281,7 @@ def eval_rm(run, data, batch_size, mesh, as_json):
 )
 @click.option(
     "--endpoint",
-    type=click.Choice(["completions", "chat"]),
+    type=click.Choice(tuple(ENDPOINTS)),
     default="completions",
     show_default=True,
     help="completions batches several rule questions per request; chat sends one per request.",
@@ -343,22 +309,14 @@ def eval_rm(run, data, batch_size, mesh, as_json):
     type=click.Path(dir_okay=False),
     help='JSONL of {"id", "rule_ids"}: rate only these rules per pair.',
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "int8"]),
-    default="float32",
-    show_default=True,
-    help="Stored dtype of a new store.",
-)
+@dtype_option()
 @click.option(
     "--out",
     required=True,
     type=click.Path(file_okay=False),
     help="Rating store: created, or continued.",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help='Print {"rated", "skipped_done", "failed", "seconds"}.'
-)
+@json_option('Print {"rated", "skipped_done", "failed", "seconds"}.')
 def rate(
     pairs_path,
     pool_source,
@@ -422,98 +380,20 @@ def rate(
     "--pairs", "n_pairs", required=True, type=click.IntRange(min=1), help="Pairs to draw."
 )
 @click.option(
-    "--rules",
-    "n_rules",
-    default=100,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Rules R.",
-)
-@click.option(
     "--out",
     required=True,
     type=click.Path(file_okay=False),
     help="Rating store directory to create.",
 )
 @click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--relevance-rate", default=0.1, show_default=True, help="Mean per-rule relevance rate μ."
-)
-@click.option(
-    "--relevance-concentration",
-    default=2.0,
-    show_default=True,
-    help="κ of the per-pair relevance Beta.",
-)
-@click.option("--slope", default=2.0, show_default=True, help="β of g(|d|) = σ(β|d|).")
-@click.option(
-    "--noise", default=0.25, show_default=True, help="τ: irrelevant rules' discrepancy noise scale."
-)
-@click.option(
-    "--noise-spread",
-    default=0.0,
-    show_default=True,
-    help="Log-normal spread of per-rule noise scales.",
-)
-@click.option(
-    "--duplicates",
-    default=0,
-    show_default=True,
-    help="Rules that duplicate the most relevant ones.",
-)
-@click.option(
-    "--duplicate-noise",
-    default=0.05,
-    show_default=True,
-    help="η: a duplicate's extra discrepancy noise.",
-)
-@click.option(
-    "--position-bias",
-    default=0.0,
-    show_default=True,
-    help="b: added to every discrepancy (favours A).",
-)
-@click.option("--prior", default=0.5, show_default=True, help="P(A is better).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "int8"]),
-    default="float32",
-    show_default=True,
-)
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def simulate(
-    n_pairs,
-    n_rules,
-    out,
-    seed,
-    relevance_rate,
-    relevance_concentration,
-    slope,
-    noise,
-    noise_spread,
-    duplicates,
-    duplicate_noise,
-    position_bias,
-    prior,
-    dtype,
-    as_json,
-):
+@config_options(SimulationModel)
+@dtype_option("Stored dtype.")
+@json_option()
+def simulate(n_pairs, out, seed, dtype, as_json, **fields):
     """Draw a rating store from the generative model (truth stored as the pair field 'truth')."""
-    from dynrules.engine.simulate import SimulationModel
     from dynrules.engine.simulate import simulate as run_simulate
 
-    model = SimulationModel(
-        n_rules=n_rules,
-        relevance_rate=relevance_rate,
-        relevance_concentration=relevance_concentration,
-        slope=slope,
-        noise=noise,
-        noise_spread=noise_spread,
-        duplicates=duplicates,
-        duplicate_noise=duplicate_noise,
-        position_bias=position_bias,
-        prior=prior,
-    )
+    model = config_from(SimulationModel, fields)
     summary = run_simulate(out, n_pairs, model, seed=seed, dtype=dtype)
     print_json(summary) if as_json else click.echo(
         f"simulated {summary['pairs']:,} pairs x {summary['rules']} rules ({summary['a_better']:,} with A better, "
@@ -528,33 +408,23 @@ def simulate(
 )
 @click.option(
     "--policy",
-    type=click.Choice(["adaptive", "all", "random"]),
+    type=click.Choice(LABEL_POLICIES),
     default="adaptive",
     show_default=True,
     help="Policy whose label MI is reported.",
 )
 @click.option("--k", default=5, show_default=True)
-@click.option(
-    "--criterion",
-    type=click.Choice(["additive", "product", "absolute"]),
-    default=None,
-    help="Adaptive criterion [default: additive with relevance, else absolute].",
-)
+@criterion_option
 @click.option("--alpha", default=0.5, show_default=True)
 @click.option(
     "--seed", default=0, show_default=True, help="Seed of the random policy and of the resampling."
 )
 @click.option("--resamples", default=1000, show_default=True, type=click.IntRange(min=10))
-@click.option(
-    "--estimator",
-    type=click.Choice(["miller-madow", "plug-in"]),
-    default="miller-madow",
-    show_default=True,
-)
+@estimator_option
 @click.option(
     "--top", default=10, show_default=True, help="Rules shown at the top and at the bottom."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@json_option()
 def mi_command(
     store_path, truth, policy, k, criterion, alpha, seed, resamples, estimator, top, as_json
 ):
@@ -607,7 +477,7 @@ def mi_command(
 )
 @click.option(
     "--policies",
-    default=",".join(("adaptive", "zscore", "greedy", "all", "random", "fixed")),
+    default=",".join(ABLATION_POLICIES),
     show_default=True,
     help="Comma-separated policies.",
 )
@@ -620,7 +490,7 @@ def mi_command(
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resamples", default=1000, show_default=True, type=click.IntRange(min=10))
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@json_option("Print the rows as JSON.")
 def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resamples, as_json):
     """Compare selection policies x k against the truth: Markdown, JSON and PNG plots in --out."""
     from dynrules.engine.ablate import ablate as run_ablate
@@ -663,7 +533,7 @@ def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resa
     show_default=True,
     help="Subsample for the scikit-learn loop.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def bench_mi(n_pairs, n_rules, sklearn_pairs, as_json):
     """Per-rule MI: scikit-learn loop, our counting kernel and the read roofline; interval cost."""
     from dynrules.bench.mi import bench_mi as run
@@ -691,7 +561,7 @@ def bench_mi(n_pairs, n_rules, sklearn_pairs, as_json):
 @click.option(
     "--k", default=5, show_default=True, help="Size of the oracle's selected set (the targets)."
 )
-@click.option("--criterion", type=click.Choice(["additive", "product", "absolute"]), default=None)
+@criterion_option
 @click.option(
     "--config", "config_file", type=click.Path(dir_okay=False), help="YAML training config."
 )
@@ -721,7 +591,7 @@ def train_adapter_command(store_path, overrides, out, k, criterion, config_file)
     type=click.Path(dir_okay=False),
     help="Plan JSONL: {id, rule_ids} per pair.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
     """Predict each pair's k critical rules: a plan for `dynrules rate --plan`."""
     from dynrules.engine.pairs import load_pairs
@@ -741,60 +611,23 @@ def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
 @click.option(
     "--out", "out_dir", default="out/pipeline", show_default=True, type=click.Path(file_okay=False)
 )
-@click.option("--k", default=5, show_default=True)
-@click.option(
-    "--policy",
-    type=click.Choice(["adaptive", "all", "random", "fixed"]),
-    default="adaptive",
-    show_default=True,
-)
-@click.option("--criterion", type=click.Choice(["additive", "product", "absolute"]), default=None)
-@click.option(
-    "--judge", type=click.Choice(["embedded", "openai"]), default="embedded", show_default=True
-)
+@config_options(PipelineConfig)
 @click.option("--base-url", default=None, help="OpenAI-compatible server (openai judge).")
 @click.option("--model", default=None, help="Model name on that server (openai judge).")
 @click.option("--api-key-env", default=None, help="Environment variable holding the API key.")
-@click.option(
-    "--rm-steps", default=60, show_default=True, help="Reward-model training steps (each model)."
-)
-@click.option("--adapter-steps", default=60, show_default=True, help="Rule-adapter training steps.")
-@click.option("--seed", default=0, show_default=True)
-def pipeline(
-    pairs_path,
-    out_dir,
-    k,
-    policy,
-    criterion,
-    judge,
-    base_url,
-    model,
-    api_key_env,
-    rm_steps,
-    adapter_steps,
-    seed,
-):
+def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
     """The main job: rate -> select -> ablate -> adapter -> reward model -> evaluate -> report.
 
     PAIRS defaults to the embedded PyRIT pairs (real responses, human harm scores).
     """
-    from dynrules.pipeline import PipelineConfig, run_pipeline
+    from dynrules.pipeline import run_pipeline
 
     options = {
         k_: v
         for k_, v in (("base_url", base_url), ("model", model), ("api_key_env", api_key_env))
         if v
     }
-    config = PipelineConfig(
-        k=k,
-        policy=policy,
-        criterion=criterion,
-        judge=judge,
-        judge_options=options,
-        rm_steps=rm_steps,
-        adapter_steps=adapter_steps,
-        seed=seed,
-    )
+    config = config_from(PipelineConfig, fields | {"judge_options": options})
     report = run_pipeline(out_dir, pairs_path, config)
     rm = report["reward_model"]
     if "accuracy" in rm:
@@ -822,7 +655,7 @@ def pipeline(
 @click.option(
     "--prefix-pairs", default=50, show_default=True, help="Pairs for the shared-prefix fractions."
 )
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
     """Judge client ratings/s vs a zero-latency loopback server, prefix sharing, embedded ratings/s."""
     from dynrules.bench.judge import bench_judge as run
@@ -841,7 +674,7 @@ def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
 @click.option("--pairs-per-step", default=8, show_default=True)
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per side.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
     """Reward-model training pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
     from dynrules.bench.rewardmodel import bench_train
@@ -859,7 +692,7 @@ def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
 @click.option("--pairs", "n_pairs", default=256, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--max-length", default=256, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def bench_score_rm(n_pairs, batch_size, max_length, as_json):
     """Reward-model scoring pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
     from dynrules.bench.rewardmodel import bench_score

@@ -23,27 +23,39 @@ from pathlib import Path
 
 import numpy as np
 
+from dynrules.engine.judges import JUDGES
+from dynrules.engine.select import POLICIES
 from dynrules.errors import DynrulesError
+from dynrules.kernels.selection import CRITERIA
 from dynrules.report import write_ablation_report, write_pipeline_report
+
+
+def _option(default, help: str, **extra):
+    """A config field whose metadata carries its command-line help (and choices)."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
 @dataclasses.dataclass
 class PipelineConfig:
-    k: int = 5
-    policy: str = "adaptive"
-    criterion: str | None = None
-    ablate_ks: tuple[int, ...] = (1, 3, 5, 10)
-    judge: str = "embedded"
-    judge_options: dict = dataclasses.field(default_factory=dict)
-    pool: str = "default"
-    rm_steps: int = 60
-    adapter_steps: int = 60
-    batch_size: int = 16
-    max_length: int = 192
-    learning_rate: float = 5e-5
-    adapter_learning_rate: float = 3e-4
-    seed: int = 0
-    heldout_fraction: float = 0.4  # share of prompts held out when splitting a pairs file
+    """The main job's settings; each field's metadata carries its command-line help."""
+
+    k: int = _option(5, "Rules selected per pair.")
+    policy: str = _option("adaptive", "Selection policy of the training labels.", choices=POLICIES)
+    criterion: str | None = _option(None, "Adaptive criterion [default: additive with relevance, else absolute].",
+                                    choices=tuple(CRITERIA))  # fmt: skip
+    ablate_ks: tuple[int, ...] = _option((1, 3, 5, 10), "ks compared in the ablation.")
+    judge: str = _option("embedded", "Offline embedded judge, or an LLM behind an OpenAI-compatible API.",
+                         choices=JUDGES)  # fmt: skip
+    judge_options: dict = dataclasses.field(default_factory=dict)  # base_url, model, api_key_env
+    pool: str = _option("default", "Rule pool: 'default' or a file.")
+    rm_steps: int = _option(60, "Reward-model training steps (each model).")
+    adapter_steps: int = _option(60, "Rule-adapter training steps.")
+    batch_size: int = _option(16, "Pairs per training step.")
+    max_length: int = _option(192, "Tokens per text.")
+    learning_rate: float = _option(5e-5, "Reward-model learning rate.")
+    adapter_learning_rate: float = _option(3e-4, "Rule-adapter learning rate.")
+    seed: int = _option(0, "Seed of data order, initialisation and sampling.")
+    heldout_fraction: float = _option(0.4, "Share of prompts held out when splitting a pairs file.")
 
 
 class _Stages:

@@ -98,7 +98,7 @@ def bench_train(
     from dynrules.models import classifier as mdl
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
-    from dynrules.train.data import load_pairs
+    from dynrules.train.data import load_preferences
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
     torch, transformers = _torch()
@@ -107,11 +107,11 @@ def bench_train(
         steps=10_000, batch_size=pairs_per_step, max_length=max_length, learning_rate=1e-5
     )
     spec = mdl.ModelSpec(loaded.config, max_length=max_length)
-    pairs = load_pairs(synthetic_pairs(pairs_per_step * 6, seed))
+    pairs = load_preferences(synthetic_pairs(pairs_per_step * 6, seed))
     tokens = TokenizedPairs.build(pairs, loaded.tokenizer, max_length)
     batcher = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
                           max_length=max_length, pad_id=loaded.tokenizer.pad_id)  # fmt: skip
-    batches = [batcher.batch(step)[0] for step in range(6)]
+    batches = [batcher.batch(step) for step in range(6)]
     head = mdl.initial_head(spec, seed)
 
     trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
@@ -175,14 +175,14 @@ def bench_score(
     from dynrules.models import classifier as mdl
     from dynrules.models import tokenizer as tok
     from dynrules.train import sharding as shd
-    from dynrules.train.data import load_pairs
+    from dynrules.train.data import load_preferences
     from dynrules.train.scoring import Scorer
 
     torch, transformers = _torch()
     loaded = bert_ckpt.read_checkpoint(None)
     spec = mdl.ModelSpec(loaded.config, max_length=max_length)
     head = mdl.initial_head(spec, seed)
-    texts = [t for p in load_pairs(synthetic_pairs(pairs, seed)) for t in p.texts()]
+    texts = [t for p in load_preferences(synthetic_pairs(pairs, seed)) for t in p.texts()]
 
     mesh = shd.make_mesh("", jax.devices()[:1])
     graphdef, abstract = mdl.abstract_model(spec)

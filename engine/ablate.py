@@ -43,7 +43,7 @@ from dynrules.kernels import contingency as C
 from dynrules.kernels import policies as P
 from dynrules.kernels import selection as K
 
-POLICIES = ("adaptive", "zscore", "greedy", "all", "random", "fixed")
+ABLATION_POLICIES = ("adaptive", "zscore", "greedy", "all", "random", "fixed")
 
 
 class _Contender:
@@ -100,7 +100,7 @@ def ablate(
     truth,
     ks,
     *,
-    policies=POLICIES,
+    policies=ABLATION_POLICIES,
     alpha: float = 0.5,
     seed: int = 0,
     resamples: int = 1000,
@@ -115,10 +115,10 @@ def ablate(
     """
     store = open_store(store)
     truth_values = truth_labels(store, truth)
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in ABLATION_POLICIES]
     if unknown:
         raise DynrulesError(
-            f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}"
+            f"unknown policies {', '.join(unknown)}; choose from {', '.join(ABLATION_POLICIES)}"
         )
     ks = sorted(set(ks))
     if not ks or ks[0] < 1 or ks[-1] > store.n_rules:

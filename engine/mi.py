@@ -34,6 +34,7 @@ from dynrules.errors import InputError
 from dynrules.kernels import contingency as C
 
 ESTIMATORS = ("miller-madow", "plug-in")
+LABEL_POLICIES = ("adaptive", "all", "random")  # the policies whose label `dynrules mi` reports
 LN2 = math.log(2.0)
 REDUNDANCY_PAIRS = 20_000
 

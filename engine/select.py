@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +33,21 @@ TIES = ("drop", "a", "b")
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    policy: str = "adaptive"
-    k: int = 5
-    criterion: str | None = None  # None: additive when the store has relevance, else absolute
-    alpha: float = 0.5
-    seed: int = 0
-    rules: tuple[str, ...] = ()  # rule ids for the fixed policy
-    ties: str = "drop"
+    """How pairs are labelled; each field's metadata carries its command-line help."""
+
+    policy: str = field(
+        default="adaptive", metadata={"choices": POLICIES, "help": "Selection policy."}
+    )
+    k: int = field(default=5, metadata={"help": "Rules selected per pair."})
+    criterion: str | None = field(default=None, metadata={"choices": tuple(K.CRITERIA),
+        "help": "Adaptive criterion [default: additive with relevance, else absolute]."})  # fmt: skip
+    alpha: float = field(default=0.5, metadata={"help": "Weight of |d| in the additive criterion."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random policy."})
+    rules: tuple[str, ...] = field(
+        default=(), metadata={"help": "Comma-separated rule ids for the fixed policy."}
+    )
+    ties: str = field(default="drop", metadata={"choices": TIES,
+        "help": "Exact ties: leave out, or give to A or to B (the published behaviour)."})  # fmt: skip
 
     def resolved(self, store: RatingStore) -> SelectionConfig:
         """Checked against the store, with defaults filled in."""

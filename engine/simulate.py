@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,16 +53,30 @@ PARAMETERS_FILE = "simulation.json"
 
 @dataclass(frozen=True)
 class SimulationModel:
-    n_rules: int = 100
-    relevance_rate: float = 0.1  # μ
-    relevance_concentration: float = 2.0  # κ
-    slope: float = 2.0  # β
-    noise: float = 0.25  # τ
-    noise_spread: float = 0.0  # s
-    duplicates: int = 0  # D
-    duplicate_noise: float = 0.05  # η
-    position_bias: float = 0.0  # b
-    prior: float = 0.5  # π
+    """The generative model's parameters; each field's metadata carries its command-line help."""
+
+    n_rules: int = field(default=100, metadata={"flag": "rules", "help": "Rules R."})
+    relevance_rate: float = field(default=0.1, metadata={"help": "Mean per-rule relevance rate μ."})
+    relevance_concentration: float = field(
+        default=2.0, metadata={"help": "κ of the per-pair relevance Beta."}
+    )
+    slope: float = field(default=2.0, metadata={"help": "β of g(|d|) = σ(β|d|)."})
+    noise: float = field(
+        default=0.25, metadata={"help": "τ: irrelevant rules' discrepancy noise scale."}
+    )
+    noise_spread: float = field(
+        default=0.0, metadata={"help": "Log-normal spread of per-rule noise scales."}
+    )
+    duplicates: int = field(
+        default=0, metadata={"help": "Rules that duplicate the most relevant ones."}
+    )
+    duplicate_noise: float = field(
+        default=0.05, metadata={"help": "η: a duplicate's extra discrepancy noise."}
+    )
+    position_bias: float = field(
+        default=0.0, metadata={"help": "b: added to every discrepancy (favours A)."}
+    )
+    prior: float = field(default=0.5, metadata={"help": "P(A is better)."})
 
     def check(self) -> None:
         problems = []

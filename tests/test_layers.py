@@ -21,7 +21,7 @@ LAYERS = (
     ("engine", ("engine",)),
     ("train", ("train",)),
     ("application", ("pipeline", "report", "bench", "serve", "client", "launch", "plan")),
-    ("cli", ("cli", "__main__")),
+    ("cli", ("cli", "cliopts", "__main__")),
 )
 RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
 NOT_PACKAGE = {"tests", "benchmarks", ".venv", "build", "out"}

@@ -14,8 +14,9 @@ from dynrules.errors import DynrulesError, InputError
 from dynrules.models import bert
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
+from dynrules.models.templates import format_text
 from dynrules.train.config import TrainConfig, load_config
-from dynrules.train.data import format_text, load_pairs
+from dynrules.train.data import load_preferences
 from dynrules.train.objective import bradley_terry, summarize
 
 TINY = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -108,7 +109,7 @@ def test_pair_files_errors_name_file_line_and_field(tmp_path):
     hh = {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: x\n\nAssistant: z"}
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(hh) + "\n")
-    pairs = load_pairs(path)
+    pairs = load_preferences(path)
     assert [p.margin for p in pairs] == [0.5, 0.0] and pairs[0].subset == "s"
     assert pairs[1].texts() == (hh["chosen"], hh["rejected"])
     cases = {
@@ -121,4 +122,4 @@ def test_pair_files_errors_name_file_line_and_field(tmp_path):
     for text, message in cases.items():
         path.write_text(text)
         with pytest.raises(InputError, match=message):
-            load_pairs(path)
+            load_preferences(path)

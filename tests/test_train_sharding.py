@@ -116,7 +116,7 @@ def _multi_device_main(out: Path, encoder_dir: str) -> None:
         step = trainable.train_step(config)
         losses = []
         for index in range(2):
-            state, sums = step(state, trainable.global_batch(batches.batch(index)[0]))
+            state, sums = step(state, trainable.global_batch(batches.batch(index)))
             losses.append(float(sums["loss"]) / float(sums["pairs"]))
         return trainable, state, losses
 

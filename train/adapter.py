@@ -35,6 +35,7 @@ from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
 from dynrules.train import sharding as shd
 from dynrules.train.config import TrainConfig, make_config
+from dynrules.train.loop import Every, run_steps
 from dynrules.train.trainer import Trainable
 
 ADAPTER_FILE = "adapter.json"
@@ -121,23 +122,28 @@ def train_adapter(
             for _ in range(-(-config.steps * config.batch_size // len(texts)))
         ]
     )
-    losses = []
-    from tqdm import tqdm
+    pad_id = loaded.tokenizer.pad_id
 
-    for step in tqdm(range(config.steps), desc="train-adapter", unit="step", disable=not progress):
+    def batch_at(step: int) -> dict:
         chosen = order[step * config.batch_size : (step + 1) * config.batch_size]
         width = tok.bucket_for(max(len(tokens.ids[i]) for i in chosen), buckets)
         ids, lengths = tok.pad_batch(
-            [tokens.ids[i] for i in chosen], width, config.batch_size, loaded.tokenizer.pad_id
+            [tokens.ids[i] for i in chosen], width, config.batch_size, pad_id
         )
+        return {"ids": ids, "lengths": lengths, "targets": targets[chosen]}
+
+    def feed(batch: dict) -> dict:
         rows = shd.process_slice(config.batch_size)
-        batch = {
-            "ids": shd.global_batch(ids[rows], rows_sharding),
-            "lengths": shd.global_batch(lengths[rows], lengths_sharding),
-            "targets": shd.global_batch(targets[chosen][rows], rows_sharding),
+        return {
+            "ids": shd.global_batch(batch["ids"][rows], rows_sharding),
+            "lengths": shd.global_batch(batch["lengths"][rows], lengths_sharding),
+            "targets": shd.global_batch(batch["targets"][rows], rows_sharding),
         }
-        state, loss = step_fn(state, batch)
-        losses.append(loss)
+
+    losses = []
+    state = run_steps(state, step_fn, batch_at, feed, start=0, stop=config.steps,
+                      hooks=(Every(1, lambda out: losses.append(out.metrics)),),
+                      desc="train-adapter", progress=progress)  # fmt: skip
     final_loss = float(np.mean(jax.device_get(losses[-10:]))) if losses else float("nan")
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:

@@ -71,7 +71,7 @@ def pair_from_record(record: dict, *, path=None, line: int | None = None) -> Pai
     )
 
 
-def load_pairs(source: str | Path | Iterable[dict]) -> list[Pair]:
+def load_preferences(source: str | Path | Iterable[dict]) -> list[Pair]:
     """Pairs from a file or from dicts; errors name the file, line and field. Empty is an error."""
     if isinstance(source, str | Path):
         pairs = [pair_from_record(r, path=source, line=n) for n, r in iter_raw_records(source)]
@@ -97,7 +97,7 @@ def score_text(record: dict, *, path=None, line: int | None = None) -> str:
     raise InputError("missing field (or 'text')", field="response", **where)
 
 
-def fingerprint(pairs: list[Pair]) -> str:
+def preferences_fingerprint(pairs: list[Pair]) -> str:
     """A hash of the pairs' content and order: a run resumes only on the same data."""
     digest = hashlib.sha256()
     for pair in pairs:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynrules.train.data import Pair, load_pairs
+from dynrules.train.data import Pair, load_preferences
 
 
 def pair_report(pairs: list[Pair], chosen: np.ndarray, rejected: np.ndarray) -> dict:
@@ -56,7 +56,7 @@ def evaluate(
     from dynrules.train.scoring import Scorer
 
     if not (isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)):
-        pairs = load_pairs(pairs)
+        pairs = load_preferences(pairs)
     scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
     texts = [text for pair in pairs for text in pair.texts()]
     rewards = scorer.rewards(texts)

@@ -39,8 +39,9 @@ from dynrules.models import tokenizer as tok
 from dynrules.train import sharding as shd
 from dynrules.train.checkpoint import Checkpointer
 from dynrules.train.config import TrainConfig, load_config, make_config
-from dynrules.train.data import Pair, fingerprint, load_pairs
+from dynrules.train.data import Pair, load_preferences, preferences_fingerprint
 from dynrules.train.evaluate import pair_report
+from dynrules.train.loop import Every, StepOutput, run_steps
 from dynrules.train.objective import bradley_terry, make_optimizer, make_schedule, summarize
 
 RUN_FILE = "run.json"
@@ -109,8 +110,8 @@ class PairBatches:
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return np.array([self._epoch(p // n)[p % n] for p in positions])
 
-    def batch(self, step: int) -> tuple[dict[str, np.ndarray], int]:
-        """Arrays shaped [grad_accum, pairs_per_micro, 2, time] etc., and the real token count."""
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Arrays shaped [grad_accum, pairs_per_micro, 2, time], lengths and margins."""
         index = self.indices(step)
         seqs = [s for i in index for s in (self.tokens.chosen[i], self.tokens.rejected[i])]
         width = tok.bucket_for(max(len(s) for s in seqs), self.buckets)
@@ -121,7 +122,7 @@ class PairBatches:
             "lengths": lengths.reshape(self.grad_accum, micro, 2),
             "margins": self.tokens.margins[index].reshape(self.grad_accum, micro),
         }
-        return batch, int(lengths.sum())
+        return batch
 
 
 def split_held_out(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -302,6 +303,33 @@ def _write_json(path: Path, obj: dict) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+@dataclasses.dataclass
+class _RewardRun:
+    """Everything set up for a run: what the loop and the finish phase work on."""
+
+    run_dir: Path
+    config: TrainConfig
+    spec: mdl.ModelSpec
+    data_hash: str
+    trainable: Trainable
+    checkpointer: Checkpointer
+    state: dict
+    resumed_from: int | None
+    tokenizer: tok.TextTokenizer
+    train_tokens: TokenizedPairs
+    held_out: list[Pair]
+    is_writer: bool
+
+    def record(self, split: str, step: int, values: dict) -> None:
+        """One line of metrics.jsonl (process 0 only)."""
+        if self.is_writer:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+
+    def meta(self, step: int) -> dict:
+        return _meta(step, self.config, self.spec, self.data_hash)
+
+
 def train_reward_model(
     pairs: str | Path | list[dict] | list[Pair],
     out_dir: str | Path,
@@ -322,7 +350,14 @@ def train_reward_model(
     Returns:
         RunResult with the exported model directory (``out_dir/model``) and final metrics.
     """
-    run_dir = Path(out_dir)
+    run = _setup(pairs, Path(out_dir), config)
+    evaluator = _Evaluator(run)
+    train_metrics = _loop(run, evaluator, progress=progress)
+    return _finish(run, evaluator, train_metrics)
+
+
+def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRun:
+    """Config, data, model, mesh and state — restored from the last checkpoint when resuming."""
     saved = _read_run(run_dir)
     if config is None:
         config = make_config(saved["config"]) if saved else TrainConfig()
@@ -334,9 +369,9 @@ def train_reward_model(
     pairs = (
         pairs
         if isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)
-        else load_pairs(pairs)
+        else load_preferences(pairs)
     )
-    data_hash = fingerprint(pairs)
+    data_hash = preferences_fingerprint(pairs)
     loaded = bert_ckpt.read_checkpoint(config.encoder or None)
     max_length = min(config.max_length, loaded.config.max_position_embeddings)
     spec = mdl.ModelSpec(
@@ -346,7 +381,7 @@ def train_reward_model(
         _check_resume(saved, config, spec, data_hash, run_dir)
 
     if config.eval_data:
-        train_pairs, held_out = pairs, load_pairs(config.eval_data)
+        train_pairs, held_out = pairs, load_preferences(config.eval_data)
     else:
         train_pairs, held_out = split_held_out(pairs, config.eval_fraction, config.seed)
 
@@ -383,109 +418,106 @@ def train_reward_model(
             raise DynrulesError(
                 f"{run_dir}: already at step {resumed_from}, beyond steps={config.steps}"
             )
+    train_tokens = TokenizedPairs.build(train_pairs, loaded.tokenizer, max_length)
+    return _RewardRun(run_dir, config, spec, data_hash, trainable, checkpointer, state, resumed_from,
+                      loaded.tokenizer, train_tokens, held_out, is_writer)  # fmt: skip
 
-    tokenizer = loaded.tokenizer
-    train_tokens = TokenizedPairs.build(train_pairs, tokenizer, max_length)
-    batches = PairBatches(train_tokens, seed=config.seed, batch_size=config.batch_size,
-                          grad_accum=config.grad_accum, max_length=max_length, pad_id=tokenizer.pad_id)  # fmt: skip
 
-    from dynrules.train.scoring import Scorer
+class _Evaluator:
+    """Held-out pairwise accuracy and loss with the current parameters (None without held-out)."""
 
-    scorer = Scorer(
-        trainable.graphdef,
-        state["params"],
-        tokenizer,
-        mesh,
-        max_length=max_length,
-        batch_size=max(micro * 2, 16),
-    )
-    held_texts = [text for pair in held_out for text in pair.texts()]
+    def __init__(self, run: _RewardRun):
+        from dynrules.train.scoring import Scorer
 
-    def evaluate_now(step: int) -> dict | None:
-        if not held_out:
+        self.run = run
+        micro = run.config.batch_size // run.config.grad_accum
+        self.scorer = Scorer(run.trainable.graphdef, run.state["params"], run.tokenizer,
+                             run.trainable.mesh, max_length=run.spec.max_length,
+                             batch_size=max(micro * 2, 16))  # fmt: skip
+        self.texts = [text for pair in run.held_out for text in pair.texts()]
+
+    def __call__(self, step: int, params) -> dict | None:
+        if not self.run.held_out:
             return None
-        scorer.params = state["params"]
-        scorer.truncated = 0
-        rewards = scorer.rewards(held_texts)
-        report = pair_report(held_out, rewards[0::2], rewards[1::2])
+        self.scorer.params = params
+        self.scorer.truncated = 0
+        rewards = self.scorer.rewards(self.texts)
+        report = pair_report(self.run.held_out, rewards[0::2], rewards[1::2])
         report["loss"] = float(np.logaddexp(0.0, -(rewards[0::2] - rewards[1::2])).mean())
-        report["truncated"] = scorer.truncated
-        record("eval", step, report)
+        report["truncated"] = self.scorer.truncated
+        self.run.record("eval", step, report)
         return report
 
-    metrics_path = run_dir / "metrics.jsonl"
 
-    def record(split: str, step: int, values: dict) -> None:
-        if is_writer:
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
+    """Steps from the resumed position to ``config.steps``; returns the last logged train metrics."""
+    config, trainable = run.config, run.trainable
+    start = int(run.resumed_from or 0)
+    if start >= config.steps:
+        return {}
+    batches = PairBatches(run.train_tokens, seed=config.seed, batch_size=config.batch_size,
+                          grad_accum=config.grad_accum, max_length=run.spec.max_length,
+                          pad_id=run.tokenizer.pad_id)  # fmt: skip
+    window = {"sums": [], "tokens": 0, "clock": time.perf_counter()}
+    logged: dict = {}
 
-    step = int(resumed_from or 0)
-    train_metrics: dict = {}
-    eval_metrics = None
-    if step < config.steps:
-        train_step = trainable.train_step(config)
-        pending, tokens_seen, clock = [], 0, time.perf_counter()
-        from tqdm import tqdm
+    def checkpoint(out: StepOutput) -> None:
+        run.checkpointer.save(out.step, out.state, run.meta(out.step))
 
-        bar = tqdm(
-            total=config.steps,
-            initial=step,
-            disable=not (progress and is_writer),
-            desc="train-rm",
-            unit="step",
-        )
-        while step < config.steps:
-            batch, tokens = batches.batch(step)
-            state, sums = train_step(state, trainable.global_batch(batch))
-            step += 1
-            pending.append(sums)
-            tokens_seen += tokens
-            checkpointer.save(step, state, _meta(step, config, spec, data_hash))
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
-                totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))
-                elapsed = time.perf_counter() - clock
-                train_metrics = summarize(totals) | {
-                    "grad_norm": totals["grad_norm"] / len(pending),
-                    "learning_rate": float(trainable.schedule(step - 1)),
-                    "tokens_per_s": tokens_seen / elapsed,
-                    "pairs_per_s": len(pending) * config.batch_size / elapsed,
-                }
-                record("train", step, train_metrics)
-                bar.set_postfix(
-                    loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}"
-                )
-                pending, tokens_seen, clock = [], 0, time.perf_counter()
-            if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                evaluate_now(step)
-        bar.close()
-        checkpointer.save(
-            step,
-            state,
-            _meta(step, config, spec, data_hash),
-            force=step not in checkpointer.all_steps(),
-        )
-    checkpointer.wait()
-    checkpointer.close()
+    def accumulate(out: StepOutput) -> None:
+        window["sums"].append(out.metrics)
+        window["tokens"] += int(out.batch["lengths"].sum())
 
-    eval_metrics = evaluate_now(step)
-    model_dir = run_dir / "model"
-    if is_writer:
-        mdl.export_model(shd.gather(state["params"]), spec, tokenizer.path, model_dir)
-    else:
-        shd.gather(state["params"])  # the all-gather is collective: every process takes part
+    def log(out: StepOutput) -> dict:
+        sums = window["sums"]
+        totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums))
+        elapsed = time.perf_counter() - window["clock"]
+        logged.clear()
+        logged.update(summarize(totals) | {
+            "grad_norm": totals["grad_norm"] / len(sums),
+            "learning_rate": float(trainable.schedule(out.step - 1)),
+            "tokens_per_s": window["tokens"] / elapsed,
+            "pairs_per_s": len(sums) * config.batch_size / elapsed,
+        })  # fmt: skip
+        run.record("train", out.step, logged)
+        window.update(sums=[], tokens=0, clock=time.perf_counter())
+        return {"loss": f"{logged['loss']:.4f}", "acc": f"{logged['accuracy']:.3f}"}
+
+    hooks = (
+        Every(1, checkpoint),
+        Every(1, accumulate),
+        Every(config.log_every, log),
+        Every(config.eval_every, lambda out: evaluate(out.step, out.state["params"]), at_end=False),
+    )
+    run.state = run_steps(run.state, trainable.train_step(config), batches.batch,
+                          trainable.global_batch, start=start, stop=config.steps, hooks=hooks,
+                          desc="train-rm", progress=progress and run.is_writer)  # fmt: skip
+    run.checkpointer.save(config.steps, run.state, run.meta(config.steps),
+                          force=config.steps not in run.checkpointer.all_steps())  # fmt: skip
+    return dict(logged)
+
+
+def _finish(run: _RewardRun, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
+    """The last checkpoint written, held-out evaluation, the exported model and summary.json."""
+    run.checkpointer.wait()
+    run.checkpointer.close()
+    step = max(int(run.resumed_from or 0), run.config.steps)
+    eval_metrics = evaluate(step, run.state["params"])
+    model_dir = run.run_dir / "model"
+    params = shd.gather(run.state["params"])  # collective: every process takes part
+    if run.is_writer:
+        mdl.export_model(params, run.spec, run.tokenizer.path, model_dir)
     truncated = {
-        "train": train_tokens.truncated,
+        "train": run.train_tokens.truncated,
         "eval": eval_metrics["truncated"] if eval_metrics else 0,
     }
     result = RunResult(
-        run_dir, model_dir, step, resumed_from, train_metrics, eval_metrics, truncated
+        run.run_dir, model_dir, step, run.resumed_from, train_metrics, eval_metrics, truncated
     )
-    if is_writer:
-        _write_json(run_dir / "summary.json", {"steps": step, "resumed_from": resumed_from, "train": train_metrics,
-                                               "eval": eval_metrics, "truncated": truncated,
-                                               "mesh": shd.mesh_description(mesh)})  # fmt: skip
+    if run.is_writer:
+        _write_json(run.run_dir / "summary.json", {"steps": step, "resumed_from": run.resumed_from,
+                    "train": train_metrics, "eval": eval_metrics, "truncated": truncated,
+                    "mesh": shd.mesh_description(run.trainable.mesh)})  # fmt: skip
     return result
 
 
