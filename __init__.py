@@ -7,6 +7,7 @@ The small public API, imported on first use (JAX only loads with the training en
 - diagnostics: ``ablate``, ``simulate``
 - training and the main job: ``train_reward_model``, ``evaluate``, ``train_adapter``,
   ``run_pipeline``, ``PipelineConfig``
+- serving: ``RewardClient`` (rewards from a running ``dynrules serve``)
 - errors: ``DynrulesError``, ``InputError``
 """
 
@@ -31,6 +32,7 @@ _EXPORTS = {
     "train_adapter": "dynrules.train.adapter",
     "run_pipeline": "dynrules.pipeline",
     "PipelineConfig": "dynrules.pipeline",
+    "RewardClient": "dynrules.client",
     "DynrulesError": "dynrules.errors",
     "InputError": "dynrules.errors",
 }

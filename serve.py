@@ -49,6 +49,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import field
 from pathlib import Path
 
 import numpy as np
@@ -60,30 +61,36 @@ log = logging.getLogger("dynrules.serve")
 # Endpoints needing no key: a load balancer's readiness probe carries none.
 OPEN_PATHS = frozenset({"/health"})
 ENDPOINTS = ("/v1/rewards", "/get_reward", "/health", "/metrics")
-# Row tiers per length bucket: a partial batch pads to the next of full, 1/2, 1/4, 1/8 rows.
-ROW_TIERS = 4
 GRACEFUL_SHUTDOWN_S = 60
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    """Options of ``dynrules serve`` (see the module doc)."""
+    """Options of ``dynrules serve``; each field's metadata carries its command-line help."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key_env: str | None = None
-    max_batch: int = 256
-    max_wait_ms: float = 5.0
-    max_items: int = 1024
-    max_body_bytes: int = 8 * 2**20
-    batch_size: int = 64
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (loopback by default)."})  # fmt: skip
+    port: int = field(default=8000, metadata={"help": "Port to bind."})
+    api_key_env: str | None = field(default=None, metadata={
+        "help": "Environment variable holding the API key; then every request but /health needs "
+                "'Authorization: Bearer <key>'."})  # fmt: skip
+    max_batch: int = field(default=256, metadata={"help": "Most items gathered into one model batch."})  # fmt: skip
+    max_wait_ms: float = field(default=5.0, metadata={
+        "help": "Longest a request waits for others to join its batch."})  # fmt: skip
+    max_items: int = field(default=1024, metadata={"help": "Most items (or queries) in one request."})  # fmt: skip
+    max_body_bytes: int = field(default=8 * 2**20, metadata={"help": "Largest request body."})
+    batch_size: int = field(default=64, metadata={"help": "Rows of a full model batch (short texts)."})  # fmt: skip
+    row_tiers: int = field(default=4, metadata={
+        "help": "Programs per length bucket, for full, 1/2, 1/4 ... batches: more compile longer "
+                "at start-up and pad small batches less."})  # fmt: skip
     mesh: str = ""
-    model_name: str | None = None
-    strip_tokens: tuple[str, ...] = ()
+    model_name: str | None = field(default=None, metadata={
+        "help": "Name given in replies [default: the RUN directory's name]."})  # fmt: skip
+    strip_tokens: tuple[str, ...] = field(default=(), metadata={
+        "help": "Comma-separated policy pad/eos tokens stripped from both ends of OpenRLHF queries."})  # fmt: skip
     access_log: bool = False
 
     def __post_init__(self):
-        for name in ("max_batch", "max_items", "max_body_bytes", "batch_size"):
+        for name in ("max_batch", "max_items", "max_body_bytes", "batch_size", "row_tiers"):
             if getattr(self, name) < 1:
                 raise DynrulesError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.max_wait_ms <= 10_000:
@@ -419,9 +426,11 @@ def create_app(
             prompts = [None] * len(queries)
         elif len(prompts) != len(queries):
             raise RequestError(422, f"{len(prompts)} prompts for {len(queries)} queries")
+        else:
+            _strings(prompts, "prompts")
         records = [
             split_query(_strip(q, config.strip_tokens), p)
-            for q, p in zip(queries, _strings(prompts, "prompts"), strict=True)
+            for q, p in zip(queries, prompts, strict=True)
         ]
         service.metrics.whole_queries.inc(sum(1 for r in records if "text" in r))
         rewards, _ = await service.rewards(records)
@@ -476,7 +485,7 @@ def load_scorer(run: str | Path, config: ServeConfig):
     from dynrules.train.scoring import Scorer
 
     scorer = Scorer.from_model_dir(
-        run, mesh_spec=config.mesh, batch_size=config.batch_size, row_tiers=ROW_TIERS
+        run, mesh_spec=config.mesh, batch_size=config.batch_size, row_tiers=config.row_tiers
     )
     if scorer.spec.num_outputs != 1:
         raise DynrulesError(f"{run}: {scorer.spec.num_outputs} outputs; serving needs a reward model")  # fmt: skip
