@@ -192,11 +192,11 @@ class Batcher:
                 except TimeoutError:
                     break
             jobs = [self._waiting.popleft()]
-            while self._waiting and (
-                sum(len(j.ids) for j in jobs) + len(self._waiting[0].ids) <= self.max_batch
-            ):
+            items = len(jobs[0].ids)
+            while self._waiting and items + len(self._waiting[0].ids) <= self.max_batch:
                 jobs.append(self._waiting.popleft())
-            self._waiting_items -= sum(len(j.ids) for j in jobs)
+                items += len(jobs[-1].ids)
+            self._waiting_items -= items
             await self._run(jobs, loop)
 
     async def _run(self, jobs: list[_Job], loop) -> None:
@@ -319,6 +319,7 @@ class RewardService:
         self.answered = self.accepted = 0
         self.batcher: Batcher | None = None
         self._task: asyncio.Task | None = None
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="dynrules-tokenizer")
 
     async def start(self, on_fatal) -> None:
         self.batcher = Batcher(
@@ -345,12 +346,15 @@ class RewardService:
         if self._task is not None:
             self._task.cancel()
             self.batcher.executor.shutdown(wait=True)
+        self._tokenizer_thread.shutdown(wait=True)
         log.info("stopped: %d of %d accepted requests answered", self.answered, self.accepted)
 
     async def rewards(self, records: list[dict]) -> tuple[list[float], int]:
         if not self.ready:
             raise RequestError(503, "warming up: the model is still compiling; retry shortly")
-        tokens = self.scorer.encode([self._score_text(r) for r in records])
+        texts = [self._score_text(r) for r in records]
+        loop = asyncio.get_running_loop()  # tokenize off the event loop, one batch at a time
+        tokens = await loop.run_in_executor(self._tokenizer_thread, self.scorer.encode, texts)
         self.metrics.truncated.inc(tokens.truncated)
         rewards = await self.batcher.score(tokens.ids)
         bad = np.flatnonzero(~np.isfinite(rewards))

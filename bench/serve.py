@@ -5,7 +5,8 @@ exported as a model directory. Data: ``clients × requests`` synthetic pairs (pr
 responses of 10–120 words); a request carries one pair (two items), so requests/s = pairs/s.
 
 - offline: the scorer ``dynrules score`` runs (warm: every bucket compiled first) over all
-  the pairs' texts in one call, as ``score`` scores a chunk of a file;
+  the pairs' texts in one call, as ``score`` scores a chunk of a file; measured before the
+  server starts and after it stops, and averaged (the load of a shared machine drifts);
 - server: ``dynrules serve`` with its default options in a process of its own, then one
   client sending requests one after another (c1), then ``clients`` concurrent clients each
   sending ``requests`` (c64), from this process (asyncio + httpx); p50/p99 are the c64
@@ -19,6 +20,7 @@ one host do.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import socket
@@ -60,29 +62,28 @@ async def _load(url: str, requests: list[list[dict]], expected: list[np.ndarray]
     """Each inner list is one client's requests, sent one after another; all clients at once."""
     import httpx
 
-    latencies, failed = [], 0
+    latencies, failures = [], collections.Counter()
 
     async def client(http, mine, wanted):
-        nonlocal failed
         for items, want in zip(mine, wanted, strict=True):
             started = time.perf_counter()
             try:
                 reply = await http.post(f"{url}/v1/rewards", json={"items": items})
-            except httpx.TransportError:
-                failed += 1
+            except httpx.TransportError as exc:
+                failures[type(exc).__name__] += 1
                 continue
             latencies.append(time.perf_counter() - started)
-            if reply.status_code != 200 or not np.allclose(
-                reply.json()["rewards"], want, atol=TOLERANCE, rtol=0
-            ):
-                failed += 1
+            if reply.status_code != 200:
+                failures[f"HTTP {reply.status_code}"] += 1
+            elif not np.allclose(reply.json()["rewards"], want, atol=TOLERANCE, rtol=0):
+                failures["wrong rewards"] += 1
 
     limits = httpx.Limits(max_connections=len(requests), max_keepalive_connections=len(requests))
     async with httpx.AsyncClient(limits=limits, timeout=600) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http, r, e) for r, e in zip(requests, expected, strict=True)))  # fmt: skip
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "latencies": np.array(latencies), "failed": failed}
+    return {"seconds": seconds, "latencies": np.array(latencies), "failures": failures}
 
 
 def bench_serve(
@@ -106,9 +107,13 @@ def bench_serve(
 
         scorer = Scorer.from_model_dir(model)
         scorer.warm_up()
-        started = time.perf_counter()
-        offline = scorer.rewards(texts).reshape(n_pairs, 2)
-        offline_seconds = time.perf_counter() - started
+
+        def score_offline():
+            started = time.perf_counter()
+            rewards = scorer.rewards(texts).reshape(n_pairs, 2)
+            return rewards, n_pairs / (time.perf_counter() - started)
+
+        offline, offline_before = score_offline()
 
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
@@ -131,9 +136,11 @@ def bench_serve(
             startup = time.perf_counter() - started
             c1 = asyncio.run(_load(url, [items[:c1_requests]], [offline[:c1_requests]]))
             per_client = [slice(c * requests, (c + 1) * requests) for c in range(clients)]
+            items_before, batches_before = _batch_totals(url)
             c64 = asyncio.run(
                 _load(url, [items[s] for s in per_client], [offline[s] for s in per_client])
             )
+            items_after, batches_after = _batch_totals(url)
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -141,8 +148,11 @@ def bench_serve(
             except subprocess.TimeoutExpired:
                 server.kill()
 
-    offline_rate = n_pairs / offline_seconds
+        _, offline_after = score_offline()  # again: a shared machine's load drifts
+
+    offline_rate = (offline_before + offline_after) / 2
     c64_rate = n_pairs / c64["seconds"]
+    failures = c1["failures"] + c64["failures"]
     return {
         "benchmark": "serve",
         "setup": {
@@ -159,7 +169,23 @@ def bench_serve(
         "server_pairs_per_s_c64": c64_rate,
         "p50_ms": float(np.percentile(c64["latencies"], 50) * 1000),
         "p99_ms": float(np.percentile(c64["latencies"], 99) * 1000),
-        "failed": c1["failed"] + c64["failed"],
+        "failed": sum(failures.values()),
+        "failures": dict(failures),
         "c64_over_offline": c64_rate / offline_rate,
+        "offline_runs_pairs_per_s": [offline_before, offline_after],
+        "server_mean_batch_items_c64": (items_after - items_before)
+        / max(batches_after - batches_before, 1),
         "server_startup_s": startup,
     }
+
+
+def _batch_totals(url: str) -> tuple[float, float]:
+    """(items, model batches) the server has run so far, from its /metrics."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(("dynrules_batch_items_sum", "dynrules_batch_items_count")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values["dynrules_batch_items_sum"], values["dynrules_batch_items_count"]

@@ -107,7 +107,7 @@ def scorer(model):
 
 @pytest.fixture(scope="module")
 def server(scorer):
-    running = Running(scorer, ServeConfig(port=0, max_items=16, max_body_bytes=4096))
+    running = Running(scorer, ServeConfig(port=0, max_items=16, max_body_bytes=16384))
     yield running
     running.stop()
 
@@ -155,6 +155,41 @@ def test_openrlhf_remote_rm_protocol(server, model, tmp_path):
     assert not np.allclose(expected_whole, expected, atol=1e-3)  # the split mattered
 
 
+def test_reward_client(server, model, tmp_path):
+    from dynrules import RewardClient
+    from dynrules.errors import DynrulesError
+
+    items = _items(20, seed=3)
+    with RewardClient(server.url, items_per_request=16) as client:  # the server takes 16 a request
+        assert client.ready()
+        rewards = client.rewards([it["prompt"] for it in items], [it["response"] for it in items])
+        with pytest.raises(DynrulesError, match="1 prompts for 2 responses"):
+            client.rewards(["a"], ["b", "c"])
+    np.testing.assert_allclose(rewards, _score_command(model, items, tmp_path), atol=1e-5, rtol=0)
+    with RewardClient(server.url, items_per_request=100) as client:
+        with pytest.raises(DynrulesError, match="HTTP 413: 20 items is over the limit of 16"):
+            client.rewards([it["prompt"] for it in items], [it["response"] for it in items])
+
+
+def test_scorer_plan_covers_every_text_once_in_fitting_batches(scorer):
+    """Row tiers and spare rows: each text once, in a batch as wide as it needs, no batch over
+    its rows, a partial batch in the smallest tier that holds its own bucket's texts."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 63, 64, 65, 300):
+        lengths = rng.integers(1, MAX_LENGTH + 1, n).astype(np.int32)
+        plan = scorer.plan(lengths)
+        seen = np.concatenate([chunk for chunk, _, _ in plan])
+        assert sorted(seen.tolist()) == list(range(n))
+        for chunk, width, rows in plan:
+            assert rows in scorer.row_tiers[width] and len(chunk) <= rows
+            assert lengths[chunk].max() <= width
+            own = int(np.sum(lengths[chunk] > max([0, *[b for b in scorer.buckets if b < width]])))
+            smaller = [r for r in scorer.row_tiers[width] if r < rows]
+            assert not smaller or own > max(smaller)  # no smaller tier would have held them
+        padded_rows = sum(rows for _, _, rows in plan)
+        assert padded_rows < n + len(scorer.buckets) * max(scorer.rows.values())
+
+
 def test_split_query():
     assert split_query("<s>Hi there. Fine.", "Hi there.") == {"prompt": "Hi there.", "response": " Fine."}  # fmt: skip
     assert split_query("Hi there. Fine.", "Bye") == {"text": "Hi there. Fine."}
@@ -195,9 +230,9 @@ BAD_REQUESTS = [
     (
         "POST",
         "/v1/rewards",
-        json.dumps({"items": [{"prompt": "a" * 5000, "response": "b"}]}).encode(),
+        json.dumps({"items": [{"prompt": "a" * 20000, "response": "b"}]}).encode(),
         413,
-        "over the limit of 4096",
+        "over the limit of 16384",
     ),  # fmt: skip
     ("POST", "/get_reward", b'{"query": ["a", 2]}', 422, "query[1] must be a string"),
     (
@@ -225,7 +260,7 @@ def test_bad_request_gets_4xx_and_the_server_goes_on(server, method, path, body,
 
 def test_a_chunked_body_over_the_limit_is_refused(server):
     def chunks():
-        for _ in range(10):
+        for _ in range(20):
             yield b" " * 1000
 
     reply = httpx.post(f"{server.url}/v1/rewards", content=chunks(), timeout=30)
@@ -267,6 +302,15 @@ def test_api_key_required_and_never_logged(scorer, caplog):
         assert httpx.get(f"{running.url}/health").status_code == 200  # probes carry no key
         good = httpx.post(url, json=GOOD, headers={"Authorization": f"Bearer {SECRET}"}, timeout=30)
         assert good.status_code == 200
+        from dynrules import RewardClient
+        from dynrules.errors import DynrulesError
+
+        with RewardClient(running.url, api_key=SECRET) as client:
+            assert len(client.rewards(["hello"], ["hi"])) == 1
+        with RewardClient(running.url, api_key="wrong") as client:
+            with pytest.raises(DynrulesError, match="HTTP 401") as refused:
+                client.rewards(["hello"], ["hi"])
+            assert SECRET not in str(refused.value)
     finally:
         running.stop()
     assert caplog.records and not any(SECRET in r.getMessage() for r in caplog.records)
@@ -328,19 +372,24 @@ def test_sigterm_during_load_loses_no_accepted_request(model, tmp_path):
         def client():
             with httpx.Client(headers=headers, timeout=30) as http:
                 while not stop.is_set():
+                    sent = time.monotonic()
                     try:
                         reply = http.post(f"{url}/v1/rewards", json=GOOD)
                     except httpx.TransportError:
                         refused.append(1)  # not accepted (closed or refused connection)
                         time.sleep(0.01)
                         continue
-                    (ok if reply.status_code == 200 else wrong).append(reply.status_code)
+                    if reply.status_code == 200:
+                        ok.append((sent, time.monotonic()))
+                    else:
+                        wrong.append(reply.status_code)
 
         threads = [threading.Thread(target=client) for _ in range(8)]
         for thread in threads:
             thread.start()
         while len(ok) < 16:
             time.sleep(0.01)
+        signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.wait(60)
         stop.set()
@@ -352,6 +401,8 @@ def test_sigterm_during_load_loses_no_accepted_request(model, tmp_path):
     output = log_path.read_text()
     assert process.returncode in (0, -signal.SIGTERM), output
     assert not wrong and refused, output
+    in_flight = sum(1 for sent, received in ok if sent < signalled < received)
+    assert in_flight >= 1, "no request was in flight at SIGTERM: the test proved nothing"
     summary = [line for line in output.splitlines() if "accepted requests answered" in line]
     answered, accepted = (int(x) for x in summary[-1].split("stopped: ")[1].split()[:3:2])
     # every accepted request answered: the clients' 200s, the health polls and the 401

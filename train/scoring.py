@@ -124,15 +124,20 @@ class Scorer:
         return np.asarray(logits)[: len(ids)]
 
     def plan(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
-        """Batches as (text indices, padded width, rows): sorted by length, one bucket each;
-        a partial batch takes the smallest row tier that holds it."""
-        order = np.argsort(lengths, kind="stable")
+        """Batches as (text indices, padded width, rows), longest texts first.
+
+        A batch is padded to the bucket of its longest text. A bucket's last, partial batch
+        takes the smallest row tier that holds it, and its spare rows take the next shorter
+        texts: a padding row costs as much as a real one.
+        """
+        order = np.argsort(-lengths, kind="stable")
         widths = np.array([tok.bucket_for(int(n), self.buckets) for n in lengths[order]], np.int64)
         batches, start = [], 0
         while start < len(order):
             width = int(widths[start])
-            stop = min(start + self.rows[width], int(np.searchsorted(widths, width, side="right")))
-            rows = next(r for r in self.row_tiers[width] if r >= stop - start)
+            in_bucket = int(np.searchsorted(-widths, -width, side="right")) - start
+            rows = next(r for r in self.row_tiers[width] if r >= min(in_bucket, self.rows[width]))
+            stop = min(start + rows, len(order))
             batches.append((order[start:stop], width, rows))
             start = stop
         return batches
