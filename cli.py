@@ -6,6 +6,7 @@ Heavy modules (JAX above all) are imported inside the commands that need them, s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import click
 
 from dynrules.cliopts import (
+    backbone_option,
     config_from,
     config_options,
     criterion_option,
@@ -30,7 +32,10 @@ from dynrules.engine.select import SelectionConfig
 from dynrules.engine.simulate import SimulationModel
 from dynrules.errors import DynrulesError
 from dynrules.pipeline import PipelineConfig
+from dynrules.plan import DTYPES as PLAN_DTYPES
+from dynrules.plan import TOPOLOGY_HELP
 from dynrules.serve import ServeConfig
+from dynrules.train.config import REMAT_POLICIES
 
 
 class _Group(click.Group):
@@ -61,7 +66,8 @@ def _or_nan(value) -> float:
 
 
 def print_json(obj) -> None:
-    click.echo(json.dumps(obj, sort_keys=False))
+    """One JSON object on stdout; a typed result prints its fields."""
+    click.echo(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj))
 
 
 def _parse_shard(value: str) -> tuple[int, int]:
@@ -94,7 +100,7 @@ def ingest(input_path, out, pool_source, dtype, as_json):
         input_path, out, pool=load_pool(pool_source), dtype=dtype, progress=not as_json
     )
     print_json(summary) if as_json else click.echo(
-        f"ingested {summary['pairs']} pairs x {summary['rules']} rules ({dtype}) into {out} in {summary['seconds']} s"
+        f"ingested {summary.pairs} pairs x {summary.rules} rules ({dtype}) into {out} in {summary.seconds} s"
     )
 
 
@@ -276,6 +282,40 @@ def eval_rm(run, data, batch_size, mesh, as_json):
             click.echo(f"  {kind[:-1]} {name}: {value:.4f}")
 
 
+@main.command("plan")
+@click.option(
+    "--model",
+    required=True,
+    help="A named shape (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, smollm2-135m) "
+    "or a Hugging Face config.json (or its directory).",
+)
+@click.option("--topology", required=True, help=f"Where to train: {TOPOLOGY_HELP}.")
+@click.option("--seq", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per text.")  # fmt: skip
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Preference pairs per optimizer step (two texts each).")  # fmt: skip
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Micro-batches per step.")  # fmt: skip
+@click.option("--mesh", default="",
+              help="Axis sizes, e.g. fsdp=4,tensor=2; data takes the rest [default: fsdp over "
+              "all devices].")  # fmt: skip
+@click.option("--dtype", type=click.Choice(PLAN_DTYPES), default="bfloat16", show_default=True,
+              help="Compute dtype.")  # fmt: skip
+@click.option("--param-dtype", type=click.Choice(PLAN_DTYPES), default="float32",
+              show_default=True, help="Parameter and optimizer-state dtype.")  # fmt: skip
+@click.option("--remat", type=click.Choice(REMAT_POLICIES), default="full", show_default=True,
+              help="Recompute in the backward pass: none, full (whole layers) or dots (keep "
+              "matmul outputs).")  # fmt: skip
+@json_option("Print the plan as one JSON object.")
+def plan_command(model, topology, seq, batch, grad_accum, mesh, dtype, param_dtype, remat, as_json):
+    """Compile the reward-model training step ahead of time for TOPOLOGY: memory, fit, FLOPs."""
+    from dynrules.plan import plan_training, render_plan
+
+    result = plan_training(model, topology, seq=seq, batch=batch, grad_accum=grad_accum,
+                           mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)  # fmt: skip
+    print_json(result) if as_json else click.echo(render_plan(result))
+
+
 @main.command()
 @click.argument("pairs_path", metavar="PAIRS", type=click.Path(dir_okay=False))
 @pool_option
@@ -412,8 +452,8 @@ def simulate(n_pairs, out, seed, dtype, as_json, **fields):
     model = config_from(SimulationModel, fields)
     summary = run_simulate(out, n_pairs, model, seed=seed, dtype=dtype)
     print_json(summary) if as_json else click.echo(
-        f"simulated {summary['pairs']:,} pairs x {summary['rules']} rules ({summary['a_better']:,} with A better, "
-        f"{summary['duplicates']} duplicated rules) into {out} in {summary['seconds']} s"
+        f"simulated {summary.pairs:,} pairs x {summary.rules} rules ({summary.a_better:,} with A better, "
+        f"{summary.duplicates} duplicated rules) into {out} in {summary.seconds} s"
     )
 
 
@@ -592,8 +632,8 @@ def train_adapter_command(store_path, overrides, out, k, criterion, config_file)
         store_path, out, config, selection=SelectionConfig(k=k, criterion=criterion)
     )
     click.echo(
-        f"adapter trained on {info['train_pairs']} pairs, {info['steps']} steps, final BCE "
-        f"{info['final_loss']:.4f}; written to {out}"
+        f"adapter trained on {info.train_pairs} pairs, {info.steps} steps, final BCE "
+        f"{info.final_loss:.4f}; written to {out}"
     )
 
 
@@ -615,8 +655,8 @@ def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
 
     summary = write_plan(run_dir, load_pairs(pairs_path), k, out)
     print_json(summary) if as_json else click.echo(
-        f"plan for {summary['pairs']} pairs x {k} rules written to {out}: {summary['judge_calls']} judge calls "
-        f"instead of {summary['judge_calls_full_pool']} ({summary['judge_calls_saved']:.0%} saved)"
+        f"plan for {summary.pairs} pairs x {k} rules written to {out}: {summary.judge_calls} judge calls "
+        f"instead of {summary.judge_calls_full_pool} ({summary.judge_calls_saved:.0%} saved)"
     )
 
 
@@ -687,15 +727,17 @@ def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
 
 
 @bench.command("train")
+@backbone_option()
 @click.option("--pairs-per-step", default=8, show_default=True)
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per side.")
 @json_option()
-def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
-    """Reward-model training pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
+def bench_train_rm(backbone, pairs_per_step, max_length, seconds, as_json):
+    """Reward-model training pairs/s: JAX vs the same model in PyTorch (same batches)."""
     from dynrules.bench.rewardmodel import bench_train
 
-    result = bench_train(pairs_per_step=pairs_per_step, max_length=max_length, seconds=seconds)
+    result = bench_train(backbone=backbone, pairs_per_step=pairs_per_step, max_length=max_length,
+                         seconds=seconds)  # fmt: skip
     if as_json:
         print_json(result)
         return
@@ -705,15 +747,17 @@ def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
 
 
 @bench.command("score")
+@backbone_option()
 @click.option("--pairs", "n_pairs", default=256, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--max-length", default=256, show_default=True)
 @json_option()
-def bench_score_rm(n_pairs, batch_size, max_length, as_json):
-    """Reward-model scoring pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
+def bench_score_rm(backbone, n_pairs, batch_size, max_length, as_json):
+    """Reward-model scoring pairs/s: JAX vs the same model in PyTorch (same batches)."""
     from dynrules.bench.rewardmodel import bench_score
 
-    result = bench_score(pairs=n_pairs, batch_size=batch_size, max_length=max_length)
+    result = bench_score(backbone=backbone, pairs=n_pairs, batch_size=batch_size,
+                         max_length=max_length)  # fmt: skip
     if as_json:
         print_json(result)
         return

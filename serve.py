@@ -5,7 +5,8 @@ Endpoints (JSON in and out; every error is ``{"error": "<one line>"}`` with a 4x
 - ``POST /v1/rewards`` ``{"items": [{"prompt": str, "response": str}, ...]}`` →
   ``{"rewards": [float, ...], "model": str, "truncated": int}``, rewards in request order.
   Each item becomes one text exactly as ``dynrules score`` renders a prompt/response record
-  (``train.data.score_text``), so the server and ``score`` give the same rewards.
+  (``train.data.score_text`` with the model's own template: HH transcript for an encoder, the
+  chat template for a decoder), so the server and ``score`` give the same rewards.
 - ``POST /get_reward``: OpenRLHF's remote reward-model protocol (what ``--remote_rm_url``
   posts): ``{"query": [str, ...], "prompts": [str, ...] (optional), "labels": [...] (ignored)}``
   → ``{"rewards": [...], "scores": [...], "extra_logs": {}}``. A query is the policy's whole
@@ -352,7 +353,7 @@ class RewardService:
     async def rewards(self, records: list[dict]) -> tuple[list[float], int]:
         if not self.ready:
             raise RequestError(503, "warming up: the model is still compiling; retry shortly")
-        texts = [self._score_text(r) for r in records]
+        texts = [self._score_text(r, render=self.scorer.render) for r in records]
         loop = asyncio.get_running_loop()  # tokenize off the event loop, one batch at a time
         tokens = await loop.run_in_executor(self._tokenizer_thread, self.scorer.encode, texts)
         self.metrics.truncated.inc(tokens.truncated)

@@ -48,7 +48,7 @@ def _model_dir(directory: Path, max_length: int, seed: int) -> Path:
     head = np.random.default_rng(seed).normal(0, 0.05, (loaded.config.hidden_size, 1))
     params = {"encoder": loaded.params, "head_kernel": head.astype(np.float32),
               "head_bias": np.zeros(1, np.float32)}  # fmt: skip
-    mdl.export_model(params, spec, loaded.directory / "tokenizer.json", directory)
+    mdl.export_model(params, spec, loaded.tokenizer, directory)
     return directory
 
 

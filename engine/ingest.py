@@ -43,9 +43,20 @@ class Batch:
     scores: dict[str, np.ndarray]  # scores_a, scores_b [, relevance], each [n, R] float
 
 
+@dataclass(frozen=True)
+class IngestSummary:
+    """What ``dynrules ingest`` did."""
+
+    pairs: int
+    rules: int
+    dtype: str
+    relevance: bool
+    seconds: float
+
+
 def ingest(
     input_path, out, *, pool: RulePool, dtype: str = "float32", progress: bool = True
-) -> dict:
+) -> IngestSummary:
     """Ingest scored pairs into a new store at ``out``; returns a summary."""
     input_path, started = Path(input_path), time.perf_counter()
     batches = (
@@ -74,13 +85,13 @@ def ingest(
         writer.close()
         store.write_manifest()
         n_pairs = store.n_pairs
-    return {
-        "pairs": n_pairs,
-        "rules": len(pool),
-        "dtype": dtype,
-        "relevance": has_relevance,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    return IngestSummary(
+        pairs=n_pairs,
+        rules=len(pool),
+        dtype=dtype,
+        relevance=has_relevance,
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 def _validate(batch: Batch, path: Path, has_relevance: bool) -> None:

@@ -160,6 +160,18 @@ def simulated_pool(n_rules: int) -> RulePool:
     )
 
 
+@dataclass(frozen=True)
+class SimulationSummary:
+    """What ``dynrules simulate`` drew."""
+
+    pairs: int
+    rules: int
+    dtype: str
+    a_better: int
+    duplicates: int
+    seconds: float
+
+
 def simulate(
     out,
     n_pairs: int,
@@ -167,7 +179,7 @@ def simulate(
     *,
     seed: int = 0,
     dtype: str = "float32",
-) -> dict:
+) -> SimulationSummary:
     """Write a simulated store (with the pair field ``truth`` and simulation.json) at ``out``."""
     model.check()
     if n_pairs < 1:
@@ -221,11 +233,11 @@ def simulate(
             ],
         }
         (Path(tmp) / PARAMETERS_FILE).write_text(json.dumps(description, indent=2) + "\n")
-    return {
-        "pairs": n_pairs,
-        "rules": model.n_rules,
-        "dtype": dtype,
-        "a_better": a_better,
-        "duplicates": model.duplicates,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    return SimulationSummary(
+        pairs=n_pairs,
+        rules=model.n_rules,
+        dtype=dtype,
+        a_better=a_better,
+        duplicates=model.duplicates,
+        seconds=round(time.perf_counter() - started, 3),
+    )

@@ -33,6 +33,7 @@ def _tiny_model(directory: Path) -> Path:
     from dynrules.models import bert
     from dynrules.models import bert_checkpoint as bert_ckpt
     from dynrules.models import classifier as mdl
+    from dynrules.models.tokenizer import TextTokenizer
 
     config = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=64, max_position_embeddings=128)  # fmt: skip
@@ -43,7 +44,7 @@ def _tiny_model(directory: Path) -> Path:
         "head_kernel": rng.normal(0, 1, (32, 1)).astype(np.float32),
         "head_bias": np.array([0.25], np.float32),
     }
-    tokenizer = bert_ckpt.default_checkpoint_dir() / "tokenizer.json"
+    tokenizer = TextTokenizer(bert_ckpt.default_checkpoint_dir() / "tokenizer.json")
     mdl.export_model(params, spec, tokenizer, directory)
     return directory
 

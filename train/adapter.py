@@ -17,6 +17,7 @@ label sign(Σ_{i∈O} d_i)?
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,7 +31,6 @@ from dynrules.atomic import atomic_path
 from dynrules.engine.select import SelectionConfig, select_chunk
 from dynrules.engine.store import RatingStore
 from dynrules.errors import DynrulesError
-from dynrules.models import bert_checkpoint as bert_ckpt
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
 from dynrules.train import sharding as shd
@@ -39,6 +39,31 @@ from dynrules.train.loop import Every, run_steps
 from dynrules.train.trainer import Trainable
 
 ADAPTER_FILE = "adapter.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSummary:
+    """A trained adapter, as ``train_adapter`` returns it and adapter.json records it."""
+
+    pool: dict  # name, content hash and rule ids of the pool it predicts over
+    selection: dict  # the oracle policy whose top-k sets were the targets
+    steps: int
+    config: dict
+    train_pairs: int
+    final_loss: float
+    truncated: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSummary:
+    """What ``dynrules apply-adapter`` planned: judge calls with the plan and without it."""
+
+    pairs: int
+    k: int
+    judge_calls: int
+    judge_calls_full_pool: int
+    judge_calls_saved: float
 
 
 def adapter_text(prompt: str, response_a: str, response_b: str) -> str:
@@ -97,20 +122,18 @@ def train_adapter(
     targets = multi_hot(oracle_selection(store, selection), store.n_rules)
     _, texts = store_texts(store)
 
-    loaded = bert_ckpt.read_checkpoint(config.encoder or None)
-    max_length = min(config.max_length, loaded.config.max_position_embeddings)
-    spec = mdl.ModelSpec(
-        loaded.config, num_outputs=store.n_rules, pooling=config.pooling, max_length=max_length
-    )
+    # The adapter reads its own pair text (adapter_text), never a chat template.
+    loaded = mdl.pretrained(config.backbone, config.model, num_outputs=store.n_rules,
+                            pooling=config.pooling, max_length=config.max_length, seed=config.seed,
+                            param_dtype=config.param_dtype, chat=False)  # fmt: skip
+    spec, max_length = loaded.spec, loaded.spec.max_length
     mesh = shd.make_mesh(config.mesh)
     if config.batch_size % (shd.batch_shards(mesh) * jax.process_count()):
         raise DynrulesError(
             f"config: batch_size {config.batch_size} must be a multiple of the mesh's batch shards"
         )
     trainable = Trainable.build(spec, config, mesh)
-    state = trainable.initial_state(
-        {"encoder": loaded.params, **mdl.initial_head(spec, config.seed)}
-    )
+    state = trainable.initial_state(loaded.params)
     step_fn = _train_step(trainable)
     tokens = loaded.tokenizer.encode(texts, max_length)
     buckets = tok.length_buckets(max_length)
@@ -148,12 +171,18 @@ def train_adapter(
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        mdl.export_model(shd.gather(state["params"]), spec, loaded.tokenizer.path, tmp / "model")
-        info = {"pool": store.manifest["pool"], "selection": {"policy": selection.policy, "k": selection.k,
-                "criterion": selection.criterion, "alpha": selection.alpha}, "steps": config.steps,
-                "config": config.to_dict(), "train_pairs": len(texts), "final_loss": final_loss, "truncated": tokens.truncated,
-                "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
-        (tmp / ADAPTER_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        mdl.export_model(shd.gather(state["params"]), spec, loaded.tokenizer, tmp / "model")
+        info = AdapterSummary(
+            pool=store.manifest["pool"],
+            selection=_selection_record(selection),
+            steps=config.steps,
+            config=config.to_dict(),
+            train_pairs=len(texts),
+            final_loss=final_loss,
+            truncated=tokens.truncated,
+            seconds=round(time.perf_counter() - started, 2),
+        )
+        (tmp / ADAPTER_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
     return info
 
 
@@ -186,31 +215,30 @@ def is_trained(
     path = Path(run_dir) / ADAPTER_FILE
     if not path.is_file():
         return False
-    info = json.loads(path.read_text())
+    info = read_adapter(run_dir)
     config = make_config(config) if isinstance(config, dict) else config
-    selection = selection.resolved(store)
     return (
-        info.get("pool") == store.manifest["pool"]
-        and info.get("train_pairs") == store.n_pairs
-        and info.get("config") == config.to_dict()
-        and info.get("selection")
-        == {
-            "policy": selection.policy,
-            "k": selection.k,
-            "criterion": selection.criterion,
-            "alpha": selection.alpha,
-        }
+        info.pool == store.manifest["pool"]
+        and info.train_pairs == store.n_pairs
+        and info.config == config.to_dict()
+        and info.selection == _selection_record(selection.resolved(store))
     )
 
 
-def read_adapter(run_dir) -> dict:
+def _selection_record(selection: SelectionConfig) -> dict:
+    """The oracle selection as adapter.json records it."""
+    return {"policy": selection.policy, "k": selection.k, "criterion": selection.criterion,
+            "alpha": selection.alpha}  # fmt: skip
+
+
+def read_adapter(run_dir) -> AdapterSummary:
     path = Path(run_dir) / ADAPTER_FILE
     if not path.is_file():
         raise DynrulesError(
             f"{run_dir}: not a rule-adapter run (no {ADAPTER_FILE}); train one with "
             f"`dynrules train-adapter STORE --out {run_dir}`"
         )
-    return json.loads(path.read_text())
+    return AdapterSummary(**json.loads(path.read_text()))
 
 
 def predict_rules(run_dir, texts: list[str], k: int, *, batch_size: int = 64) -> np.ndarray:
@@ -218,7 +246,7 @@ def predict_rules(run_dir, texts: list[str], k: int, *, batch_size: int = 64) ->
     from dynrules.train.scoring import Scorer
 
     info = read_adapter(run_dir)
-    n_rules = len(info["pool"]["ids"])
+    n_rules = len(info.pool["ids"])
     if not 1 <= k <= n_rules:
         raise DynrulesError(f"k must be between 1 and R = {n_rules}, got {k}")
     scorer = Scorer.from_model_dir(Path(run_dir) / "model", batch_size=batch_size)
@@ -228,7 +256,7 @@ def predict_rules(run_dir, texts: list[str], k: int, *, batch_size: int = 64) ->
 def write_plan(run_dir, pairs: list[dict], k: int, out) -> dict:
     """A rating plan: one JSONL record {"id", "rule_ids"} per pair, for `dynrules rate --plan`."""
     info = read_adapter(run_dir)
-    ids = np.asarray(info["pool"]["ids"], dtype=object)
+    ids = np.asarray(info.pool["ids"], dtype=object)
     index = predict_rules(
         run_dir, [adapter_text(p["prompt"], p["response_a"], p["response_b"]) for p in pairs], k
     )
@@ -236,13 +264,13 @@ def write_plan(run_dir, pairs: list[dict], k: int, out) -> dict:
         for pair, row in zip(pairs, index, strict=True):
             handle.write(json.dumps({"id": pair["id"], "rule_ids": ids[row].tolist()}) + "\n")
     n_rules = len(ids)
-    return {
-        "pairs": len(pairs),
-        "k": k,
-        "judge_calls": len(pairs) * k,
-        "judge_calls_full_pool": len(pairs) * n_rules,
-        "judge_calls_saved": 1.0 - k / n_rules,
-    }
+    return PlanSummary(
+        pairs=len(pairs),
+        k=k,
+        judge_calls=len(pairs) * k,
+        judge_calls_full_pool=len(pairs) * n_rules,
+        judge_calls_saved=1.0 - k / n_rules,
+    )
 
 
 def adapter_metrics(

@@ -20,6 +20,7 @@ from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import DynrulesError, InputError
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
+from dynrules.models.templates import format_text
 from dynrules.train import sharding as shd
 from dynrules.train.data import score_text
 
@@ -54,6 +55,7 @@ class Scorer:
         }
         self.truncated = 0
         self.params = params
+        self.render = format_text  # (prompt, response) → text; from_model_dir sets the model's
         rows = shd.batch_sharding(mesh, 2)
         self._rows_sharding, self._lengths_sharding = rows, shd.batch_sharding(mesh, 1)
         self._forward = jax.jit(
@@ -75,8 +77,10 @@ class Scorer:
         """A scorer for a run or model directory, its weights laid out on ``mesh_spec``."""
         loaded = mdl.read_model(resolve_model_dir(directory))
         mesh = shd.make_mesh(mesh_spec)
-        graphdef, abstract_state = mdl.abstract_model(loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype])
-        params = shd.place(loaded.params, shd.state_shardings(abstract_state, mesh))
+        graphdef, abstract_state = mdl.abstract_model(
+            loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype], constrain=shd.ActivationSharding(mesh)
+        )
+        params = shd.place(loaded.params, shd.abstract_params(abstract_state, mesh))
         scorer = cls(
             graphdef,
             params,
@@ -87,6 +91,7 @@ class Scorer:
             row_tiers=row_tiers,
         )
         scorer.spec = loaded.spec
+        scorer.render = loaded.render
         return scorer
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -100,7 +105,7 @@ class Scorer:
 
     def score_tokens(self, ids: list[np.ndarray]) -> np.ndarray:
         """Model outputs [n, outputs] for token ids made by :meth:`encode`."""
-        out = np.zeros((len(ids), self.params["head_bias"].shape[0]), np.float32)
+        out = np.zeros((len(ids), self.params["head_kernel"].shape[1]), np.float32)
         lengths = np.array([len(x) for x in ids], np.int32)
         for chunk, width, batch_rows in self.plan(lengths):
             out[chunk] = self._run([ids[i] for i in chunk], width, batch_rows)
@@ -198,7 +203,9 @@ def score_file(
     def stream(handle):
         nonlocal count
         for line, record in iter_raw_records(input_path):
-            batch.append((record, score_text(record, path=input_path, line=line)))
+            batch.append(
+                (record, score_text(record, path=input_path, line=line, render=scorer.render))
+            )
             count += 1
             if len(batch) == chunk_records:
                 flush(handle)
