@@ -191,6 +191,32 @@ def test_scorer_plan_covers_every_text_once_in_fitting_batches(scorer):
         assert padded_rows < n + len(scorer.buckets) * max(scorer.rows.values())
 
 
+def test_a_decoder_reward_model_is_served_like_score(tmp_path):
+    """A tiny random Llama with a chat template: the server renders texts through the model's
+    own template, as ``score`` does, and gives the same rewards."""
+    from dynrules.models import classifier as mdl
+
+    from . import decoder_fixtures as fx
+
+    source = fx.tiny_hf_decoder(tmp_path / "hf", seed=1)
+    model = mdl.pretrained("decoder", source, num_outputs=1, max_length=MAX_LENGTH, seed=0)
+    assert model.spec.template == "chat"
+    head = np.random.default_rng(0).normal(size=(model.spec.hidden_size, 1)).astype(np.float32)
+    params = model.params | {"head_kernel": head}
+    mdl.export_model(params, model.spec, model.tokenizer, tmp_path / "rm", model.chat)
+    scorer = load_scorer(tmp_path / "rm", ServeConfig(row_tiers=1))
+    running = Running(scorer, ServeConfig(port=0, row_tiers=1))
+    try:
+        items = _items(6, seed=4)
+        reply = httpx.post(f"{running.url}/v1/rewards", json={"items": items}, timeout=60)
+    finally:
+        running.stop()
+    assert reply.status_code == 200, reply.text
+    expected = _score_command(tmp_path / "rm", items, tmp_path)
+    np.testing.assert_allclose(reply.json()["rewards"], expected, atol=1e-5, rtol=0)
+    assert np.ptp(expected) > 1e-3
+
+
 def test_split_query():
     assert split_query("<s>Hi there. Fine.", "Hi there.") == {"prompt": "Hi there.", "response": " Fine."}  # fmt: skip
     assert split_query("Hi there. Fine.", "Bye") == {"text": "Hi there. Fine."}
