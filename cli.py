@@ -37,6 +37,7 @@ from dynrules.errors import DynrulesError
 from dynrules.pipeline import PipelineConfig
 from dynrules.plan import DTYPES as PLAN_DTYPES
 from dynrules.plan import TOPOLOGY_HELP
+from dynrules.serve import ServeConfig
 from dynrules.train.config import REMAT_POLICIES
 
 
@@ -225,6 +226,21 @@ def score(run, input_path, out_path, batch_size, mesh, distributed, as_json):
         f"scored {summary['records']} records into {out_path} in {summary['seconds']:.1f} s "
         f"({summary['truncated']} texts truncated)"
     )
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@config_options(ServeConfig)
+@mesh_option
+@click.option("--access-log", is_flag=True, help="Log every request line (never its headers).")
+def serve(run, **fields):
+    """Serve RUN's reward model over HTTP for RL loops (/v1/rewards, OpenRLHF's /get_reward).
+
+    Binds 127.0.0.1 unless --host says otherwise; stops cleanly on SIGTERM.
+    """
+    from dynrules.serve import serve as run_server
+
+    run_server(run, config_from(ServeConfig, fields))
 
 
 @main.command("eval")
@@ -899,3 +915,26 @@ def bench_multihost_command(pairs_per_step, max_length, steps, log_every, encode
             f"{name:>24}: {value:>10.2f} pairs/s (final loss {result['final_loss'][name]:.4f})"
         )
     click.echo(f"{'2 processes / 1':>24}: {result['ratios']['two_processes_over_one']:.2f}x")
+
+
+@bench.command("serve")
+@click.option("--clients", default=64, show_default=True, help="Concurrent clients.")
+@click.option(
+    "--requests", default=20, show_default=True, help="Requests (one pair each) a client."
+)
+@click.option("--c1-requests", default=64, show_default=True, help="Requests of the lone client.")
+@click.option("--max-length", default=256, show_default=True)
+@json_option()
+def bench_serve(clients, requests, c1_requests, max_length, as_json):
+    """Reward server pairs/s at 1 and many clients vs offline scoring of the same model."""
+    from dynrules.bench.serve import bench_serve as run
+
+    result = run(clients=clients, requests=requests, c1_requests=c1_requests, max_length=max_length)
+    if as_json:
+        print_json(result)
+        return
+    for name in ("offline_pairs_per_s", "server_pairs_per_s_c1", "server_pairs_per_s_c64"):
+        click.echo(f"{name:>24}: {result[name]:>10.2f}")
+    click.echo(f"{'c64 / offline':>24}: {result['c64_over_offline']:.2f}x")
+    click.echo(f"{'p50 / p99 (c64)':>24}: {result['p50_ms']:.0f} / {result['p99_ms']:.0f} ms")
+    click.echo(f"{'failed':>24}: {result['failed']}")
