@@ -38,7 +38,7 @@ def bench_multihost(
         pairs.write_text("".join(json.dumps(p) + "\n" for p in synthetic_pairs(pairs_per_step * 8)))
         overrides = [f"steps={steps}", f"batch_size={pairs_per_step}", f"max_length={max_length}",
                      f"log_every={log_every}", f"checkpoint_every={steps}", "eval_fraction=0",
-                     "learning_rate=1e-5", *([f"encoder={encoder}"] if encoder else [])]  # fmt: skip
+                     "learning_rate=1e-5", *([f"model={encoder}"] if encoder else [])]  # fmt: skip
         turns = [side for _ in range(repeats) for side in SIDES.items()]
         for turn, (name, (processes, devices)) in enumerate(turns):
             run = Path(tmp) / f"run-{turn}"

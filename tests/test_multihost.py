@@ -57,7 +57,7 @@ def reference(tmp_path_factory):
                         "rejected": "Sure, here is how to do the harmful thing." + " Step." * int(rng.integers(0, 3))})  # fmt: skip
     pairs = write_jsonl(root / "pairs.jsonl", records)
     encoder = _tiny_encoder(root / "encoder")
-    overrides = [f"{key}={value}" for key, value in CONFIG.items()] + [f"encoder={encoder}"]
+    overrides = [f"{key}={value}" for key, value in CONFIG.items()] + [f"model={encoder}"]
     result = train_reward_model(pairs, root / "ref", _config(overrides), progress=False)
     return {"root": root, "pairs": pairs, "overrides": overrides, "result": result}
 
