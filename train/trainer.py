@@ -205,6 +205,20 @@ class Trainable:
             "margins": named(self.mesh, spec(None, pairs)),
         }
 
+    def abstract_batch(self, config: TrainConfig, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch of one step as ``ShapeDtypeStruct``s with shardings (nothing allocated).
+
+        With :attr:`abstract_state`, what ``train_step(config).lower(...)`` needs to compile the
+        step ahead of time for a mesh and a padded ``length``.
+        """
+        micro = config.batch_size // config.grad_accum
+        shapes = {"ids": ((config.grad_accum, micro, 2, length), jnp.int32),
+                  "lengths": ((config.grad_accum, micro, 2), jnp.int32),
+                  "margins": ((config.grad_accum, micro), jnp.float32)}  # fmt: skip
+        shardings = self.batch_shardings()
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
+                for k, (shape, dtype) in shapes.items()}  # fmt: skip
+
     def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of the pairs axis → global arrays on the mesh."""
         sharding = self.batch_shardings()
