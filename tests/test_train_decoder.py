@@ -131,30 +131,3 @@ def test_decoder_config_errors_are_one_line(tmp_path, pairs_file):
                                     "backbone=decoder", override])  # fmt: skip
         assert done.exit_code == 2 and message in done.output, done.output
         assert not (tmp_path / "run").exists()
-
-
-def test_train_step_compiles_ahead_of_time_from_abstract_state():
-    """A 1B-shaped step lowers and compiles with nothing allocated (what `plan` builds on)."""
-    import jax
-
-    from dynrules.models import classifier as mdl
-    from dynrules.models.presets import preset
-    from dynrules.train import sharding as shd
-    from dynrules.train.config import TrainConfig
-    from dynrules.train.trainer import Trainable
-
-    config = TrainConfig(batch_size=4, grad_accum=2, max_length=256, backbone="decoder",
-                         dtype="bfloat16", remat="full")  # fmt: skip
-    spec = mdl.ModelSpec(preset("llama-3.2-1b"), max_length=256)
-    trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
-    leaves = jax.tree.leaves(trainable.abstract_state)
-    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
-    compiled = (
-        trainable.train_step(config)
-        .lower(trainable.abstract_state, trainable.abstract_batch(config, 256))
-        .compile()
-    )
-    params = sum(leaf.size for leaf in jax.tree.leaves(trainable.abstract_state["params"]))
-    assert params == spec.backbone.num_params + spec.hidden_size  # backbone + score head
-    memory = compiled.memory_analysis()
-    assert memory.argument_size_in_bytes >= 3 * 4 * params  # params, Adam's two moments
