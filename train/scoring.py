@@ -1,10 +1,12 @@
 """Batch scoring with static shapes: texts → model outputs, sharded over the mesh.
 
 Texts are sorted by token length and cut into fixed-size batches, each padded to the
-smallest power-of-two length bucket that fits (train.encoder.length_buckets). A scorer
+smallest power-of-two length bucket that fits (models.tokenizer.length_buckets). A scorer
 therefore compiles once per bucket, never per batch. Batches are split over the mesh's
-('data', 'fsdp') axes, each process supplying its rows. Scores do not depend on what else is
-in the batch: padding is masked by explicit lengths.
+('data', 'fsdp') axes. In a multi-process job every process plans the same batches (the
+texts are tokenized once across processes, train.tokens), supplies only its rows of each, and
+receives every score back; process 0 writes the one output, in input order. Scores do not
+depend on what else is in the batch: padding is masked by explicit lengths.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dynrules.models import tokenizer as tok
 from dynrules.models.templates import format_text
 from dynrules.train import sharding as shd
 from dynrules.train.data import score_text
+from dynrules.train.tokens import SharedTokens
 
 
 class Scorer:
@@ -38,7 +41,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = tok.length_buckets(max_length)
-        multiple = shd.batch_shards(mesh) * jax.process_count()
+        multiple = shd.batch_shards(mesh)
 
         def rows(width):  # rounded up to a multiple of the batch shards
             wanted = max(1, min(batch_size, tokens_per_batch // width))
@@ -85,18 +88,17 @@ class Scorer:
         return scorer
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer.encode(texts, self.max_length)
+        tokens = SharedTokens(texts, self.tokenizer, self.max_length)
         self.truncated += tokens.truncated
         out = np.zeros((len(texts), self.params["head_kernel"].shape[1]), np.float32)
         for chunk, width, batch_rows in self.plan(tokens.lengths):
-            ids, lens = tok.pad_batch(
-                [tokens.ids[i] for i in chunk], width, batch_rows, self.tokenizer.pad_id
-            )
-            local = shd.process_slice(batch_rows)
+            rows = shd.local_rows(self._lengths_sharding, (batch_rows,))
+            mine = [int(chunk[r]) for r in rows if r < len(chunk)]  # beyond: filler rows
+            ids, lens = tok.pad_batch(tokens.ids(mine), width, len(rows), self.tokenizer.pad_id)
             logits = self._forward(
                 self.params,
-                shd.global_batch(ids[local], self._rows_sharding),
-                shd.global_batch(lens[local], self._lengths_sharding),
+                shd.global_batch(ids, self._rows_sharding, batch_rows),
+                shd.global_batch(lens, self._lengths_sharding, batch_rows),
             )
             out[chunk] = np.asarray(logits)[: len(chunk)]
         return out
@@ -141,14 +143,17 @@ def score_file(
     batch_size: int = 64,
     chunk_records: int = 4096,
     mesh: str = "",
+    distributed: bool = False,
 ) -> dict:
     """Stream JSONL records through the reward model; write each with its ``reward`` added.
 
     Records carry ``prompt`` (optional) and ``response``, or a ``text`` transcript. The output
-    is written to a temporary name and renamed when complete (by process 0 only).
+    is written to a temporary name and renamed when complete (by process 0 only, in a
+    multi-process job: see :func:`dynrules.train.sharding.join_job` for ``distributed``).
     """
     from dynrules.atomic import atomic_path
 
+    shd.join_job(distributed)
     scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
     if scorer.spec.num_outputs != 1:
         raise DynrulesError(
@@ -180,7 +185,7 @@ def score_file(
         if count == 0:
             raise InputError("no records to score (empty file)", path=input_path)
 
-    if jax.process_index() == 0:
+    if shd.is_writer():
         with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
             stream(handle)
     else:  # every process computes its share of each batch; only process 0 writes
