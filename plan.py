@@ -182,11 +182,13 @@ def resolve_topology(name: str) -> Target:
     elif match := _TPU_TOPOLOGY.fullmatch(text):
         chip = CHIPS[match.group(1)]
         shape = tuple(int(x) for x in match.group(2).split("x"))
-        if len(shape) != chip.dims or min(shape) < 1:
+        if len(shape) != chip.dims:
             raise DynrulesError(
                 f"{name}: a {chip.name} topology has {chip.dims} dimensions, e.g. "
                 f"{chip.name}:{'x'.join(map(str, slice_shape(chip, 8)))}"
             )
+        if min(shape) < 1:
+            raise DynrulesError(f"{name}: every dimension needs at least one chip")
     else:
         raise DynrulesError(f"unknown topology {name!r}; use {TOPOLOGY_HELP}")
     canonical = f"{chip.name}:{'x'.join(map(str, shape))}"
