@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,tpu]'
 	$(PY) -m pip install -q --no-deps --require-hashes -r assets.txt
 	touch $(STAMP)
 

@@ -7,6 +7,7 @@ The small public API, imported on first use (JAX only loads with the training en
 - diagnostics: ``ablate``, ``simulate``
 - training and the main job: ``train_reward_model``, ``evaluate``, ``train_adapter``,
   ``run_pipeline``, ``PipelineConfig``
+- planning a run on a TPU slice: ``plan_training`` (returns a ``TrainingPlan``)
 - errors: ``DynrulesError``, ``InputError``
 """
 
@@ -31,6 +32,8 @@ _EXPORTS = {
     "train_adapter": "dynrules.train.adapter",
     "run_pipeline": "dynrules.pipeline",
     "PipelineConfig": "dynrules.pipeline",
+    "plan_training": "dynrules.plan",
+    "TrainingPlan": "dynrules.plan",
     "DynrulesError": "dynrules.errors",
     "InputError": "dynrules.errors",
 }

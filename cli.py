@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from dynrules.cliopts import (
+    backbone_option,
     config_from,
     config_options,
     criterion_option,
@@ -34,6 +35,9 @@ from dynrules.engine.simulate import SimulationModel
 from dynrules.engine.store import CHUNK_ROWS
 from dynrules.errors import DynrulesError
 from dynrules.pipeline import PipelineConfig
+from dynrules.plan import DTYPES as PLAN_DTYPES
+from dynrules.plan import TOPOLOGY_HELP
+from dynrules.train.config import REMAT_POLICIES
 
 
 class _Group(click.Group):
@@ -262,6 +266,40 @@ def eval_rm(run, data, batch_size, mesh, distributed, as_json):
     for kind in ("subsets", "sections"):
         for name, value in report[kind].items():
             click.echo(f"  {kind[:-1]} {name}: {value:.4f}")
+
+
+@main.command("plan")
+@click.option(
+    "--model",
+    required=True,
+    help="A named shape (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, smollm2-135m) "
+    "or a Hugging Face config.json (or its directory).",
+)
+@click.option("--topology", required=True, help=f"Where to train: {TOPOLOGY_HELP}.")
+@click.option("--seq", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per text.")  # fmt: skip
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Preference pairs per optimizer step (two texts each).")  # fmt: skip
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Micro-batches per step.")  # fmt: skip
+@click.option("--mesh", default="",
+              help="Axis sizes, e.g. fsdp=4,tensor=2; data takes the rest [default: fsdp over "
+              "all devices].")  # fmt: skip
+@click.option("--dtype", type=click.Choice(PLAN_DTYPES), default="bfloat16", show_default=True,
+              help="Compute dtype.")  # fmt: skip
+@click.option("--param-dtype", type=click.Choice(PLAN_DTYPES), default="float32",
+              show_default=True, help="Parameter and optimizer-state dtype.")  # fmt: skip
+@click.option("--remat", type=click.Choice(REMAT_POLICIES), default="full", show_default=True,
+              help="Recompute in the backward pass: none, full (whole layers) or dots (keep "
+              "matmul outputs).")  # fmt: skip
+@json_option("Print the plan as one JSON object.")
+def plan_command(model, topology, seq, batch, grad_accum, mesh, dtype, param_dtype, remat, as_json):
+    """Compile the reward-model training step ahead of time for TOPOLOGY: memory, fit, FLOPs."""
+    from dynrules.plan import plan_training, render_plan
+
+    result = plan_training(model, topology, seq=seq, batch=batch, grad_accum=grad_accum,
+                           mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)  # fmt: skip
+    print_json(result) if as_json else click.echo(render_plan(result))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -711,15 +749,17 @@ def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
 
 
 @bench.command("train")
+@backbone_option()
 @click.option("--pairs-per-step", default=8, show_default=True)
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per side.")
 @json_option()
-def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
-    """Reward-model training pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
+def bench_train_rm(backbone, pairs_per_step, max_length, seconds, as_json):
+    """Reward-model training pairs/s: JAX vs the same model in PyTorch (same batches)."""
     from dynrules.bench.rewardmodel import bench_train
 
-    result = bench_train(pairs_per_step=pairs_per_step, max_length=max_length, seconds=seconds)
+    result = bench_train(backbone=backbone, pairs_per_step=pairs_per_step, max_length=max_length,
+                         seconds=seconds)  # fmt: skip
     if as_json:
         print_json(result)
         return
@@ -729,15 +769,17 @@ def bench_train_rm(pairs_per_step, max_length, seconds, as_json):
 
 
 @bench.command("score")
+@backbone_option()
 @click.option("--pairs", "n_pairs", default=256, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--max-length", default=256, show_default=True)
 @json_option()
-def bench_score_rm(n_pairs, batch_size, max_length, as_json):
-    """Reward-model scoring pairs/s: JAX vs the same MiniLM model in PyTorch (same batches)."""
+def bench_score_rm(backbone, n_pairs, batch_size, max_length, as_json):
+    """Reward-model scoring pairs/s: JAX vs the same model in PyTorch (same batches)."""
     from dynrules.bench.rewardmodel import bench_score
 
-    result = bench_score(pairs=n_pairs, batch_size=batch_size, max_length=max_length)
+    result = bench_score(backbone=backbone, pairs=n_pairs, batch_size=batch_size,
+                         max_length=max_length)  # fmt: skip
     if as_json:
         print_json(result)
         return

@@ -17,6 +17,7 @@ import click
 from dynrules.engine.mi import ESTIMATORS
 from dynrules.engine.store import DTYPES
 from dynrules.kernels.selection import CRITERIA
+from dynrules.train.config import BACKBONES
 
 
 def json_option(help: str = "Print a machine-readable summary."):
@@ -26,6 +27,18 @@ def json_option(help: str = "Print a machine-readable summary."):
 def dtype_option(help: str = "Stored dtype of a new store."):
     return click.option(
         "--dtype", type=click.Choice(tuple(DTYPES)), default="float32", show_default=True, help=help
+    )
+
+
+def backbone_option(
+    help: str = "Reward-model backbone: MiniLM (encoder) or SmolLM2-135M (decoder).",
+):
+    return click.option(
+        "--backbone",
+        type=click.Choice(BACKBONES),
+        default=BACKBONES[0],
+        show_default=True,
+        help=help,
     )
 
 

@@ -28,6 +28,7 @@ from dynrules.engine.select import POLICIES
 from dynrules.errors import DynrulesError
 from dynrules.kernels.selection import CRITERIA
 from dynrules.report import write_ablation_report, write_pipeline_report
+from dynrules.train.config import BACKBONES
 
 
 def _option(default, help: str, **extra):
@@ -55,6 +56,10 @@ class PipelineConfig:
     learning_rate: float = _option(5e-5, "Reward-model learning rate.")
     adapter_learning_rate: float = _option(3e-4, "Rule-adapter learning rate.")
     seed: int = _option(0, "Seed of data order, initialisation and sampling.")
+    backbone: str = _option("encoder", "Backbone of the reward models and the rule adapter.",
+                            choices=BACKBONES)  # fmt: skip
+    rm_model: str = _option("", "Their checkpoint: a BERT directory (encoder), a Hugging Face "
+                            "directory or .gguf (decoder) [default: the bundled one].")  # fmt: skip
     heldout_fraction: float = _option(0.4, "Share of prompts held out when splitting a pairs file.")
 
 
@@ -180,6 +185,8 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
         "max_length": config.max_length,
         "learning_rate": config.adapter_learning_rate,
         "seed": config.seed,
+        "backbone": config.backbone,
+        "model": config.rm_model,
     }
     if not adp.is_trained(out / "adapter", stores["train"], adapter_config, selection):
         stages.run(
@@ -201,6 +208,8 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
         "max_length": config.max_length,
         "learning_rate": config.learning_rate,
         "seed": config.seed,
+        "backbone": config.backbone,
+        "model": config.rm_model,
         "eval_every": 0,
         # A killed pipeline started again resumes each reward model from its last checkpoint.
         "checkpoint_every": max(1, config.rm_steps // 4),

@@ -1,8 +1,10 @@
 """Side-by-side benchmarks: the JAX reward model against the same model in PyTorch.
 
-Both sides run the all-MiniLM-L6-v2 reward model (encoder + mean pooling + linear head) on
-the very same padded batches (length-bucketed token ids and masks), so the numbers compare
-the model implementations, not the data pipelines. Training: forward and backward over
+Both sides run the same reward model — all-MiniLM-L6-v2 (encoder + mean pooling + linear head)
+or, with ``backbone="decoder"``, SmolLM2-135M-Instruct (last-token pooling; PyTorch runs
+transformers' ``LlamaForSequenceClassification`` loaded from our export) — on the very same
+padded batches (length-bucketed token ids and masks), so the numbers compare the model
+implementations, not the data pipelines. Training: forward and backward over
 chosen and rejected, Bradley–Terry loss, gradient clipping, AdamW (dropout off on both
 sides, as the dynrules trainer has none). Scoring: forward only.
 
@@ -88,34 +90,81 @@ def _timed(run, batches, seconds: float, warmup: int) -> tuple[float, int]:
     return time.perf_counter() - started, done
 
 
-def bench_train(
-    *, pairs_per_step: int = 8, max_length: int = 128, seconds: float = 20.0, seed: int = 0
-) -> dict:
-    """Training pairs/s, JAX vs PyTorch, same MiniLM reward model and same batches."""
+def _jax_model(backbone: str, max_length: int, seed: int):
+    """The bundled backbone (MiniLM or SmolLM2-135M-Instruct) with a fresh head.
+
+    The decoder's head is drawn at std 1/√hidden rather than near zero, so that its rewards are
+    of order one and the JAX-vs-PyTorch reward difference means something.
+    """
+    from dynrules.models import classifier as mdl
+
+    model = mdl.pretrained(backbone, None, num_outputs=1, max_length=max_length, seed=seed)
+    if backbone == "decoder":
+        width = model.spec.hidden_size
+        kernel = np.random.default_rng(seed).normal(0, width**-0.5, (width, 1)).astype(np.float32)
+        model.params = model.params | {"head_kernel": kernel}
+    return model
+
+
+def _torch_model(torch, transformers, model, workdir):
+    """The same reward model in PyTorch: BertModel + mean pooling + head for the encoder; for
+    the decoder, transformers' own ``LlamaForSequenceClassification`` loaded from our export."""
     import jax
 
-    from dynrules.models import bert_checkpoint as bert_ckpt
     from dynrules.models import classifier as mdl
+
+    if model.spec.kind == "encoder":
+        return _torch_reward_model(torch, transformers, model.source, model.params["head_kernel"])
+    directory = workdir / "model"
+    mdl.export_model(jax.tree.map(np.asarray, model.params), model.spec, model.tokenizer,
+                     directory, model.chat)  # fmt: skip
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(directory), dtype=torch.float32, attn_implementation="sdpa"
+    )
+
+    class RewardModel(torch.nn.Module):  # the encoder's signature: (ids, mask) → rewards
+        def __init__(self):
+            super().__init__()
+            self.classifier = classifier
+
+        def forward(self, ids, mask):
+            return self.classifier(input_ids=ids, attention_mask=mask).logits[:, 0]
+
+    return RewardModel()
+
+
+MODEL_NAMES = {"encoder": "all-MiniLM-L6-v2 reward model",
+               "decoder": "SmolLM2-135M-Instruct reward model (LlamaForSequenceClassification)"}  # fmt: skip
+
+
+def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_length: int = 128,
+                seconds: float = 20.0, seed: int = 0) -> dict:  # fmt: skip
+    """Training pairs/s and tokens/s, JAX vs PyTorch, same reward model and same batches."""
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
     from dynrules.train.data import load_preferences
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
     torch, transformers = _torch()
-    loaded = bert_ckpt.read_checkpoint(None)
-    config = TrainConfig(
-        steps=10_000, batch_size=pairs_per_step, max_length=max_length, learning_rate=1e-5
-    )
-    spec = mdl.ModelSpec(loaded.config, max_length=max_length)
+    model = _jax_model(backbone, max_length, seed)
+    config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=max_length,
+                         learning_rate=1e-5, backbone=backbone)  # fmt: skip
     pairs = load_preferences(synthetic_pairs(pairs_per_step * 6, seed))
-    tokens = TokenizedPairs.build(pairs, loaded.tokenizer, max_length)
+    tokens = TokenizedPairs.build(pairs, model.tokenizer, model.spec.max_length, model.render)
     batcher = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
-                          max_length=max_length, pad_id=loaded.tokenizer.pad_id)  # fmt: skip
+                          max_length=model.spec.max_length, pad_id=model.tokenizer.pad_id)  # fmt: skip
     batches = [batcher.batch(step) for step in range(6)]
-    head = mdl.initial_head(spec, seed)
+    tokens_per_batch = float(np.mean([b["lengths"].sum() for b in batches]))  # real tokens
 
-    trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
-    state = trainable.initial_state({"encoder": loaded.params, **head})
+    with tempfile.TemporaryDirectory() as workdir:
+        reference = _torch_model(torch, transformers, model, Path(workdir)).train()
+    trainable = Trainable.build(model.spec, config, shd.make_mesh("", jax.devices()[:1]))
+    state = trainable.initial_state(model.params)
     step = trainable.train_step(config)
     device_batches = [trainable.global_batch(b) for b in batches]
     holder = {"state": state}
@@ -125,18 +174,19 @@ def bench_train(
         sums["loss"].block_until_ready()
 
     jax_seconds, jax_steps = _timed(jax_run, device_batches, seconds, warmup=len(device_batches))
+    holder.clear()  # free the JAX state before PyTorch allocates its own
+    del state
 
-    model = _torch_reward_model(torch, transformers, loaded.directory, head["head_kernel"]).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-5, weight_decay=0.01)
     torch_batches = [_torch_pairs(torch, b) for b in batches]
 
     def torch_run(batch):
         ids, mask = batch
-        rewards = model(ids, mask).view(-1, 2)
+        rewards = reference(ids, mask).view(-1, 2)
         loss = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
         optimizer.step()
 
     torch_seconds, torch_steps = _timed(torch_run, torch_batches, seconds, warmup=2)
@@ -145,14 +195,20 @@ def bench_train(
     return {
         "benchmark": "train",
         "setup": {
-            "model": "all-MiniLM-L6-v2 reward model",
+            "model": MODEL_NAMES[backbone],
             "pairs_per_step": pairs_per_step,
-            "max_length": max_length,
+            "max_length": model.spec.max_length,
+            "real_tokens_per_step": tokens_per_batch,
             "devices": "cpu",
             "threads": os.cpu_count(),
             "torch": torch.__version__,
         },  # fmt: skip
-        "results": {"jax_pairs_per_s": jax_rate, "torch_pairs_per_s": torch_rate},
+        "results": {
+            "jax_pairs_per_s": jax_rate,
+            "torch_pairs_per_s": torch_rate,
+            "jax_tokens_per_s": jax_rate / pairs_per_step * tokens_per_batch,
+            "torch_tokens_per_s": torch_rate / pairs_per_step * tokens_per_batch,
+        },
         "ratios": {"jax_over_torch": jax_rate / torch_rate},
     }
 
@@ -165,13 +221,19 @@ def _torch_pairs(torch, batch: dict) -> tuple:
     return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
 
 
-def bench_score(
-    *, pairs: int = 256, batch_size: int = 64, max_length: int = 256, seed: int = 0
-) -> dict:
-    """Scoring pairs/s (both texts of each pair), JAX vs PyTorch, on identical bucketed batches."""
+def bench_score(*, backbone: str = "encoder", pairs: int = 256, batch_size: int = 64,
+                max_length: int = 256, seed: int = 0) -> dict:  # fmt: skip
+    """Scoring pairs/s (both texts of each pair), JAX vs PyTorch, on identical bucketed batches.
+
+    The decoder is scored from its exported directory on both sides (our import, and
+    transformers' ``AutoModelForSequenceClassification``), so the reward difference also
+    checks the export.
+    """
+    import tempfile
+    from pathlib import Path
+
     import jax
 
-    from dynrules.models import bert_checkpoint as bert_ckpt
     from dynrules.models import classifier as mdl
     from dynrules.models import tokenizer as tok
     from dynrules.train import sharding as shd
@@ -179,52 +241,62 @@ def bench_score(
     from dynrules.train.scoring import Scorer
 
     torch, transformers = _torch()
-    loaded = bert_ckpt.read_checkpoint(None)
-    spec = mdl.ModelSpec(loaded.config, max_length=max_length)
-    head = mdl.initial_head(spec, seed)
-    texts = [t for p in load_preferences(synthetic_pairs(pairs, seed)) for t in p.texts()]
-
+    model = _jax_model(backbone, max_length, seed)
+    texts = [
+        t for p in load_preferences(synthetic_pairs(pairs, seed)) for t in p.texts(model.render)
+    ]
     mesh = shd.make_mesh("", jax.devices()[:1])
-    graphdef, abstract = mdl.abstract_model(spec)
-    params = shd.place({"encoder": loaded.params, **head}, shd.state_shardings(abstract, mesh))
-    scorer = Scorer(
-        graphdef, params, loaded.tokenizer, mesh, max_length=max_length, batch_size=batch_size
-    )
+    with tempfile.TemporaryDirectory() as workdir:
+        reference = _torch_model(torch, transformers, model, Path(workdir)).eval()
+        if backbone == "decoder":
+            scorer = Scorer.from_model_dir(Path(workdir) / "model", batch_size=batch_size)
+        else:
+            graphdef, abstract = mdl.abstract_model(model.spec)
+            params = shd.place(model.params, shd.abstract_params(abstract, mesh))
+            scorer = Scorer(graphdef, params, model.tokenizer, mesh,
+                            max_length=model.spec.max_length, batch_size=batch_size)  # fmt: skip
     scorer(texts)  # compile every bucket once
     started = time.perf_counter()
     jax_rewards = scorer.rewards(texts)
     jax_seconds = time.perf_counter() - started
 
-    model = _torch_reward_model(torch, transformers, loaded.directory, head["head_kernel"]).eval()
-    tokens = loaded.tokenizer.encode(texts, max_length)
+    tokens = scorer.tokenizer.encode(texts, model.spec.max_length)
     batches = []
     for chunk, width, _ in scorer.plan(tokens.lengths):  # the scorer's batches, unpadded rows
         ids, lengths = tok.pad_batch(
-            [tokens.ids[i] for i in chunk], width, len(chunk), loaded.tokenizer.pad_id
+            [tokens.ids[i] for i in chunk], width, len(chunk), scorer.tokenizer.pad_id
         )
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         batches.append((chunk, torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)))
     torch_rewards = np.zeros(len(texts), np.float32)
     with torch.inference_mode():
-        model(batches[0][1], batches[0][2])  # warm-up
+        reference(batches[0][1], batches[0][2])  # warm-up
         started = time.perf_counter()
         for chunk, ids, mask in batches:
-            torch_rewards[chunk] = model(ids, mask).numpy()
+            torch_rewards[chunk] = reference(ids, mask).numpy()
         torch_seconds = time.perf_counter() - started
     jax_rate, torch_rate = pairs / jax_seconds, pairs / torch_seconds
+    real_tokens = int(tokens.lengths.sum())
     return {
         "benchmark": "score",
         "setup": {
-            "model": "all-MiniLM-L6-v2 reward model",
+            "model": MODEL_NAMES[backbone],
             "pairs": pairs,
             "batch_size": batch_size,
-            "max_length": max_length,
+            "max_length": model.spec.max_length,
+            "real_tokens": real_tokens,
             "threads": os.cpu_count(),
             "torch": torch.__version__,
         },  # fmt: skip
-        "results": {"jax_pairs_per_s": jax_rate, "torch_pairs_per_s": torch_rate},
+        "results": {
+            "jax_pairs_per_s": jax_rate,
+            "torch_pairs_per_s": torch_rate,
+            "jax_tokens_per_s": real_tokens / jax_seconds,
+            "torch_tokens_per_s": real_tokens / torch_seconds,
+        },
         "ratios": {"jax_over_torch": jax_rate / torch_rate},
         "max_reward_difference": float(np.abs(jax_rewards - torch_rewards).max()),
+        "reward_std": float(np.std(jax_rewards)),
     }
 
 
@@ -241,44 +313,48 @@ PEAK_BF16_TFLOPS = {
 
 def bench_train_mfu(
     *,
-    layers: int = 24,
-    hidden: int = 1024,
-    heads: int = 16,
-    seq: int = 512,
-    pairs_per_step: int = 32,
-    steps: int = 20,
+    preset: str = "llama-3.2-1b",
+    seq: int = 2048,
+    pairs_per_step: int = 4,
+    steps: int = 10,
     dtype: str = "bfloat16",
-    remat: bool = False,
+    param_dtype: str = "float32",
+    remat: str = "full",
     peak_tflops: float | None = None,
 ) -> dict:
-    """Training tokens/s and model FLOPs utilisation of a BERT-large-sized reward model.
+    """Training tokens/s and model FLOPs utilisation of a decoder reward model of a named shape.
 
-    Random weights and full-length random token ids (no padding), one device. Model FLOPs
-    per token: 6·(non-embedding params) + 12·layers·hidden·seq (PaLM appendix B), the same
-    for forward + backward whatever remat recomputes.
+    Random weights (initialised on the device), full-length random token ids (no padding), one
+    device, the dynrules train step itself (Bradley–Terry, AdamW, clipping). Model FLOPs per
+    token: models.llama.train_flops_per_token (PaLM's count).
     """
     import jax
+    from flax import nnx
 
-    from dynrules.models import bert
     from dynrules.models import classifier as mdl
+    from dynrules.models import llama
+    from dynrules.models.presets import preset as preset_config
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
     from dynrules.train.trainer import Trainable
 
-    bert = bert.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          intermediate_size=4 * hidden, max_position_embeddings=max(512, seq))  # fmt: skip
-    config = TrainConfig(
-        steps=10_000, batch_size=pairs_per_step, max_length=seq, dtype=dtype, remat=remat
-    )
-    spec = mdl.ModelSpec(bert, max_length=seq)
+    backbone = preset_config(preset)
+    config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=seq, dtype=dtype,
+                         param_dtype=param_dtype, remat=remat, backbone="decoder")  # fmt: skip
+    spec = mdl.ModelSpec(backbone, max_length=seq)
     trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
-    state = trainable.initial_state(
-        {"encoder": bert.random_params(bert), **mdl.initial_head(spec, 0)}
-    )
+
+    def init():
+        model = mdl.Classifier(spec, rngs=nnx.Rngs(0),
+                               param_dtype=mdl.COMPUTE_DTYPES[param_dtype])  # fmt: skip
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    params = jax.jit(init, out_shardings=trainable.state_shardings["params"])()
+    state = trainable.initial_state(params)
     step = trainable.train_step(config)
     rng = np.random.default_rng(0)
     batch = trainable.global_batch({
-        "ids": rng.integers(1000, 30000, (1, pairs_per_step, 2, seq)).astype(np.int32),
+        "ids": rng.integers(0, backbone.vocab_size, (1, pairs_per_step, 2, seq)).astype(np.int32),
         "lengths": np.full((1, pairs_per_step, 2), seq, np.int32),
         "margins": np.zeros((1, pairs_per_step), np.float32),
     })  # fmt: skip
@@ -291,8 +367,7 @@ def bench_train_mfu(
     sums["loss"].block_until_ready()
     seconds = time.perf_counter() - started
     tokens_per_s = steps * pairs_per_step * 2 * seq / seconds
-    non_embedding = layers * (4 * hidden * hidden + 2 * hidden * 4 * hidden)
-    flops_per_token = 6 * non_embedding + 12 * layers * hidden * seq
+    flops_per_token = llama.train_flops_per_token(backbone, seq)
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", str(device))
     peak = peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
@@ -300,12 +375,12 @@ def bench_train_mfu(
         "benchmark": "train_mfu",
         "setup": {
             "device": kind,
-            "layers": layers,
-            "hidden": hidden,
-            "heads": heads,
+            "preset": preset,
+            "params": backbone.num_params,
             "seq": seq,
             "pairs_per_step": pairs_per_step,
             "dtype": dtype,
+            "param_dtype": param_dtype,
             "remat": remat,
             "steps": steps,
         },  # fmt: skip

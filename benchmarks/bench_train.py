@@ -1,8 +1,8 @@
 """Reward-model benchmarks from the command line (the same code as `dynrules bench train|score`).
 
-    python benchmarks/bench_train.py train          # JAX vs PyTorch training pairs/s (CPU)
-    python benchmarks/bench_train.py score          # JAX vs PyTorch scoring pairs/s (CPU)
-    python benchmarks/bench_train.py mfu [--layers 24 --hidden 1024 --seq 512 ...]   # GPU/TPU
+    python benchmarks/bench_train.py train [--backbone decoder]   # JAX vs PyTorch training (CPU)
+    python benchmarks/bench_train.py score [--backbone decoder]   # JAX vs PyTorch scoring (CPU)
+    python benchmarks/bench_train.py mfu [--preset llama-3.2-1b --seq 2048 ...]   # GPU/TPU
 
 Each prints one JSON object.
 """
@@ -20,22 +20,22 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("mode", choices=["train", "score", "mfu"])
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--pairs-per-step", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--backbone", default="encoder", choices=["encoder", "decoder"])
+    parser.add_argument("--preset", default="llama-3.2-1b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--pairs-per-step", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--param-dtype", default="float32", choices=["bfloat16", "float32"])
+    parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     args = parser.parse_args()
     if args.mode == "train":
-        result = bench.bench_train()
+        result = bench.bench_train(backbone=args.backbone)
     elif args.mode == "score":
-        result = bench.bench_score()
+        result = bench.bench_score(backbone=args.backbone)
     else:
-        result = bench.bench_train_mfu(layers=args.layers, hidden=args.hidden, heads=args.heads, seq=args.seq,
-                                       pairs_per_step=args.pairs_per_step, steps=args.steps, dtype=args.dtype,
+        result = bench.bench_train_mfu(preset=args.preset, seq=args.seq, pairs_per_step=args.pairs_per_step,
+                                       steps=args.steps, dtype=args.dtype, param_dtype=args.param_dtype,
                                        remat=args.remat)  # fmt: skip
     print(json.dumps(result))
 

@@ -8,6 +8,7 @@ conversation and differs at the end; right truncation can make chosen and reject
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +29,40 @@ class TokenizedTexts:
 
 
 class TextTokenizer:
-    """``tokenizers.Tokenizer`` from a checkpoint's tokenizer.json, truncating from the left."""
+    """``tokenizers.Tokenizer`` (a tokenizer.json, or one built in memory), truncating from the left.
 
-    def __init__(self, path: str | Path):
+    ``add_special_tokens`` applies the tokenizer's post-processor ([CLS] … [SEP] for BERT, a
+    BOS for Llama 3); texts rendered by a chat template already carry their special tokens,
+    so their tokenizer turns it off.
+    """
+
+    def __init__(self, source, *, pad_id: int | None = None, add_special_tokens: bool = True):
         from tokenizers import Tokenizer
 
-        self.path = Path(path)
-        self._tokenizer = Tokenizer.from_file(str(path))
+        if isinstance(source, str | Path):
+            self.path: Path | None = Path(source)
+            self._tokenizer = Tokenizer.from_file(str(source))
+        else:
+            self.path, self._tokenizer = None, source
         self._tokenizer.no_padding()  # padding is ours: to length buckets, with explicit lengths
+        self._tokenizer.no_truncation()
         self._max_length = None
-        pad = self._tokenizer.token_to_id("[PAD]")
-        self.pad_id = 0 if pad is None else pad
+        self.add_special_tokens = add_special_tokens
+        if pad_id is None:
+            pad_id = self._tokenizer.token_to_id("[PAD]")
+        self.pad_id = 0 if pad_id is None else pad_id
+
+    def save(self, path: str | Path) -> None:
+        """Write the tokenizer as a tokenizer.json: the file it came from, or serialised."""
+        if self.path is not None:
+            shutil.copyfile(self.path, path)
+            return
+        self._tokenizer.no_truncation()  # our truncation setting is not part of the tokenizer
+        self._max_length = None
+        self._tokenizer.save(str(path))
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
 
     def encode(self, texts: list[str], max_length: int) -> TokenizedTexts:
         if max_length < 3:
@@ -47,7 +71,9 @@ class TextTokenizer:
             # direction="left" drops tokens from the start; special tokens are kept.
             self._tokenizer.enable_truncation(max_length, direction="left")
             self._max_length = max_length
-        encodings = self._tokenizer.encode_batch(list(texts))
+        encodings = self._tokenizer.encode_batch(
+            list(texts), add_special_tokens=self.add_special_tokens
+        )
         ids = [np.asarray(e.ids, np.int32) for e in encodings]
         return TokenizedTexts(ids=ids, truncated=sum(1 for e in encodings if e.overflowing))
 

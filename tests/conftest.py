@@ -1,11 +1,16 @@
 """Shared fixtures. Tests run on the CPU; nothing here imports JAX."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from dynrules.engine.pool import Rule, RulePool
+
+# The suite runs on the CPU whatever accelerator plugins are installed: with libtpu (the tpu
+# extra) JAX would otherwise probe for a TPU in every process, and hold libtpu's lock file.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture

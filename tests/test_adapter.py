@@ -52,8 +52,13 @@ def test_top_k_rules_breaks_ties_by_lower_index():
     assert adp.top_k_rules(logits, 3).tolist() == [[1, 2, 4]]
 
 
-def test_train_predict_and_plan(tmp_path, small_pool):
+@pytest.mark.parametrize("backbone", ["encoder", "decoder"])
+def test_train_predict_and_plan(tmp_path, small_pool, backbone):
     from dynrules.engine.store import PairTableWriter, RatingStore
+
+    from . import decoder_fixtures as fx
+
+    model = str(fx.tiny_hf_decoder(tmp_path / "decoder")) if backbone == "decoder" else ""
 
     n = 16
     rng = np.random.default_rng(0)
@@ -73,7 +78,7 @@ def test_train_predict_and_plan(tmp_path, small_pool):
     info = adp.train_adapter(
         store,
         tmp_path / "run",
-        {"steps": 2, "batch_size": 4, "max_length": 32},
+        {"steps": 2, "batch_size": 4, "max_length": 32, "backbone": backbone, "model": model},
         selection=adp.SelectionConfig(k=3),
         progress=False,
     )

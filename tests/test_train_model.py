@@ -81,9 +81,14 @@ def test_config_from_yaml_and_overrides(tmp_path):
     assert (config.steps, config.batch_size, config.remat, config.learning_rate) == (
         50,
         16,
-        True,
+        "full",  # a boolean remat means full recomputation
         3e-5,
     )
+    assert load_config(None, ["remat=dots"]).remat == "dots"
+    with pytest.raises(DynrulesError, match="remat must be one of none, full, dots"):
+        load_config(None, ["remat=some"])
+    with pytest.raises(DynrulesError, match="backbone must be one of encoder, decoder"):
+        load_config(None, ["backbone=rnn"])
     assert config.mesh == "data=4,fsdp=2"
     assert TrainConfig().steps == 1000
     with pytest.raises(DynrulesError, match="unknown key 'stpes'"):

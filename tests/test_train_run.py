@@ -65,7 +65,7 @@ def workspace(tmp_path_factory):
 
 
 def _overrides(encoder: Path, **extra) -> list[str]:
-    values = {"encoder": str(encoder), "steps": 12, "batch_size": 8, "max_length": 48, "learning_rate": 2e-3,
+    values = {"model": str(encoder), "steps": 12, "batch_size": 8, "max_length": 48, "learning_rate": 2e-3,
               "checkpoint_every": 4, "eval_every": 6, "log_every": 3, "eval_fraction": 0.25} | extra  # fmt: skip
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -159,7 +159,7 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
             "unknown key 'stepz'",
         ),
         (
-            ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), f"encoder={other}"],
+            ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), f"model={other}"],
             "another model",
         ),
         (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "seed=7"], "different config"),
@@ -184,21 +184,34 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.timeout(240)
-def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path):
+# One weight per backbone that training must have moved: (exported key, key in the checkpoint).
+MOVED_WEIGHT = {
+    "encoder": ("bert.encoder.layer.0.output.dense.weight", "encoder.layer.0.output.dense.weight"),
+    "decoder": ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight"),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backbone", ["encoder", "decoder"])
+def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path, backbone):
+    from dynrules.models import classifier as mdl
+    from dynrules.train import sharding as shd
     from dynrules.train.checkpoint import Checkpointer
     from dynrules.train.config import load_config
     from dynrules.train.trainer import Trainable, train_reward_model
 
-    root, encoder = workspace
-    overrides = _overrides(
-        encoder, steps=40, checkpoint_every=1, keep_checkpoints=2, eval_every=0, log_every=40
-    )
+    root, checkpoint = workspace
+    if backbone == "decoder":
+        from . import decoder_fixtures as fx  # not at the top: this file also runs as a script
+
+        checkpoint = fx.tiny_hf_decoder(tmp_path / "decoder")
+    overrides = _overrides(checkpoint, steps=40, checkpoint_every=1, keep_checkpoints=2,
+                           eval_every=0, log_every=40, backbone=backbone)  # fmt: skip
     killed = tmp_path / "killed"
     child = subprocess.Popen([sys.executable, __file__, str(root / "pairs.jsonl"), str(killed), *overrides],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     checkpoints = killed / "checkpoints"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:
         steps = (
             [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
@@ -218,11 +231,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path):
     survivor = Checkpointer(checkpoints, every=1, keep=2)
     step = survivor.latest_step()
     assert step is not None and 6 <= step < 40
-    from dynrules.models import bert_checkpoint as bert_ckpt
-    from dynrules.models import classifier as mdl
-    from dynrules.train import sharding as shd
-
-    spec = mdl.ModelSpec(bert_ckpt.read_checkpoint(encoder).config, max_length=48)
+    spec = mdl.pretrained(backbone, checkpoint, num_outputs=1, max_length=48, seed=0).spec
     state, meta = survivor.restore(Trainable.build(spec, config, shd.make_mesh("")).abstract_state)
     assert int(state["step"]) == step == meta["step"] and meta["pairs_seen"] == step * 8
     survivor.close()
@@ -235,14 +244,9 @@ def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
-    initial = load_file(str(encoder / "model.safetensors"))
-    assert (
-        np.abs(
-            a["bert.encoder.layer.0.output.dense.weight"]
-            - initial["encoder.layer.0.output.dense.weight"]
-        ).max()
-        > 1e-3
-    )
+    initial = load_file(str(checkpoint / "model.safetensors"))
+    exported_key, initial_key = MOVED_WEIGHT[backbone]
+    assert np.abs(a[exported_key] - initial[initial_key]).max() > 1e-3
 
 
 def test_run_directory_that_is_not_a_run_is_refused(tmp_path, workspace):
@@ -251,7 +255,7 @@ def test_run_directory_that_is_not_a_run_is_refused(tmp_path, workspace):
     root, encoder = workspace
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(DynrulesError, match="not a dynrules run"):
-        train_reward_model(root / "pairs.jsonl", tmp_path, {"encoder": str(encoder), "steps": 1})
+        train_reward_model(root / "pairs.jsonl", tmp_path, {"model": str(encoder), "steps": 1})
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 

@@ -67,15 +67,24 @@ def test_logical_rules_respect_divisibility_and_axis_reuse():
     assert shd.logical_to_spec(("batch",), (6,), FAKE_MESH) == PartitionSpec("fsdp")
 
 
-@pytest.mark.timeout(300)
-def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(tmp_path, tiny_encoder):
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory):
+    from . import decoder_fixtures as fx
+
+    return fx.tiny_hf_decoder(tmp_path_factory.mktemp("tiny") / "decoder")
+
+
+@pytest.mark.timeout(420)
+def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(
+    tmp_path, tiny_encoder, tiny_decoder
+):
     env = os.environ | {
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
     }
     done = subprocess.run(
-        [sys.executable, __file__, str(tmp_path), str(tiny_encoder)],
-        env=env, capture_output=True, text=True, timeout=280,
+        [sys.executable, __file__, str(tmp_path), str(tiny_encoder), str(tiny_decoder)],
+        env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -86,9 +95,67 @@ def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(tmp_
     for target in ("8x1", "1"):
         assert report[f"restore_{target}_difference"] == 0.0, report
         assert report[f"restore_{target}_devices"] == (8 if target == "8x1" else 1)
+    # The decoder on fsdp=4 × tensor=2: heads split over tensor, embed over fsdp.
+    assert report["decoder_q_spec"] == [
+        None,
+        "fsdp",
+        "tensor",
+        None,
+    ]  # [layers, embed, heads, head_dim]
+    assert report["decoder_mlp_spec"] == [None, "fsdp", "tensor"]  # [layers, embed, mlp]
+    assert report["decoder_max_step_difference"] < 2e-5, report
+    assert report["decoder_loss_difference"] < 1e-5, report
+    # Two micro-batches of 8 pairs accumulated = one batch of 16.
+    assert report["grad_accum_difference"] < 2e-5, report
 
 
-def _multi_device_main(out: Path, encoder_dir: str) -> None:
+def _decoder_checks(decoder_dir: str) -> dict:
+    """fsdp × tensor step == single-device step; grad_accum=2 == one full batch."""
+    import jax
+
+    from dynrules.models import classifier as mdl
+    from dynrules.train.config import TrainConfig
+    from dynrules.train.data import Pair
+    from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
+
+    config = TrainConfig(steps=4, batch_size=16, max_length=48, learning_rate=1e-3,
+                         warmup_ratio=0.0, backbone="decoder", model=decoder_dir)  # fmt: skip
+    model = mdl.pretrained("decoder", decoder_dir, num_outputs=1, max_length=48, seed=0)
+    pairs = [Pair(chosen=f"a safe answer {i} " * (1 + i % 3), rejected=f"harmful {i}", prompt=f"q{i}")
+             for i in range(32)]  # fmt: skip
+    tokens = TokenizedPairs.build(pairs, model.tokenizer, 48, model.render)
+
+    def run(mesh_spec, devices, grad_accum=1):
+        cfg = config.replace(grad_accum=grad_accum)
+        batches = PairBatches(tokens, seed=0, batch_size=16, grad_accum=grad_accum, max_length=48,
+                              pad_id=model.tokenizer.pad_id)  # fmt: skip
+        trainable = Trainable.build(model.spec, cfg, shd.make_mesh(mesh_spec, devices))
+        state = trainable.initial_state(model.params)
+        step = trainable.train_step(cfg)
+        losses = []
+        for index in range(2):
+            state, sums = step(state, trainable.global_batch(batches.batch(index)))
+            losses.append(float(sums["loss"]) / float(sums["pairs"]))
+        return state, losses
+
+    def difference(a, b):
+        return max(float(np.abs(x - y).max()) for x, y in
+                   zip(jax.tree.leaves(shd.gather(a["params"])), jax.tree.leaves(shd.gather(b["params"])), strict=True))  # fmt: skip
+
+    sharded, sharded_losses = run("fsdp=4,tensor=2", jax.devices())
+    single, single_losses = run("", jax.devices()[:1])
+    accumulated, _ = run("", jax.devices()[:1], grad_accum=2)
+    layers = sharded["params"]["decoder"]["layers"]
+    return {
+        "decoder_q_spec": list(layers["q_kernel"].sharding.spec),
+        "decoder_mlp_spec": list(layers["gate_kernel"].sharding.spec),
+        "decoder_max_step_difference": difference(sharded, single),
+        "decoder_loss_difference": max(abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)),
+        "grad_accum_difference": difference(accumulated, single),
+    }  # fmt: skip
+
+
+def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
     """Runs inside the 8-device subprocess; prints one JSON report line."""
     import jax
 
@@ -158,8 +225,9 @@ def _multi_device_main(out: Path, encoder_dir: str) -> None:
         )
         assert int(restored["step"]) == 2
     checkpoints.close()
+    report |= _decoder_checks(decoder_dir)
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    _multi_device_main(Path(sys.argv[1]), sys.argv[2])
+    _multi_device_main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -1,4 +1,4 @@
-"""Training stack: Flax NNX encoder, reward model, sharding, Orbax checkpoints, scoring, eval.
+"""Training stack: reward models on an encoder or a decoder, sharding, Orbax checkpoints, scoring, eval.
 
 The public entry points are re-exported here and imported on first use, so that
 ``import dynrules.train`` stays cheap until JAX is actually needed:
@@ -7,8 +7,8 @@ The public entry points are re-exported here and imported on first use, so that
 - ``train_reward_model(pairs, out_dir, config=None, *, progress=True) -> RunResult``
 - ``evaluate(model, pairs, *, batch_size=64, mesh="") -> dict``
 - ``score_file(model, input_path, out_path, ...) -> dict`` and ``Scorer``
-- ``TrainConfig``, ``load_config``; ``EncoderClassifier`` / ``ModelSpec`` (the building block
-  for multi-label heads such as the rule adapter)
+- ``TrainConfig``, ``load_config``; ``Classifier`` / ``ModelSpec`` (backbone + head: the
+  building block for multi-label heads such as the rule adapter)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "embed_texts": "dynrules.train.encoder",
+    "embed_texts": "dynrules.models.embedder",
     "train_reward_model": "dynrules.train.trainer",
     "RunResult": "dynrules.train.trainer",
     "evaluate": "dynrules.train.evaluate",
@@ -24,8 +24,8 @@ _EXPORTS = {
     "Scorer": "dynrules.train.scoring",
     "TrainConfig": "dynrules.train.config",
     "load_config": "dynrules.train.config",
-    "EncoderClassifier": "dynrules.train.model",
-    "ModelSpec": "dynrules.train.model",
+    "Classifier": "dynrules.models.classifier",
+    "ModelSpec": "dynrules.models.classifier",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -31,7 +31,6 @@ from dynrules.atomic import atomic_path
 from dynrules.engine.select import SelectionConfig, select_chunk
 from dynrules.engine.store import RatingStore
 from dynrules.errors import DynrulesError
-from dynrules.models import bert_checkpoint as bert_ckpt
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
 from dynrules.train import sharding as shd
@@ -123,20 +122,18 @@ def train_adapter(
     targets = multi_hot(oracle_selection(store, selection), store.n_rules)
     _, texts = store_texts(store)
 
-    loaded = bert_ckpt.read_checkpoint(config.encoder or None)
-    max_length = min(config.max_length, loaded.config.max_position_embeddings)
-    spec = mdl.ModelSpec(
-        loaded.config, num_outputs=store.n_rules, pooling=config.pooling, max_length=max_length
-    )
+    # The adapter reads its own pair text (adapter_text), never a chat template.
+    loaded = mdl.pretrained(config.backbone, config.model, num_outputs=store.n_rules,
+                            pooling=config.pooling, max_length=config.max_length, seed=config.seed,
+                            param_dtype=config.param_dtype, chat=False)  # fmt: skip
+    spec, max_length = loaded.spec, loaded.spec.max_length
     mesh = shd.make_mesh(config.mesh)
     if config.batch_size % shd.batch_shards(mesh):
         raise DynrulesError(
             f"config: batch_size {config.batch_size} must be a multiple of the mesh's batch shards"
         )
     trainable = Trainable.build(spec, config, mesh)
-    state = trainable.initial_state(
-        {"encoder": loaded.params, **mdl.initial_head(spec, config.seed)}
-    )
+    state = trainable.initial_state(loaded.params)
     step_fn = _train_step(trainable)
     tokens = loaded.tokenizer.encode(texts, max_length)
     buckets = tok.length_buckets(max_length)
@@ -177,7 +174,7 @@ def train_adapter(
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        mdl.export_model(shd.gather(state["params"]), spec, loaded.tokenizer.path, tmp / "model")
+        mdl.export_model(shd.gather(state["params"]), spec, loaded.tokenizer, tmp / "model")
         info = AdapterSummary(
             pool=store.manifest["pool"],
             selection=_selection_record(selection),

@@ -14,6 +14,9 @@ import yaml
 
 from dynrules.errors import DynrulesError
 
+BACKBONES = ("encoder", "decoder")
+REMAT_POLICIES = ("none", "full", "dots")
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -28,12 +31,15 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases / LayerNorm)
     clip_norm: float = 1.0  # global gradient-norm clipping
     seed: int = 0  # head init and data order
-    pooling: str = "mean"  # mean | last | cls (train.encoder.pool)
+    pooling: str = ""  # mean | last | cls (models.pooling); "" = mean (encoder), last (decoder)
     margin_scale: float = 0.0  # m = margin_scale · pair margin in −log σ(r_c − r_r − m); 0 = off
     center_coef: float = 0.0  # reward centering weight, e.g. 0.01·mean((r_c + r_r)²); 0 = off
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    remat: bool = False  # recompute layer activations in the backward pass (saves memory)
-    encoder: str = ""  # checkpoint directory; "" = the bundled all-MiniLM-L6-v2
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # storage of parameters and optimizer state: float32 | bfloat16
+    remat: str = "none"  # recompute activations in the backward pass: none | full | dots
+    backbone: str = "encoder"  # encoder (BERT) | decoder (Llama family)
+    model: str = ""  # checkpoint: a BERT directory (encoder), a HF directory or .gguf (decoder);
+    #                  "" = the bundled all-MiniLM-L6-v2 / SmolLM2-135M-Instruct
     checkpoint_every: int = 200  # steps between (async) checkpoints
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
     eval_every: int = 200  # steps between held-out evaluations; 0 = only at the end
@@ -70,10 +76,22 @@ class TrainConfig:
             raise DynrulesError(
                 f"config: batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"
             )
-        if self.pooling not in ("mean", "last", "cls"):
+        if self.pooling not in ("", "mean", "last", "cls"):
             raise DynrulesError(f"config: pooling must be mean, last or cls, got {self.pooling!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise DynrulesError(f"config: dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise DynrulesError(
+                    f"config: {name} must be float32 or bfloat16, got {getattr(self, name)!r}"
+                )
+        self.remat = _REMAT_WORDS.get(str(self.remat).lower(), str(self.remat).lower())
+        if self.remat not in REMAT_POLICIES:
+            raise DynrulesError(
+                f"config: remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}"
+            )
+        if self.backbone not in BACKBONES:
+            raise DynrulesError(
+                f"config: backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}"
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DynrulesError(
                 f"config: eval_fraction must be in [0, 1), got {self.eval_fraction}"
@@ -92,6 +110,11 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return make_config(self.to_dict() | changes)
+
+
+# Boolean spellings of remat (YAML true/false): true recomputes everything, false nothing.
+_REMAT_WORDS = {"true": "full", "1": "full", "yes": "full", "on": "full",
+                "false": "none", "0": "none", "no": "none", "off": "none", "": "none"}  # fmt: skip
 
 
 def make_config(values: dict | None = None, *, source: str = "config") -> TrainConfig:

@@ -7,7 +7,8 @@ Accepted pair records (JSONL, JSONL.gz or Parquet; or a list of dicts from Pytho
 - Anthropic HH transcripts ``{"chosen", "rejected"}``: full "\\n\\nHuman: …\\n\\nAssistant: …"
   strings with no separate prompt.
 
-Texts are rendered by :func:`dynrules.models.templates.format_text` (template ``hh-v1``).
+Texts are rendered by the model's renderer: :func:`dynrules.models.templates.format_text`
+(template ``hh-v1``, the default) or a decoder's chat template.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class Pair:
     subset: str | None = None
     section: str | None = None
 
-    def texts(self) -> tuple[str, str]:
-        return format_text(self.prompt, self.chosen), format_text(self.prompt, self.rejected)
+    def texts(self, render=format_text) -> tuple[str, str]:
+        """(chosen text, rejected text) as ``render(prompt, response)`` makes them."""
+        return render(self.prompt, self.chosen), render(self.prompt, self.rejected)
 
 
 def _text_field(record: dict, name: str, where: dict, *, required: bool) -> str:
@@ -84,16 +86,16 @@ def load_preferences(source: str | Path | Iterable[dict]) -> list[Pair]:
     return pairs
 
 
-def score_text(record: dict, *, path=None, line: int | None = None) -> str:
+def score_text(record: dict, *, path=None, line: int | None = None, render=format_text) -> str:
     """The text to score for a record: ``prompt`` (optional) + ``response``, or a ``text`` transcript."""
     where = {"path": path, "line": line}
     if "response" in record:
-        return format_text(
+        return render(
             _text_field(record, "prompt", where, required=False),
             _text_field(record, "response", where, required=True),
         )
-    if "text" in record:
-        return _text_field(record, "text", where, required=True)
+    if "text" in record:  # a whole transcript: as a response without a separate prompt
+        return render("", _text_field(record, "text", where, required=True))
     raise InputError("missing field (or 'text')", field="response", **where)
 
 

@@ -64,7 +64,7 @@ def evaluate(
     if not (isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)):
         pairs = load_preferences(pairs)
     scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
-    texts = [text for pair in pairs for text in pair.texts()]
+    texts = [text for pair in pairs for text in pair.texts(scorer.render)]
     rewards = scorer.rewards(texts)
     report = pair_report(pairs, rewards[0::2], rewards[1::2])
     report["truncated"] = scorer.truncated

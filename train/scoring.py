@@ -22,6 +22,7 @@ from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import DynrulesError, InputError
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
+from dynrules.models.templates import format_text
 from dynrules.train import sharding as shd
 from dynrules.train.data import score_text
 from dynrules.train.tokens import SharedTokens
@@ -49,6 +50,7 @@ class Scorer:
         self.rows = {width: rows(width) for width in self.buckets}
         self.truncated = 0
         self.params = params
+        self.render = format_text  # (prompt, response) → text; from_model_dir sets the model's
         rows = shd.batch_sharding(mesh, 2)
         self._rows_sharding, self._lengths_sharding = rows, shd.batch_sharding(mesh, 1)
         self._forward = jax.jit(
@@ -69,8 +71,10 @@ class Scorer:
         """A scorer for a run or model directory, its weights laid out on ``mesh_spec``."""
         loaded = mdl.read_model(resolve_model_dir(directory))
         mesh = shd.make_mesh(mesh_spec)
-        graphdef, abstract_state = mdl.abstract_model(loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype])
-        params = shd.place(loaded.params, shd.state_shardings(abstract_state, mesh))
+        graphdef, abstract_state = mdl.abstract_model(
+            loaded.spec, dtype=mdl.COMPUTE_DTYPES[dtype], constrain=shd.ActivationSharding(mesh)
+        )
+        params = shd.place(loaded.params, shd.abstract_params(abstract_state, mesh))
         scorer = cls(
             graphdef,
             params,
@@ -80,12 +84,13 @@ class Scorer:
             batch_size=batch_size,
         )
         scorer.spec = loaded.spec
+        scorer.render = loaded.render
         return scorer
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         tokens = SharedTokens(texts, self.tokenizer, self.max_length)
         self.truncated += tokens.truncated
-        out = np.zeros((len(texts), self.params["head_bias"].shape[0]), np.float32)
+        out = np.zeros((len(texts), self.params["head_kernel"].shape[1]), np.float32)
         for chunk, width, batch_rows in self.plan(tokens.lengths):
             rows = shd.local_rows(self._lengths_sharding, (batch_rows,))
             mine = [int(chunk[r]) for r in rows if r < len(chunk)]  # beyond: filler rows
@@ -169,7 +174,9 @@ def score_file(
     def stream(handle):
         nonlocal count
         for line, record in iter_raw_records(input_path):
-            batch.append((record, score_text(record, path=input_path, line=line)))
+            batch.append(
+                (record, score_text(record, path=input_path, line=line, render=scorer.render))
+            )
             count += 1
             if len(batch) == chunk_records:
                 flush(handle)

@@ -6,14 +6,18 @@ parallelism of the attention/MLP inner dimensions). Axis types are ``Auto``: the
 propagates shardings from the annotated inputs and outputs (``jax.make_mesh`` now defaults to
 ``Explicit``, which would demand sharding-aware code everywhere).
 
-Parameters name their axes logically (``embed``, ``mlp``, ``vocab`` …, see train.encoder);
-:data:`LOGICAL_AXIS_RULES` maps each logical name to mesh axes. A rule is skipped for a
+Parameters name their axes logically (``embed``, ``mlp``, ``vocab``, ``heads`` …, see
+models.bert and models.llama); :data:`LOGICAL_AXIS_RULES` maps each logical name to mesh axes,
+as MaxText does: FSDP shards the ``embed`` dimension of every weight, tensor parallelism the
+attention heads, the MLP's inner dimension and the vocabulary (Megatron's split), and
+activations ([batch, length, embed]) are split over the batch only (:class:`ActivationSharding`). A rule is skipped for a
 dimension that the mesh axes do not divide, or whose mesh axis is already used by another
 dimension of the same array, so any checkpoint shape works on any mesh (replicated at worst).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -28,9 +32,13 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis → mesh axes, in order of preference.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    "length": (),
     "embed": ("fsdp",),
     "vocab": ("tensor",),
-    "qkv": ("tensor",),
+    "qkv": ("tensor",),  # BERT's fused heads × head_dim
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),  # replicated when the KV heads do not divide (grouped-query)
+    "head_dim": (),
     "mlp": ("tensor",),
     "classes": (),
     "layers": (),
@@ -264,17 +272,54 @@ def block_range(items: int, index: int | None = None, count: int | None = None) 
     return items * index // count, items * (index + 1) // count
 
 
-def place(host_params: dict, shardings: dict) -> dict:
-    """Host arrays → global arrays laid out by ``shardings``; each device gets only its shard.
+def place(host_params: dict, targets: dict) -> dict:
+    """Host values → global arrays laid out as ``targets`` (``ShapeDtypeStruct`` with shardings).
 
-    Uses ``make_array_from_callback``, which also works when the mesh spans several hosts.
+    Each device gets only its shard, read with ``make_array_from_callback`` (which also works
+    when the mesh spans several hosts). A value may be an array or a lazy view that reads
+    just the slice asked for (models.decoder_io.ParamView): then no host ever holds more of a
+    checkpoint than its own devices' shards.
     """
 
-    def put(value, sharding):
-        value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    def put(value, target):
+        if isinstance(value, jax.Array):  # already on devices: lay it out there
+            return jax.device_put(value.astype(target.dtype), target.sharding)
+        if not hasattr(value, "shape"):
+            value = np.asarray(value)
+        if tuple(value.shape) != tuple(target.shape):
+            raise DynrulesError(
+                f"a parameter has shape {value.shape}, the model expects {target.shape}"
+            )
+        return jax.make_array_from_callback(
+            target.shape, target.sharding, lambda index: np.asarray(value[index], target.dtype)
+        )
 
-    return jax.tree.map(put, host_params, shardings)
+    return jax.tree.map(put, host_params, targets)
+
+
+def abstract_params(abstract_state, mesh: Mesh) -> dict:
+    """``ShapeDtypeStruct``s with their shardings for an ``nnx.State`` of abstract Params."""
+    from flax import nnx
+
+    return jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_state),
+        state_shardings(abstract_state, mesh),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+    """``constrain(x, logical_axes)`` for models: pins an activation's layout on ``mesh``.
+
+    Hashable and compared by mesh, so it can sit in a model's static structure.
+    """
+
+    mesh: Mesh
+
+    def __call__(self, x: jax.Array, logical_axes: tuple) -> jax.Array:
+        spec = logical_to_spec(logical_axes, x.shape, self.mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
 def gather(params: dict) -> dict:

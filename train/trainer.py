@@ -30,12 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from dynrules.errors import DynrulesError
-from dynrules.models import bert_checkpoint as bert_ckpt
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
+from dynrules.models.templates import format_text
 from dynrules.train import sharding as shd
 from dynrules.train.checkpoint import Checkpointer
 from dynrules.train.config import TrainConfig, load_config, make_config
@@ -72,10 +71,9 @@ class TokenizedPairs:
     margins: np.ndarray
 
     @classmethod
-    def build(
-        cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int
-    ) -> TokenizedPairs:
-        texts = [text for pair in pairs for text in pair.texts()]
+    def build(cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int,
+              render=format_text) -> TokenizedPairs:  # fmt: skip
+        texts = [text for pair in pairs for text in pair.texts(render)]
         margins = np.array([p.margin for p in pairs], np.float32)
         return cls(SharedTokens(texts, tokenizer, max_length), margins)
 
@@ -169,15 +167,19 @@ class Trainable:
 
     @classmethod
     def build(cls, spec: mdl.ModelSpec, config: TrainConfig, mesh) -> Trainable:
+        """Structure, optimizer and the abstract sharded state for ``spec`` on ``mesh``.
+
+        Nothing is allocated: ``abstract_state`` holds ``ShapeDtypeStruct``s with shardings,
+        enough to restore a checkpoint into, or to lower and compile :meth:`train_step`
+        ahead of time for a mesh of devices that are not here.
+        """
         graphdef, abstract = mdl.abstract_model(
-            spec, dtype=mdl.COMPUTE_DTYPES[config.dtype], remat=config.remat
-        )
-        param_shardings = shd.state_shardings(abstract, mesh)
-        abstract_params = jax.tree.map(
-            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-            nnx.to_pure_dict(abstract),
-            param_shardings,
-        )
+            spec, dtype=mdl.COMPUTE_DTYPES[config.dtype],
+            param_dtype=mdl.COMPUTE_DTYPES[config.param_dtype], remat=config.remat,
+            constrain=shd.ActivationSharding(mesh),
+        )  # fmt: skip
+        abstract_params = shd.abstract_params(abstract, mesh)
+        param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
         schedule = make_schedule(
             learning_rate=config.learning_rate, steps=config.steps, warmup_ratio=config.warmup_ratio
         )
@@ -204,8 +206,9 @@ class Trainable:
         return cls(graphdef, tx, schedule, mesh, shardings, abstract_state)
 
     def initial_state(self, host_params: dict) -> dict:
-        """Params placed shard by shard from host arrays; optimizer state created sharded."""
-        params = shd.place(host_params, self.state_shardings["params"])
+        """Params placed shard by shard from host arrays or lazy checkpoint views; optimizer
+        state created sharded."""
+        params = shd.place(host_params, self.abstract_state["params"])
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
         return {"params": params, "opt_state": opt_state, "step": step}
@@ -299,7 +302,7 @@ def _check_resume(
 ):
     if saved["model"] != spec.to_dict():
         raise DynrulesError(
-            f"{run_dir}: its checkpoints are from another model ({saved['model']['encoder']})"
+            f"{run_dir}: its checkpoints are from another model ({saved.get('checkpoint')})"
         )
     changed = sorted(
         key for key, value in config.to_dict().items()
@@ -340,7 +343,7 @@ class _RewardRun:
     checkpointer: Checkpointer
     state: dict
     resumed_from: int | None
-    tokenizer: tok.TextTokenizer
+    backbone: mdl.Pretrained  # tokenizer, chat template and text rendering
     train_tokens: TokenizedPairs
     held_out: list[Pair]
     is_writer: bool
@@ -396,11 +399,10 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
         else load_preferences(pairs)
     )
     data_hash = preferences_fingerprint(pairs)
-    loaded = bert_ckpt.read_checkpoint(config.encoder or None)
-    max_length = min(config.max_length, loaded.config.max_position_embeddings)
-    spec = mdl.ModelSpec(
-        loaded.config, num_outputs=1, pooling=config.pooling, max_length=max_length
-    )
+    loaded = mdl.pretrained(config.backbone, config.model, num_outputs=1, pooling=config.pooling,
+                            max_length=config.max_length, seed=config.seed,
+                            param_dtype=config.param_dtype)  # fmt: skip
+    spec = loaded.spec
     if saved is not None:
         _check_resume(saved, config, spec, data_hash, run_dir)
     shd.barrier("dynrules-run-read")  # every process has read the run before process 0 writes
@@ -425,15 +427,13 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
     is_writer = shd.is_writer()
     if saved is None and is_writer:
         _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "model": spec.to_dict(), "data": data_hash,
-                                         "encoder": str(loaded.directory)})  # fmt: skip
+                                         "checkpoint": str(loaded.source)})  # fmt: skip
 
     resumed_from = checkpointer.latest_step()
     if shd.agree(-1 if resumed_from is None else resumed_from, "the last checkpoint") < 0:
         resumed_from = None
     if resumed_from is None:
-        state = trainable.initial_state(
-            {"encoder": loaded.params, **mdl.initial_head(spec, config.seed)}
-        )
+        state = trainable.initial_state(loaded.params)
     else:
         meta = checkpointer.read_meta(resumed_from)
         if meta.get("model") != spec.to_dict():
@@ -445,9 +445,11 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
             raise DynrulesError(
                 f"{run_dir}: already at step {resumed_from}, beyond steps={config.steps}"
             )
-    train_tokens = TokenizedPairs.build(train_pairs, loaded.tokenizer, max_length)
+    train_tokens = TokenizedPairs.build(
+        train_pairs, loaded.tokenizer, spec.max_length, loaded.render
+    )
     return _RewardRun(run_dir, config, spec, data_hash, trainable, checkpointer, state, resumed_from,
-                      loaded.tokenizer, train_tokens, held_out, is_writer)  # fmt: skip
+                      loaded, train_tokens, held_out, is_writer)  # fmt: skip
 
 
 class _Evaluator:
@@ -458,10 +460,11 @@ class _Evaluator:
 
         self.run = run
         micro = run.config.batch_size // run.config.grad_accum
-        self.scorer = Scorer(run.trainable.graphdef, run.state["params"], run.tokenizer,
+        self.scorer = Scorer(run.trainable.graphdef, run.state["params"], run.backbone.tokenizer,
                              run.trainable.mesh, max_length=run.spec.max_length,
                              batch_size=max(micro * 2, 16))  # fmt: skip
-        self.texts = [text for pair in run.held_out for text in pair.texts()]
+        render = run.backbone.render
+        self.texts = [text for pair in run.held_out for text in pair.texts(render)]
 
     def __call__(self, step: int, params) -> dict | None:
         if not self.run.held_out:
@@ -485,7 +488,7 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
     micro = config.batch_size // config.grad_accum
     batches = PairBatches(run.train_tokens, seed=config.seed, batch_size=config.batch_size,
                           grad_accum=config.grad_accum, max_length=run.spec.max_length,
-                          pad_id=run.tokenizer.pad_id, rows=trainable.local_rows(micro))  # fmt: skip
+                          pad_id=run.backbone.tokenizer.pad_id, rows=trainable.local_rows(micro))  # fmt: skip
     window = {"sums": [], "tokens": 0, "clock": time.perf_counter()}
     logged: dict = {}
 
@@ -535,7 +538,7 @@ def _finish(run: _RewardRun, evaluate: _Evaluator, train_metrics: dict) -> RunRe
     model_dir = run.run_dir / "model"
     params = shd.gather(run.state["params"])  # collective: every process takes part
     if run.is_writer:
-        mdl.export_model(params, run.spec, run.tokenizer.path, model_dir)
+        mdl.export_model(params, run.spec, run.backbone.tokenizer, model_dir, run.backbone.chat)
     truncated = {
         "train": run.train_tokens.truncated,
         "eval": eval_metrics["truncated"] if eval_metrics else 0,

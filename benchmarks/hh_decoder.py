@@ -1,0 +1,68 @@
+"""Decoder against encoder reward model on HH harmless, at the same step budget.
+
+Benchmark data only (../shared/data): Anthropic HH-RLHF harmless-base test split, the first
+1,200 pairs to train on (human labels: chosen ≻ rejected), the last 500 held out. Both reward
+models train for the same number of steps on the same batches of pairs — all-MiniLM-L6-v2
+(22M, mean pooling) and SmolLM2-135M-Instruct (last-token pooling, its chat template) — and
+are scored on the held-out pairs beside the length-only baseline.
+
+Run: ``python -m benchmarks.hh_decoder [--steps 60] [--max-length 192] [--out DIR]``; a summary
+lands in benchmarks/results/hh_decoder.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from benchmarks.hh_pipeline import HH_TEST
+from dynrules.train.data import load_preferences
+from dynrules.train.evaluate import evaluate
+from dynrules.train.trainer import train_reward_model
+
+TRAIN, HELD_OUT = 1200, 500
+LEARNING_RATES = {"encoder": 5e-5, "decoder": 1e-5}  # the usual full fine-tuning rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/hh-decoder")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--backbones", default="encoder,decoder")
+    parser.add_argument("--data", default=str(HH_TEST), help="the HH harmless-base test file")
+    args = parser.parse_args()
+    pairs = load_preferences(args.data)
+    train, held_out = pairs[:TRAIN], pairs[-HELD_OUT:]
+    summary = {"data": {"train": len(train), "held_out": len(held_out), "source": Path(args.data).name},
+               "config": vars(args), "models": {}}  # fmt: skip
+    for backbone in args.backbones.split(","):
+        config = {"backbone": backbone, "steps": args.steps, "batch_size": args.batch_size,
+                  "max_length": args.max_length, "learning_rate": LEARNING_RATES[backbone],
+                  "eval_fraction": 0.0, "eval_every": 0, "checkpoint_every": args.steps,
+                  "log_every": max(1, args.steps // 10)}  # fmt: skip
+        started = time.perf_counter()
+        run = train_reward_model(train, Path(args.out) / backbone, config)
+        trained = time.perf_counter() - started
+        report = evaluate(run.run_dir, held_out, batch_size=32)
+        summary["models"][backbone] = {
+            "held_out_accuracy": report["accuracy"],
+            "length_baseline": report["length_baseline"],
+            "truncated_texts": report["truncated"],
+            "train_loss_last": run.train.get("loss"),
+            "train_seconds": round(trained, 1),
+            "eval_seconds": round(time.perf_counter() - started - trained, 1),
+            "learning_rate": LEARNING_RATES[backbone],
+        }
+        print(json.dumps({backbone: summary["models"][backbone]}), flush=True)
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / "hh_decoder.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The README's planning table: 1B / 3B / 8B / 70B reward models at sequence length 2048 on TPU slices.
+
+Runs ``dynrules plan … --json`` once per (model, topology), each in a fresh process, and keeps
+the results in benchmarks/results/plan.json, rewritten after every entry; a rerun skips the
+entries already there, so a killed run resumes. Then prints the Markdown table.
+
+Every run takes a global batch of 64 preference pairs (128 texts of 2048 tokens) with FSDP over
+all chips, bf16 compute, float32 parameters and Adam state, full recomputation, and micro-batches
+of one pair per chip (gradient accumulation makes up the 64): the least memory FSDP can do with
+at that batch.
+
+    python benchmarks/plan_table.py           # compile what is missing, then print the table
+    python benchmarks/plan_table.py --table   # only print the table from the saved results
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from dynrules.atomic import atomic_path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "plan.json"
+MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b")
+TOPOLOGIES = {"v5e-8": 8, "v5e-64": 64, "v5p-8": 4, "v5p-128": 64}  # slice name → chips
+SEQ, BATCH = 2048, 64
+GIB = 2**30
+
+
+def _key(model: str, topology: str) -> str:
+    return f"{model} @ {topology}"
+
+
+def _save(results: dict) -> None:
+    with atomic_path(RESULTS) as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _machine() -> dict:
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at start",
+        "jax": importlib.metadata.version("jax"),
+        "libtpu": importlib.metadata.version("libtpu"),
+    }
+
+
+def run(results: dict) -> None:
+    for model in MODELS:
+        for topology, chips in TOPOLOGIES.items():
+            key = _key(model, topology)
+            if key in results["plans"]:
+                continue
+            command = [sys.executable, "-m", "dynrules", "plan", "--model", model,
+                       "--topology", topology, "--seq", str(SEQ), "--batch", str(BATCH),
+                       "--grad-accum", str(BATCH // chips), "--json"]  # fmt: skip
+            print(f"$ dynrules {' '.join(command[3:])}", flush=True)
+            done = subprocess.run(command, capture_output=True, text=True,
+                                  env=os.environ | {"JAX_PLATFORMS": "cpu"})  # fmt: skip
+            if done.returncode != 0:
+                sys.exit(f"{key} failed:\n{done.stderr.strip()[-2000:]}")
+            results["plans"][key] = json.loads(done.stdout.strip().splitlines()[-1])
+            _save(results)
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| model | params | slice (chips) | micro-batch × accumulation | GiB per chip (of HBM) "
+        "| fits | step at peak bf16 | compile |",
+        "|---|---:|---|---:|---:|:-:|---:|---:|",
+    ]
+    for model in MODELS:
+        for topology in TOPOLOGIES:
+            plan = results["plans"].get(_key(model, topology))
+            if plan is None:
+                continue
+            used = plan["bytes_per_device"]
+            memory = "?" if used is None else f"{used / GIB:.1f}"
+            seconds = plan["step_seconds_at_peak"]
+            lines.append(
+                f"| {model} | {plan['params'] / 1e9:.2f} B | {topology} ({plan['devices']}) "
+                f"| {BATCH // plan['grad_accum']} × {plan['grad_accum']} "
+                f"| {memory} ({plan['hbm_per_device'] / GIB:.2f}) "
+                f"| {'yes' if plan['fits'] else 'no'} "
+                f"| {'?' if seconds is None else f'{seconds:.2f} s'} "
+                f"| {plan['compile_seconds']:.0f} s |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", action="store_true", help="Only print the saved table.")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"plans": {}}
+    if not args.table:
+        results.setdefault("machine", _machine())
+        run(results)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,471 @@
+"""Plan a reward-model training run before renting the hardware (``dynrules plan``).
+
+The step that ``train-rm`` runs (train.trainer.Trainable.train_step: forward, Bradley–Terry
+loss, backward, gradient accumulation, AdamW) is lowered with abstract, sharded state and batch
+(``jax.ShapeDtypeStruct``: nothing is allocated) and compiled ahead of time for a topology that
+need not be here — the method of MaxText's train_compile. TPU topologies are libtpu's
+compile-only devices (``jax.experimental.topologies``; ``pip install 'dynrules[tpu]'``), so
+planning works on a CPU-only machine; ``cpu:N`` compiles for N host devices of this machine.
+
+What the compiled executable tells:
+
+- **memory per device** (``memory_analysis``): arguments + outputs − donated aliases +
+  temporaries + code. The TPU compiler refuses a program that does not fit its HBM; its message
+  states the bytes the program needs, reported as ``bytes_per_device`` with ``fits = false``.
+- **FLOPs per device** (``cost_analysis``). XLA counts a loop body once whatever its trip
+  count (and inlines a one-trip loop, where the recomputation of remat is merged away), so
+  the scanned layers and the gradient-accumulation scan would be undercounted. Two small
+  probes — the same step with 0 and with 2 layers, for one pair per batch shard and no
+  accumulation — give c0 and c2 per device; c2 − c0 is one layer's forward, recomputation
+  and backward, and a step costs p · (c0 + L · (c2 − c0)) for L layers and p pairs per batch
+  shard over all micro-batches. The probes fit where the step itself may not, so the count is
+  there either way. The optimizer update is counted ~p·L/2 times too often: it costs ~15 FLOPs
+  per parameter a device holds, against ~12 · seq per parameter for each pair, so this stays
+  under 0.1% at seq 2048.
+- **step time at peak**: FLOPs per device / the chip's peak bf16 FLOP/s — a lower bound that
+  ignores communication and memory bandwidth; divide by an MFU you believe (MaxText reports
+  ~45% for Llama-3.1-8B on v6e-256) for an estimate.
+
+``model_flops_per_step`` is the usual analytic count for MFU (3 × forward matmuls and
+attention, recomputation not included), a cross-check of the compiler's figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+from dynrules.errors import DynrulesError
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: what its devices are called and what one chip can hold and do."""
+
+    name: str
+    device_kind: str  # jax Device.device_kind
+    hbm_bytes: int  # what the compiler lets one program use (see CHIPS)
+    peak_bf16_flops: float  # per chip, per second
+    dims: int  # 2-D torus (v5e, v6e) or 3-D (v4, v5p)
+    cores_in_slice_name: int  # v4-8 and v5p-8 count TensorCores, two per chip: 4 chips
+
+
+# Peak bf16 FLOP/s per chip: Google Cloud's TPU pages (cloud.google.com/tpu/docs/v4, /v5e,
+# /v5p, /v6e): 275, 197, 459 and 918 TFLOP/s. HBM: the nameplate is 32 GiB (v4), 16 GB (v5e),
+# 95 GB (v5p) and 32 GB (v6e); the figures here are what libtpu 0.0.42.1's compiler reports as
+# available to a program when one does not fit ("exceeds available HBM (15.75G)"), which is
+# what decides whether a step compiles. v4 and v5p run one device per chip (megacore).
+CHIPS = {
+    "v4": Chip("v4", "TPU v4", int(30.75 * GIB), 275e12, 3, 2),
+    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GIB), 197e12, 2, 1),
+    "v5p": Chip("v5p", "TPU v5", int(95.74 * GIB), 459e12, 3, 2),
+    "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * GIB), 918e12, 2, 1),
+}
+
+DTYPES = ("float32", "bfloat16")
+TOPOLOGY_HELP = (
+    "a TPU topology (v5e:2x4, v5p:4x4x4, v4:2x2x1, v6e:8x8), a slice name (v5e-8, v5p-128, "
+    "v4-32, v6e-64) or cpu:N (N host devices of this machine)"
+)
+_TPU_TOPOLOGY = re.compile(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})")
+_SLICE_NAME = re.compile(r"(v4|v5e|v5p|v6e)-(\d+)")
+_CPU_TOPOLOGY = re.compile(r"cpu:(\d+)")
+_OUT_OF_HBM = re.compile(
+    r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM"
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """What ``dynrules plan`` reports; ``None`` where a figure could not be had (see ``note``)."""
+
+    model: str
+    topology: str
+    chip: str  # v5e … or cpu
+    devices: int
+    mesh: dict  # axis → size
+    params: int
+    seq: int
+    batch: int  # preference pairs per optimizer step (two texts each)
+    grad_accum: int
+    dtype: str
+    param_dtype: str
+    remat: str
+    state_bytes_per_device: int  # parameters + optimizer state, from their shardings
+    bytes_per_device: int | None  # everything the step needs on one device (compiler)
+    hbm_per_device: int
+    fits: bool
+    flops_per_device: float | None  # compiler, loop-corrected
+    flops_per_step: float | None  # all devices
+    model_flops_per_step: float  # analytic 6·N·D-style count (no recomputation)
+    peak_flops_per_device: float | None
+    step_seconds_at_peak: float | None
+    compile_seconds: float
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def model_config(model: str):
+    """A named shape (models.presets) or a Hugging Face ``config.json`` (or its directory)."""
+    from dynrules.models.llama import LlamaConfig
+    from dynrules.models.presets import PRESETS, preset
+
+    path = Path(model)
+    if model.lower() in PRESETS or not (path.is_dir() or path.suffix == ".json"):
+        return preset(model)  # an unknown name: the error lists the presets
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DynrulesError(f"{path}: cannot read a JSON config ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise DynrulesError(f"{path}: expected a JSON object")
+    return LlamaConfig.from_hf_dict(raw, source=str(path))
+
+
+def slice_shape(chip: Chip, count: int) -> tuple[int, ...]:
+    """The default torus of a slice of ``count`` chips (MaxText's / Cloud TPU's shapes).
+
+    2-D: 1x1, 2x2, 2x4, 4x4, 4x8 … ; 3-D: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4 …: from the smallest
+    slice, double the smallest dimension (the last of equals) until the count is reached.
+    """
+    shape = [1] * chip.dims if count == 1 else [2, 2] + [1] * (chip.dims - 2)
+    while math.prod(shape) < count:
+        smallest = min(shape)
+        last = max(i for i, size in enumerate(shape) if size == smallest)
+        shape[last] *= 2
+    if math.prod(shape) != count:
+        raise DynrulesError(f"{chip.name} slices have 1 chip or a power of two ≥ 4, not {count}")
+    return tuple(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A resolved topology: its canonical name, devices, and what one device holds and does."""
+
+    name: str
+    chip: str
+    devices: list
+    hbm_per_device: int
+    peak_flops_per_device: float | None
+    out_of_memory_is_an_error: bool  # the TPU compiler refuses what does not fit
+
+
+def resolve_topology(name: str) -> Target:
+    """``v5e:2x4``, ``v5e-8`` or ``cpu:8`` → devices to compile for (see TOPOLOGY_HELP)."""
+    text = name.strip().lower()
+    if match := _CPU_TOPOLOGY.fullmatch(text):
+        return _host_target(int(match.group(1)))
+    if match := _SLICE_NAME.fullmatch(text):
+        chip = CHIPS[match.group(1)]
+        cores = int(match.group(2))
+        if cores % chip.cores_in_slice_name:
+            raise DynrulesError(f"{name}: {chip.name} slice names count {chip.cores_in_slice_name} "
+                                "cores per chip; use an even number")  # fmt: skip
+        try:
+            shape = slice_shape(chip, cores // chip.cores_in_slice_name)
+        except DynrulesError as exc:
+            raise DynrulesError(f"{name}: {exc}") from None
+    elif match := _TPU_TOPOLOGY.fullmatch(text):
+        chip = CHIPS[match.group(1)]
+        shape = tuple(int(x) for x in match.group(2).split("x"))
+        if len(shape) != chip.dims or min(shape) < 1:
+            raise DynrulesError(
+                f"{name}: a {chip.name} topology has {chip.dims} dimensions, e.g. "
+                f"{chip.name}:{'x'.join(map(str, slice_shape(chip, 8)))}"
+            )
+    else:
+        raise DynrulesError(f"unknown topology {name!r}; use {TOPOLOGY_HELP}")
+    canonical = f"{chip.name}:{'x'.join(map(str, shape))}"
+    return Target(canonical, chip.name, _tpu_devices(chip, shape, canonical), chip.hbm_bytes,
+                  chip.peak_bf16_flops, True)  # fmt: skip
+
+
+def _tpu_devices(chip: Chip, shape: tuple[int, ...], canonical: str) -> list:
+    if importlib.util.find_spec("libtpu") is None:
+        raise DynrulesError(
+            "TPU topologies compile through libtpu, which is not installed: "
+            "pip install 'dynrules[tpu]' (or plan on cpu:N)"
+        )
+    # Compiling needs no TPU, so no exclusive hold on one: libtpu otherwise refuses to load
+    # beside another process that has it loaded (its /tmp/libtpu_lockfile).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax
+    from jax.experimental import topologies
+
+    options = {"chips_per_host_bounds": tuple(min(size, 2) for size in shape[:2]) + (1,)}
+    if chip.dims == 3:
+        options["chip_config_name"] = "megacore"  # one device per chip, as jax runs v4 / v5p
+    try:
+        devices = topologies.get_topology_desc(canonical, platform="tpu", **options).devices
+    except (jax.errors.JaxRuntimeError, RuntimeError) as exc:
+        raise DynrulesError(f"topology {canonical}: {_first_line(exc)}") from exc
+    kinds = {device.device_kind for device in devices}
+    if kinds != {chip.device_kind}:
+        raise DynrulesError(f"topology {canonical}: libtpu made {sorted(kinds)} devices, "
+                            f"expected {chip.device_kind!r}")  # fmt: skip
+    return list(devices)
+
+
+def _host_target(count: int) -> Target:
+    """``count`` host devices: set before JAX starts its CPU backend, else what it already has."""
+    import jax
+
+    if count < 1:
+        raise DynrulesError("cpu:N needs N ≥ 1")
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass  # the backend is up already (a library caller): use its devices if there are enough
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+        raise DynrulesError(
+            f"cpu:{count} needs {count} host devices but JAX started with {len(devices)}; plan in "
+            f"a fresh process, or set XLA_FLAGS=--xla_force_host_platform_device_count={count}"
+        )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Target(f"cpu:{count}", "cpu", devices[:count], memory // count, None, False)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def plan_training(
+    model: str,
+    topology: str,
+    *,
+    seq: int = 2048,
+    batch: int = 64,
+    grad_accum: int = 1,
+    mesh: str = "",
+    dtype: str = "bfloat16",
+    param_dtype: str = "float32",
+    remat: str = "full",
+) -> TrainingPlan:
+    """Compile the reward-model training step for ``topology`` and report what it needs.
+
+    ``model``: a preset (models.presets) or a config.json. ``batch``: preference pairs per optimizer
+    step (2 × batch texts of ``seq`` tokens), split into ``grad_accum`` micro-batches.
+    ``mesh``: axis sizes like ``fsdp=4,tensor=2`` (``data`` takes what is left); default: FSDP
+    over every device. ``dtype`` / ``param_dtype`` / ``remat`` as in the training config.
+    """
+    target = resolve_topology(topology)
+    config = model_config(model)
+    if seq > config.max_position_embeddings:
+        raise DynrulesError(
+            f"seq {seq} exceeds the model's {config.max_position_embeddings} positions"
+        )
+    devices = len(target.devices)
+    mesh_spec = mesh or f"fsdp={devices}"
+    options = {"seq": seq, "batch": batch, "grad_accum": grad_accum, "mesh": mesh_spec,
+               "dtype": dtype, "param_dtype": param_dtype, "remat": remat}  # fmt: skip
+
+    started = time.perf_counter()
+    full = _compile_step(config, target, **options)
+    flops_per_device, probe_note = _corrected_flops(config, target, shards=full.shards, **options)
+    note = full.note or probe_note
+    seconds = time.perf_counter() - started
+
+    peak = target.peak_flops_per_device
+    fits = full.bytes is not None and full.bytes <= target.hbm_per_device
+    return TrainingPlan(
+        model=model,
+        topology=target.name,
+        chip=target.chip,
+        devices=devices,
+        mesh=full.mesh,
+        params=full.params,
+        seq=seq,
+        batch=batch,
+        grad_accum=grad_accum,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=remat,
+        state_bytes_per_device=full.state_bytes,
+        bytes_per_device=full.bytes,
+        hbm_per_device=target.hbm_per_device,
+        fits=fits,
+        flops_per_device=flops_per_device,
+        flops_per_step=None if flops_per_device is None else flops_per_device * devices,
+        model_flops_per_step=model_flops(config, seq=seq, batch=batch),
+        peak_flops_per_device=peak,
+        step_seconds_at_peak=(
+            flops_per_device / peak if flops_per_device is not None and peak else None
+        ),
+        compile_seconds=round(seconds, 1),
+        note=note,
+    )
+
+
+@dataclasses.dataclass
+class _Compiled:
+    mesh: dict
+    shards: int  # ways the batch is split (data × fsdp)
+    params: int
+    state_bytes: int
+    bytes: int | None  # None: the compiler failed without saying how much it needed
+    flops: float | None
+    note: str
+
+
+def _compile_step(config, target: Target, *, seq, batch, grad_accum, mesh, dtype, param_dtype,
+                  remat) -> _Compiled:  # fmt: skip
+    """Lower and compile train-rm's step for ``config`` on the target's devices."""
+    import jax
+    import jax.numpy as jnp
+
+    from dynrules.models.classifier import ModelSpec
+    from dynrules.train import sharding as shd
+    from dynrules.train.config import make_config
+    from dynrules.train.trainer import Trainable
+
+    train_config = make_config({"batch_size": batch, "grad_accum": grad_accum, "max_length": seq,
+                                "dtype": dtype, "param_dtype": param_dtype, "remat": remat,
+                                "backbone": "decoder", "mesh": mesh}, source="plan")  # fmt: skip
+    device_mesh = shd.make_mesh(mesh, devices=target.devices)
+    micro = batch // grad_accum
+    shards = shd.batch_shards(device_mesh)
+    if micro % shards:
+        raise DynrulesError(
+            f"a micro-batch of {micro} pairs does not split over the {shards} batch shards of mesh "
+            f"{shd.mesh_description(device_mesh)}; raise --batch or put devices on tensor (--mesh)"
+        )
+    spec = ModelSpec(config, num_outputs=1, pooling="last", max_length=seq)
+    trainable = Trainable.build(spec, train_config, device_mesh)
+    state = trainable.abstract_state
+    shardings = trainable.batch_shardings()
+    shapes = {"ids": ((grad_accum, micro, 2, seq), jnp.int32),
+              "lengths": ((grad_accum, micro, 2), jnp.int32),
+              "margins": ((grad_accum, micro), jnp.float32)}  # fmt: skip
+    abstract_batch = {
+        key: jax.ShapeDtypeStruct(shape, dtype_, sharding=shardings[key])
+        for key, (shape, dtype_) in shapes.items()
+    }
+    params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state["params"]))
+    state_bytes = sum(_shard_bytes(leaf) for leaf in jax.tree.leaves(state))
+    mesh_sizes = {name: int(size) for name, size in device_mesh.shape.items()}
+    lowered = trainable.train_step(train_config).lower(state, abstract_batch)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as exc:
+        needed = _bytes_needed(str(exc))
+        if not (target.out_of_memory_is_an_error and "RESOURCE_EXHAUSTED" in str(exc)):
+            raise DynrulesError(f"compiling for {target.name}: {_first_line(exc)}") from exc
+        return _Compiled(mesh_sizes, shards, params, state_bytes, needed, None,
+                         f"does not fit: {_first_line(exc)}")  # fmt: skip
+    memory = compiled.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+             + memory.generated_code_size_in_bytes)  # fmt: skip
+    return _Compiled(mesh_sizes, shards, params, state_bytes, int(total), _flops(compiled), "")
+
+
+def _corrected_flops(config, target: Target, *, shards: int, **options) -> tuple[float | None, str]:
+    """Per-device FLOPs of a step from two small probes (module doc): 0 and 2 layers, one pair
+    per batch shard, no gradient accumulation; scaled by layers, pairs and micro-batches."""
+    probe = options | {"batch": shards, "grad_accum": 1}
+    counts = []
+    for layers in (0, 2):
+        compiled = _compile_step(
+            dataclasses.replace(config, num_hidden_layers=layers), target, **probe
+        )
+        if compiled.flops is None:
+            return (
+                None,
+                f"no FLOP count: the {layers}-layer probe did not compile ({compiled.note})",
+            )
+        counts.append(compiled.flops)
+    c0, c2 = counts
+    pairs_per_shard = options["batch"] // shards  # over all micro-batches
+    return pairs_per_shard * (c0 + config.num_hidden_layers * (c2 - c0)), ""
+
+
+def model_flops(config, *, seq: int, batch: int) -> float:
+    """Analytic training FLOPs of one step: 3 × (forward matmuls + attention scores), both texts.
+
+    Per token and layer the forward pass multiplies by the Q, K, V, O and three MLP matrices
+    (2 FLOPs per weight) and computes QKᵀ and the attention-weighted V over all ``seq``
+    positions (4 · seq · heads · head_dim; the causal mask does not skip work in XLA's
+    attention); the backward pass costs twice the forward. Recomputation is not counted.
+    """
+    d, f = config.hidden_size, config.intermediate_size
+    h, kv, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    weights = d * h * e + 2 * d * kv * e + h * e * d + 3 * d * f
+    per_token = config.num_hidden_layers * (2 * weights + 4 * seq * h * e) + 2 * d  # + score head
+    return 3.0 * per_token * 2 * batch * seq
+
+
+def _flops(compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None
+
+
+def _shard_bytes(leaf) -> int:
+    """Bytes of the largest shard of an abstract array on its sharding."""
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    return math.prod(shape) * leaf.dtype.itemsize
+
+
+def _bytes_needed(message: str) -> int | None:
+    """The bytes libtpu's out-of-memory message says the program needs (None if it does not)."""
+    match = _OUT_OF_HBM.search(message)
+    return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _size(count: float | None, unit: str = "B") -> str:
+    if count is None:
+        return "unknown"
+    if unit == "B":
+        return f"{count / GIB:.2f} GiB"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if count >= scale:
+            return f"{count / scale:.2f} {prefix}{unit}"
+    return f"{count:.0f} {unit}"
+
+
+def render_plan(plan: TrainingPlan) -> str:
+    """The plan as aligned ``name  value`` lines for a terminal."""
+    mesh = ",".join(f"{axis}={size}" for axis, size in plan.mesh.items())
+    seconds = plan.step_seconds_at_peak
+    rows = [
+        ("model", f"{plan.model} ({plan.params / 1e9:.2f} B parameters)"),
+        ("topology", f"{plan.topology} ({plan.devices} devices, {plan.chip})"),
+        ("mesh", mesh),
+        ("step", f"{plan.batch} pairs × 2 texts × {plan.seq} tokens, {plan.grad_accum} "
+                 f"micro-batch(es); {plan.dtype} compute, {plan.param_dtype} params, "
+                 f"remat {plan.remat}"),
+        ("params+optimizer", f"{_size(plan.state_bytes_per_device)} per device"),
+        ("memory", f"{_size(plan.bytes_per_device)} per device of {_size(plan.hbm_per_device)}"),
+        ("fits", "yes" if plan.fits else "NO"),
+        ("FLOPs per step", f"{_size(plan.flops_per_step, 'FLOP')} (compiler), "
+                           f"{_size(plan.model_flops_per_step, 'FLOP')} (model)"),
+        ("step at peak", "unknown (no peak FLOP/s for this chip)" if seconds is None
+         else f"{seconds:.3g} s ({_size(plan.peak_flops_per_device, 'FLOP/s')} per device)"),
+        ("compile", f"{plan.compile_seconds} s"),
+    ]  # fmt: skip
+    if plan.note:
+        rows.append(("note", plan.note))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
