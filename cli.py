@@ -897,16 +897,16 @@ def bench_score_rm(backbone, n_pairs, batch_size, max_length, as_json):
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--steps", default=20, show_default=True)
 @click.option("--log-every", default=5, show_default=True, help="Steps per measured window.")
-@click.option("--encoder", default="", help="Encoder checkpoint directory (default: MiniLM).")
+@click.option("--model", default="", help="Encoder checkpoint directory (default: MiniLM).")
 @click.option("--repeats", default=2, show_default=True, help="Runs per side, in turn; best kept.")
 @json_option()
-def bench_multihost_command(pairs_per_step, max_length, steps, log_every, encoder, repeats,
+def bench_multihost_command(pairs_per_step, max_length, steps, log_every, model, repeats,
                             as_json):  # fmt: skip
     """Training pairs/s: 1 process x 2 devices vs 2 processes x 1 device (dynrules launch)."""
     from dynrules.bench.multihost import bench_multihost
 
     result = bench_multihost(pairs_per_step=pairs_per_step, max_length=max_length, steps=steps,
-                             log_every=log_every, encoder=encoder, repeats=repeats)  # fmt: skip
+                             log_every=log_every, model=model, repeats=repeats)  # fmt: skip
     if as_json:
         print_json(result)
         return

@@ -26,7 +26,7 @@ SIDES = {"1 process x 2 devices": (1, 2), "2 processes x 1 device": (2, 1)}
 
 def bench_multihost(
     *, pairs_per_step: int = 8, max_length: int = 128, steps: int = 20, log_every: int = 5,
-    encoder: str = "", repeats: int = 2,
+    model: str = "", repeats: int = 2,
 ) -> dict:  # fmt: skip
     """Steady-state training pairs/s of each side (best of ``repeats``), their ratio, final losses."""
     if steps < 2 * log_every or steps % log_every:
@@ -38,7 +38,7 @@ def bench_multihost(
         pairs.write_text("".join(json.dumps(p) + "\n" for p in synthetic_pairs(pairs_per_step * 8)))
         overrides = [f"steps={steps}", f"batch_size={pairs_per_step}", f"max_length={max_length}",
                      f"log_every={log_every}", f"checkpoint_every={steps}", "eval_fraction=0",
-                     "learning_rate=1e-5", *([f"model={encoder}"] if encoder else [])]  # fmt: skip
+                     "learning_rate=1e-5", *([f"model={model}"] if model else [])]  # fmt: skip
         turns = [side for _ in range(repeats) for side in SIDES.items()]
         for turn, (name, (processes, devices)) in enumerate(turns):
             run = Path(tmp) / f"run-{turn}"
@@ -67,7 +67,7 @@ def bench_multihost(
             "max_length": max_length,
             "steps": steps,
             "log_every": log_every,
-            "encoder": encoder or "all-MiniLM-L6-v2",
+            "model": model or "all-MiniLM-L6-v2",
             "repeats": repeats,
         },  # fmt: skip
         "results": results,

@@ -112,25 +112,24 @@ def _train_args(reference, run: Path) -> list[str]:
     ]
 
 
-def _rewards(model_dir: Path, reference) -> np.ndarray:
+def _rewards(model_dir: Path, pairs: Path) -> np.ndarray:
     from dynrules.train.data import load_preferences
     from dynrules.train.scoring import Scorer
 
-    texts = [text for pair in load_preferences(reference["pairs"]) for text in pair.texts()]
-    return Scorer.from_model_dir(model_dir).rewards(texts)
+    scorer = Scorer.from_model_dir(model_dir)
+    texts = [text for pair in load_preferences(pairs) for text in pair.texts(scorer.render)]
+    return scorer.rewards(texts)
 
 
-def _assert_same_model(run: Path, reference) -> None:
+def _assert_same_model(run: Path, reference: Path, pairs: Path) -> None:
     """The issue's bar: rewards within 1e-5 of the reference's after the same steps. (Weights
     agree to ~1e-5 too; Adam turns reduction-order noise in near-zero gradients into updates of
     up to ~lr, so a weight-wise bar would be a bar on summation order.)"""
-    if "rewards" not in reference:
-        reference["rewards"] = _rewards(reference["result"].model_dir, reference)
-    rewards = _rewards(run / "model", reference)
-    np.testing.assert_allclose(rewards, reference["rewards"], atol=1e-5, rtol=0)
+    rewards = _rewards(run / "model", pairs)
+    np.testing.assert_allclose(rewards, _rewards(reference / "model", pairs), atol=1e-5, rtol=0)
     assert np.ptp(rewards) > 1e-3  # a trained model, not a constant
     a = load_file(str(run / "model" / "model.safetensors"))
-    b = load_file(str(reference["result"].model_dir / "model.safetensors"))
+    b = load_file(str(reference / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-4
 
@@ -148,7 +147,7 @@ def test_one_process_on_two_devices_matches_one_device(reference, tmp_path):
     args = [*_train_args(reference, tmp_path / "run"), f"checkpoint_every={STEPS}"]
     summary = json.loads(_launch(1, args, devices=2)[-1])
     assert summary["steps"] == STEPS
-    _assert_same_model(tmp_path / "run", reference)
+    _assert_same_model(tmp_path / "run", reference["result"].run_dir, reference["pairs"])
     assert (
         json.loads((tmp_path / "run" / "summary.json").read_text())["mesh"]
         == "data=2,fsdp=1,tensor=1"
@@ -192,14 +191,14 @@ def test_killed_process_stops_the_job_and_reruns_resume_on_two_or_one(reference,
     shutil.copytree(run, copy)
     summary = json.loads(_launch(2, _train_args(reference, run))[-1])
     assert summary["resumed_from"] == last
-    _assert_same_model(run, reference)
+    _assert_same_model(run, reference["result"].run_dir, reference["pairs"])
     assert json.loads((run / "summary.json").read_text())["mesh"] == "data=2,fsdp=1,tensor=1"
 
     resumed = train_reward_model(
         reference["pairs"], copy, _config(reference["overrides"]), progress=False
     )
     assert resumed.resumed_from == last  # written by 2 processes, restored on 1
-    _assert_same_model(copy, reference)
+    _assert_same_model(copy, reference["result"].run_dir, reference["pairs"])
 
 
 def test_one_process_checkpoint_resumes_on_two(reference, tmp_path):
@@ -214,7 +213,7 @@ def test_one_process_checkpoint_resumes_on_two(reference, tmp_path):
         _launch(2, [*_train_args(reference, run), f"checkpoint_every={STEPS}"])[-1]
     )
     assert summary["resumed_from"] == middle
-    _assert_same_model(run, reference)
+    _assert_same_model(run, reference["result"].run_dir, reference["pairs"])
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["split"] == "train"] == [STEPS, STEPS]  # one writer
 
@@ -257,6 +256,23 @@ def test_score_and_eval_on_two_processes_equal_one(reference, tmp_path):
     assert report["pairs"] == single["pairs"] == 40
     assert report["accuracy"] == single["accuracy"] and report["subsets"] == single["subsets"]
     assert report["reward_mean"] == pytest.approx(single["reward_mean"], abs=1e-6)
+
+
+def test_decoder_trains_the_same_on_two_processes(reference, tmp_path):
+    """`--distributed` training of the Llama-family decoder: 2 processes match 1 process."""
+    from dynrules.train.trainer import train_reward_model
+
+    from . import decoder_fixtures as fx
+
+    decoder = fx.tiny_hf_decoder(tmp_path / "decoder", "llama")
+    overrides = {**CONFIG, "backbone": "decoder", "model": decoder, "steps": 6, "max_length": 32,
+                 "checkpoint_every": 6, "learning_rate": 3e-3}  # fmt: skip
+    args = [f"{key}={value}" for key, value in overrides.items()]
+    one = train_reward_model(reference["pairs"], tmp_path / "one", _config(args), progress=False)
+    summary = json.loads(_launch(2, ["train-rm", str(reference["pairs"]), "--out",
+                                     str(tmp_path / "two"), "--json", *args])[-1])  # fmt: skip
+    assert summary["steps"] == 6 and summary["truncated"]["train"] == one.truncated["train"] > 0
+    _assert_same_model(tmp_path / "two", one.run_dir, reference["pairs"])
 
 
 def test_launch_fails_when_its_processes_fail_and_prefixes_their_output(tmp_path):
