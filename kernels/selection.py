@@ -201,7 +201,7 @@ def _make_select_float_keys(criterion):
                             row_a[i],
                             row_b[i],
                             row_relevance[i],
-                            np.float32(1.0) if weight is None else weight[i],
+                            weight[i],
                             criterion,
                             spread_scale,
                             relevance_coef,
@@ -313,6 +313,8 @@ def select_top_k(
         if lowest < 0:
             raise ValueError("int8 relevance must lie in [0, 127] (round(127·relevance))")
         return
+    if weight is None:
+        weight = np.ones(a.shape[1], np.float32)
     _SELECT_FLOAT_KEYS[criterion](
         a, b, relevance, k, alpha, scale, relevance_scale, weight, out_index, out_margin
     )
