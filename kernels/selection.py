@@ -301,6 +301,8 @@ def select_top_k(
     [R] float32 multiplies each rule's |d| in the criterion (1 / the rule's discrepancy spread
     gives the z-scored criterion); None means 1, which leaves every value unchanged.
     """
+    if not 0 <= k <= a.shape[1]:
+        raise ValueError(f"k = {k} is not between 0 and the number of rules, {a.shape[1]}")
     if a.dtype == np.int8 and weight is None:
         if relevance_scale != scale:
             raise ValueError("with int8 ratings relevance_scale must equal scale (one unit, 1/127)")
