@@ -27,16 +27,21 @@ def best_seconds(fn, repeats: int = 3) -> float:
 
 
 def best_seconds_interleaved(contenders: dict, repeats: int = 3) -> dict:
-    """Best-of-``repeats`` seconds per contender, taking turns, so load that comes and goes on a
-    shared machine falls on all of them alike (each runs once first as a warm-up)."""
+    """{name: (best wall seconds, best CPU seconds of the process)} over ``repeats`` turns.
+
+    Contenders take turns, so load that comes and goes on a shared machine falls on all of them
+    alike (each runs once first as a warm-up). CPU seconds count every thread of the process:
+    they change little with load from other processes, wall seconds do.
+    """
     for fn in contenders.values():
         fn()
-    best = dict.fromkeys(contenders, float("inf"))
+    best = {name: (float("inf"), float("inf")) for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - started)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
     return best
 
 
@@ -107,12 +112,14 @@ def bench_selection(
         return lambda: roofline.read_sum(x, y, z, True)
 
     sub = min(pandas_pairs, n_pairs)
-    results = {
-        "pandas_loop": sub
-        / best_seconds(lambda: pandas_loop(a[:sub], b[:sub], relevance[:sub], k, alpha), 1),
-        "numpy": n_pairs
-        / best_seconds(lambda: numpy_vectorised(a, b, relevance, k, alpha), min(repeats, 2)),
-    }
+    baselines = best_seconds_interleaved(
+        {
+            "pandas_loop": lambda: pandas_loop(a[:sub], b[:sub], relevance[:sub], k, alpha),
+            "numpy": lambda: numpy_vectorised(a, b, relevance, k, alpha),
+        },
+        repeats=1,
+    )
+    pairs = {"pandas_loop": sub}
     pool = RulePool("bench", tuple(Rule(f"r{i}", "bench", f"rule {i}") for i in range(n_rules)))
     config = SelectionConfig(k=k, alpha=alpha, criterion="additive")
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,23 +147,21 @@ def bench_selection(
             contenders[f"roofline_{dtype}"] = read_only(dtype)
             contenders[f"store_read_{dtype}"] = store_read(dtype)
             contenders[f"store_stream_{dtype}"] = store_stream(dtype)
-        seconds = best_seconds_interleaved(contenders, repeats)
-    results.update({name: n_pairs / s for name, s in seconds.items()})
-    ratios = {
-        "kernel_float32 / roofline_float32": results["kernel_float32"]
-        / results["roofline_float32"],
-        "kernel_int8 / roofline_int8": results["kernel_int8"] / results["roofline_int8"],
-        "kernel_int8 / kernel_float32": results["kernel_int8"] / results["kernel_float32"],
-        "store_stream_float32 / store_read_float32": results["store_stream_float32"]
-        / results["store_read_float32"],
-        "store_stream_int8 / store_read_int8": results["store_stream_int8"]
-        / results["store_read_int8"],
-        "store_read_float32 / roofline_float32": results["store_read_float32"]
-        / results["roofline_float32"],
-        "kernel_float32 / pandas_loop": results["kernel_float32"] / results["pandas_loop"],
-        "kernel_int8 / pandas_loop": results["kernel_int8"] / results["pandas_loop"],
-        "kernel_float32 / numpy": results["kernel_float32"] / results["numpy"],
-    }
+        seconds = {**baselines, **best_seconds_interleaved(contenders, repeats)}
+    results = {name: pairs.get(name, n_pairs) / wall for name, (wall, _) in seconds.items()}
+    cpu_ns = {name: cpu * 1e9 / pairs.get(name, n_pairs) for name, (_, cpu) in seconds.items()}
+    pairs_per_cpu_second = {name: 1e9 / ns for name, ns in cpu_ns.items()}
+    compared = [
+        ("kernel_float32", "roofline_float32"),
+        ("kernel_int8", "roofline_int8"),
+        ("kernel_int8", "kernel_float32"),
+        ("store_stream_float32", "store_read_float32"),
+        ("store_stream_int8", "store_read_int8"),
+        ("store_read_float32", "roofline_float32"),
+        ("kernel_float32", "pandas_loop"),
+        ("kernel_int8", "pandas_loop"),
+        ("kernel_float32", "numpy"),
+    ]
     return {
         "benchmark": "selection",
         "pairs": n_pairs,
@@ -168,5 +173,12 @@ def bench_selection(
             "load_average_1m_after": round(os.getloadavg()[0], 2),
         },
         "results": {name: round(v, 1) for name, v in results.items()},
-        "ratios": {name: round(v, 3) for name, v in ratios.items()},
+        "ratios": {f"{x} / {y}": round(results[x] / results[y], 3) for x, y in compared},
+        # The same per CPU-second of all threads: little moved by other load, and an idle
+        # machine's wall ratio where both sides keep every core busy (pandas keeps one).
+        "cpu_ns_per_pair": {name: round(v, 1) for name, v in cpu_ns.items()},
+        "ratios_cpu": {
+            f"{x} / {y}": round(pairs_per_cpu_second[x] / pairs_per_cpu_second[y], 3)
+            for x, y in compared
+        },
     }

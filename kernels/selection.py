@@ -118,14 +118,10 @@ def _ordered_bits(value):
     return np.uint32(signed) ^ np.uint32(0x80000000)
 
 
-# Key width in bits → low bits that hold the rule index.
-INDEX_SHIFT = {16: 7, 32: 8, 64: 32}
-
-
 @numba.njit(inline="always", **EXACT)
-def _index_shift(keys):
-    bits = np.iinfo(keys.dtype).bits  # a compile-time constant, so shifts stay immediate
-    return 7 if bits == 16 else (8 if bits == 32 else 32)
+def index_shift(key_bits):
+    """Low bits of a key that hold the rule index, by key width (a constant inside kernels)."""
+    return 7 if key_bits == 16 else (8 if key_bits == 32 else 32)
 
 
 @numba.njit(**EXACT)
@@ -139,7 +135,7 @@ def padded_width(n_rules, itemsize):
 def _rank_four(keys, k, rows, out_index):
     """Top k of four rows of keys [4, width] (0 = padding) into out_index[rows[g], :k]."""
     key_type = keys.dtype.type
-    mask = (1 << _index_shift(keys)) - 1
+    mask = (1 << index_shift(np.iinfo(keys.dtype).bits)) - 1
     k0, k1, k2, k3 = keys[0], keys[1], keys[2], keys[3]
     # previous key, 0 standing for 2^width: on the first round every key is below it
     p0 = p1 = p2 = p3 = key_type(0)
@@ -189,7 +185,7 @@ def _make_select_float_keys(criterion):
         n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
         for block in numba.prange(n_blocks):
             keys = np.zeros((ROWS_AT_ONCE, width), np.uint64)
-            shift = _index_shift(keys)
+            shift = index_shift(np.iinfo(keys.dtype).bits)
             tag = np.empty(n_rules, np.uint64)
             for i in range(n_rules):
                 tag[i] = (1 << shift) - 1 - i
@@ -205,7 +201,7 @@ def _make_select_float_keys(criterion):
                             row_a[i],
                             row_b[i],
                             row_relevance[i],
-                            np.float32(1.0) if weight is None else weight[i],
+                            weight[i],
                             criterion,
                             spread_scale,
                             relevance_coef,
@@ -233,7 +229,7 @@ def _select_integer_keys(criterion, p, q):
         lowest = np.zeros(n_blocks, np.int64)
         for block in numba.prange(n_blocks):
             keys = np.zeros((ROWS_AT_ONCE, width), key_like.dtype)
-            shift = _index_shift(keys)
+            shift = index_shift(np.iinfo(keys.dtype).bits)
             tag = np.zeros(width, key_like.dtype)
             keep = np.zeros(width, key_like.dtype)  # all ones for a rule, 0 for padding
             for i in range(n_rules):
@@ -282,7 +278,7 @@ _SELECT_FLOAT_KEYS = {c: _make_select_float_keys(c) for c in (ADDITIVE, PRODUCT,
 
 
 def _integer_key_dtype(criterion, p, q, n_rules):
-    """Narrowest key dtype holding (largest criterion << index shift) | index (see INDEX_SHIFT)."""
+    """Narrowest key dtype holding (largest criterion << index shift) | index."""
     largest = {
         ADDITIVE: q * INT8_MAX_RELEVANCE + p * INT8_MAX_SPREAD,
         PRODUCT: INT8_MAX_RELEVANCE * INT8_MAX_SPREAD,
@@ -290,7 +286,7 @@ def _integer_key_dtype(criterion, p, q, n_rules):
     }[criterion]
     for dtype in (np.uint16, np.uint32, np.uint64):
         bits = np.iinfo(dtype).bits
-        shift = INDEX_SHIFT[bits]
+        shift = index_shift(bits)
         if n_rules <= 1 << shift and largest < 1 << (bits - shift):
             return np.dtype(dtype)
     raise ValueError(f"too many rules for 64-bit keys: {n_rules}")
@@ -305,6 +301,8 @@ def select_top_k(
     [R] float32 multiplies each rule's |d| in the criterion (1 / the rule's discrepancy spread
     gives the z-scored criterion); None means 1, which leaves every value unchanged.
     """
+    if not 0 <= k <= a.shape[1]:
+        raise ValueError(f"k = {k} is not between 0 and the number of rules, {a.shape[1]}")
     if a.dtype == np.int8 and weight is None:
         if relevance_scale != scale:
             raise ValueError("with int8 ratings relevance_scale must equal scale (one unit, 1/127)")
@@ -317,6 +315,8 @@ def select_top_k(
         if lowest < 0:
             raise ValueError("int8 relevance must lie in [0, 127] (round(127·relevance))")
         return
+    if weight is None:
+        weight = np.ones(a.shape[1], np.float32)
     _SELECT_FLOAT_KEYS[criterion](
         a, b, relevance, k, alpha, scale, relevance_scale, weight, out_index, out_margin
     )
