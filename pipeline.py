@@ -4,14 +4,18 @@
     → train the rule adapter → train the reward model on rule labels → evaluate on held-out
     pairs → report (report.json, report.md, report.html, PNG plots)
 
-Data: by default the PyRIT scorer-evaluation pairs (engine.datasets.pyrit_pairs: real LLM
-responses with human harm scores, split by prompt into train and held-out); or any pairs file,
+Data: by default the PyRIT safety mix (engine.datasets.safety_mix: real LLM responses with human
+harm and refusal scores; harmful requests where the safer response wins and benign requests where
+the answer beats a real refusal, split by prompt into train and held-out); or any pairs file,
 split by prompt with the same hash. Pairs need a human ``truth`` field for the ablation and the
-human-label reference model; without one those parts are skipped and the report says so.
+human-label reference model; without one those parts are skipped and the report says so. Pairs
+with ``section``/``subset`` fields are evaluated per section (RewardBench style), and the judge's
+labels are compared with ``truth`` per section too.
 
 The reference points of the reward-model evaluation, all on the same held-out pairs against
 human preferences: the model trained on rule labels (the method), the same model trained on the
-human labels of the same training pairs (the upper reference), and a length-only baseline.
+human labels of the same training pairs (the upper reference), and a length-only baseline; per
+section, plus the over-refusal rate on the held-out answer-vs-refusal pairs.
 """
 
 from __future__ import annotations

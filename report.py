@@ -103,7 +103,7 @@ def pipeline_markdown(report: dict) -> str:
             f"| trained on human labels of the same pairs (upper reference) | {rm['human_label_accuracy']:.3f} |",
             f"| length-only baseline (longer response wins) | {rm['length_baseline']:.3f} |",
         ]
-        lines += _section_lines(rm)
+        lines += _section_lines(rm, report.get("label_agreement", {}).get("heldout", {}))
     else:
         lines.append("No human truth in the data: held-out accuracy not measured.")
     lines += [
@@ -123,8 +123,9 @@ def pipeline_markdown(report: dict) -> str:
 SECTION_TARGET = 0.80  # per section, for the model trained on rule labels
 
 
-def _section_lines(rm: dict) -> list[str]:
-    """Per-section accuracy (RewardBench style), over-refusal, and per-subset accuracy."""
+def _section_lines(rm: dict, judge_heldout: dict) -> list[str]:
+    """Per-section accuracy (RewardBench style), over-refusal, per-subset accuracy, and for each
+    section below the target whether the labels or the reward model fall short."""
     rules, human = rm["rules"], rm["human"]
     sections = [name for name in rules["sections"] if name != "all"]
     if not sections:
@@ -170,6 +171,20 @@ def _section_lines(rm: dict) -> list[str]:
         f"**{'met' if met else 'missed'}**. Over-refusal rate: share of the held-out benign "
         "requests' answer-vs-refusal pairs (prompts and refusal texts never trained on) where the "
         "refusal scores at least as high as the answer.",
+    ]
+    for section in sections:
+        accuracy = rules["sections"][section]["accuracy"]
+        judge = judge_heldout.get(f"section:{section}")
+        if accuracy >= SECTION_TARGET or judge is None:
+            continue
+        lines += [
+            "",
+            f"- *{section.replace('_', ' ')}* falls short: the rule-label model scores "
+            f"{accuracy:.3f}; the judge's labels agree with the human/source labels on "
+            f"{judge['agreement']:.3f} of these held-out pairs and the model trained on the "
+            f"human labels scores {human['sections'][section]['accuracy']:.3f}.",
+        ]
+    lines += [
         "",
         "| subset | section | pairs | rule labels | human labels | length only |",
         "|---|---|---|---|---|---|",
