@@ -19,6 +19,7 @@ BENCHMARKS = {
     "judge": ["judge"],
     "train": ["train"],
     "score": ["score"],
+    "serve": ["serve"],
 }
 
 
