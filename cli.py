@@ -18,11 +18,13 @@ from dynrules.cliopts import (
     config_from,
     config_options,
     criterion_option,
+    distributed_option,
     dtype_option,
     estimator_option,
     json_option,
     mesh_option,
     pool_option,
+    shard_option,
 )
 from dynrules.engine.ablate import ABLATION_POLICIES
 from dynrules.engine.judges import JUDGES
@@ -30,6 +32,7 @@ from dynrules.engine.judges.openai import ENDPOINTS
 from dynrules.engine.mi import LABEL_POLICIES
 from dynrules.engine.select import SelectionConfig
 from dynrules.engine.simulate import SimulationModel
+from dynrules.engine.store import CHUNK_ROWS
 from dynrules.errors import DynrulesError
 from dynrules.pipeline import PipelineConfig
 from dynrules.plan import DTYPES as PLAN_DTYPES
@@ -70,16 +73,6 @@ def print_json(obj) -> None:
     click.echo(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj))
 
 
-def _parse_shard(value: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"expected I/N, got {value!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise click.BadParameter(f"need 0 <= I < N, got {value!r}")
-    return i, n
-
-
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option(
@@ -107,9 +100,7 @@ def ingest(input_path, out, pool_source, dtype, as_json):
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
 @config_options(SelectionConfig)
-@click.option(
-    "--shard", default="0/1", callback=lambda c, p, v: _parse_shard(v), help="Process slice I of N."
-)
+@shard_option("Select only worker I's share of N (chunk-aligned rows; outputs concatenate).")
 @click.option("--pool", "pool_source", default=None, help="Check the store against this rule pool.")
 @click.option(
     "--out",
@@ -174,19 +165,20 @@ def bench_selection(n_pairs, n_rules, k, as_json):
 @click.option(
     "--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config keys."
 )
-@click.option(
-    "--distributed", is_flag=True, help="Call jax.distributed.initialize() first (multi-host)."
-)
+@distributed_option
 @json_option()
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
     """Train a Bradley-Terry reward model on preference pairs (JSONL/Parquet, HH transcripts too)."""
+    from dynrules.train.sharding import is_writer
     from dynrules.train.trainer import resolve_config, train_reward_model
 
     config = resolve_config(
         out_dir, config_file, overrides + (("distributed=true",) if distributed else ())
     )
     result = train_reward_model(pairs, out_dir, config, progress=not as_json)
+    if not is_writer():  # in a multi-process job process 0 speaks for all
+        return
     summary = {
         "run": str(result.run_dir),
         "model": str(result.model_dir),
@@ -218,12 +210,18 @@ def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
 )
 @click.option("--batch-size", default=64, show_default=True)
 @mesh_option
+@distributed_option
 @json_option()
-def score(run, input_path, out_path, batch_size, mesh, as_json):
+def score(run, input_path, out_path, batch_size, mesh, distributed, as_json):
     """Add a "reward" to every prompt/response (or text) record of INPUT with RUN's reward model."""
     from dynrules.train.scoring import score_file
+    from dynrules.train.sharding import is_writer
 
-    summary = score_file(run, input_path, out_path, batch_size=batch_size, mesh=mesh)
+    summary = score_file(
+        run, input_path, out_path, batch_size=batch_size, mesh=mesh, distributed=distributed
+    )
+    if not is_writer():
+        return
     print_json(summary) if as_json else click.echo(
         f"scored {summary['records']} records into {out_path} in {summary['seconds']:.1f} s "
         f"({summary['truncated']} texts truncated)"
@@ -250,12 +248,16 @@ def serve(run, **fields):
 @click.argument("data", type=click.Path(dir_okay=False))
 @click.option("--batch-size", default=64, show_default=True)
 @mesh_option
+@distributed_option
 @json_option("Print the machine-readable report.")
-def eval_rm(run, data, batch_size, mesh, as_json):
+def eval_rm(run, data, batch_size, mesh, distributed, as_json):
     """Pairwise accuracy of RUN's reward model on DATA (ties wrong), per subset and section."""
     from dynrules.train.evaluate import evaluate
+    from dynrules.train.sharding import is_writer
 
-    report = evaluate(run, data, batch_size=batch_size, mesh=mesh)
+    report = evaluate(run, data, batch_size=batch_size, mesh=mesh, distributed=distributed)
+    if not is_writer():
+        return
     if as_json:
         print_json(
             {
@@ -316,6 +318,28 @@ def plan_command(model, topology, seq, batch, grad_accum, mesh, dtype, param_dty
     print_json(result) if as_json else click.echo(render_plan(result))
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--processes", "-n", required=True, type=click.IntRange(min=1), help="Processes to start."
+)
+@click.option(
+    "--devices-per-process",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Forced CPU devices per process (XLA_FLAGS); default: what JAX finds.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def launch(processes, devices_per_process, command):
+    """Run a dynrules COMMAND as N local processes of one JAX job (dynrules launch -n 2 -- train-rm …).
+
+    Each process sees JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID; its output is prefixed [I]. Fails if any process fails, and then stops the rest.
+    """
+    from dynrules.launch import launch as run_job
+
+    sys.exit(run_job(command, processes, devices_per_process=devices_per_process))
+
+
 @main.command()
 @click.argument("pairs_path", metavar="PAIRS", type=click.Path(dir_okay=False))
 @pool_option
@@ -372,6 +396,14 @@ def plan_command(model, topology, seq, batch, grad_accum, mesh, dtype, param_dty
     type=click.Path(file_okay=False),
     help="Rating store: created, or continued.",
 )
+@shard_option("Rate only worker I's share of N; the last worker to finish folds the store.")
+@click.option(
+    "--chunk-rows",
+    default=CHUNK_ROWS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per stored chunk of a new store (the unit of reads and of --shard).",
+)
 @json_option('Print {"rated", "skipped_done", "failed", "seconds"}.')
 def rate(
     pairs_path,
@@ -388,6 +420,8 @@ def rate(
     plan,
     dtype,
     out,
+    shard,
+    chunk_rows,
     as_json,
 ):
     """Rate pairs (JSONL/Parquet, or HH transcripts) on every rule, resumably, into a rating store."""
@@ -417,16 +451,20 @@ def rate(
         require_key=explicit_key,
         **options,
     ) as judge:
-        summary = rate_pairs(
-            pairs_path, out, pool=pool, judge=judge, plan=plan, dtype=dtype, progress=not as_json
-        )
+        summary = rate_pairs(pairs_path, out, pool=pool, judge=judge, plan=plan, dtype=dtype,
+                             progress=not as_json, shard=shard, chunk_rows=chunk_rows)  # fmt: skip
     if as_json:
         print_json({key: summary[key] for key in ("rated", "skipped_done", "failed", "seconds")})
     else:
+        lo, hi = summary["rows"]
+        state = (
+            f"store {out} has {summary['done']:,} of {summary['pairs'] * summary['rules']:,} cells done"
+            if summary["done"] is not None
+            else f"rows {lo}–{hi} of {out} done; the last worker to finish folds the store"
+        )
         click.echo(
             f"rated {summary['rated']:,} cells, skipped {summary['skipped_done']:,} already done, "
-            f"{summary['failed']:,} failed in {summary['seconds']} s; store {out} has "
-            f"{summary['done']:,} of {summary['pairs'] * summary['rules']:,} cells done"
+            f"{summary['failed']:,} failed in {summary['seconds']} s; {state}"
             + (f" (failure reasons in {summary['failures_file']})" if summary["failed"] else "")
         )
 
@@ -787,3 +825,28 @@ def bench_serve(clients, requests, c1_requests, max_length, as_json):
     click.echo(f"{'c64 / offline':>24}: {result['c64_over_offline']:.2f}x")
     click.echo(f"{'p50 / p99 (c64)':>24}: {result['p50_ms']:.0f} / {result['p99_ms']:.0f} ms")
     click.echo(f"{'failed':>24}: {result['failed']}")
+
+
+@bench.command("multihost")
+@click.option("--pairs-per-step", default=8, show_default=True)
+@click.option("--max-length", default=128, show_default=True)
+@click.option("--steps", default=20, show_default=True)
+@click.option("--log-every", default=5, show_default=True, help="Steps per measured window.")
+@click.option("--encoder", default="", help="Encoder checkpoint directory (default: MiniLM).")
+@click.option("--repeats", default=2, show_default=True, help="Runs per side, in turn; best kept.")
+@json_option()
+def bench_multihost_command(pairs_per_step, max_length, steps, log_every, encoder, repeats,
+                            as_json):  # fmt: skip
+    """Training pairs/s: 1 process x 2 devices vs 2 processes x 1 device (dynrules launch)."""
+    from dynrules.bench.multihost import bench_multihost
+
+    result = bench_multihost(pairs_per_step=pairs_per_step, max_length=max_length, steps=steps,
+                             log_every=log_every, encoder=encoder, repeats=repeats)  # fmt: skip
+    if as_json:
+        print_json(result)
+        return
+    for name, value in result["results"].items():
+        click.echo(
+            f"{name:>24}: {value:>10.2f} pairs/s (final loss {result['final_loss'][name]:.4f})"
+        )
+    click.echo(f"{'2 processes / 1':>24}: {result['ratios']['two_processes_over_one']:.2f}x")

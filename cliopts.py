@@ -45,6 +45,11 @@ def backbone_option(
 mesh_option = click.option(
     "--mesh", default="", help="Device mesh, e.g. data=8 (default: all devices on data)."
 )
+distributed_option = click.option(
+    "--distributed",
+    is_flag=True,
+    help="Join a multi-process job (TPU pod, SLURM, MPI; `dynrules launch` sets it up locally).",
+)
 criterion_option = click.option(
     "--criterion",
     type=click.Choice(tuple(CRITERIA)),
@@ -61,6 +66,23 @@ pool_option = click.option(
     show_default=True,
     help="Rule pool: 'default' or a file.",
 )
+
+
+def _parse_shard(ctx, param, value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected I/N, got {value!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"need 0 <= I < N, got {value!r}")
+    return i, n
+
+
+def shard_option(help: str):
+    """``--shard I/N`` (default 0/1: everything), parsed to (I, N)."""
+    return click.option(
+        "--shard", default="0/1", show_default=True, callback=_parse_shard, help=help
+    )
 
 
 def _split_commas(item_type):

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "train": ["train"],
     "score": ["score"],
     "serve": ["serve"],
+    "multihost": ["multihost"],
 }
 
 

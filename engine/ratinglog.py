@@ -1,12 +1,13 @@
-"""A rating store's rating state: the done mask, the commit log, failures and the writer's lock.
+"""A rating store's rating state: the done mask, the commit logs, failures and the writers' locks.
 
 ``dynrules rate`` writes through this module and ``dynrules select`` reads through it, so the
 protocol lives in one place. Besides the usual arrays and pairs.parquet, a rated store holds::
 
     done/            zarr3 [N, R] uint8: 1 where the cell (pair, rule) is rated
     ratings.log      committed cells not yet folded into the arrays (binary records)
+    ratings.I-of-N.log   the same for worker I of N of a sharded run (``rate --shard I/N``)
     failures.jsonl   one line per cell that could not be rated: pair id, rule id, reason
-    .rating.lock     held (flock) by the one process rating this store
+    .rating.lock     byte-range locks (fcntl): a writer holds the bytes of its rows
 
 Commit protocol. A cell is committed the moment its result arrives, by appending one fixed-size
 record (row, rule, s(A), s(B), relevance) to ``ratings.log`` with a single ``write``; kill -9
@@ -17,6 +18,14 @@ committed), so a kill inside a fold is repaired by folding the same log again on
 restarted run therefore starts from exactly the committed cells, asks only for the others, and
 ends with the same arrays as an uninterrupted run. Cells that fail stay not-done (and are asked
 again by the next run); their reasons go to ``failures.jsonl``, never a 0 into the arrays.
+
+Several workers. ``rate --shard I/N`` rates the rows [lo, hi) of its chunk-aligned share only:
+it holds the lock on those rows (bytes lo…hi of the lock file), commits to its own log and folds
+only that log, so no two workers ever write one chunk. A shard log that has been folded stays,
+empty, as a mark that the manifest's done count does not include it yet. The final fold —
+every log into the arrays, the count into the manifest, the shard logs removed — needs the
+whole store's lock: the last worker to finish takes it (any worker still rating holds its rows,
+so the lock fails for all but the last), and an unsharded ``rate`` does it too.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from dynrules.errors import DynrulesError
 
 DONE = "done"
 LOG = "ratings.log"
+SHARD_LOGS = "ratings.*-of-*.log"
 FAILURES = "failures.jsonl"
 LOCK = ".rating.lock"
 RECORD = np.dtype(
@@ -41,22 +51,44 @@ RECORD = np.dtype(
 FOLD_EVERY = 1 << 18  # records (6 MiB of log) between folds into the arrays
 
 
+class Locked(DynrulesError):
+    """Another process holds rows this one wants to write."""
+
+
 @contextmanager
-def locked(path: Path):
+def locked(path: Path, rows: tuple[int, int] | None = None):
+    """Hold the store's rows [lo, hi) (None: the whole store) for writing, or raise Locked.
+
+    POSIX record locks: they cover ranges, work across hosts on file systems with lock support
+    (NFS with lockd, Lustre, GPFS) and are released when the process dies, even by kill -9.
+    """
     handle = open(path / LOCK, "a")
+    start, length = (0, 0) if rows is None else (rows[0], rows[1] - rows[0])
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DynrulesError(f"another process is rating into {path}") from None
+            if rows is None or length > 0:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+        except OSError:
+            held = "rows of" if rows is None else f"rows {rows[0]}–{rows[1]} of"
+            raise Locked(f"another process is rating {held} {path}") from None
         yield
     finally:
         handle.close()
 
 
-def open_log(store: RatingStore) -> int:
-    """A file descriptor appending to the store's commit log (close it with ``os.close``)."""
-    return os.open(store.path / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def log_path(store: RatingStore, shard: tuple[int, int] | None = None) -> Path:
+    """The commit log of the whole store, or of worker I of N."""
+    return store.path / (LOG if shard is None else f"ratings.{shard[0]}-of-{shard[1]}.log")
+
+
+def shard_logs(store: RatingStore) -> list[Path]:
+    """Logs of sharded workers that no final fold has taken in yet."""
+    return sorted(store.path.glob(SHARD_LOGS))
+
+
+def open_log(store: RatingStore, shard: tuple[int, int] | None = None) -> int:
+    """A file descriptor appending to a commit log (close it with ``os.close``)."""
+    return os.open(log_path(store, shard), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
 def commit(log: int, row: int, rules, a, b, relevance) -> None:
@@ -67,19 +99,27 @@ def commit(log: int, row: int, rules, a, b, relevance) -> None:
     os.write(log, block.tobytes())
 
 
-def read_log(store: RatingStore) -> np.ndarray:
-    """The committed, not yet folded records (a torn last record from a kill is dropped)."""
-    path = store.path / LOG
-    if not path.exists():
-        return np.empty(0, RECORD)
-    raw = path.read_bytes()
-    whole = len(raw) - len(raw) % RECORD.itemsize
-    return np.frombuffer(raw[:whole], RECORD)
+def read_log(store: RatingStore, shard: tuple[int, int] | None | str = "all") -> np.ndarray:
+    """Committed, not yet folded records of every log (default), of the whole store's log
+    (None) or of one worker's; a torn last record from a kill is dropped."""
+    paths = [log_path(store), *shard_logs(store)] if shard == "all" else [log_path(store, shard)]
+    blocks = [np.empty(0, RECORD)]
+    for path in paths:
+        if path.exists():
+            raw = path.read_bytes()
+            whole = len(raw) - len(raw) % RECORD.itemsize
+            blocks.append(np.frombuffer(raw[:whole], RECORD))
+    return np.concatenate(blocks)
 
 
-def fold(store: RatingStore) -> int:
-    """Write the log's cells into the arrays and the done mask, then empty the log."""
-    records = read_log(store)
+def fold(store: RatingStore, shard: tuple[int, int] | None = None) -> int:
+    """Write committed cells into the arrays and the done mask, then empty the log(s).
+
+    Without ``shard`` (the caller holds the whole store): every log, then the manifest's done
+    count; the shard logs are removed. With ``shard`` (the caller holds its rows): that worker's
+    own log only, and the manifest is left to the final fold.
+    """
+    records = read_log(store, "all" if shard is None else shard)
     if len(records):
         records = records[np.argsort(records["row"], kind="stable")]
         rows, rules = records["row"], records["rule"].astype(np.int64)
@@ -96,13 +136,29 @@ def fold(store: RatingStore) -> int:
             done = store.array(DONE)[lo:hi].read().result()
             done[local] = 1
             store.array(DONE)[lo:hi].write(done).result()
+    if shard is not None:
+        if log_path(store, shard).exists():
+            os.truncate(log_path(store, shard), 0)
+        return len(records)
     done_cells = count_done(store)
     if store.manifest["rating"].get("done") != done_cells:
         store.manifest["rating"]["done"] = done_cells
         store.write_manifest()
-    if (store.path / LOG).exists():
-        os.truncate(store.path / LOG, 0)
+    if log_path(store).exists():
+        os.truncate(log_path(store), 0)
+    for path in shard_logs(store):
+        path.unlink()
     return len(records)
+
+
+def fold_if_last(store: RatingStore) -> bool:
+    """The final fold, if no other process holds any rows of the store; True if it was done."""
+    try:
+        with locked(store.path):
+            fold(RatingStore.open(store.path))  # a fresh manifest: others' folds may be newer
+    except Locked:
+        return False
+    return True
 
 
 def count_done(store: RatingStore) -> int:

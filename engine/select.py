@@ -23,7 +23,13 @@ from tqdm import tqdm
 
 from dynrules.atomic import atomic_path
 from dynrules.engine import ratinglog
-from dynrules.engine.store import Chunk, RatingStore, open_or_create_array, to_kernel_dtype
+from dynrules.engine.store import (
+    Chunk,
+    RatingStore,
+    open_or_create_array,
+    shard_range,
+    to_kernel_dtype,
+)
 from dynrules.errors import DynrulesError
 from dynrules.kernels import selection as K
 
@@ -127,16 +133,6 @@ def select_chunk(
     return index, margin, label
 
 
-def shard_range(n_pairs: int, shard: tuple[int, int], align: int) -> tuple[int, int]:
-    """Rows [start, stop) of shard i of n, cut at multiples of ``align`` (the store's chunk)."""
-    i, count = shard
-    if not (count >= 1 and 0 <= i < count):
-        raise DynrulesError(f"bad shard {i}/{count}: need 0 <= I < N")
-    n_chunks = -(-n_pairs // align)
-    lo, hi = (n_chunks * i) // count, (n_chunks * (i + 1)) // count
-    return min(lo * align, n_pairs), min(hi * align, n_pairs)
-
-
 def run_selection(
     store: RatingStore,
     config: SelectionConfig,
@@ -210,6 +206,13 @@ def _rated_cells(store: RatingStore) -> int:
         raise DynrulesError(
             f"{store.path}: {pending} rated cells are not yet in the arrays (an interrupted "
             "`dynrules rate`); run the same `dynrules rate` command again to finish it"
+        )
+    unfinished = ratinglog.shard_logs(store)
+    if unfinished:
+        raise DynrulesError(
+            f"{store.path}: a sharded `dynrules rate` is unfinished ({unfinished[0].name}: "
+            "a worker still running, or killed); run the missing workers, or `dynrules rate` "
+            "without --shard, to finish it"
         )
     return int(store.manifest["rating"].get("done", 0))
 

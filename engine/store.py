@@ -128,6 +128,16 @@ def to_kernel_dtype(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32) if stored.dtype == np.float16 else stored
 
 
+def shard_range(n_pairs: int, shard: tuple[int, int], align: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard i of n, cut at multiples of ``align`` (the store's chunk)."""
+    i, count = shard
+    if not (count >= 1 and 0 <= i < count):
+        raise DynrulesError(f"bad shard {i}/{count}: need 0 <= I < N")
+    n_chunks = -(-n_pairs // align)
+    lo, hi = (n_chunks * i) // count, (n_chunks * (i + 1)) // count
+    return min(lo * align, n_pairs), min(hi * align, n_pairs)
+
+
 @dataclass
 class Chunk:
     start: int

@@ -128,7 +128,7 @@ def train_adapter(
                             param_dtype=config.param_dtype, chat=False)  # fmt: skip
     spec, max_length = loaded.spec, loaded.spec.max_length
     mesh = shd.make_mesh(config.mesh)
-    if config.batch_size % (shd.batch_shards(mesh) * jax.process_count()):
+    if config.batch_size % shd.batch_shards(mesh):
         raise DynrulesError(
             f"config: batch_size {config.batch_size} must be a multiple of the mesh's batch shards"
         )
@@ -155,12 +155,15 @@ def train_adapter(
         )
         return {"ids": ids, "lengths": lengths, "targets": targets[chosen]}
 
+    rows = shd.local_rows(lengths_sharding, (config.batch_size,))
+
     def feed(batch: dict) -> dict:
-        rows = shd.process_slice(config.batch_size)
         return {
-            "ids": shd.global_batch(batch["ids"][rows], rows_sharding),
-            "lengths": shd.global_batch(batch["lengths"][rows], lengths_sharding),
-            "targets": shd.global_batch(batch["targets"][rows], rows_sharding),
+            "ids": shd.global_batch(batch["ids"][rows], rows_sharding, config.batch_size),
+            "lengths": shd.global_batch(
+                batch["lengths"][rows], lengths_sharding, config.batch_size
+            ),
+            "targets": shd.global_batch(batch["targets"][rows], rows_sharding, config.batch_size),
         }
 
     losses = []

@@ -48,12 +48,18 @@ def evaluate(
     *,
     batch_size: int = 64,
     mesh: str = "",
+    distributed: bool = False,
 ) -> dict:
     """Score both sides of every pair with a run's (or model directory's) reward model.
 
-    Returns the :func:`pair_report` dict plus ``truncated`` (texts cut to max_length).
+    Returns the :func:`pair_report` dict plus ``truncated`` (texts cut to max_length). In a
+    multi-process job (``distributed``, see :func:`dynrules.train.sharding.join_job`) the
+    pairs are scored across processes and every process returns the same report.
     """
+    from dynrules.train import sharding as shd
     from dynrules.train.scoring import Scorer
+
+    shd.join_job(distributed)
 
     if not (isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)):
         pairs = load_preferences(pairs)

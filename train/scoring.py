@@ -1,10 +1,12 @@
 """Batch scoring with static shapes: texts → model outputs, sharded over the mesh.
 
 Texts are sorted by token length and cut into fixed-size batches, each padded to the
-smallest power-of-two length bucket that fits (train.encoder.length_buckets). A scorer
+smallest power-of-two length bucket that fits (models.tokenizer.length_buckets). A scorer
 therefore compiles once per bucket, never per batch. Batches are split over the mesh's
-('data', 'fsdp') axes, each process supplying its rows. Scores do not depend on what else is
-in the batch: padding is masked by explicit lengths.
+('data', 'fsdp') axes. In a multi-process job every process plans the same batches (the
+texts are tokenized once across processes, train.tokens), supplies only its rows of each, and
+receives every score back; process 0 writes the one output, in input order. Scores do not
+depend on what else is in the batch: padding is masked by explicit lengths.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dynrules.models import tokenizer as tok
 from dynrules.models.templates import format_text
 from dynrules.train import sharding as shd
 from dynrules.train.data import score_text
+from dynrules.train.tokens import SharedTokens
 
 
 class Scorer:
@@ -42,7 +45,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = tok.length_buckets(max_length)
-        multiple = shd.batch_shards(mesh) * jax.process_count()
+        multiple = shd.batch_shards(mesh)
 
         def rows(width):  # rounded up to a multiple of the batch shards
             wanted = max(1, min(batch_size, tokens_per_batch // width))
@@ -95,38 +98,50 @@ class Scorer:
         return scorer
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.score_tokens(self.encode(texts).ids)
+        tokens = SharedTokens(texts, self.tokenizer, self.max_length)
+        self.truncated += tokens.truncated
+        return self._score(tokens.lengths, tokens.ids)
 
     def encode(self, texts: list[str]) -> tok.TokenizedTexts:
-        """Token ids of ``texts``, cut to the model's length from the start (counted)."""
+        """Token ids of ``texts`` (one process), cut to the model's length from the start."""
         tokens = self.tokenizer.encode(texts, self.max_length)
         self.truncated += tokens.truncated
         return tokens
 
     def score_tokens(self, ids: list[np.ndarray]) -> np.ndarray:
         """Model outputs [n, outputs] for token ids made by :meth:`encode`."""
-        out = np.zeros((len(ids), self.params["head_kernel"].shape[1]), np.float32)
         lengths = np.array([len(x) for x in ids], np.int32)
-        for chunk, width, batch_rows in self.plan(lengths):
-            out[chunk] = self._run([ids[i] for i in chunk], width, batch_rows)
-        return out
+        return self._score(lengths, lambda indices: [ids[i] for i in indices])
 
     def warm_up(self) -> int:
         """Compile every (bucket, rows) program now, not on first use; returns how many."""
+
+        def one_token(indices):
+            return [np.zeros(1, np.int32) for _ in indices]
+
         programs = [(w, rows) for w, tiers in self.row_tiers.items() for rows in tiers]
         for width, rows in programs:
-            self._run([np.zeros(1, np.int32)], width, rows)
+            self._run(np.zeros(1, np.int64), one_token, width, rows)
         return len(programs)
 
-    def _run(self, ids: list[np.ndarray], width: int, rows: int) -> np.ndarray:
-        padded, lengths = tok.pad_batch(ids, width, rows, self.tokenizer.pad_id)
-        local = shd.process_slice(rows)
+    def _score(self, lengths: np.ndarray, ids_of) -> np.ndarray:
+        out = np.zeros((len(lengths), self.params["head_kernel"].shape[1]), np.float32)
+        for chunk, width, batch_rows in self.plan(lengths):
+            out[chunk] = self._run(chunk, ids_of, width, batch_rows)
+        return out
+
+    def _run(self, chunk: np.ndarray, ids_of, width: int, batch_rows: int) -> np.ndarray:
+        """Outputs of the texts ``chunk`` in one [batch_rows, width] batch; this process
+        supplies only its rows (``ids_of`` gives their token ids)."""
+        rows = shd.local_rows(self._lengths_sharding, (batch_rows,))
+        mine = [int(chunk[r]) for r in rows if r < len(chunk)]  # beyond: filler rows
+        ids, lens = tok.pad_batch(ids_of(mine), width, len(rows), self.tokenizer.pad_id)
         logits = self._forward(
             self.params,
-            shd.global_batch(padded[local], self._rows_sharding),
-            shd.global_batch(lengths[local], self._lengths_sharding),
+            shd.global_batch(ids, self._rows_sharding, batch_rows),
+            shd.global_batch(lens, self._lengths_sharding, batch_rows),
         )
-        return np.asarray(logits)[: len(ids)]
+        return np.asarray(logits)[: len(chunk)]
 
     def plan(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
         """Batches as (text indices, padded width, rows), longest texts first.
@@ -175,14 +190,17 @@ def score_file(
     batch_size: int = 64,
     chunk_records: int = 4096,
     mesh: str = "",
+    distributed: bool = False,
 ) -> dict:
     """Stream JSONL records through the reward model; write each with its ``reward`` added.
 
     Records carry ``prompt`` (optional) and ``response``, or a ``text`` transcript. The output
-    is written to a temporary name and renamed when complete (by process 0 only).
+    is written to a temporary name and renamed when complete (by process 0 only, in a
+    multi-process job: see :func:`dynrules.train.sharding.join_job` for ``distributed``).
     """
     from dynrules.atomic import atomic_path
 
+    shd.join_job(distributed)
     scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
     if scorer.spec.num_outputs != 1:
         raise DynrulesError(
@@ -214,7 +232,7 @@ def score_file(
         if count == 0:
             raise InputError("no records to score (empty file)", path=input_path)
 
-    if jax.process_index() == 0:
+    if shd.is_writer():
         with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
             stream(handle)
     else:  # every process computes its share of each batch; only process 0 writes

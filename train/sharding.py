@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import numpy as np
@@ -151,29 +152,124 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in LOGICAL_AXIS_RULES["batch"])
 
 
-def process_slice(global_rows: int) -> slice:
-    """The rows of a global batch that this process supplies (contiguous, equal shares)."""
-    count, index = jax.process_count(), jax.process_index()
-    if global_rows % count:
-        raise DynrulesError(f"batch of {global_rows} rows does not split over {count} processes")
-    share = global_rows // count
-    return slice(index * share, (index + 1) * share)
+def local_rows(sharding: NamedSharding, shape: tuple[int, ...], dim: int = 0) -> np.ndarray:
+    """Indices along ``dim`` of a global array of ``shape`` that this process's devices hold.
+
+    Ascending: ``make_array_from_process_local_data`` maps a process's local rows onto its
+    devices' slices in this order. On one process that is every row; on several it is this
+    process's part of the batch, whatever order the mesh gives the hosts' devices (on a TPU pod
+    a host's rows need not be one contiguous block).
+    """
+    held: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        held.update(range(*index[dim].indices(shape[dim])))
+    return np.array(sorted(held), np.int64)
 
 
-def global_batch(local: np.ndarray, sharding: NamedSharding, batch_dim: int = 0) -> jax.Array:
-    """Assemble a global array from this process's rows (``make_array_from_process_local_data``).
+def global_batch(
+    local: np.ndarray, sharding: NamedSharding, global_rows: int, batch_dim: int = 0
+) -> jax.Array:
+    """One global array of ``global_rows`` rows from this process's rows (:func:`local_rows`).
 
     Single-process this is a sharded device_put; multi-process every host passes only its
     own rows and the result is one logical array spanning all hosts.
     """
     global_shape = list(local.shape)
-    global_shape[batch_dim] *= jax.process_count()
+    global_shape[batch_dim] = global_rows
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
 
 
-def initialize_distributed() -> None:
-    """Join a multi-host job (TPU pod slice, GPU cluster); arguments come from the environment."""
-    jax.distributed.initialize()
+def join_job(requested: bool = False) -> bool:
+    """Join a multi-process job when ``requested`` (``--distributed``) or when the environment
+    names one (``JAX_NUM_PROCESSES``, as `dynrules launch` sets); True if this process is in one.
+
+    ``jax.distributed.initialize()`` finds the cluster itself on a TPU pod, under SLURM and
+    Open MPI; ``JAX_COORDINATOR_ADDRESS`` (read by JAX), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` name it anywhere else. CPU processes exchange collectives through gloo. Must run before anything else touches JAX's
+    devices; calling it again is harmless.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if not requested and "JAX_NUM_PROCESSES" not in os.environ:
+        return False
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    named = {}
+    for variable, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if variable in os.environ:
+            try:
+                named[key] = int(os.environ[variable])
+            except ValueError:
+                raise DynrulesError(
+                    f"{variable} must be an integer, got {os.environ[variable]!r}"
+                ) from None
+    try:
+        jax.distributed.initialize(**named)
+    except (RuntimeError, ValueError) as exc:
+        raise DynrulesError(f"cannot join the distributed job: {exc}") from exc
+    return True
+
+
+def is_writer() -> bool:
+    """Process 0 writes what a job writes once (run metadata, metrics, exports, outputs)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of the job gets here (nothing to wait for on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _everywhere(value: int) -> list[int]:
+    """An integer from every process, in process order."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(value))).ravel().tolist()
+
+
+def agree(value: int, what: str) -> int:
+    """``value``, checked to be the same on every process (a shared directory seen differently
+    by two hosts would otherwise desynchronise the job)."""
+    values = set(_everywhere(value))
+    if len(values) > 1:
+        raise DynrulesError(
+            f"processes disagree on {what}: {sorted(values)} "
+            "(is the run directory on a file system every host sees the same?)"
+        )
+    return value
+
+
+def total(value: int) -> int:
+    """The sum of an integer over all processes."""
+    return int(sum(_everywhere(value)))
+
+
+def gather_blocks(block: np.ndarray, items: int) -> np.ndarray:
+    """Every process's ``block`` (process p holds :func:`block_range` (items, p)), concatenated."""
+    if jax.process_count() == 1:
+        return block
+    from jax.experimental import multihost_utils
+
+    count = jax.process_count()
+    width = -(-items // count)
+    padded = np.zeros((width, *block.shape[1:]), block.dtype)
+    padded[: len(block)] = block
+    everywhere = np.asarray(multihost_utils.process_allgather(padded))  # [processes, width, ...]
+    return np.concatenate(
+        [everywhere[p, : len(range(*block_range(items, p, count)))] for p in range(count)]
+    )
+
+
+def block_range(items: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """[start, stop) of process ``index``'s contiguous share of ``items`` (default: this one's)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return items * index // count, items * (index + 1) // count
 
 
 def place(host_params: dict, targets: dict) -> dict:

@@ -42,6 +42,7 @@ from dynrules.train.data import Pair, load_preferences, preferences_fingerprint
 from dynrules.train.evaluate import pair_report
 from dynrules.train.loop import Every, StepOutput, run_steps
 from dynrules.train.objective import bradley_terry, make_optimizer, make_schedule, summarize
+from dynrules.train.tokens import SharedTokens
 
 RUN_FILE = "run.json"
 
@@ -64,34 +65,40 @@ class RunResult:
 
 @dataclasses.dataclass
 class TokenizedPairs:
-    chosen: list[np.ndarray]
-    rejected: list[np.ndarray]
+    """The pairs' texts (pair i: text 2i chosen, 2i + 1 rejected), tokenized across processes."""
+
+    texts: SharedTokens
     margins: np.ndarray
-    truncated: int
 
     @classmethod
     def build(cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int,
               render=format_text) -> TokenizedPairs:  # fmt: skip
         texts = [text for pair in pairs for text in pair.texts(render)]
-        tokens = tokenizer.encode(texts, max_length)
-        return cls(
-            chosen=tokens.ids[0::2],
-            rejected=tokens.ids[1::2],
-            margins=np.array([p.margin for p in pairs], np.float32),
-            truncated=tokens.truncated,
-        )
+        margins = np.array([p.margin for p in pairs], np.float32)
+        return cls(SharedTokens(texts, tokenizer, max_length), margins)
+
+    @property
+    def truncated(self) -> int:
+        return self.texts.truncated
 
     def __len__(self) -> int:
-        return len(self.chosen)
+        return len(self.margins)
 
 
 class PairBatches:
-    """Global batch for any step, as a pure function of (seed, step)."""
+    """The batch of any step as a pure function of (seed, step) — this process's rows of it.
+
+    The global batch of a step is the same whatever the process count; ``rows`` are the pair
+    positions of each micro-batch this process supplies (:meth:`Trainable.local_rows`; default
+    all). Its padded width comes from every pair's length, so all processes agree on it.
+    """
 
     def __init__(self, tokens: TokenizedPairs, *, seed: int, batch_size: int, grad_accum: int,
-                 max_length: int, pad_id: int):  # fmt: skip
+                 max_length: int, pad_id: int, rows: np.ndarray | None = None):  # fmt: skip
         self.tokens, self.seed = tokens, seed
         self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.micro = batch_size // grad_accum
+        self.rows = np.arange(self.micro) if rows is None else np.asarray(rows)
         self.buckets = tok.length_buckets(max_length)
         self.pad_id = pad_id
         self._epochs: dict[int, np.ndarray] = {}
@@ -104,23 +111,34 @@ class PairBatches:
         return self._epochs[epoch]
 
     def indices(self, step: int) -> np.ndarray:
+        """Pair indices of the step's global batch."""
         n = len(self.tokens)
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return np.array([self._epoch(p // n)[p % n] for p in positions])
 
+    def tokens_in(self, step: int) -> int:
+        """Real tokens in the step's global batch (chosen and rejected)."""
+        return int(self.tokens.texts.lengths[_texts_of(self.indices(step))].sum())
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Arrays shaped [grad_accum, pairs_per_micro, 2, time], lengths and margins."""
-        index = self.indices(step)
-        seqs = [s for i in index for s in (self.tokens.chosen[i], self.tokens.rejected[i])]
-        width = tok.bucket_for(max(len(s) for s in seqs), self.buckets)
+        """Arrays shaped [grad_accum, rows, 2, time], lengths and margins: this process's rows."""
+        everything = self.indices(step)
+        longest = int(self.tokens.texts.lengths[_texts_of(everything)].max())
+        width = tok.bucket_for(longest, self.buckets)  # the same on every process
+        index = everything.reshape(self.grad_accum, self.micro)[:, self.rows].ravel()
+        seqs = self.tokens.texts.ids(_texts_of(index).tolist())
         ids, lengths = tok.pad_batch(seqs, width, len(seqs), self.pad_id)
-        micro = self.batch_size // self.grad_accum
-        batch = {
-            "ids": ids.reshape(self.grad_accum, micro, 2, width),
-            "lengths": lengths.reshape(self.grad_accum, micro, 2),
-            "margins": self.tokens.margins[index].reshape(self.grad_accum, micro),
+        rows = len(self.rows)
+        return {
+            "ids": ids.reshape(self.grad_accum, rows, 2, width),
+            "lengths": lengths.reshape(self.grad_accum, rows, 2),
+            "margins": self.tokens.margins[index].reshape(self.grad_accum, rows),
         }
-        return batch
+
+
+def _texts_of(pairs: np.ndarray) -> np.ndarray:
+    """Text indices of pairs: chosen and rejected of each pair in turn."""
+    return np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
 
 
 def split_held_out(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -205,11 +223,18 @@ class Trainable:
             "margins": named(self.mesh, spec(None, pairs)),
         }
 
-    def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows of the pairs axis → global arrays on the mesh."""
+    def local_rows(self, micro: int) -> np.ndarray:
+        """Pair positions of a ``micro``-pair micro-batch that this process supplies."""
+        return shd.local_rows(self.batch_shardings()["margins"], (1, micro), dim=1)
+
+    def global_batch(
+        self, batch: dict[str, np.ndarray], micro: int | None = None
+    ) -> dict[str, jax.Array]:
+        """This process's rows (:meth:`local_rows`) → global arrays of ``micro`` pairs a
+        micro-batch (default: the rows are all of them, as on one process)."""
         sharding = self.batch_shardings()
-        rows = shd.process_slice(batch["margins"].shape[1])
-        return {k: shd.global_batch(v[:, rows], sharding[k], batch_dim=1) for k, v in batch.items()}
+        micro = batch["margins"].shape[1] if micro is None else micro
+        return {k: shd.global_batch(v, sharding[k], micro, batch_dim=1) for k, v in batch.items()}
 
     def train_step(self, config: TrainConfig):
         """jit(step)(state, batch) → (state, metric sums); the state argument is donated."""
@@ -366,8 +391,7 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
         config = make_config(saved["config"]) if saved else TrainConfig()
     elif isinstance(config, dict):
         config = make_config(config)
-    if config.distributed:
-        shd.initialize_distributed()
+    shd.join_job(config.distributed)
 
     pairs = (
         pairs
@@ -381,6 +405,7 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
     spec = loaded.spec
     if saved is not None:
         _check_resume(saved, config, spec, data_hash, run_dir)
+    shd.barrier("dynrules-run-read")  # every process has read the run before process 0 writes
 
     if config.eval_data:
         train_pairs, held_out = pairs, load_preferences(config.eval_data)
@@ -389,7 +414,7 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
 
     mesh = shd.make_mesh(config.mesh)
     micro = config.batch_size // config.grad_accum
-    shards = shd.batch_shards(mesh) * jax.process_count()
+    shards = shd.batch_shards(mesh)
     if micro % shards:
         raise DynrulesError(
             f"config: batch_size/grad_accum = {micro} pairs must be a multiple of the "
@@ -399,12 +424,14 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
     checkpointer = Checkpointer(
         run_dir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints
     )
-    is_writer = jax.process_index() == 0
+    is_writer = shd.is_writer()
     if saved is None and is_writer:
         _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "model": spec.to_dict(), "data": data_hash,
                                          "checkpoint": str(loaded.source)})  # fmt: skip
 
     resumed_from = checkpointer.latest_step()
+    if shd.agree(-1 if resumed_from is None else resumed_from, "the last checkpoint") < 0:
+        resumed_from = None
     if resumed_from is None:
         state = trainable.initial_state(loaded.params)
     else:
@@ -458,9 +485,10 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
     start = int(run.resumed_from or 0)
     if start >= config.steps:
         return {}
+    micro = config.batch_size // config.grad_accum
     batches = PairBatches(run.train_tokens, seed=config.seed, batch_size=config.batch_size,
                           grad_accum=config.grad_accum, max_length=run.spec.max_length,
-                          pad_id=run.backbone.tokenizer.pad_id)  # fmt: skip
+                          pad_id=run.backbone.tokenizer.pad_id, rows=trainable.local_rows(micro))  # fmt: skip
     window = {"sums": [], "tokens": 0, "clock": time.perf_counter()}
     logged: dict = {}
 
@@ -469,7 +497,7 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
 
     def accumulate(out: StepOutput) -> None:
         window["sums"].append(out.metrics)
-        window["tokens"] += int(out.batch["lengths"].sum())
+        window["tokens"] += batches.tokens_in(out.step - 1)
 
     def log(out: StepOutput) -> dict:
         sums = window["sums"]
@@ -493,7 +521,8 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
         Every(config.eval_every, lambda out: evaluate(out.step, out.state["params"]), at_end=False),
     )
     run.state = run_steps(run.state, trainable.train_step(config), batches.batch,
-                          trainable.global_batch, start=start, stop=config.steps, hooks=hooks,
+                          lambda batch: trainable.global_batch(batch, micro), start=start,
+                          stop=config.steps, hooks=hooks,
                           desc="train-rm", progress=progress and run.is_writer)  # fmt: skip
     run.checkpointer.save(config.steps, run.state, run.meta(config.steps),
                           force=config.steps not in run.checkpointer.all_steps())  # fmt: skip

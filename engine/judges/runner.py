@@ -8,6 +8,12 @@ for example from the rule adapter) only the planned cells are rated.
 
 The manifest records the judge and template; a store is only ever continued with the same
 judge, template, rule pool and pairs.
+
+Several workers (``shard=(I, N)``, ``dynrules rate --shard I/N``), each with its own judge
+server, fill one store: worker I rates only its chunk-aligned rows (the split ``select --shard``
+uses), commits and folds through its own log under its own row lock, and the last worker to
+finish folds the store (:mod:`dynrules.engine.ratinglog`). The store is then the one a single
+worker makes. Workers may start together: the first creates the store, the others continue it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ from dynrules.engine import ratinglog
 from dynrules.engine.judges.base import Job, Judge, pair_cells
 from dynrules.engine.pairs import TEXT_FIELDS, extra_fields, iter_raw_records, load_pairs
 from dynrules.engine.pool import RulePool
-from dynrules.engine.store import CHUNK_ROWS, PairTableWriter, RatingStore, create_array
+from dynrules.engine.store import (
+    CHUNK_ROWS,
+    PairTableWriter,
+    RatingStore,
+    create_array,
+    shard_range,
+)
 from dynrules.errors import DynrulesError, InputError
 
 
@@ -41,6 +53,8 @@ def rate_pairs(
     dtype: str = "float32",
     progress: bool = True,
     fold_every: int = ratinglog.FOLD_EVERY,
+    shard: tuple[int, int] | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> dict:
     """Rate every (pair, rule) cell — or the planned ones — not yet done in the store at ``out``.
 
@@ -53,13 +67,17 @@ def rate_pairs(
         plan: rule ids per pair id, as a JSONL file of ``{"id", "rule_ids"}`` or a mapping;
             pairs absent from the plan are not rated. None rates all rules of all pairs.
         dtype: stored dtype of a new store (float32, float16, int8).
+        shard: (I, N) to rate only worker I's share of the rows, beside N − 1 other workers.
+        chunk_rows: rows per stored chunk of a new store (the unit of reads and of shards).
 
     Returns:
         ``{"rated", "skipped_done", "failed", "seconds"}`` counted in cells (pair × rule) of
-        this run, plus ``"pairs"``, ``"rules"``, ``"done"`` (cells done in the store) and
-        ``"failures_file"``.
+        this run, plus ``"pairs"``, ``"rules"``, ``"rows"`` ([lo, hi) rated here), ``"done"``
+        (cells done in the store; None while other workers of a sharded run are unfinished)
+        and ``"failures_file"``.
     """
     started = time.perf_counter()
+    shard = None if shard is None or shard[1] == 1 else shard
     if judge.pool.content_hash != pool.content_hash:
         raise DynrulesError("the judge was built for a different rule pool than --pool")
     source = str(pairs) if isinstance(pairs, (str, os.PathLike)) else None
@@ -70,17 +88,25 @@ def rate_pairs(
     if out.exists() and not (out / "manifest.json").exists():
         raise InputError("exists and is not a rating store; choose a new --out", path=out)
     if not out.exists():
-        _create(out, records, pool=pool, judge=judge, dtype=dtype, source=source)
-    with ratinglog.locked(out):
-        store = RatingStore.open(out, pool=pool)
-        _check_continuable(store, records, judge)
-        ratinglog.fold(store)
-        done = store.array(ratinglog.DONE)[...].read().result().astype(bool)
+        try:
+            _create(out, records, pool=pool, judge=judge, dtype=dtype, source=source,
+                    chunk_rows=chunk_rows)  # fmt: skip
+        except FileExistsError:
+            pass  # another worker created it first: continued below like any store
+    store = RatingStore.open(out, pool=pool)
+    _check_continuable(store, records, judge)
+    lo, hi = (
+        (0, len(records)) if shard is None else shard_range(len(records), shard, store.chunk_rows)
+    )
+    with ratinglog.locked(out, None if shard is None else (lo, hi)):
+        ratinglog.fold(store, shard)
+        done = _done_rows(store, lo, hi)
         wanted = _wanted_cells(plan, records, pool)
+        wanted[:lo] = wanted[hi:] = False
         todo_count = int((wanted & ~done).sum())
         skipped = int((wanted & done).sum())
         rated = failed = 0
-        log = ratinglog.open_log(store)
+        log = ratinglog.open_log(store, shard)
         try:
             with (
                 open(store.path / ratinglog.FAILURES, "a", encoding="utf-8") as failures,
@@ -116,12 +142,16 @@ def rate_pairs(
                     if n_failed:
                         bar.set_postfix(failed=failed)
                     if pending >= fold_every:
-                        ratinglog.fold(store)
+                        ratinglog.fold(store, shard)
                         pending = 0
         finally:
             os.close(log)
-            ratinglog.fold(store)
+            ratinglog.fold(store, shard)
+    if shard is None:
         done_cells = int(store.manifest["rating"]["done"])
+    else:  # the last worker out folds the store; the others leave that to it
+        folded = ratinglog.fold_if_last(store)
+        done_cells = int(RatingStore.open(out).manifest["rating"]["done"]) if folded else None
     return {
         "rated": rated,
         "skipped_done": skipped,
@@ -129,6 +159,7 @@ def rate_pairs(
         "seconds": round(time.perf_counter() - started, 3),
         "pairs": len(records),
         "rules": len(pool),
+        "rows": [lo, hi],
         "done": done_cells,
         "failures_file": str(store.path / ratinglog.FAILURES),
     }
@@ -147,10 +178,12 @@ def pairs_fingerprint(records: Sequence[dict]) -> str:
     return digest.hexdigest()
 
 
-def _create(
-    out: Path, records: Sequence[dict], *, pool: RulePool, judge: Judge, dtype: str, source
-) -> None:
-    """A new, empty store with pairs.parquet and the done mask, appearing all at once."""
+def _create(out: Path, records: Sequence[dict], *, pool: RulePool, judge: Judge, dtype: str, source,
+            chunk_rows: int = CHUNK_ROWS) -> None:  # fmt: skip
+    """A new, empty store with pairs.parquet and the done mask, appearing all at once.
+
+    FileExistsError if another process made ``out`` meanwhile (never replaced).
+    """
     with atomic_path(out, overwrite=False) as tmp:
         identity = judge.identity
         store = RatingStore.create(
@@ -162,6 +195,7 @@ def _create(
             source=source,
             judge=identity["judge"],
             template=identity["template"],
+            chunk_rows=chunk_rows,
         )
         create_array(
             tmp / ratinglog.DONE, [len(records), len(pool)], "uint8", chunk_rows=store.chunk_rows
@@ -209,6 +243,17 @@ def _check_continuable(store: RatingStore, records: Sequence[dict], judge: Judge
 
 
 # -- the work ---------------------------------------------------------------------------------
+
+
+def _done_rows(store: RatingStore, lo: int, hi: int) -> np.ndarray:
+    """[N, R] done mask, valid for rows [lo, hi): the arrays' and cells committed in any log
+    (a log left by an earlier run with other shards, folded by the final fold)."""
+    done = np.zeros((store.n_pairs, store.n_rules), bool)
+    if hi > lo:
+        done[lo:hi] = store.array(ratinglog.DONE)[lo:hi].read().result().astype(bool)
+    records = ratinglog.read_log(store)
+    done[records["row"], records["rule"]] = True
+    return done
 
 
 def _wanted_cells(plan, records: Sequence[dict], pool: RulePool) -> np.ndarray:
