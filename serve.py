@@ -63,6 +63,9 @@ log = logging.getLogger("dynrules.serve")
 OPEN_PATHS = frozenset({"/health"})
 ENDPOINTS = ("/v1/rewards", "/get_reward", "/health", "/metrics")
 GRACEFUL_SHUTDOWN_S = 60
+# Trainers pause between rollouts and a loaded host stalls; uvicorn's default 5 s keep-alive
+# then closes connections that clients are about to reuse (seen as read errors in the bench).
+KEEP_ALIVE_S = 75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,6 +515,7 @@ def uvicorn_server(app, config: ServeConfig):
             access_log=config.access_log,
             log_config=logging_config,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
     )
 
