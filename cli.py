@@ -894,6 +894,29 @@ def bench_score_rm(backbone, n_pairs, batch_size, max_length, as_json):
     click.echo(f"{'jax / torch':>18}: {result['ratios']['jax_over_torch']:.2f}x")
 
 
+@bench.command("serve")
+@click.option("--clients", default=64, show_default=True, help="Concurrent clients.")
+@click.option(
+    "--requests", default=20, show_default=True, help="Requests (one pair each) a client."
+)
+@click.option("--c1-requests", default=64, show_default=True, help="Requests of the lone client.")
+@click.option("--max-length", default=256, show_default=True)
+@json_option()
+def bench_serve(clients, requests, c1_requests, max_length, as_json):
+    """Reward server pairs/s at 1 and many clients vs offline scoring of the same model."""
+    from dynrules.bench.serve import bench_serve as run
+
+    result = run(clients=clients, requests=requests, c1_requests=c1_requests, max_length=max_length)
+    if as_json:
+        print_json(result)
+        return
+    for name in ("offline_pairs_per_s", "server_pairs_per_s_c1", "server_pairs_per_s_c64"):
+        click.echo(f"{name:>24}: {result[name]:>10.2f}")
+    click.echo(f"{'c64 / offline':>24}: {result['c64_over_offline']:.2f}x")
+    click.echo(f"{'p50 / p99 (c64)':>24}: {result['p50_ms']:.0f} / {result['p99_ms']:.0f} ms")
+    click.echo(f"{'failed':>24}: {result['failed']}")
+
+
 @bench.command("multihost")
 @click.option("--pairs-per-step", default=8, show_default=True)
 @click.option("--max-length", default=128, show_default=True)
@@ -917,26 +940,3 @@ def bench_multihost_command(pairs_per_step, max_length, steps, log_every, model,
             f"{name:>24}: {value:>10.2f} pairs/s (final loss {result['final_loss'][name]:.4f})"
         )
     click.echo(f"{'2 processes / 1':>24}: {result['ratios']['two_processes_over_one']:.2f}x")
-
-
-@bench.command("serve")
-@click.option("--clients", default=64, show_default=True, help="Concurrent clients.")
-@click.option(
-    "--requests", default=20, show_default=True, help="Requests (one pair each) a client."
-)
-@click.option("--c1-requests", default=64, show_default=True, help="Requests of the lone client.")
-@click.option("--max-length", default=256, show_default=True)
-@json_option()
-def bench_serve(clients, requests, c1_requests, max_length, as_json):
-    """Reward server pairs/s at 1 and many clients vs offline scoring of the same model."""
-    from dynrules.bench.serve import bench_serve as run
-
-    result = run(clients=clients, requests=requests, c1_requests=c1_requests, max_length=max_length)
-    if as_json:
-        print_json(result)
-        return
-    for name in ("offline_pairs_per_s", "server_pairs_per_s_c1", "server_pairs_per_s_c64"):
-        click.echo(f"{name:>24}: {result[name]:>10.2f}")
-    click.echo(f"{'c64 / offline':>24}: {result['c64_over_offline']:.2f}x")
-    click.echo(f"{'p50 / p99 (c64)':>24}: {result['p50_ms']:.0f} / {result['p99_ms']:.0f} ms")
-    click.echo(f"{'failed':>24}: {result['failed']}")

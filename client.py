@@ -59,10 +59,19 @@ class RewardClient:
             time.sleep(0.1)
 
     def _post(self, path: str, body: dict) -> dict:
-        try:
-            reply = self._http.post(path, json=body)
-        except httpx.TransportError as exc:
-            raise DynrulesError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from None
+        for attempt in range(2):
+            try:
+                reply = self._http.post(path, json=body)
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                # the server closed a kept-alive connection as it was reused: scoring has no
+                # side effects, so asking once more on a fresh connection is safe
+                if attempt == 1:
+                    raise DynrulesError(
+                        f"{self.base_url}{path}: {type(exc).__name__}: {exc}"
+                    ) from None
+            except httpx.TransportError as exc:
+                raise DynrulesError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from None
         if reply.status_code != 200:
             try:
                 reason = reply.json()["error"]

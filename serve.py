@@ -13,7 +13,7 @@ Endpoints (JSON in and out; every error is ``{"error": "<one line>"}`` with a 4x
   decoded sequence (prompt + response). When ``prompts`` is given and query i contains
   prompts[i], the text after its first occurrence is the response and the pair is rendered
   like a ``/v1/rewards`` item (anything before it, such as a BOS token, is dropped); otherwise
-  the whole query is scored as one transcript. ``--strip-token`` removes the policy's pad/eos
+  the whole query is scored as one transcript. ``--strip-tokens`` removes the policy's pad/eos
   tokens from both ends of each query first, as OpenRLHF's own ``serve_rm`` does.
 - ``GET /health``: 200 ``{"status": "ready"}`` once every program is compiled, 503 before.
 - ``GET /metrics``: Prometheus text format.
@@ -63,6 +63,9 @@ log = logging.getLogger("dynrules.serve")
 OPEN_PATHS = frozenset({"/health"})
 ENDPOINTS = ("/v1/rewards", "/get_reward", "/health", "/metrics")
 GRACEFUL_SHUTDOWN_S = 60
+# Trainers pause between rollouts and a loaded host stalls; uvicorn's default 5 s keep-alive
+# then closes connections that clients are about to reuse (seen as read errors in the bench).
+KEEP_ALIVE_S = 75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +285,7 @@ def _item_records(items: list) -> list[dict]:
     return items
 
 
-def _strip(text: str, tokens: tuple[str, ...]) -> str:
+def strip_ends(text: str, tokens: tuple[str, ...]) -> str:
     """``text`` without repeats of any of ``tokens`` at either end."""
     changed = True
     while changed and tokens:
@@ -434,7 +437,7 @@ def create_app(
         else:
             _strings(prompts, "prompts")
         records = [
-            split_query(_strip(q, config.strip_tokens), p)
+            split_query(strip_ends(q, config.strip_tokens), p)
             for q, p in zip(queries, prompts, strict=True)
         ]
         service.metrics.whole_queries.inc(sum(1 for r in records if "text" in r))
@@ -512,6 +515,7 @@ def uvicorn_server(app, config: ServeConfig):
             access_log=config.access_log,
             log_config=logging_config,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
     )
 

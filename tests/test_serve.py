@@ -21,7 +21,14 @@ import pytest
 from click.testing import CliRunner
 
 from dynrules.cli import main
-from dynrules.serve import ServeConfig, create_app, load_scorer, split_query, uvicorn_server
+from dynrules.serve import (
+    ServeConfig,
+    create_app,
+    load_scorer,
+    split_query,
+    strip_ends,
+    uvicorn_server,
+)
 
 MAX_LENGTH = 32  # buckets 16, 24, 32: few programs to compile
 KEY_ENV = "DYNRULES_TEST_SERVE_KEY"
@@ -221,6 +228,9 @@ def test_split_query():
     assert split_query("<s>Hi there. Fine.", "Hi there.") == {"prompt": "Hi there.", "response": " Fine."}  # fmt: skip
     assert split_query("Hi there. Fine.", "Bye") == {"text": "Hi there. Fine."}
     assert split_query("Hi there. Fine.", None) == {"text": "Hi there. Fine."}
+    pads = ("<pad>", "</s>")
+    assert strip_ends("<pad><pad>Hi</s> there</s><pad><pad>", pads) == "Hi</s> there"
+    assert strip_ends("Hi", pads) == "Hi" and strip_ends("<pad></s>", pads) == ""
 
 
 GOOD = {"items": [{"prompt": "hello", "response": "hi"}]}

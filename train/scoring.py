@@ -103,7 +103,7 @@ class Scorer:
         return self._score(tokens.lengths, tokens.ids)
 
     def encode(self, texts: list[str]) -> tok.TokenizedTexts:
-        """Token ids of ``texts``, cut to the model's length from the start (counted)."""
+        """Token ids of ``texts`` (one process), cut to the model's length from the start."""
         tokens = self.tokenizer.encode(texts, self.max_length)
         self.truncated += tokens.truncated
         return tokens
@@ -113,25 +113,28 @@ class Scorer:
         lengths = np.array([len(x) for x in ids], np.int32)
         return self._score(lengths, lambda indices: [ids[i] for i in indices])
 
+    def warm_up(self) -> int:
+        """Compile every (bucket, rows) program now, not on first use; returns how many."""
+
+        def one_token(indices):
+            return [np.zeros(1, np.int32) for _ in indices]
+
+        programs = [(w, rows) for w, tiers in self.row_tiers.items() for rows in tiers]
+        for width, rows in programs:
+            self._run(np.zeros(1, np.int64), one_token, width, rows)
+        return len(programs)
+
     def _score(self, lengths: np.ndarray, ids_of) -> np.ndarray:
         out = np.zeros((len(lengths), self.params["head_kernel"].shape[1]), np.float32)
         for chunk, width, batch_rows in self.plan(lengths):
             out[chunk] = self._run(chunk, ids_of, width, batch_rows)
         return out
 
-    def warm_up(self) -> int:
-        """Compile every (bucket, rows) program now, not on first use; returns how many."""
-        programs = [(w, rows) for w, tiers in self.row_tiers.items() for rows in tiers]
-        for width, rows in programs:
-            self._run(np.zeros(1, np.int64), lambda indices: [np.zeros(1, np.int32)] * len(indices),
-                      width, rows)  # fmt: skip
-        return len(programs)
-
     def _run(self, chunk: np.ndarray, ids_of, width: int, batch_rows: int) -> np.ndarray:
-        """Outputs of the texts ``chunk`` as one [batch_rows, width] batch; this process pads
-        and feeds only its own rows (beyond ``len(chunk)``: filler rows)."""
+        """Outputs of the texts ``chunk`` in one [batch_rows, width] batch; this process
+        supplies only its rows (``ids_of`` gives their token ids)."""
         rows = shd.local_rows(self._lengths_sharding, (batch_rows,))
-        mine = [int(chunk[r]) for r in rows if r < len(chunk)]
+        mine = [int(chunk[r]) for r in rows if r < len(chunk)]  # beyond: filler rows
         ids, lens = tok.pad_batch(ids_of(mine), width, len(rows), self.tokenizer.pad_id)
         logits = self._forward(
             self.params,
