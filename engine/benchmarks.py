@@ -134,12 +134,17 @@ def bench_selection(
             store.write_manifest()
 
         def store_read(dtype):
-            return lambda: sum(chunk.stop - chunk.start for chunk in stores[dtype].iter_chunks())
+            return lambda: sum(
+                c.stop - c.start for c in stores[dtype].iter_chunks(reuse_buffers=True)
+            )
 
         def store_stream(dtype):
             store = stores[dtype]
             resolved = config.resolved(store)
-            return lambda: [select_chunk(c, resolved, store.scale) for c in store.iter_chunks()]
+            return lambda: [
+                select_chunk(c, resolved, store.scale)
+                for c in store.iter_chunks(reuse_buffers=True)
+            ]
 
         contenders = {}
         for dtype in ("float32", "int8"):
