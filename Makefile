@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dynrules-installed
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench integration lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+# The judge client against llama.cpp's real server (outside `make test`: the first install builds
+# llama.cpp from source, ~7 min on 2 cores; pip keeps the wheel in its cache, and
+# PIP_FIND_LINKS=DIR uses wheels built beforehand). benchmarks/llama_server.py says what it checks.
+integration: setup
+	$(PY) -m pip install -q -e '.[integration]'
+	$(PY) -m benchmarks.llama_server
 
 lint: setup
 	$(VENV)/bin/ruff check .

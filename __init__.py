@@ -8,6 +8,7 @@ The small public API, imported on first use (JAX only loads with the training en
 - training and the main job: ``train_reward_model``, ``evaluate``, ``train_adapter``,
   ``run_pipeline``, ``PipelineConfig``
 - planning a run on a TPU slice: ``plan_training`` (returns a ``TrainingPlan``)
+- serving: ``RewardClient`` (rewards from a running ``dynrules serve``)
 - errors: ``DynrulesError``, ``InputError``
 """
 
@@ -34,6 +35,7 @@ _EXPORTS = {
     "PipelineConfig": "dynrules.pipeline",
     "plan_training": "dynrules.plan",
     "TrainingPlan": "dynrules.plan",
+    "RewardClient": "dynrules.client",
     "DynrulesError": "dynrules.errors",
     "InputError": "dynrules.errors",
 }

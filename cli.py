@@ -37,6 +37,7 @@ from dynrules.errors import DynrulesError
 from dynrules.pipeline import PipelineConfig
 from dynrules.plan import DTYPES as PLAN_DTYPES
 from dynrules.plan import TOPOLOGY_HELP
+from dynrules.serve import ServeConfig
 from dynrules.train.config import REMAT_POLICIES
 
 
@@ -147,9 +148,11 @@ def bench_selection(n_pairs, n_rules, k, as_json):
         print_json(result)
         return
     for name, value in result["results"].items():
-        click.echo(f"{name:>18}: {value:>14,.0f} pairs/s")
+        click.echo(
+            f"{name:>20}: {value:>14,.0f} pairs/s  {result['cpu_ns_per_pair'][name]:>9.1f} CPU ns/pair"
+        )
     for name, value in result["ratios"].items():
-        click.echo(f"{name:>36}: {value:.3f}")
+        click.echo(f"{name:>42}: {value:.3f} (per CPU-second {result['ratios_cpu'][name]:.3f})")
 
 
 @main.command("train-rm")
@@ -227,6 +230,21 @@ def score(run, input_path, out_path, batch_size, mesh, distributed, as_json):
     )
 
 
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@config_options(ServeConfig)
+@mesh_option
+@click.option("--access-log", is_flag=True, help="Log every request line (never its headers).")
+def serve(run, **fields):
+    """Serve RUN's reward model over HTTP for RL loops (/v1/rewards, OpenRLHF's /get_reward).
+
+    Binds 127.0.0.1 unless --host says otherwise; stops cleanly on SIGTERM.
+    """
+    from dynrules.serve import serve as run_server
+
+    run_server(run, config_from(ServeConfig, fields))
+
+
 @main.command("eval")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("data", type=click.Path(dir_okay=False))
@@ -263,9 +281,12 @@ def eval_rm(run, data, batch_size, mesh, distributed, as_json):
         f"{report['length_baseline']:.4f}); reward mean {report['reward_mean']:.4f} std {report['reward_std']:.4f}; "
         f"{report['truncated']} texts truncated"
     )
-    for kind in ("subsets", "sections"):
-        for name, value in report[kind].items():
-            click.echo(f"  {kind[:-1]} {name}: {value:.4f}")
+    for kind in ("sections", "subsets"):
+        for name, group in report[kind].items():
+            click.echo(
+                f"  {kind[:-1]} {name}: {group['accuracy']:.4f} over {group['pairs']} pairs "
+                f"(length-only {group['length_baseline']:.4f})"
+            )
 
 
 @main.command("plan")
@@ -348,7 +369,21 @@ def launch(processes, devices_per_process, command):
     type=click.Choice(tuple(ENDPOINTS)),
     default="completions",
     show_default=True,
-    help="completions batches several rule questions per request; chat sends one per request.",
+    help="completions batches several rule questions per request; chat sends one per request "
+    "and renders the model's chat template (the one for an instruct judge).",
+)
+@click.option(
+    "--prompts-per-request",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Questions per completions request [default: 64, or 1 once the server refuses lists].",
+)
+@click.option(
+    "--top-logprobs",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Top answer tokens asked for (vLLM and OpenAI allow at most 20).",
 )
 @click.option(
     "--template",
@@ -357,7 +392,11 @@ def launch(processes, devices_per_process, command):
     help="'default' (conversation first), 'published-order' (rule first) or a file with {prompt}, {response}, {rule}.",
 )
 @click.option(
-    "--concurrency", default=16, show_default=True, help="Requests in flight (openai judge)."
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests in flight (openai judge) [default: 16, or 1 once the server is found to take "
+    "one prompt per request]; with one question a request, each stream rates a pair at a time.",
 )
 @click.option(
     "--timeout",
@@ -397,6 +436,8 @@ def rate(
     model,
     api_key_env,
     endpoint,
+    prompts_per_request,
+    top_logprobs,
     template,
     concurrency,
     timeout,
@@ -418,6 +459,8 @@ def rate(
     options = (
         dict(
             endpoint=endpoint,
+            prompts_per_request=prompts_per_request,
+            top_logprobs=top_logprobs,
             template=template,
             concurrency=concurrency,
             timeout=timeout,
@@ -719,10 +762,43 @@ def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
 
 @bench.command("judge")
 @click.option(
-    "--client-pairs",
-    default=400,
+    "--base-url",
+    default=None,
+    help="Measure against this OpenAI-compatible server instead of the loopback one.",
+)
+@click.option("--model", default=None, help="Model name served at --base-url.")
+@click.option(
+    "--endpoint",
+    type=click.Choice(["completions", "chat"]),
+    default="completions",
     show_default=True,
-    help="Pairs rated on every rule by the client.",
+)
+@click.option(
+    "--api-key-env",
+    default="OPENAI_API_KEY",
+    show_default=True,
+    help="Environment variable holding the API key for --base-url.",
+)
+@click.option(
+    "--client-pairs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pairs rated by the client [default: 400 on the loopback server, 4 on --base-url].",
+)
+@click.option(
+    "--rules",
+    "n_rules",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="With --base-url: rules of the default pool asked per pair.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --base-url: timed runs per request pattern (the best counts).",
 )
 @click.option(
     "--embedded-pairs",
@@ -734,18 +810,48 @@ def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
     "--prefix-pairs", default=50, show_default=True, help="Pairs for the shared-prefix fractions."
 )
 @json_option()
-def bench_judge(client_pairs, embedded_pairs, prefix_pairs, as_json):
-    """Judge client ratings/s vs a zero-latency loopback server, prefix sharing, embedded ratings/s."""
-    from dynrules.bench.judge import bench_judge as run
+def bench_judge(
+    base_url,
+    model,
+    endpoint,
+    api_key_env,
+    client_pairs,
+    n_rules,
+    repeats,
+    embedded_pairs,
+    prefix_pairs,
+    as_json,
+):
+    """Judge client ratings/s (loopback server, or a real one with --base-url), prefix sharing,
+    embedded ratings/s."""
+    import os
 
-    result = run(
-        client_pairs=client_pairs, embedded_pairs=embedded_pairs, prefix_pairs=prefix_pairs
-    )
+    from dynrules.bench import judge as judge_bench
+
+    if base_url:
+        if not model:
+            raise DynrulesError("--base-url needs --model")
+        result = judge_bench.bench_judge_server(
+            base_url=base_url,
+            model=model,
+            endpoint=endpoint,
+            api_key=os.environ.get(api_key_env),
+            n_pairs=client_pairs or 4,
+            n_rules=n_rules,
+            repeats=repeats,
+            prefix_pairs=prefix_pairs,
+        )
+    else:
+        result = judge_bench.bench_judge(
+            client_pairs=client_pairs or 400,
+            embedded_pairs=embedded_pairs,
+            prefix_pairs=prefix_pairs,
+        )
     if as_json:
         print_json(result)
         return
     for name, value in result["results"].items():
-        click.echo(f"{name:>34}: {value:>12,.4g}")
+        click.echo(f"{name:>38}: {value:>12,.4g}")
 
 
 @bench.command("train")
@@ -786,6 +892,29 @@ def bench_score_rm(backbone, n_pairs, batch_size, max_length, as_json):
     for name, value in result["results"].items():
         click.echo(f"{name:>18}: {value:>10.2f} pairs/s")
     click.echo(f"{'jax / torch':>18}: {result['ratios']['jax_over_torch']:.2f}x")
+
+
+@bench.command("serve")
+@click.option("--clients", default=64, show_default=True, help="Concurrent clients.")
+@click.option(
+    "--requests", default=20, show_default=True, help="Requests (one pair each) a client."
+)
+@click.option("--c1-requests", default=64, show_default=True, help="Requests of the lone client.")
+@click.option("--max-length", default=256, show_default=True)
+@json_option()
+def bench_serve(clients, requests, c1_requests, max_length, as_json):
+    """Reward server pairs/s at 1 and many clients vs offline scoring of the same model."""
+    from dynrules.bench.serve import bench_serve as run
+
+    result = run(clients=clients, requests=requests, c1_requests=c1_requests, max_length=max_length)
+    if as_json:
+        print_json(result)
+        return
+    for name in ("offline_pairs_per_s", "server_pairs_per_s_c1", "server_pairs_per_s_c64"):
+        click.echo(f"{name:>24}: {result[name]:>10.2f}")
+    click.echo(f"{'c64 / offline':>24}: {result['c64_over_offline']:.2f}x")
+    click.echo(f"{'p50 / p99 (c64)':>24}: {result['p50_ms']:.0f} / {result['p99_ms']:.0f} ms")
+    click.echo(f"{'failed':>24}: {result['failed']}")
 
 
 @bench.command("multihost")

@@ -4,14 +4,18 @@
     → train the rule adapter → train the reward model on rule labels → evaluate on held-out
     pairs → report (report.json, report.md, report.html, PNG plots)
 
-Data: by default the PyRIT scorer-evaluation pairs (engine.datasets.pyrit_pairs: real LLM
-responses with human harm scores, split by prompt into train and held-out); or any pairs file,
+Data: by default the PyRIT safety mix (engine.datasets.safety_mix: real LLM responses with human
+harm and refusal scores; harmful requests where the safer response wins and benign requests where
+the answer beats a real refusal, split by prompt into train and held-out); or any pairs file,
 split by prompt with the same hash. Pairs need a human ``truth`` field for the ablation and the
-human-label reference model; without one those parts are skipped and the report says so.
+human-label reference model; without one those parts are skipped and the report says so. Pairs
+with ``section``/``subset`` fields are evaluated per section (RewardBench style), and the judge's
+labels are compared with ``truth`` per section too.
 
 The reference points of the reward-model evaluation, all on the same held-out pairs against
 human preferences: the model trained on rule labels (the method), the same model trained on the
-human labels of the same training pairs (the upper reference), and a length-only baseline.
+human labels of the same training pairs (the upper reference), and a length-only baseline; per
+section, plus the over-refusal rate on the held-out answer-vs-refusal pairs.
 """
 
 from __future__ import annotations
@@ -81,14 +85,16 @@ class _Stages:
 
 
 def load_data(pairs_path, config: PipelineConfig) -> tuple[list[dict], list[dict], str]:
-    """(train, held-out, description): PyRIT by default, else a file split by prompt."""
-    from dynrules.engine.datasets import prompt_split, pyrit_pairs
+    """(train, held-out, description): the PyRIT safety mix by default, else a file split by prompt."""
+    from dynrules.engine.datasets import prompt_split, safety_mix
 
     if pairs_path is None:
         return (
-            pyrit_pairs("train", config.seed),
-            pyrit_pairs("heldout", config.seed),
-            "PyRIT scorer-evaluation pairs (real LLM responses, human harm scores), split by prompt",
+            safety_mix("train", config.seed),
+            safety_mix("heldout", config.seed),
+            "PyRIT scorer-evaluation data (real LLM responses with human harm and refusal "
+            "scores): harmful requests where the safer response wins and benign requests where "
+            "the answer beats a real refusal, split by prompt",
         )
     from dynrules.engine.pairs import load_pairs
 
@@ -117,6 +123,7 @@ def human_pairs(records: list[dict]) -> list[dict]:
                 "id": r["id"],
                 "prompt": r["prompt"],
                 "subset": r.get("subset"),
+                "section": r.get("section"),
                 "chosen": r["response_a"] if a_first else r["response_b"],
                 "rejected": r["response_b"] if a_first else r["response_a"],
             }
@@ -241,8 +248,9 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
             length_baseline=result["length_baseline"],
             human_label_accuracy=human["accuracy"],
             heldout_pairs=result["pairs"],
-            subsets=result.get("subsets", {}),
-            human_label_subsets=human.get("subsets", {}),
+            rules=_sectioned(result),
+            human=_sectioned(human),
+            subset_sections={r["subset"]: r["section"] for r in heldout if r.get("section")},
         )
 
     report = {
@@ -266,6 +274,7 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
             "ties": selected["ties"],
         },
         "policies": policies,
+        "label_agreement": _label_agreement(stores, selection) if has_truth else {},
         "adapter": adapter,
         "reward_model": reward_model,
         "stages": stages.seconds,
@@ -277,6 +286,62 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
     }
     write_pipeline_report(report, out)
     return report
+
+
+def _sectioned(result: dict) -> dict:
+    """A held-out evaluation's sections, subsets, section mean and over-refusal rate."""
+    from dynrules.engine.datasets import OVER_REFUSAL_SUBSET
+
+    sections = {k: v for k, v in result["sections"].items() if k != "all"}
+    out = {
+        "accuracy": result["accuracy"],
+        "sections": result["sections"],
+        "subsets": result["subsets"],
+        # RewardBench's overall score: sections count equally, whatever their sizes.
+        "section_mean": float(np.mean([v["accuracy"] for v in sections.values()]))
+        if sections
+        else None,
+    }
+    if OVER_REFUSAL_SUBSET in result["subsets"]:
+        group = result["subsets"][OVER_REFUSAL_SUBSET]
+        # Ties count as the refusal winning (RewardBench: a tie is wrong).
+        out["over_refusal"] = {"pairs": group["pairs"], "rate": 1.0 - group["accuracy"]}
+    return out
+
+
+def _label_agreement(stores: dict, selection) -> dict:
+    """The judge's selected labels against the human/source labels, per split, section, subset.
+
+    A tie counts as a disagreement; ``ties`` says how many there were.
+    """
+    from dynrules.engine.select import select_chunk
+
+    out = {}
+    for split, store in stores.items():
+        resolved = selection.resolved(store)
+        fixed = (
+            np.asarray([store.rule_ids.index(r) for r in resolved.rules], np.int64)
+            if resolved.policy == "fixed"
+            else None
+        )
+        labels = np.concatenate(
+            [select_chunk(c, resolved, store.scale, fixed)[2] for c in store.iter_chunks()]
+        )
+        agree = labels == np.where(store.read_field("truth").astype(np.int64) == 1, 1, -1)
+        groups = {"all": np.ones(len(labels), bool)}
+        for field in ("section", "subset"):
+            if field in store.pair_columns():
+                values = store.read_field(field).astype(str)
+                groups |= {f"{field}:{v}": values == v for v in sorted(set(values))}
+        out[split] = {
+            name: {
+                "pairs": int(rows.sum()),
+                "agreement": float(agree[rows].mean()),
+                "ties": int((labels[rows] == 0).sum()),
+            }
+            for name, rows in groups.items()
+        }
+    return out
 
 
 def _adapter_report(adapter_dir: Path, store, selection, has_truth: bool) -> dict:

@@ -12,16 +12,17 @@ What the compiled executable tells:
 - **memory per device** (``memory_analysis``): arguments + outputs − donated aliases +
   temporaries + code. The TPU compiler refuses a program that does not fit its HBM; its message
   states the bytes the program needs, reported as ``bytes_per_device`` with ``fits = false``.
-- **FLOPs per device** (``cost_analysis``). XLA counts a loop body once whatever its trip
-  count (and inlines a one-trip loop, where the recomputation of remat is merged away), so
-  the scanned layers and the gradient-accumulation scan would be undercounted. Two small
-  probes — the same step with 0 and with 2 layers, for one pair per batch shard and no
-  accumulation — give c0 and c2 per device; c2 − c0 is one layer's forward, recomputation
-  and backward, and a step costs p · (c0 + L · (c2 − c0)) for L layers and p pairs per batch
-  shard over all micro-batches. The probes fit where the step itself may not, so the count is
-  there either way. The optimizer update is counted ~p·L/2 times too often: it costs ~15 FLOPs
-  per parameter a device holds, against ~12 · seq per parameter for each pair, so this stays
-  under 0.1% at seq 2048.
+- **FLOPs** (``cost_analysis``), from two probes: the same step for one pair on one host CPU
+  device, with 0 and with 2 layers, give c0 and c2, and a step costs
+  batch · (c0 + L · (c2 − c0)) over all devices (FSDP and tensor parallelism split it evenly;
+  collectives add none). Why probes: XLA counts a loop body once whatever its trip count,
+  which undercounts the scanned layers and the gradient-accumulation scan (c2 − c0 is exactly
+  one layer's forward, recomputation and backward: two trips, each body counted once; a
+  one-trip loop would be inlined and its recomputation merged away); and on a TPU mesh the
+  compiler turns FSDP's all-gather + matmul into loops over weight shards (windowed einsum),
+  undercounting again. Why a host device: its probe compiles without fitting anywhere. It
+  counts the optimizer update ``batch`` times instead of once — ~15 FLOPs per parameter
+  against ~12 · seq per parameter for each pair, well under 0.1% at seq 2048.
 - **step time at peak**: FLOPs per device / the chip's peak bf16 FLOP/s — a lower bound that
   ignores communication and memory bandwidth; divide by an MFU you believe (MaxText reports
   ~45% for Llama-3.1-8B on v6e-256) for an estimate.
@@ -104,8 +105,8 @@ class TrainingPlan:
     bytes_per_device: int | None  # everything the step needs on one device (compiler)
     hbm_per_device: int
     fits: bool
-    flops_per_device: float | None  # compiler, loop-corrected
-    flops_per_step: float | None  # all devices
+    flops_per_device: float | None  # flops_per_step / devices
+    flops_per_step: float | None  # compiler's count from the probes (module doc), all devices
     model_flops_per_step: float  # analytic 6·N·D-style count (no recomputation)
     peak_flops_per_device: float | None
     step_seconds_at_peak: float | None
@@ -181,11 +182,13 @@ def resolve_topology(name: str) -> Target:
     elif match := _TPU_TOPOLOGY.fullmatch(text):
         chip = CHIPS[match.group(1)]
         shape = tuple(int(x) for x in match.group(2).split("x"))
-        if len(shape) != chip.dims or min(shape) < 1:
+        if len(shape) != chip.dims:
             raise DynrulesError(
                 f"{name}: a {chip.name} topology has {chip.dims} dimensions, e.g. "
                 f"{chip.name}:{'x'.join(map(str, slice_shape(chip, 8)))}"
             )
+        if min(shape) < 1:
+            raise DynrulesError(f"{name}: every dimension needs at least one chip")
     else:
         raise DynrulesError(f"unknown topology {name!r}; use {TOPOLOGY_HELP}")
     canonical = f"{chip.name}:{'x'.join(map(str, shape))}"
@@ -274,7 +277,8 @@ def plan_training(
 
     started = time.perf_counter()
     full = _compile_step(config, target, **options)
-    flops_per_device, probe_note = _corrected_flops(config, target, shards=full.shards, **options)
+    flops_per_step, probe_note = _step_flops(config, **options)
+    flops_per_device = None if flops_per_step is None else flops_per_step / devices
     note = full.note or probe_note
     seconds = time.perf_counter() - started
 
@@ -298,7 +302,7 @@ def plan_training(
         hbm_per_device=target.hbm_per_device,
         fits=fits,
         flops_per_device=flops_per_device,
-        flops_per_step=None if flops_per_device is None else flops_per_device * devices,
+        flops_per_step=flops_per_step,
         model_flops_per_step=model_flops(config, seq=seq, batch=batch),
         peak_flops_per_device=peak,
         step_seconds_at_peak=(
@@ -312,7 +316,6 @@ def plan_training(
 @dataclasses.dataclass
 class _Compiled:
     mesh: dict
-    shards: int  # ways the batch is split (data × fsdp)
     params: int
     state_bytes: int
     bytes: int | None  # None: the compiler failed without saying how much it needed
@@ -363,33 +366,34 @@ def _compile_step(config, target: Target, *, seq, batch, grad_accum, mesh, dtype
         needed = _bytes_needed(str(exc))
         if not (target.out_of_memory_is_an_error and "RESOURCE_EXHAUSTED" in str(exc)):
             raise DynrulesError(f"compiling for {target.name}: {_first_line(exc)}") from exc
-        return _Compiled(mesh_sizes, shards, params, state_bytes, needed, None,
+        return _Compiled(mesh_sizes, params, state_bytes, needed, None,
                          f"does not fit: {_first_line(exc)}")  # fmt: skip
     memory = compiled.memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes
              + memory.generated_code_size_in_bytes)  # fmt: skip
-    return _Compiled(mesh_sizes, shards, params, state_bytes, int(total), _flops(compiled), "")
+    return _Compiled(mesh_sizes, params, state_bytes, int(total), _flops(compiled), "")
 
 
-def _corrected_flops(config, target: Target, *, shards: int, **options) -> tuple[float | None, str]:
-    """Per-device FLOPs of a step from two small probes (module doc): 0 and 2 layers, one pair
-    per batch shard, no gradient accumulation; scaled by layers, pairs and micro-batches."""
-    probe = options | {"batch": shards, "grad_accum": 1}
-    counts = []
-    for layers in (0, 2):
-        compiled = _compile_step(
-            dataclasses.replace(config, num_hidden_layers=layers), target, **probe
-        )
-        if compiled.flops is None:
-            return (
-                None,
-                f"no FLOP count: the {layers}-layer probe did not compile ({compiled.note})",
-            )
-        counts.append(compiled.flops)
-    c0, c2 = counts
-    pairs_per_shard = options["batch"] // shards  # over all micro-batches
-    return pairs_per_shard * (c0 + config.num_hidden_layers * (c2 - c0)), ""
+def _step_flops(config, *, batch: int, **options) -> tuple[float | None, str]:
+    """FLOPs of a whole step (all devices) from the one-pair probes on a host device (module doc)."""
+    import jax
+
+    try:
+        host = [jax.devices("cpu")[0]]
+    except RuntimeError as exc:  # JAX_PLATFORMS without cpu
+        return None, f"no FLOP count: no host device for the probes ({_first_line(exc)})"
+    probe_target = Target("cpu:1", "cpu", host, 0, None, False)
+    probe = options | {"batch": 1, "grad_accum": 1, "mesh": ""}
+    c0, c2 = (
+        _compile_step(
+            dataclasses.replace(config, num_hidden_layers=layers), probe_target, **probe
+        ).flops
+        for layers in (0, 2)
+    )
+    if c0 is None or c2 is None:
+        return None, "no FLOP count: the compiler gave none for the probes"
+    return batch * (c0 + config.num_hidden_layers * (c2 - c0)), ""
 
 
 def model_flops(config, *, seq: int, batch: int) -> float:

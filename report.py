@@ -93,6 +93,7 @@ def pipeline_markdown(report: dict) -> str:
                 f"- {name.replace('_', ' ')} vs human truth: agreement {_fmt(s['agreement'])}, "
                 f"MI {s['mi_bits']:.4f} bits [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
             )
+    lines += _label_agreement_lines(report.get("label_agreement", {}))
     lines += ["", "## Reward model (held-out pairs, human preferences; ties count wrong)", ""]
     if "accuracy" in rm:
         lines += [
@@ -102,6 +103,7 @@ def pipeline_markdown(report: dict) -> str:
             f"| trained on human labels of the same pairs (upper reference) | {rm['human_label_accuracy']:.3f} |",
             f"| length-only baseline (longer response wins) | {rm['length_baseline']:.3f} |",
         ]
+        lines += _section_lines(rm, report.get("label_agreement", {}).get("heldout", {}))
     else:
         lines.append("No human truth in the data: held-out accuracy not measured.")
     lines += [
@@ -116,6 +118,109 @@ def pipeline_markdown(report: dict) -> str:
     for name, seconds in report["stages"].items():
         lines.append(f"| {name} | {seconds} | {_fmt(report['throughput'].get(name), 1)} |")
     return "\n".join(lines) + "\n"
+
+
+SECTION_TARGET = 0.80  # per section, for the model trained on rule labels
+
+
+def _section_lines(rm: dict, judge_heldout: dict) -> list[str]:
+    """Per-section accuracy (RewardBench style), over-refusal, per-subset accuracy, and for each
+    section below the target whether the labels or the reward model fall short."""
+    rules, human = rm["rules"], rm["human"]
+    sections = [name for name in rules["sections"] if name != "all"]
+    if not sections:
+        return []
+
+    def cell(group: dict) -> str:
+        return f"{group['accuracy']:.3f} ({group['pairs']})"
+
+    lines = [
+        "",
+        "### Sections",
+        "",
+        "Accuracy (pairs). *should refuse*: harmful request, the safer response should win; "
+        "*should respond*: benign request, the answer should beat the refusal or off-topic "
+        "reply. Weighted mean: over all pairs (sections weighted by their pair counts); section "
+        "mean: the sections counted equally (RewardBench's overall score).",
+        "",
+        "| model | " + " | ".join(s.replace("_", " ") for s in sections) + " | weighted mean | "
+        "section mean | over-refusal rate |",
+        "|---|" + "---|" * (len(sections) + 3),
+    ]
+    for name, result in (("rule labels", rules), ("human labels", human)):
+        over = result.get("over_refusal")
+        over_text = f"{over['rate']:.3f} ({over['pairs']})" if over else "–"
+        lines.append(
+            f"| trained on {name} | "
+            + " | ".join(cell(result["sections"][s]) for s in sections)
+            + f" | {result['accuracy']:.3f} ({rm['heldout_pairs']}) | "
+            f"{_fmt(result['section_mean'])} | {over_text} |"
+        )
+    lines.append(
+        "| length-only baseline | "
+        + " | ".join(
+            f"{rules['sections'][s]['length_baseline']:.3f} ({rules['sections'][s]['pairs']})"
+            for s in sections
+        )
+        + f" | {rm['length_baseline']:.3f} ({rm['heldout_pairs']}) | – | – |"
+    )
+    met = all(rules["sections"][s]["accuracy"] >= SECTION_TARGET for s in sections)
+    lines += [
+        "",
+        f"Target for the rule-label model: every section ≥ {SECTION_TARGET:.2f} — "
+        f"**{'met' if met else 'missed'}**. Over-refusal rate: share of the held-out benign "
+        "requests' answer-vs-refusal pairs (prompts and refusal texts never trained on) where the "
+        "refusal scores at least as high as the answer.",
+    ]
+    for section in sections:
+        accuracy = rules["sections"][section]["accuracy"]
+        judge = judge_heldout.get(f"section:{section}")
+        if accuracy >= SECTION_TARGET or judge is None:
+            continue
+        lines += [
+            "",
+            f"- *{section.replace('_', ' ')}* falls short: the rule-label model scores "
+            f"{accuracy:.3f}; the judge's labels agree with the human/source labels on "
+            f"{judge['agreement']:.3f} of these held-out pairs and the model trained on the "
+            f"human labels scores {human['sections'][section]['accuracy']:.3f}.",
+        ]
+    lines += [
+        "",
+        "| subset | section | pairs | rule labels | human labels | length only |",
+        "|---|---|---|---|---|---|",
+    ]
+    section_of = rm.get("subset_sections", {})
+    for subset, group in rules["subsets"].items():
+        lines.append(
+            f"| {subset} | {section_of.get(subset, '')} | {group['pairs']} | "
+            f"{group['accuracy']:.3f} | {human['subsets'][subset]['accuracy']:.3f} | "
+            f"{group['length_baseline']:.3f} |"
+        )
+    return lines
+
+
+def _label_agreement_lines(agreement: dict) -> list[str]:
+    """The judge's labels against the human/source labels, per split, section and subset."""
+    if not agreement:
+        return []
+    splits = list(agreement)
+    lines = [
+        "",
+        "## Judge labels vs human/source labels, per section",
+        "",
+        "The selected labels (policy and k above) against each pair's human or source label; "
+        "ties count as disagreement. agreement (pairs, ties)",
+        "",
+        "| group | " + " | ".join(splits) + " |",
+        "|---|" + "---|" * len(splits),
+    ]
+    for group in agreement[splits[0]]:
+        cells = []
+        for split in splits:
+            row = agreement[split].get(group)
+            cells.append(f"{row['agreement']:.3f} ({row['pairs']}, {row['ties']})" if row else "–")
+        lines.append(f"| {group.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_pipeline_report(report: dict, out: Path) -> None:

@@ -12,6 +12,19 @@
 - embedded ratings/s on CPU, after a warm-up that pays the one-time model load and compilation
   (reported separately as ``embedded_startup_s``).
 
+Against a real server (``dynrules bench judge --base-url URL --model M``), so a user can size a
+rating job before starting it: ratings/s of the client with its defaults on a few PyRIT pairs
+and the first rules of the pool, for three request patterns, after a warm-up pair that lets
+the client learn the server's request shape:
+
+- ``conversation_first``: the default template (conversation first, rule last), every rule of
+  one response asked back to back (what ``dynrules rate`` does);
+- ``interleaved``: the same template and client, but the jobs go rule by rule across the
+  pairs, so consecutive questions belong to different conversations: what a server that
+  reuses only its last prompt's prefix loses without the conversation-first order;
+- ``published_order``: the rule-first ordering of the published code, asked conversation first
+  (the rule comes before the conversation, so no order can share more than the header).
+
 :func:`judge_agreement` measures how often a judge's adaptive top-k labels agree with human
 labels, with a Wilson interval and a bootstrap interval that resamples prompts (pairs sharing a
 prompt are not independent).
@@ -26,7 +39,8 @@ from importlib import resources
 
 import numpy as np
 
-from dynrules.engine.judges.base import Job, Judge, pair_cells
+from dynrules.engine.judges.base import Judge, pair_cells
+from dynrules.engine.judges.runner import pair_jobs
 from dynrules.engine.judges.templates import load_template
 from dynrules.engine.pool import RulePool, load_pool
 from dynrules.errors import DynrulesError
@@ -44,18 +58,8 @@ def rate_in_memory(
     """(s(A), s(B), relevance) [N, R] float32 for all rules, and the number of failed cells (0s)."""
     n, n_rules = len(records), len(judge.pool)
     a, b, relevance = (np.zeros((n, n_rules), np.float32) for _ in range(3))
-    jobs = (
-        Job(
-            row,
-            r["prompt"],
-            (r["response_a"], r["response_b"]),
-            np.arange(n_rules)[start : start + judge.rules_per_job],
-        )
-        for row, r in enumerate(records)
-        for start in range(0, n_rules, judge.rules_per_job)
-    )
     failed = 0
-    for result in judge.rate_jobs(jobs):
+    for result in judge.rate_jobs(pair_jobs(records, np.ones((n, n_rules), bool), judge)):
         rules, sa, sb, rel = pair_cells(result)
         row = result.job.row
         a[row, rules], b[row, rules], relevance[row, rules] = sa, sb, rel
@@ -247,6 +251,135 @@ def embedded_ratings_per_s(pool: RulePool, n_pairs: int) -> tuple[float, float]:
     return 2 * n_pairs * len(pool) / (time.perf_counter() - started), startup
 
 
+def server_ratings_per_s(
+    pool: RulePool,
+    *,
+    base_url: str,
+    model: str,
+    n_pairs: int = 4,
+    n_rules: int = 10,
+    repeats: int = 1,
+    server_counters=None,
+    **options,
+) -> dict:
+    """Ratings/s of the client against a real server for the three request patterns above.
+
+    Each pattern gets its own client (learning the server's request shape on a warm-up pair not
+    measured), then ``repeats`` timed runs, the patterns taking turns; the best run counts.
+    Failed cells are counted, not raised: a real model may answer outside Yes/No/Irrelevant.
+    ``server_counters``: a callable returning cumulative server-side counters (for example CPU
+    seconds of a local server process); their increase per rating in the best run is reported.
+    """
+    from dynrules.engine.judges.base import Job
+    from dynrules.engine.judges.openai import OpenAIJudge
+
+    pool = RulePool(pool.name, pool.rules[:n_rules])
+    records = _bench_records(n_pairs + 1)
+    warm_up, records = records[-1:], records[:-1]
+    patterns = {
+        "conversation_first": "default",
+        "interleaved": "default",
+        "published_order": "published-order",
+    }
+    judges = {
+        name: OpenAIJudge(pool, base_url=base_url, model=model, template=template, **options)
+        for name, template in patterns.items()
+    }
+
+    def interleaved_jobs():  # rule by rule across the pairs: each question changes conversation
+        for rule in range(len(pool)):
+            for row, r in enumerate(records):
+                yield Job(row, r["prompt"], (r["response_a"], r["response_b"]), np.array([rule]))
+
+    best = dict.fromkeys(patterns, 0.0)
+    failed = dict.fromkeys(patterns, 0)
+    per_rating: dict[str, dict] = {name: {} for name in patterns}
+    for judge in judges.values():
+        rate_in_memory(judge, warm_up)
+    for _ in range(repeats):
+        for name, judge in judges.items():
+            before = server_counters() if server_counters else {}
+            started = time.perf_counter()
+            if name == "interleaved":
+                results = list(judge.rate_jobs(interleaved_jobs()))
+                n_failed = sum(len(r.errors) - int(r.ok.sum()) for r in results)
+            else:
+                n_failed = rate_in_memory(judge, records)[3]
+            seconds = time.perf_counter() - started
+            ratings = 2 * len(records) * len(pool)
+            if ratings / seconds > best[name]:
+                best[name], failed[name] = ratings / seconds, n_failed
+                after = server_counters() if server_counters else {}
+                per_rating[name] = {k: (after[k] - before[k]) / ratings for k in after}
+    default = judges["conversation_first"]
+    return {
+        "ratings_per_s": best,
+        "failed_cells": failed,
+        "server_per_rating": per_rating,
+        "prompts_per_request": default.prompts_per_request,
+        "concurrency": default.concurrency,
+        "pairs": len(records),
+        "rules": len(pool),
+    }
+
+
+def bench_judge_server(
+    *,
+    base_url: str,
+    model: str,
+    n_pairs: int = 4,
+    n_rules: int = 10,
+    repeats: int = 1,
+    prefix_pairs: int = 50,
+    pool: RulePool | None = None,
+    **options,
+) -> dict:
+    """The ``dynrules bench judge --base-url URL --model M`` result."""
+    pool = pool or load_pool()
+    measured = server_ratings_per_s(
+        pool,
+        base_url=base_url,
+        model=model,
+        n_pairs=n_pairs,
+        n_rules=n_rules,
+        repeats=repeats,
+        **options,
+    )
+    rates = measured["ratings_per_s"]
+    prefix_records = _bench_records(prefix_pairs)
+    return {
+        "benchmark": "judge-server",
+        "results": {
+            "conversation_first_ratings_per_s": round(rates["conversation_first"], 2),
+            "interleaved_ratings_per_s": round(rates["interleaved"], 2),
+            "published_order_ratings_per_s": round(rates["published_order"], 2),
+            "conversation_first_vs_interleaved": round(
+                rates["conversation_first"] / rates["interleaved"], 2
+            ),
+            "conversation_first_vs_published_order": round(
+                rates["conversation_first"] / rates["published_order"], 2
+            ),
+            "shared_prefix_fraction_default": round(
+                shared_prefix_fraction(pool, prefix_records, "default"), 4
+            ),
+            "shared_prefix_fraction_published": round(
+                shared_prefix_fraction(pool, prefix_records, "published-order"), 4
+            ),
+        },
+        "setup": {
+            "server": base_url,
+            "model": model,
+            "endpoint": options.get("endpoint", "completions"),
+            "pairs": measured["pairs"],
+            "rules": measured["rules"],
+            "repeats": repeats,
+            "failed_cells": measured["failed_cells"],
+            "prompts_per_request": measured["prompts_per_request"],
+            "concurrency": measured["concurrency"],
+        },
+    }
+
+
 def bench_judge(
     *,
     client_pairs: int = 400,
@@ -254,7 +387,7 @@ def bench_judge(
     prefix_pairs: int = 50,
     pool: RulePool | None = None,
 ) -> dict:
-    """The ``dynrules bench judge`` result."""
+    """The ``dynrules bench judge`` result (loopback server and embedded judge)."""
     pool = pool or load_pool()
     prefix_records = _bench_records(prefix_pairs)
     client = client_ratings_per_s(pool, client_pairs)

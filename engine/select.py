@@ -74,6 +74,11 @@ class SelectionConfig:
             raise DynrulesError(
                 f"criterion {criterion!r} needs relevance, and this store has none; use 'absolute'"
             )
+        if self.policy == "adaptive" and criterion == "additive" and store.dtype == "int8":
+            try:
+                K.alpha_fraction(self.alpha)  # int8 criteria are exact integers q·ρ + p·|d|
+            except ValueError as exc:
+                raise DynrulesError(f"alpha {self.alpha}: {exc}") from None
         k = (
             store.n_rules
             if self.policy == "all"

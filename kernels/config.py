@@ -26,6 +26,11 @@ def _cache_writable() -> bool:
 
 _CACHE = _cache_writable()
 
+# Idle OpenMP workers sleep rather than spin. Streaming selection alternates short kernel calls
+# with TensorStore's read threads on the same cores; a spinning worker takes them from the reads
+# (it cost a third more CPU per pair). Read when the OpenMP runtime loads, at the first kernel.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 EXACT = dict(nogil=True, cache=_CACHE, error_model="numpy", fastmath=FINITE_ONLY)
 PARALLEL_EXACT = dict(EXACT, parallel=True)
 # Only for the roofline read pass, whose sum is a sink for loads, not a result anyone reads.
@@ -34,3 +39,6 @@ PARALLEL_REASSOC = dict(PARALLEL_EXACT, fastmath=FINITE_ONLY | {"reassoc", "cont
 # Rows per parallel work item: large enough to amortise scheduling and per-block scratch buffers,
 # small enough to balance across threads.
 ROW_BLOCK = 2048
+# Bytes the vectoriser handles per unrolled loop step (4 AVX-512 registers): key rows padded to a
+# multiple of it run without a scalar remainder loop.
+VECTOR_BYTES = 256

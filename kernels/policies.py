@@ -1,46 +1,22 @@
 """Redundancy-aware greedy selection (the z-scored criterion is select_top_k with a weight).
 
 It reads the same inputs as ``kernels.selection.select_top_k``, including ``weight`` [R]
-(float32), and evaluates the same criterion, in float32 in exactly the same order:
-
-    spread_i  = |a_i − b_i|·scale·weight_i
-    ADDITIVE  relevance_i·relevance_scale + alpha·spread_i
-    PRODUCT   relevance_i·relevance_scale · spread_i
-    ABSOLUTE  spread_i
+(float32), and evaluates the same float32 criterion (``selection.criterion_of``: for float32
+ratings relevance·relevance_scale + alpha·|d|·scale·weight and so on, for int8 ratings the same in
+stored units with alpha = p/q).
 
 Greedy selection picks k rules one at a time: the next rule maximises
     criterion_i · (1 − discount · max_{j chosen} redundancy[j, i])
 so a rule that (nearly) duplicates one already chosen is passed over. With discount 0 it selects
 exactly what top-k selects, in the same order. Ties go to the lower rule index; margins are
-Σ_{i∈S} d_i in float64 in selection order, as in kernels.selection.
+(Σ_{i∈S} d_i)·scale, summed in float64 in selection order, as in kernels.selection.
 """
 
 import numba
 import numpy as np
 
-from .config import EXACT, PARALLEL_EXACT, ROW_BLOCK
-from .selection import ADDITIVE, PRODUCT
-
-
-@numba.njit(**EXACT)
-def _criteria(a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, out):
-    for i in range(a.shape[1]):
-        spread = abs(np.float32(a[row, i]) - np.float32(b[row, i])) * scale32 * weight[i]
-        if criterion == ADDITIVE:
-            out[i] = np.float32(relevance[row, i]) * relevance_scale32 + alpha32 * spread
-        elif criterion == PRODUCT:
-            out[i] = np.float32(relevance[row, i]) * relevance_scale32 * spread
-        else:
-            out[i] = spread
-
-
-@numba.njit(**EXACT)
-def _margin(a, b, row, index, scale):
-    margin = 0.0
-    for j in range(index.shape[1]):
-        i = index[row, j]
-        margin += (np.float64(a[row, i]) - np.float64(b[row, i])) * scale
-    return margin
+from .config import PARALLEL_EXACT, ROW_BLOCK
+from .selection import criterion_coefficients, criterion_of
 
 
 @numba.njit(**PARALLEL_EXACT)
@@ -64,10 +40,8 @@ def select_greedy(
     ``redundancy`` [R, R] float32 in [0, 1]; ``discount`` in [0, 1].
     """
     n, n_rules = a.shape
-    alpha32, scale32, relevance_scale32 = (
-        np.float32(alpha),
-        np.float32(scale),
-        np.float32(relevance_scale),
+    spread_scale, relevance_coef, spread_coef = criterion_coefficients(
+        a, criterion, alpha, scale, relevance_scale
     )
     discount32 = np.float32(discount)
     n_blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
@@ -76,9 +50,17 @@ def select_greedy(
         penalty = np.empty(n_rules, np.float32)
         taken = np.empty(n_rules, np.bool_)
         for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
-            _criteria(
-                a, b, relevance, row, criterion, alpha32, scale32, relevance_scale32, weight, value
-            )
+            for i in range(n_rules):
+                value[i] = criterion_of(
+                    a[row, i],
+                    b[row, i],
+                    relevance[row, i],
+                    weight[i],
+                    criterion,
+                    spread_scale,
+                    relevance_coef,
+                    spread_coef,
+                )
             penalty[:] = 0.0
             taken[:] = False
             for j in range(k):
@@ -94,4 +76,8 @@ def select_greedy(
                 out_index[row, j] = best
                 for i in range(n_rules):
                     penalty[i] = max(penalty[i], redundancy[best, i])
-            out_margin[row] = _margin(a, b, row, out_index, scale)
+            total = 0.0
+            for j in range(k):
+                i = out_index[row, j]
+                total += np.float64(a[row, i]) - np.float64(b[row, i])
+            out_margin[row] = total * scale

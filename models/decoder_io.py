@@ -90,7 +90,7 @@ class SafetensorsSource:
             except Exception as exc:  # safetensors raises its own types for bad files
                 raise DynrulesError(f"cannot read {directory / name}: {exc}") from exc
         if weight_map is None:
-            weight_map = {key: SINGLE_FILE for key in self._handles[SINGLE_FILE].keys()}  # noqa: SIM118
+            weight_map = {key: SINGLE_FILE for key in self._handles[SINGLE_FILE].keys()}
         self._file_of = weight_map
 
     def __contains__(self, key: str) -> bool:

@@ -421,9 +421,24 @@ def _layer(hidden, p, *, config: LlamaConfig, key_mask, rope, dtype, constrain):
 
 
 def random_params(config: LlamaConfig, seed: int = 0, *, lm_head: bool = False) -> dict:
-    """Freshly initialised decoder weights (pure dict), e.g. for small test models."""
-    model = LlamaDecoder(config, rngs=nnx.Rngs(seed), lm_head=lm_head)
-    return nnx.to_pure_dict(nnx.split(model)[1])
+    """Freshly initialised decoder weights (pure dict of NumPy arrays), e.g. for small test models.
+
+    Drawn with NumPy, as the module initialises them (norms 1, biases 0, weights N(0, 0.02²)):
+    initialising through JAX op by op would compile every random draw.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(name, shape):
+        if name.endswith("norm"):
+            return np.ones(shape, np.float32)
+        if name.endswith("bias"):
+            return np.zeros(shape, np.float32)
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+
+    shapes = param_shapes(config, lm_head=lm_head)
+    params = {name: draw(name, shape) for name, shape in shapes.items() if name != "layers"}
+    params["layers"] = {name: draw(name, shape) for name, shape in shapes["layers"].items()}
+    return params
 
 
 def with_params(config: LlamaConfig, params: dict, **options) -> LlamaDecoder:

@@ -1,28 +1,51 @@
 """Slow, obviously-correct NumPy twins of the kernels. Tests compare the kernels against these."""
 
+from fractions import Fraction
+
 import numpy as np
 
 MASK64 = (1 << 64) - 1
 
 
+def alpha_fraction(alpha):
+    """(p, q): the fraction nearest alpha with q <= 1024, if it is within 1e-9 of alpha."""
+    fraction = Fraction(alpha).limit_denominator(1024)
+    if alpha < 0 or abs(float(fraction) - alpha) > 1e-9:
+        raise ValueError(f"alpha {alpha} is no fraction p/q with q <= 1024")
+    return fraction.numerator, fraction.denominator
+
+
 def criterion(a, b, relevance, name, alpha, scale, relevance_scale, weight=None):
-    """The selection criterion in float32, operation for operation as documented in the kernel."""
-    spread = np.abs(a.astype(np.float32) - b.astype(np.float32)) * np.float32(scale)
+    """The selection criterion in float32, operation for operation as documented in the kernel.
+
+    int8 ratings: stored units and alpha = p/q, so without weights every value is an integer.
+    """
+    stored_units = a.dtype == np.int8
+    spread = np.abs(a.astype(np.float32) - b.astype(np.float32))
+    if not stored_units:
+        spread = spread * np.float32(scale)
     if weight is not None:
         spread = spread * weight.astype(np.float32)
     if name == "absolute":
         return spread
-    rel = relevance.astype(np.float32) * np.float32(relevance_scale)
+    rel = relevance.astype(np.float32)
+    if stored_units:
+        if name == "product":
+            return rel * spread
+        p, q = alpha_fraction(alpha)
+        return np.float32(q) * rel + np.float32(p) * spread
+    rel = rel * np.float32(relevance_scale)
     if name == "additive":
         return rel + np.float32(alpha) * spread
     return rel * spread
 
 
 def margin_of(a_row, b_row, indices, scale):
+    """(Σ a_i − b_i over indices, in that order, in float64) · scale."""
     total = 0.0
     for i in indices:
-        total += (float(a_row[i]) - float(b_row[i])) * scale
-    return total
+        total += float(a_row[i]) - float(b_row[i])
+    return total * scale
 
 
 def select_top_k(a, b, relevance, k, name, alpha, scale, relevance_scale, weight=None):

@@ -202,6 +202,22 @@ def test_relevance_criterion_without_relevance(tmp_path):
     assert result.exit_code == 2 and "needs relevance" in result.output
 
 
+def test_int8_store_selects_exactly_and_refuses_an_alpha_it_cannot(tmp_path, scored_jsonl):
+    run("ingest", scored_jsonl, "--out", tmp_path / "store", "--dtype", "int8")
+    result = run("select", tmp_path / "store", "--alpha", "0.3", "--out", tmp_path / "o.jsonl")
+    assert result.exit_code == 0, result.output
+    store = RatingStore.open(tmp_path / "store")
+    chunk = store.read()
+    want_index, want_margin = naive.select_top_k(
+        chunk.scores_a, chunk.scores_b, chunk.relevance, 5, "additive", 0.3, 1 / 127, 1 / 127
+    )
+    stored = store.array("selections/adaptive-additive-k5/index").read().result()
+    np.testing.assert_array_equal(stored, want_index)
+    result = run("select", tmp_path / "store", "--alpha", "0.123456", "--out", tmp_path / "x.jsonl")
+    assert result.exit_code == 2 and "alpha 0.123456" in result.output, result.output
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 class LengthJudge(Judge):
     """A deterministic toy judge for store plumbing tests: scores are a function of lengths."""
 

@@ -166,6 +166,24 @@ def test_bf16_compute_stays_close_to_float32():
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
+def test_remat_policies_give_the_same_gradients():
+    params = llama.random_params(TINY_QWEN2, seed=6)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, fx.VOCAB, (2, 12)))
+    lengths = jnp.asarray([12, 7])
+
+    def gradients(remat):
+        def loss(p):
+            return jnp.sum(llama.with_params(TINY_QWEN2, p, remat=remat)(ids, lengths)[:, -1] ** 2)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    reference = gradients("none")
+    for remat in ("full", "dots"):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), gradients(remat), reference
+        )
+
+
 def test_llama3_rope_scaling_slows_only_long_wavelengths():
     plain = llama.rope_inverse_frequencies(
         llama.LlamaConfig(

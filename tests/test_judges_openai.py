@@ -1,5 +1,6 @@
 """The OpenAI-compatible judge client against a loopback server, with injected faults."""
 
+import logging
 import math
 import time
 
@@ -25,7 +26,7 @@ from dynrules.engine.judges.openai import (
     retry_after_seconds,
 )
 from dynrules.engine.judges.templates import load_template
-from dynrules.errors import InputError
+from dynrules.errors import DynrulesError, InputError
 
 FAST = dict(backoff=0.01, max_backoff=0.05, timeout=5.0)
 
@@ -104,12 +105,28 @@ def test_several_rules_per_request_split_by_prompts_per_request(server, small_po
     assert server.requests == 2
 
 
-def test_server_errors_are_retried(small_pool):
-    with LoopbackServer(Faults(status_first=2, status=500)) as server:
-        ratings = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST).rate(
-            triples(small_pool)
-        )
-        assert all(r.error is None for r in ratings) and server.requests == 3
+@pytest.mark.parametrize(
+    "status, requests",
+    [
+        (503, 3),  # transient: retried with backoff
+        # The same 500 twice on a list of prompts: the client asks for one prompt alone, then
+        # for the list once more, which is answered now: the fault has passed, lists stay.
+        (500, 4),
+    ],
+)
+def test_server_errors_are_retried(small_pool, status, requests):
+    with LoopbackServer(Faults(status_first=2, status=status)) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST)
+        ratings = judge.rate(triples(small_pool))
+        assert all(r.error is None for r in ratings) and server.requests == requests
+        assert judge.prompts_per_request == 64
+
+
+def test_the_same_500_twice_is_not_retried_further(small_pool):
+    with LoopbackServer(Faults(status_first=100, status=500)) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", max_retries=5, **FAST)
+        (rating,) = judge.rate(triples(small_pool, 1))
+        assert server.requests == 2 and "the same answer twice: not retried" in rating.error
 
 
 def test_rate_limit_honours_retry_after(small_pool):
@@ -156,7 +173,8 @@ def test_bad_answers_are_failures_with_reasons_never_zero(server, small_pool, ma
 
 
 def test_repeated_failures_abort_clearly(small_pool):
-    with LoopbackServer(Faults(status_first=10_000, status=500)) as server:
+    # The first request is answered, every later one fails.
+    with LoopbackServer(Faults(status_after=1, status=500)) as server:
         judge = OpenAIJudge(
             small_pool,
             base_url=server.url,
@@ -167,8 +185,27 @@ def test_repeated_failures_abort_clearly(small_pool):
             **FAST,
         )
         pairs = [(f"prompt {i}", "reply", small_pool.ids[0]) for i in range(10)]
-        with pytest.raises(JudgeAborted, match="3 requests in a row .* failed; last: HTTP 500"):
+        with pytest.raises(
+            JudgeAborted, match="3 answers in a row .* rated nothing; last: HTTP 500"
+        ):
             judge.rate(pairs)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_failure_that_repeats_before_any_rating_stops_the_run_at_once(small_pool, endpoint):
+    with LoopbackServer(Faults(status_first=10_000, status=500)) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", endpoint=endpoint, **FAST)
+        pairs = [(f"prompt {i}", "reply", small_pool.ids[0]) for i in range(50)]
+        other = "chat" if endpoint == "completions" else "completions"
+        with pytest.raises(JudgeAborted) as raised:
+            judge.rate(pairs)
+        # Two pairs, each asked twice (the same 500 twice is not retried further).
+        assert server.requests == 4
+        message = str(raised.value)
+        assert message.startswith(f"nothing rated: {server.url}/")
+        assert "failed the same way for two pairs: HTTP 500" in message
+        assert f"--endpoint {other}" in message
+        assert "--model 'loopback' (the models it serves)" in message  # it serves no model 'm'
 
 
 @pytest.mark.parametrize("status, match", [(401, "API key"), (404, "--model")])
@@ -223,8 +260,65 @@ def test_stopping_the_consumer_cancels_requests_in_flight(small_pool):
         Faults(status_first=1, status=400, slow_first=10_000, slow_seconds=30.0)
     ) as server:
         judge = OpenAIJudge(small_pool, base_url=server.url, model="m", concurrency=4, timeout=20.0)
-        results = judge.rate_jobs(Job(i, "p", ("a", "b"), np.arange(2)) for i in range(50))
+        results = judge.rate_jobs(Job(i, "p", ("a",), np.arange(1)) for i in range(50))
         assert "HTTP 400" in next(results).errors[0]
         started = time.perf_counter()
         results.close()
         assert time.perf_counter() - started < 5
+
+
+def test_a_small_models_answers_lie_below_the_top_5(small_pool):
+    with LoopbackServer(llama_cpp=True) as server:
+        asked = triples(small_pool, 4)
+        few = OpenAIJudge(small_pool, base_url=server.url, model="m", top_logprobs=5, **FAST)
+        assert all("no Yes/No/Irrelevant among the top" in r.error for r in few.rate(asked))
+        for rating, triple in zip(
+            OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST).rate(asked),
+            asked,
+            strict=True,
+        ):
+            assert rating.score == pytest.approx(expected(small_pool, triple)[0], abs=1e-6)
+
+
+def test_one_prompt_per_request_given_up_front_sends_no_list(small_pool, caplog):
+    with LoopbackServer(llama_cpp=True) as server:
+        judge = OpenAIJudge(
+            small_pool, base_url=server.url, model="m", prompts_per_request=1, **FAST
+        )
+        with caplog.at_level(logging.WARNING):
+            assert all(r.error is None for r in judge.rate(triples(small_pool, 8)))
+        assert server.requests == 8 and not caplog.records
+        assert judge.concurrency == 16  # nothing was learned, nothing changed
+
+
+def test_chat_asks_every_rule_of_one_response_back_to_back(small_pool):
+    with LoopbackServer() as server:
+        judge = OpenAIJudge(
+            small_pool, base_url=server.url, model="m", endpoint="chat", concurrency=1, **FAST
+        )
+        jobs = [Job(i, f"prompt {i}", ("reply A", "reply B"), np.arange(8)) for i in range(3)]
+        results = list(judge.rate_jobs(jobs))
+        # One result per cell, handed on as soon as both of its questions are answered.
+        assert len(results) == 3 * 8 and all(len(r.job.rules) == 1 for r in results)
+        conversations = [q.split("Rule:")[0] for q in server.order]
+        assert 1 + sum(a != b for a, b in zip(conversations, conversations[1:], strict=False)) == 6
+
+
+def test_chat_refuses_prompts_per_request():
+    from dynrules.engine.pool import load_pool
+
+    with pytest.raises(DynrulesError, match="applies to --endpoint completions"):
+        OpenAIJudge(
+            load_pool(), base_url="http://x/v1", model="m", endpoint="chat", prompts_per_request=8
+        )
+
+
+def test_no_server_at_all_stops_the_run_naming_the_url(small_pool):
+    judge = OpenAIJudge(
+        small_pool, base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, **FAST
+    )
+    pairs = [(f"prompt {i}", "reply", small_pool.ids[0]) for i in range(20)]
+    with pytest.raises(
+        JudgeAborted, match=r"connection error.*is a server listening at --base-url"
+    ):
+        judge.rate(pairs)

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -374,3 +375,56 @@ def test_cli_rate_errors_are_one_line(tmp_path):
         result.exit_code == 2
         and "bad.jsonl, line 1, field 'response_b': missing field" in result.output
     )
+
+
+def conversation_starts(questions):
+    """How many times the asked conversation changes (the text before the rule), counting the first."""
+    conversations = [q.split("Rule:")[0] for q in questions]
+    return 1 + sum(a != b for a, b in zip(conversations, conversations[1:], strict=False))
+
+
+def test_rate_with_the_defaults_against_a_llama_cpp_server(tmp_path, small_pool, caplog):
+    records = pairs(6)
+    with LoopbackServer(llama_cpp=True) as server:
+        judge = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST)
+        with caplog.at_level(logging.WARNING, logger="dynrules.engine.judges.openai"):
+            summary = rate_pairs(
+                records, tmp_path / "s", pool=small_pool, judge=judge, progress=False
+            )
+        assert summary["rated"] == 6 * 8 and summary["failed"] == 0
+        arrays, _, _ = store_contents(tmp_path / "s")
+        for name, want in zip(
+            ("scores_a", "scores_b", "relevance"), expected_arrays(records, small_pool), strict=True
+        ):
+            np.testing.assert_allclose(arrays[name], want, atol=1e-6)
+        # Learned from the first request, said once: a list of 16 refused (the same 500 twice),
+        # its first prompt alone answered, the list refused again; then one prompt a request.
+        (notice,) = [r.getMessage() for r in caplog.records]
+        assert "refused a request of 16 prompts" in notice and "one pair at a time" in notice
+        assert judge.prompts_per_request == 1 and judge.concurrency == 1
+        assert server.requests == 4 + 2 * 6 * 8
+        # Every rule of one response back to back: each conversation is started once.
+        assert conversation_starts(server.order) == 2 * len(records)
+
+
+def test_cli_rate_stops_at_once_with_one_actionable_line(tmp_path, small_pool):
+    pairs_path = write_jsonl(tmp_path / "pairs.jsonl", pairs(40))
+    pool_path = tmp_path / "pool.txt"
+    pool_path.write_text("\n".join(small_pool.texts))
+    with LoopbackServer(Faults(status_first=10**6, status=500)) as server:
+        started = time.perf_counter()
+        result = CliRunner().invoke(
+            main,
+            [
+                "rate", str(pairs_path), "--pool", str(pool_path), "--judge", "openai",
+                "--base-url", server.url, "--model", "m", "--out", str(tmp_path / "s"), "--json",
+            ],
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        # Two pairs, each: the list twice, its first prompt alone twice (the default backoff
+        # waits about a second between the two attempts of each).
+        assert server.requests == 8
+    assert result.exit_code == 2 and seconds < 15
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: nothing rated: {server.url}/completions failed the same way")
+    assert "HTTP 500" in line and "--endpoint chat" in line and "--model 'loopback'" in line

@@ -128,15 +128,82 @@ def test_random_rules_are_reproducible_per_pair_across_chunking():
 
 
 @pytest.mark.parametrize("level", [0.0, 0.5])
-def test_rows_of_equal_values_take_the_insertion_path(level):
-    # Every criterion equal: all R rules are candidates, beyond the ranking path's limit.
-    n_rules = K.RANK_LIMIT * 2
+def test_rows_of_equal_values_rank_by_index(level):
+    # Every criterion equal: the ties rule alone orders the rules.
+    n_rules = 64
     a = np.full((3, n_rules), level, np.float32)
     b = np.zeros_like(a)
     index, margin = np.empty((3, 4), np.int16), np.empty(3)
     K.select_top_k(a, b, np.zeros_like(a), 4, K.ADDITIVE, 0.5, 1.0, 1.0, index, margin)
     assert index.tolist() == [[0, 1, 2, 3]] * 3
     np.testing.assert_array_equal(margin, [4 * level] * 3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 9),
+    st.integers(120, 300),
+    st.sampled_from(sorted(K.CRITERIA)),
+    st.sampled_from([0.5, 0.3, 60000.0]),
+    st.integers(0, 2**32 - 1),
+)
+def test_wide_int8_rows_use_wider_keys_and_match_naive(n, n_rules, criterion, alpha, seed):
+    # Past 128 rules, or with a large alpha, int8 keys no longer fit 16 bits (32 or 64 instead).
+    rng = np.random.default_rng(seed)
+    a, b = (rng.integers(-128, 128, (n, n_rules), dtype=np.int8) for _ in range(2))
+    relevance = rng.integers(0, 128, (n, n_rules), dtype=np.int8)
+    k = int(rng.integers(1, n_rules + 1))
+    index, margin = np.empty((n, k), np.int16), np.empty(n)
+    K.select_top_k(
+        a, b, relevance, k, K.CRITERIA[criterion], alpha, 1 / 127, 1 / 127, index, margin
+    )
+    want_index, want_margin = naive.select_top_k(
+        a, b, relevance, k, criterion, alpha, 1 / 127, 1 / 127
+    )
+    np.testing.assert_array_equal(index, want_index)
+    np.testing.assert_array_equal(margin, want_margin)
+
+
+def test_int8_criteria_are_exact_so_equal_criteria_tie():
+    # 2·3 + |4| = 2·5 + |0| = 10 exactly: a tie, so the lower index wins. In float32 units
+    # (3/127 + 0.5·4/127 against 5/127) rounding makes the second larger.
+    a = np.array([[4, 0]], np.int8)
+    b = np.zeros_like(a)
+    relevance = np.array([[3, 5]], np.int8)
+    index, margin = np.empty((1, 1), np.int16), np.empty(1)
+    K.select_top_k(a, b, relevance, 1, K.ADDITIVE, 0.5, 1 / 127, 1 / 127, index, margin)
+    assert index.tolist() == [[0]]
+    assert margin[0] == 4 / 127
+
+
+def test_int8_margins_are_exact_so_a_tie_is_zero():
+    a = np.array([[3, 0, 0]], np.int8)
+    b = np.array([[0, 1, 2]], np.int8)
+    for run in (
+        lambda m: K.margins_of_fixed(a, b, np.array([0, 1, 2]), 1 / 127, m),
+        lambda m: K.select_top_k(
+            a, b, a, 3, K.ABSOLUTE, 0.5, 1 / 127, 1 / 127, np.empty((1, 3), np.int16), m
+        ),
+    ):
+        margin = np.empty(1)
+        run(margin)
+        assert margin[0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "relevance, alpha, message",
+    [
+        (-1, 0.5, "relevance must lie in"),
+        (3, -0.5, "alpha must be"),
+        (3, 1 / 3000, "alpha must be"),
+    ],
+)
+def test_int8_rejects_what_it_cannot_rank_exactly(relevance, alpha, message):
+    a = np.zeros((5, 4), np.int8)
+    rel = np.full_like(a, relevance)
+    index, margin = np.empty((5, 2), np.int16), np.empty(5)
+    with pytest.raises(ValueError, match=message):
+        K.select_top_k(a, a, rel, 2, K.ADDITIVE, alpha, 1 / 127, 1 / 127, index, margin)
 
 
 @settings(max_examples=30, deadline=None)

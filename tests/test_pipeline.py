@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dynrules.engine.datasets import pyrit_pairs
+from dynrules.engine.datasets import safety_mix
 from dynrules.pipeline import PipelineConfig, run_pipeline
 from dynrules.report import pipeline_markdown
 
@@ -15,11 +15,12 @@ from .conftest import write_jsonl
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    pairs = pyrit_pairs("train")[:24] + pyrit_pairs("heldout")[:16]
-    path = write_jsonl(
-        out / "pairs.jsonl",
-        [{k: p[k] for k in ("id", "prompt", "response_a", "response_b", "truth")} for p in pairs],
-    )
+    pairs = []
+    for split, per_subset in (("train", 6), ("heldout", 4)):
+        mix = safety_mix(split)
+        for subset in ("harm", "refusal_vs_answer", "answer_vs_refusal", "answer_vs_off_topic"):
+            pairs += [p for p in mix if p["subset"] == subset][:per_subset]
+    path = write_jsonl(out / "pairs.jsonl", pairs)
     config = PipelineConfig(
         rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3)
     )
@@ -71,6 +72,30 @@ def test_report_json_has_the_promised_shape(report_dir):
     assert set(report["stages"]) == expected_stages
 
 
+def test_report_has_sections_over_refusal_and_judge_agreement(report_dir):
+    report = json.loads((report_dir / "report.json").read_text())
+    rm = report["reward_model"]
+    for model in ("rules", "human"):
+        sections = rm[model]["sections"]
+        assert set(sections) == {"should_refuse", "should_respond"}
+        assert sum(g["pairs"] for g in sections.values()) == rm["heldout_pairs"] == 16
+        weighted = sum(g["accuracy"] * g["pairs"] for g in sections.values()) / 16
+        assert rm[model]["accuracy"] == pytest.approx(weighted)
+        assert rm[model]["section_mean"] == pytest.approx(
+            (sections["should_refuse"]["accuracy"] + sections["should_respond"]["accuracy"]) / 2
+        )
+        over = rm[model]["over_refusal"]
+        assert over["pairs"] == 4
+        assert over["rate"] == pytest.approx(
+            1 - rm[model]["subsets"]["answer_vs_refusal"]["accuracy"]
+        )
+    assert rm["subset_sections"]["answer_vs_refusal"] == "should_respond"
+    agreement = report["label_agreement"]
+    assert agreement["train"]["all"]["pairs"] == 24 and agreement["heldout"]["all"]["pairs"] == 16
+    assert agreement["heldout"]["section:should_respond"]["pairs"] == 8
+    assert agreement["train"]["subset:answer_vs_refusal"]["pairs"] == 6
+
+
 def test_markdown_and_html_carry_the_json_numbers(report_dir):
     report = json.loads((report_dir / "report.json").read_text())
     text = (report_dir / "report.md").read_text()
@@ -78,6 +103,12 @@ def test_markdown_and_html_carry_the_json_numbers(report_dir):
     assert f"| {report['reward_model']['accuracy']:.3f} |" in text
     assert f"precision@k {report['adapter']['precision_at_k']:.3f}" in text
     assert "far weaker than a 70B LLM judge" in text
+    rules = report["reward_model"]["rules"]
+    refuse, over = rules["sections"]["should_refuse"], rules["over_refusal"]
+    assert f"| trained on rule labels | {refuse['accuracy']:.3f} ({refuse['pairs']}) |" in text
+    assert f"{over['rate']:.3f} ({over['pairs']}) |" in text
+    assert "Target for the rule-label model: every section ≥ 0.80" in text
+    assert "| section:should respond |" in text
     assert (report_dir / "ablation" / "mi_vs_k.png").stat().st_size > 1000
     assert "<table>" in (report_dir / "report.html").read_text()
 

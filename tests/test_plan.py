@@ -106,7 +106,7 @@ def test_a_mesh_that_does_not_divide_the_devices_is_a_one_line_error(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("topology", ["v9:2x2", "tpu-8", "v5e:2x2x2", "v5e-6", "cpu:x"])
+@pytest.mark.parametrize("topology", ["v9:2x2", "tpu-8", "v5e:2x2x2", "v5e:0x4", "v5e-6", "cpu:x"])
 def test_unknown_or_malformed_topologies_are_one_line_errors(topology):
     result = CliRunner().invoke(main, ["plan", "--model", "llama-3.2-1b", "--topology", topology])
     assert result.exit_code == 2

@@ -1,9 +1,11 @@
 """Pairwise evaluation with RewardBench's conventions.
 
 - A pair is right only if r(chosen) > r(rejected): a tie counts as wrong.
-- ``subsets``: accuracy per ``subset`` field; ``sections``: accuracy per ``section`` field,
-  i.e. the section's subsets weighted by their example counts. Pairs without the field
-  fall in ``"all"``.
+- ``subsets``: per ``subset`` field; ``sections``: per ``section`` field (for example
+  ``should_refuse`` and ``should_respond``), i.e. the section's subsets weighted by their
+  example counts. Each group reports its ``pairs``, ``accuracy`` and ``length_baseline``.
+  Pairs without the field fall in ``"all"``.
+- ``accuracy`` over all pairs is the sections' mean weighted by their pair counts.
 - ``length_baseline``: the accuracy of "the longer response (in characters) is chosen",
   ties wrong, to show how much of the score length alone explains.
 """
@@ -30,16 +32,23 @@ def pair_report(pairs: list[Pair], chosen: np.ndarray, rejected: np.ndarray) -> 
         "length_baseline": float(longer.mean()),
         "reward_mean": float(both.mean()),
         "reward_std": float(both.std()),
-        "subsets": _grouped(correct, [p.subset or "all" for p in pairs]),
-        "sections": _grouped(correct, [p.section or "all" for p in pairs]),
+        "subsets": _grouped(correct, longer, [p.subset or "all" for p in pairs]),
+        "sections": _grouped(correct, longer, [p.section or "all" for p in pairs]),
     }
 
 
-def _grouped(correct: np.ndarray, names: list[str]) -> dict[str, float]:
+def _grouped(correct: np.ndarray, longer: np.ndarray, names: list[str]) -> dict[str, dict]:
     rows = defaultdict(list)
     for index, name in enumerate(names):
         rows[name].append(index)
-    return {name: float(correct[index].mean()) for name, index in sorted(rows.items())}
+    return {
+        name: {
+            "pairs": len(index),
+            "accuracy": float(correct[index].mean()),
+            "length_baseline": float(longer[index].mean()),
+        }
+        for name, index in sorted(rows.items())
+    }
 
 
 def evaluate(

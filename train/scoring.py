@@ -33,11 +33,15 @@ class Scorer:
 
     A batch of width w holds ``min(batch_size, tokens_per_batch // w)`` rows (rounded to fill
     every device): short texts go in big batches, long ones in smaller batches whose
-    attention scores ([rows, heads, w, w]) still fit in cache.
+    attention scores ([rows, heads, w, w]) still fit in cache. With ``row_tiers`` = t > 1 a
+    bucket also has programs for 1/2, 1/4, … 1/2^(t-1) of those rows, and a bucket's last,
+    partial batch runs in the smallest that fits: a server scoring a few texts at a time then
+    pads a handful of rows, not a whole batch (t programs per bucket, all compiled by
+    :meth:`warm_up`).
     """
 
     def __init__(self, graphdef, params, tokenizer, mesh, *, max_length: int, batch_size: int = 64,
-                 tokens_per_batch: int = 4096):  # fmt: skip
+                 tokens_per_batch: int = 4096, row_tiers: int = 1):  # fmt: skip
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = tok.length_buckets(max_length)
@@ -48,6 +52,10 @@ class Scorer:
             return -(-wanted // multiple) * multiple
 
         self.rows = {width: rows(width) for width in self.buckets}
+        self.row_tiers = {
+            width: sorted({-(-full // 2**tier // multiple) * multiple for tier in range(row_tiers)})
+            for width, full in self.rows.items()
+        }
         self.truncated = 0
         self.params = params
         self.render = format_text  # (prompt, response) → text; from_model_dir sets the model's
@@ -67,6 +75,7 @@ class Scorer:
         mesh_spec: str = "",
         batch_size: int = 64,
         dtype: str = "float32",
+        row_tiers: int = 1,
     ) -> Scorer:
         """A scorer for a run or model directory, its weights laid out on ``mesh_spec``."""
         loaded = mdl.read_model(resolve_model_dir(directory))
@@ -82,6 +91,7 @@ class Scorer:
             mesh,
             max_length=loaded.spec.max_length,
             batch_size=batch_size,
+            row_tiers=row_tiers,
         )
         scorer.spec = loaded.spec
         scorer.render = loaded.render
@@ -90,28 +100,65 @@ class Scorer:
     def __call__(self, texts: list[str]) -> np.ndarray:
         tokens = SharedTokens(texts, self.tokenizer, self.max_length)
         self.truncated += tokens.truncated
-        out = np.zeros((len(texts), self.params["head_kernel"].shape[1]), np.float32)
-        for chunk, width, batch_rows in self.plan(tokens.lengths):
-            rows = shd.local_rows(self._lengths_sharding, (batch_rows,))
-            mine = [int(chunk[r]) for r in rows if r < len(chunk)]  # beyond: filler rows
-            ids, lens = tok.pad_batch(tokens.ids(mine), width, len(rows), self.tokenizer.pad_id)
-            logits = self._forward(
-                self.params,
-                shd.global_batch(ids, self._rows_sharding, batch_rows),
-                shd.global_batch(lens, self._lengths_sharding, batch_rows),
-            )
-            out[chunk] = np.asarray(logits)[: len(chunk)]
+        return self._score(tokens.lengths, tokens.ids)
+
+    def encode(self, texts: list[str]) -> tok.TokenizedTexts:
+        """Token ids of ``texts`` (one process), cut to the model's length from the start."""
+        tokens = self.tokenizer.encode(texts, self.max_length)
+        self.truncated += tokens.truncated
+        return tokens
+
+    def score_tokens(self, ids: list[np.ndarray]) -> np.ndarray:
+        """Model outputs [n, outputs] for token ids made by :meth:`encode`."""
+        lengths = np.array([len(x) for x in ids], np.int32)
+        return self._score(lengths, lambda indices: [ids[i] for i in indices])
+
+    def warm_up(self) -> int:
+        """Compile every (bucket, rows) program now, not on first use; returns how many."""
+
+        def one_token(indices):
+            return [np.zeros(1, np.int32) for _ in indices]
+
+        programs = [(w, rows) for w, tiers in self.row_tiers.items() for rows in tiers]
+        for width, rows in programs:
+            self._run(np.zeros(1, np.int64), one_token, width, rows)
+        return len(programs)
+
+    def _score(self, lengths: np.ndarray, ids_of) -> np.ndarray:
+        out = np.zeros((len(lengths), self.params["head_kernel"].shape[1]), np.float32)
+        for chunk, width, batch_rows in self.plan(lengths):
+            out[chunk] = self._run(chunk, ids_of, width, batch_rows)
         return out
 
+    def _run(self, chunk: np.ndarray, ids_of, width: int, batch_rows: int) -> np.ndarray:
+        """Outputs of the texts ``chunk`` in one [batch_rows, width] batch; this process
+        supplies only its rows (``ids_of`` gives their token ids)."""
+        rows = shd.local_rows(self._lengths_sharding, (batch_rows,))
+        mine = [int(chunk[r]) for r in rows if r < len(chunk)]  # beyond: filler rows
+        ids, lens = tok.pad_batch(ids_of(mine), width, len(rows), self.tokenizer.pad_id)
+        logits = self._forward(
+            self.params,
+            shd.global_batch(ids, self._rows_sharding, batch_rows),
+            shd.global_batch(lens, self._lengths_sharding, batch_rows),
+        )
+        return np.asarray(logits)[: len(chunk)]
+
     def plan(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
-        """Batches as (text indices, padded width, rows): sorted by length, one bucket each."""
-        order = np.argsort(lengths, kind="stable")
+        """Batches as (text indices, padded width, rows), longest texts first.
+
+        A batch is padded to the bucket of its longest text. A bucket's last, partial batch
+        takes the smallest row tier that holds it, and its spare rows take the next shorter
+        texts: a padding row costs as much as a real one.
+        """
+        order = np.argsort(-lengths, kind="stable")
         widths = np.array([tok.bucket_for(int(n), self.buckets) for n in lengths[order]], np.int64)
         batches, start = [], 0
         while start < len(order):
             width = int(widths[start])
-            stop = min(start + self.rows[width], int(np.searchsorted(widths, width, side="right")))
-            batches.append((order[start:stop], width, self.rows[width]))
+            in_bucket = int(np.searchsorted(-widths, -width, side="right")) - start
+            rows = next(r for r in self.row_tiers[width] if r >= min(in_bucket, self.rows[width]))
+            stop = min(start + rows, len(order))
+            batches.append((order[start:stop], width, rows))
             start = stop
         return batches
 

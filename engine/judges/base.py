@@ -6,7 +6,10 @@ s_i(x, y) = P(Yes) − P(No) ∈ [−1, 1] ("does the response follow the rule?"
 (A and B of a pair, or a single response) and the rule indices to rate on each, so that a judge
 can share work across the rules of one conversation (one HTTP request, one embedding).
 
-Judges return results in any order (the LLM client answers as requests complete). A rule that
+Judges return results in any order (the LLM client answers as requests complete), and may
+split a job's rules over several results (the LLM client hands on each cell of a long job as
+soon as it is rated): each result's ``job`` is then that part of the job, with the same row and
+texts and a subset of its rules; together the results cover every rule of every job once. A rule that
 could not be rated carries the reason in ``JobResult.errors``; its score is NaN, never 0, so a
 failure can not pass for a neutral rating. In a pair, the cell's relevance is the mean of the
 two responses' relevance (the selection criterion takes one relevance per pair and rule).
@@ -81,7 +84,8 @@ class Judge(abc.ABC):
 
     @abc.abstractmethod
     def rate_jobs(self, jobs: Iterable[Job]) -> Iterator[JobResult]:
-        """One result per job, in any order. Jobs are pulled lazily. Raises JudgeAborted."""
+        """Results covering every rule of every job once (a job's rules may be split over several
+        results), in any order. Jobs are pulled lazily. Raises JudgeAborted."""
 
     def close(self) -> None:  # noqa: B027 - optional hook: most judges hold nothing to release
         """Release resources (connections, models)."""
@@ -98,19 +102,21 @@ class Judge(abc.ABC):
         groups: dict[tuple[str, str], list[int]] = {}
         for position, (prompt, response, _rule) in enumerate(triples):
             groups.setdefault((prompt, response), []).append(position)
-        jobs = []
+        jobs, positions_of = [], {}  # (row, rule) -> positions of that triple
         for row, ((prompt, response), positions) in enumerate(groups.items()):
-            rules = np.array([self.pool.index_of(triples[p][2]) for p in positions], np.int64)
-            jobs.append(Job(row, prompt, (response,), rules))
+            rules = [self.pool.index_of(triples[p][2]) for p in positions]
+            for position, rule in zip(positions, rules, strict=True):
+                positions_of.setdefault((row, rule), []).append(position)
+            jobs.append(Job(row, prompt, (response,), np.array(rules, np.int64)))
         out: list[Rating | None] = [None] * len(triples)
-        positions_of = list(groups.values())
         for result in self.rate_jobs(jobs):
-            for column, position in enumerate(positions_of[result.job.row]):
+            for column, rule in enumerate(result.job.rules.tolist()):
                 error = result.errors[column]
-                if error is None:
-                    out[position] = Rating(
-                        float(result.scores[0, column]), float(result.relevance[0, column])
-                    )
-                else:
-                    out[position] = Rating(None, None, error)
+                rating = (
+                    Rating(float(result.scores[0, column]), float(result.relevance[0, column]))
+                    if error is None
+                    else Rating(None, None, error)
+                )
+                for position in positions_of[(result.job.row, rule)]:
+                    out[position] = rating
         return out

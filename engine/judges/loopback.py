@@ -7,9 +7,17 @@ so a run's ratings are reproducible and checkable. The answer spreads "Yes" over
 exercises the client's handling of tokenizer variants.
 
 Faults for tests (:class:`Faults`): the first N requests answer an HTTP status (optionally with
-Retry-After), the first N requests are slow, every request is delayed; and questions carrying a
-marker get a malformed JSON body (:data:`MALFORMED`), no log-probabilities (:data:`NO_LOGPROBS`)
-or no Yes/No/Irrelevant token (:data:`NO_ANSWER`).
+Retry-After), or every request after the first N does, the first N requests are slow, every
+request is delayed; and questions carrying a marker get a malformed JSON body
+(:data:`MALFORMED`), no log-probabilities (:data:`NO_LOGPROBS`) or no Yes/No/Irrelevant token
+(:data:`NO_ANSWER`).
+
+``llama_cpp=True`` adds the behaviours of llama.cpp's Python server (``llama-cpp-python[server]``)
+that a client must cope with: ``/v1/completions`` takes one prompt per request and answers a
+list of several with HTTP 500 and an empty message (its ``assert len(body.prompt) <= 1``);
+``top_logprobs`` is a list of one dict token → logprob; and the answer tokens sit below a dozen
+other tokens, so a client asking for the top 5 sees no Yes/No/Irrelevant at all (a small model
+puts most of its mass elsewhere). ``GET /v1/models`` lists the one model, as servers do.
 
 The server is plain asyncio (HTTP/1.1 with keep-alive, Content-Length bodies only): light
 enough that on two cores the client, not the server, sets the benchmark's pace. Run it in a
@@ -48,8 +56,31 @@ def _logits(text: str) -> tuple[float, float, float]:
     return 6.0 * u[0] - 3.0, 6.0 * u[1] - 3.0, 6.0 * u[2] - 4.0
 
 
-def synthetic_top_logprobs(text: str) -> list[tuple[str, float]]:
-    """The answer token's (token, logprob) list for a question text, most likely first."""
+# Tokens a small model prefers to any answer (llama.cpp mode): the answers rank 13th and below.
+_ABOVE_ANSWERS = (
+    " The",
+    " I",
+    " A",
+    " It",
+    " This",
+    " Sure",
+    "\n",
+    " In",
+    " To",
+    " As",
+    " If",
+    " We",
+)
+LLAMA_CPP_ERROR = (
+    b'{"error":{"message":"","type":"internal_server_error","param":null,"code":null}}'
+)
+
+
+def synthetic_top_logprobs(text: str, *, buried: bool = False) -> list[tuple[str, float]]:
+    """The answer token's (token, logprob) list for a question text, most likely first.
+
+    ``buried``: a dozen other tokens rank above every answer token (llama.cpp mode).
+    """
     yes, no, irrelevant = _logits(text)
     raw = [
         (" Yes", yes + math.log(0.7)),
@@ -58,6 +89,9 @@ def synthetic_top_logprobs(text: str) -> list[tuple[str, float]]:
         (" Ir", irrelevant),
         (" The", -2.0),
     ]
+    if buried:
+        ceiling = max(yes, no, irrelevant)
+        raw = raw[:4] + [(t, ceiling + 2.0 - 0.1 * i) for i, t in enumerate(_ABOVE_ANSWERS)]
     top = max(v for _, v in raw)
     log_total = top + math.log(sum(math.exp(v - top) for _, v in raw))
     return sorted(((t, v - log_total) for t, v in raw), key=lambda tv: -tv[1])
@@ -73,6 +107,7 @@ def synthetic_rating(text: str) -> tuple[float, float]:
 @dataclass
 class Faults:
     status_first: int = 0  # the first N requests answer `status`
+    status_after: int | None = None  # every request after the first N answers `status`
     status: int = 500
     retry_after: str | None = None  # Retry-After header on those answers
     slow_first: int = 0  # the first N requests (after any status faults) wait `slow_seconds`
@@ -81,11 +116,13 @@ class Faults:
 
 
 class _Handler:
-    def __init__(self, faults: Faults, record: bool):
+    def __init__(self, faults: Faults, record: bool, llama_cpp: bool = False):
         self.faults = faults
         self.record = record
+        self.llama_cpp = llama_cpp
         self.requests = 0
         self.questions: collections.Counter[str] = collections.Counter()
+        self.order: list[str] = []  # questions in the order they were asked (when recording)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -118,11 +155,15 @@ class _Handler:
             writer.close()
 
     async def answer(self, path: str, body: bytes) -> tuple[int, bytes, list[str]]:
+        if path.endswith("/models"):  # not a rating request: no faults, not counted
+            return 200, b'{"object": "list", "data": [{"id": "loopback", "object": "model"}]}', []
         self.requests += 1
         number, faults = self.requests, self.faults
         if faults.delay:
             await asyncio.sleep(faults.delay)
-        if number <= faults.status_first:
+        if number <= faults.status_first or (
+            faults.status_after is not None and number > faults.status_after
+        ):
             extra = [f"Retry-After: {faults.retry_after}"] if faults.retry_after is not None else []
             return faults.status, b'{"error": {"message": "injected fault"}}', extra
         if number <= faults.status_first + faults.slow_first:
@@ -137,11 +178,14 @@ class _Handler:
         elif path.endswith("/completions"):
             prompt = request["prompt"]
             questions = prompt if isinstance(prompt, list) else [prompt]
+            if self.llama_cpp and len(questions) > 1:
+                return 500, LLAMA_CPP_ERROR, []
             build, requested = self._completions, request.get("logprobs")
         else:
             return 404, b'{"error": {"message": "unknown path"}}', []
         if self.record:
             self.questions.update(questions)
+            self.order += questions
         if any(MALFORMED in q for q in questions):
             return 200, b'{"choices": [{"index": 0, "logprobs": ', []
         n_top = requested if isinstance(requested, int) and not isinstance(requested, bool) else 0
@@ -151,11 +195,10 @@ class _Handler:
             [],
         )
 
-    @staticmethod
-    def _top(question: str, n_top: int) -> list[tuple[str, float]]:
+    def _top(self, question: str, n_top: int) -> list[tuple[str, float]]:
         if NO_ANSWER in question:
             return [(" The", -0.1), (" Sure", -2.5)][:n_top]
-        return synthetic_top_logprobs(question)[:n_top]
+        return synthetic_top_logprobs(question, buried=self.llama_cpp)[:n_top]
 
     def _completions(self, model: str, questions: list[str], n_top: int) -> dict:
         choices = []
@@ -215,8 +258,15 @@ class _Handler:
 class LoopbackServer:
     """The server on a background thread: ``with LoopbackServer() as server: server.url``."""
 
-    def __init__(self, faults: Faults | None = None, *, record: bool = True, port: int = 0):
-        self.handler = _Handler(faults or Faults(), record)
+    def __init__(
+        self,
+        faults: Faults | None = None,
+        *,
+        record: bool = True,
+        port: int = 0,
+        llama_cpp: bool = False,
+    ):
+        self.handler = _Handler(faults or Faults(), record, llama_cpp)
         self._port = port
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -239,6 +289,11 @@ class LoopbackServer:
     def questions(self) -> collections.Counter:
         """How often each question text was asked (when recording)."""
         return self.handler.questions
+
+    @property
+    def order(self) -> list[str]:
+        """The questions in the order the server received them (when recording)."""
+        return self.handler.order
 
     def start(self) -> LoopbackServer:
         self._thread = threading.Thread(target=self._serve, daemon=True, name="loopback-server")
@@ -279,8 +334,8 @@ class LoopbackServer:
         self.stop()
 
 
-async def _serve_until_stdin_closes(port: int, delay: float) -> None:
-    handler = _Handler(Faults(delay=delay), record=False)
+async def _serve_until_stdin_closes(port: int, delay: float, llama_cpp: bool) -> None:
+    handler = _Handler(Faults(delay=delay), record=False, llama_cpp=llama_cpp)
     server = await asyncio.start_server(handler.serve, "127.0.0.1", port, limit=2**24)
     print(server.sockets[0].getsockname()[1], flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -295,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--delay", type=float, default=0.0, help="seconds to wait before each answer"
     )
+    parser.add_argument(
+        "--llama-cpp", action="store_true", help="behave as llama.cpp's Python server does"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(_serve_until_stdin_closes(args.port, args.delay))
+    asyncio.run(_serve_until_stdin_closes(args.port, args.delay, args.llama_cpp))
 
 
 if __name__ == "__main__":

@@ -4,39 +4,65 @@ For each (prompt, response, rule) the judge renders a template (see :mod:`.templ
 for one token (``max_tokens`` 1, temperature 0) with its top log-probabilities, and reads the
 answer distribution:
 
-- ``/v1/completions`` (default): ``logprobs: N``; the prompts of one pair (both responses,
-  up to ``prompts_per_request`` rule questions) go in one request as a list of prompts, which
-  the server batches and, with the default template, serves from its prefix cache;
-- ``/v1/chat/completions``: ``logprobs: true, top_logprobs: N``; one request per question
-  (the chat API takes one conversation per request).
+- ``/v1/completions`` (default): ``logprobs: N``; the questions of one pair (both responses,
+  up to ``prompts_per_request`` of them) go in one request as a list of prompts, which the
+  server batches and, with the default template, serves from its prefix cache;
+- ``/v1/chat/completions``: ``logprobs: true, top_logprobs: N``; one question per request (the
+  chat API takes one conversation per request); the server renders the model's chat template.
+
+Request shapes. Servers differ in what they accept, and the client learns it from the server
+instead of failing every cell: llama.cpp's Python server takes one prompt per completions
+request and answers a list of several with HTTP 500. When a multi-prompt request is refused
+(a 4xx, or the same 5xx twice), the first of its prompts alone is answered and the list is
+refused again, the client sends one prompt per request from then on and says so once (a log
+warning). Until the first question has been rated, one stream runs alone, a refused request
+fails the rest of its job without asking, and a refusal that repeats for a second pair stops
+the run at once with one line that says what failed and what to try (the other endpoint,
+fewer prompts per request, the model name) instead of retrying a request that can never
+succeed.
+
+Request order. With one question per request, each of ``concurrency`` streams takes a whole
+pair and asks every rule of response A back to back, then every rule of B: a server that reuses
+only the previous request's prompt prefix (llama.cpp keeps one KV cache per slot) then
+evaluates each conversation once instead of once per rule, provided it does not serve other
+streams in between. llama.cpp's Python server evaluates one request at a time with one cache,
+so when the client learns that a server refuses lists of prompts it also drops to one stream
+(unless ``concurrency`` was given). A cell is handed on as soon as both of its questions are
+answered, so finished cells are committed as they come.
 
 Tokenizers spell the answers differently ("Yes", " Yes", "yes", "▁Yes"; "Irrelevant" is often
 split, e.g. " Ir" + "relevant"), so every top token is normalised (markers and whitespace
 stripped, lower-cased) and counted as Yes, No or Irrelevant when it is that word, or for
 Irrelevant a prefix of it of at least two letters. Probabilities are summed per answer and
-normalised over the three: s = P(yes) − P(no), relevance = 1 − P(irrelevant). An answer with
-none of the three among its top tokens, or with no log-probabilities at all, is a failure with
-that reason, never a score.
+normalised over the three: s = P(yes) − P(no), relevance = 1 − P(irrelevant). Small models put
+much of their mass on other tokens, so 20 top tokens are asked for by default (the most OpenAI
+and vLLM allow). An answer with none of the three among its top tokens, or with no
+log-probabilities at all, is a failure with that reason, never a score.
 
 Transport: one ``httpx.AsyncClient`` with keep-alive, at most ``concurrency`` requests in
-flight, a timeout per request, and retries with exponential backoff (with jitter) on 429, 5xx,
-timeouts and connection errors; a ``Retry-After`` header sets the wait instead. Rejected
+flight and a timeout per request. Transient failures (timeouts, connection errors, 408, 429,
+502, 503, 504) are retried with exponential backoff (with jitter), or after ``Retry-After``
+when the server sets it. Other 5xx answers are retried too, unless an attempt fails exactly as
+the one before (same status and body): that request is refused as it is, and asking again
+will not help. Other 4xx answers are not retried (the request itself is bad). Rejected
 credentials (401/403) or an unknown endpoint/model (404) stop the run at once;
-``max_consecutive_failures`` failed requests in a row stop it with the last reason. The API
-key is read from an environment variable by the caller and is only ever put in the
+``max_consecutive_failures`` results in a row with no rated cell stop it with the last reason.
+The API key is read from an environment variable by the caller and is only ever put in the
 Authorization header: it is not printed, logged or recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
+import logging
 import math
 import queue
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -46,11 +72,19 @@ from dynrules.engine.judges.templates import Template, load_template
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError
 
+log = logging.getLogger(__name__)
+
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
 YES, NO, IRRELEVANT = 0, 1, 2
 _MARKERS = "▁Ġ"  # SentencePiece / byte-level BPE word markers some servers leave in tokens
 RETRY_AFTER_CAP = 300.0  # seconds: longest Retry-After honoured as given
+TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
+DEFAULT_PROMPTS_PER_REQUEST = 64
+DEFAULT_CONCURRENCY = 16
+DEFAULT_TOP_LOGPROBS = 20
 _FINISHED = object()
+
+Answer = tuple[float, float] | str  # (s, relevance), or the reason there is none
 
 
 def answer_class(token: str) -> int | None:
@@ -140,8 +174,76 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+@dataclasses.dataclass(frozen=True)
+class _Refusal:
+    """A request that got no usable answer."""
+
+    reason: str
+    repeatable: bool  # the server refuses this request as it is: asking again will not help
+
+
+def _completion_answers(body: dict | _Refusal, n_prompts: int) -> list[Answer]:
+    """One answer per prompt of a completions request, in prompt order."""
+    if isinstance(body, _Refusal):
+        return [body.reason] * n_prompts
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list):
+        return ["malformed answer: no 'choices' list"] * n_prompts
+    answers: list[Answer] = ["answer missing for this prompt"] * n_prompts
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index", position)
+        if isinstance(index, int) and 0 <= index < n_prompts:
+            top = _top_of_completion_choice(choice)
+            answers[index] = top if isinstance(top, str) else rating_from_top_logprobs(top)
+    return answers
+
+
+def _chat_answer(body: dict | _Refusal) -> Answer:
+    if isinstance(body, _Refusal):
+        return body.reason
+    try:
+        logprobs = body["choices"][0].get("logprobs")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return "malformed answer: no choices[0]"
+    if not isinstance(logprobs, dict):
+        return "answer has no logprobs (does the server support logprobs on chat?)"
+    top = _top_of_chat_content(logprobs.get("content"))
+    return top if isinstance(top, str) else rating_from_top_logprobs(top)
+
+
+def _job_result(job: Job, answers: Sequence[Answer], columns: Sequence[int]) -> JobResult:
+    """The result for ``columns`` (rule positions) of a job, from its response-major answers.
+
+    A cell is rated on every response or not at all. When ``columns`` is a part of the job's
+    rules, the result's job is that part (same row and texts, those rules).
+    """
+    n_rules, n_sides = len(job.rules), len(job.responses)
+    scores = np.full((n_sides, len(columns)), np.nan, np.float32)
+    relevance = scores.copy()
+    errors: list[str | None] = [None] * len(columns)
+    for k, column in enumerate(columns):
+        for side in range(n_sides):
+            answer = answers[side * n_rules + column]
+            if isinstance(answer, str):
+                errors[k] = errors[k] or answer
+            else:
+                scores[side, k], relevance[side, k] = answer
+        if errors[k] is not None:
+            scores[:, k] = relevance[:, k] = np.nan
+    part = job if len(columns) == n_rules else dataclasses.replace(job, rules=job.rules[columns])
+    return JobResult(part, scores, relevance, errors)
+
+
 class OpenAIJudge(Judge):
-    """LLM judge over an OpenAI-compatible HTTP API (see the module docstring)."""
+    """LLM judge over an OpenAI-compatible HTTP API (see the module docstring).
+
+    ``prompts_per_request`` (completions only) is where the client starts: None starts at 64
+    and falls back to one prompt per request if the server refuses lists; 1 says so up front.
+    ``concurrency`` None is 16 requests in flight, or one stream once the server is found to
+    take one prompt per request (see the module docstring); a number is kept as given.
+    """
 
     def __init__(
         self,
@@ -152,9 +254,9 @@ class OpenAIJudge(Judge):
         api_key: str | None = None,
         endpoint: str = "completions",
         template: Template | str | None = None,
-        concurrency: int = 16,
-        prompts_per_request: int = 64,
-        top_logprobs: int = 5,
+        concurrency: int | None = None,
+        prompts_per_request: int | None = None,
+        top_logprobs: int = DEFAULT_TOP_LOGPROBS,
         timeout: float = 60.0,
         max_retries: int = 5,
         backoff: float = 0.5,
@@ -165,27 +267,49 @@ class OpenAIJudge(Judge):
             raise DynrulesError(
                 f"unknown endpoint {endpoint!r}; choose one of {', '.join(ENDPOINTS)}"
             )
-        if concurrency < 1 or prompts_per_request < 2 or max_retries < 0 or timeout <= 0:
+        if endpoint == "chat" and prompts_per_request not in (None, 1):
             raise DynrulesError(
-                "need concurrency >= 1, prompts_per_request >= 2, max_retries >= 0, timeout > 0"
+                "--prompts-per-request applies to --endpoint completions; chat sends one "
+                "question per request"
+            )
+        if (
+            (concurrency is not None and concurrency < 1)
+            or (prompts_per_request is not None and prompts_per_request < 1)
+            or top_logprobs < 1
+            or max_retries < 0
+            or timeout <= 0
+        ):
+            raise DynrulesError(
+                "need concurrency >= 1, prompts_per_request >= 1, top_logprobs >= 1, "
+                "max_retries >= 0, timeout > 0"
             )
         self.pool = pool
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.endpoint = endpoint
         self.template = template if isinstance(template, Template) else load_template(template)
-        self.concurrency = concurrency
-        self.prompts_per_request = prompts_per_request
+        self.concurrency = concurrency or DEFAULT_CONCURRENCY  # streams now; may drop to 1
+        self._concurrency_given = concurrency is not None
         self.top_logprobs = top_logprobs
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_consecutive_failures = max_consecutive_failures
-        # A pair job asks two responses per rule; chat jobs stay small so cells commit steadily.
-        self.rules_per_job = max(1, prompts_per_request // 2) if endpoint == "completions" else 8
+        # Prompts per request now: learned from the server, so it can drop to 1 during a run.
+        self.prompts_per_request = (
+            1 if endpoint == "chat" else prompts_per_request or DEFAULT_PROMPTS_PER_REQUEST
+        )
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._rule_texts = pool.texts
+
+    @property
+    def rules_per_job(self) -> int:
+        # A multi-prompt job is one request (both responses); with one prompt per request a job
+        # is a whole pair, asked conversation by conversation (the module docstring).
+        if self.prompts_per_request > 1:
+            return max(1, self.prompts_per_request // 2)
+        return len(self.pool)
 
     @property
     def identity(self) -> dict:
@@ -247,8 +371,11 @@ class OpenAIJudge(Judge):
         limits = httpx.Limits(
             max_connections=self.concurrency, max_keepalive_connections=self.concurrency
         )
-        self._semaphore = asyncio.Semaphore(self.concurrency)
         self._consecutive_failures = 0
+        # Until a question is rated, one stream runs alone (see the module docstring).
+        self._working = False
+        self._others_may_start = asyncio.Event()
+        self._refused_pairs: dict[str, set[int]] = {}  # until then: refusal reason -> rows
         async with httpx.AsyncClient(
             base_url=self.base_url,
             headers=self._headers,
@@ -256,23 +383,28 @@ class OpenAIJudge(Judge):
             timeout=httpx.Timeout(self.timeout),
         ) as client:
 
-            async def worker():
-                # All workers run on this one thread, so pulling from the iterator is safe.
-                while not stop.is_set():
-                    job = next(jobs, None)
-                    if job is None:
-                        return
-                    result = await self._rate_job(client, job)
-                    emit(result)
-                    self._track(result)
+            async def stream(number: int):
+                # All streams run on this one thread, so pulling from the iterator is safe.
+                if number > 0:
+                    await self._others_may_start.wait()
+                try:
+                    while not stop.is_set() and number < self.concurrency:
+                        job = next(jobs, None)
+                        if job is None:
+                            return
+                        async for result in self._rate_job(client, job):
+                            emit(result)
+                            self._track(result)
+                finally:
+                    self._others_may_start.set()  # the first stream is done: nothing to wait for
 
-            workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+            streams = [asyncio.create_task(stream(n)) for n in range(self.concurrency)]
             try:
-                await asyncio.gather(*workers)
+                await asyncio.gather(*streams)
             finally:
-                for task in workers:
+                for task in streams:
                     task.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+                await asyncio.gather(*streams, return_exceptions=True)
 
     # -- one job ---------------------------------------------------------------------------------
 
@@ -284,68 +416,88 @@ class OpenAIJudge(Judge):
             for rule in job.rules.tolist()
         ]
 
-    async def _rate_job(self, client: httpx.AsyncClient, job: Job) -> JobResult:
+    async def _rate_job(self, client: httpx.AsyncClient, job: Job):
+        """The job's results: one for a multi-prompt job, one per cell otherwise.
+
+        Until a question is rated, a refused request fails the rest of its job unasked.
+        """
         questions = self._questions(job)
-        if self.endpoint == "completions":
-            answers = []
-            for start in range(0, len(questions), self.prompts_per_request):
-                answers += await self._ask_completions(
-                    client, questions[start : start + self.prompts_per_request]
-                )
-        else:
-            answers = await asyncio.gather(*(self._ask_chat(client, q) for q in questions))
         n_rules = len(job.rules)
-        scores = np.full((len(job.responses), n_rules), np.nan, np.float32)
-        relevance = scores.copy()
-        errors: list[str | None] = [None] * n_rules
-        for position, answer in enumerate(answers):
-            side, column = divmod(position, n_rules)
-            if isinstance(answer, str):
-                errors[column] = errors[column] or answer
+        if self.prompts_per_request > 1:
+            answers, _ = await self._ask_completions(client, questions, job.row)
+            yield _job_result(job, answers, range(n_rules))
+            return
+        answers: list[Answer] = []
+        refused: str | None = None
+        last_side = len(job.responses) - 1
+        for position, question in enumerate(questions):
+            if refused is not None:
+                answers.append(refused)
+            elif self.endpoint == "chat":
+                answer, was_refused = await self._ask_chat(client, question, job.row)
+                answers.append(answer)
+                refused = answer if was_refused and not self._working else None
             else:
-                scores[side, column], relevance[side, column] = answer
-        for column, error in enumerate(errors):
-            if error is not None:  # a cell is rated on both responses or not at all
-                scores[:, column] = relevance[:, column] = np.nan
-        return JobResult(job, scores, relevance, errors)
+                got, was_refused = await self._ask_completions(client, [question], job.row)
+                answers += got
+                refused = got[0] if was_refused and not self._working else None
+            side, column = divmod(position, n_rules)
+            if side == last_side:  # the cell's last question: hand it on now
+                yield _job_result(job, answers, [column])
 
     def _track(self, result: JobResult) -> None:
-        """Count jobs in a row with no rated cell; stop the run when there are too many."""
+        """Count results in a row with no rated cell; stop the run when there are too many."""
         if result.ok.any():
             self._consecutive_failures = 0
             return
         self._consecutive_failures += 1
         if self._consecutive_failures >= self.max_consecutive_failures:
             raise JudgeAborted(
-                f"aborting: {self._consecutive_failures} requests in a row to {self.base_url} "
-                f"failed; last: {result.errors[0]}"
+                f"aborting: {self._consecutive_failures} answers in a row from {self.base_url} "
+                f"rated nothing; last: {result.errors[0]}"
             )
 
-    async def _ask_completions(self, client, prompts: list[str]) -> list[tuple[float, float] | str]:
-        payload = {
+    # -- requests --------------------------------------------------------------------------------
+
+    def _completions_payload(self, prompts: list[str]) -> dict:
+        return {
             "model": self.model,
-            "prompt": prompts,
+            # One prompt goes as a string: every server takes that shape.
+            "prompt": prompts if len(prompts) > 1 else prompts[0],
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": self.top_logprobs,
         }
-        body = await self._post(client, ENDPOINTS["completions"], payload)
-        if isinstance(body, str):
-            return [body] * len(prompts)
-        choices = body.get("choices") if isinstance(body, dict) else None
-        if not isinstance(choices, list):
-            return ["malformed answer: no 'choices' list"] * len(prompts)
-        answers: list[tuple[float, float] | str] = ["answer missing for this prompt"] * len(prompts)
-        for position, choice in enumerate(choices):
-            if not isinstance(choice, dict):
-                continue
-            index = choice.get("index", position)
-            if isinstance(index, int) and 0 <= index < len(prompts):
-                top = _top_of_completion_choice(choice)
-                answers[index] = top if isinstance(top, str) else rating_from_top_logprobs(top)
-        return answers
 
-    async def _ask_chat(self, client, question: str) -> tuple[float, float] | str:
+    async def _ask_completions(
+        self, client, prompts: list[str], row: int
+    ) -> tuple[list[Answer], bool]:
+        """One answer per prompt, and whether a request was refused before anything was rated
+        (the prompts after it are then failed with its reason, unasked)."""
+        path = ENDPOINTS["completions"]
+        answers: list[Answer] = []
+        while len(answers) < len(prompts):
+            chunk = prompts[len(answers) : len(answers) + self.prompts_per_request]
+            body = await self._post(client, path, self._completions_payload(chunk))
+            if isinstance(body, _Refusal) and body.repeatable and len(chunk) > 1:
+                # Is it the list the server refuses? Ask for the first prompt alone, and if
+                # that is answered, for the list once more (a fault may have passed).
+                alone = await self._post(client, path, self._completions_payload(chunk[:1]))
+                if not isinstance(alone, _Refusal):
+                    body = await self._post(client, path, self._completions_payload(chunk))
+                    if isinstance(body, _Refusal) and body.repeatable:
+                        self._one_prompt_per_request(len(chunk), body.reason)
+                        body, chunk = alone, chunk[:1]
+            answers += _completion_answers(body, len(chunk))
+            if isinstance(body, _Refusal) and not self._working:
+                # Fewer prompts a request may help unless one prompt alone was refused too.
+                fewer = len(chunk) > 1 and not body.repeatable
+                await self._note_refusal(client, "completions", body.reason, row, fewer)
+                return answers + [body.reason] * (len(prompts) - len(answers)), True
+            self._note_answers(answers)
+        return answers, False
+
+    async def _ask_chat(self, client, question: str, row: int) -> tuple[Answer, bool]:
         payload = {
             "model": self.model,
             "messages": [{"role": "user", "content": question}],
@@ -355,25 +507,81 @@ class OpenAIJudge(Judge):
             "top_logprobs": self.top_logprobs,
         }
         body = await self._post(client, ENDPOINTS["chat"], payload)
-        if isinstance(body, str):
-            return body
-        try:
-            logprobs = body["choices"][0].get("logprobs")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            return "malformed answer: no choices[0]"
-        if not isinstance(logprobs, dict):
-            return "answer has no logprobs (does the server support logprobs on chat?)"
-        top = _top_of_chat_content(logprobs.get("content"))
-        return top if isinstance(top, str) else rating_from_top_logprobs(top)
+        if isinstance(body, _Refusal) and not self._working:
+            await self._note_refusal(client, "chat", body.reason, row, False)
+            return body.reason, True
+        answer = _chat_answer(body)
+        self._note_answers([answer])
+        return answer, False
 
-    async def _post(self, client: httpx.AsyncClient, path: str, payload: dict) -> dict | str:
-        """The decoded JSON answer, or the reason there is none after retries."""
-        delay, attempt = self.backoff, 0
+    def _note_answers(self, answers: list[Answer]) -> None:
+        if not self._working and any(not isinstance(answer, str) for answer in answers):
+            self._working = True
+            self._others_may_start.set()
+
+    async def _note_refusal(
+        self, client, endpoint: str, reason: str, row: int, fewer_prompts: bool
+    ) -> None:
+        """Before anything is rated: stop the run when a refusal repeats for a second pair."""
+        pairs = self._refused_pairs.setdefault(reason, set())
+        pairs.add(row)
+        if len(pairs) >= 2:
+            raise JudgeAborted(await self._cannot_rate(client, endpoint, reason, fewer_prompts))
+
+    def _one_prompt_per_request(self, refused: int, reason: str) -> None:
+        if self.prompts_per_request == 1:
+            return
+        self.prompts_per_request = 1
+        streams = ""
+        if not self._concurrency_given and self.concurrency > 1:
+            # A server that refuses lists (llama.cpp's) evaluates one request at a time and
+            # reuses only the last prompt's prefix: parallel streams would evict each other's.
+            self.concurrency = 1
+            streams = ", one pair at a time"
+        log.warning(
+            "%s%s refused a request of %d prompts (%s) and answered one: sending one prompt "
+            "per request from now on%s (--prompts-per-request 1 says so up front)",
+            self.base_url,
+            ENDPOINTS["completions"],
+            refused,
+            reason,
+            streams,
+        )
+
+    async def _cannot_rate(self, client, endpoint: str, reason: str, fewer_prompts: bool) -> str:
+        """One actionable line: what failed and what to try."""
+        failed = (
+            f"nothing rated: {self.base_url}{ENDPOINTS[endpoint]} failed the same way for two "
+            f"pairs: {reason}"
+        )
+        if reason.startswith("connection error"):
+            return f"{failed}; is a server listening at --base-url {self.base_url}?"
+        other = "chat" if endpoint == "completions" else "completions"
+        tips = [f"--endpoint {other}"]
+        if fewer_prompts or reason.startswith("no answer within"):
+            tips.append("--prompts-per-request 1" if fewer_prompts else "a longer --timeout")
+        served = await self._served_models(client)
+        if served and self.model not in served:
+            tips.insert(0, f"--model {' or '.join(map(repr, served))} (the models it serves)")
+        else:
+            tips.append(f"checking --model {self.model!r}")
+        return f"{failed}; try {', '.join(tips[:-1])} or {tips[-1]}"
+
+    async def _served_models(self, client) -> list[str]:
+        """The model ids the server lists at GET /models (empty when it does not say)."""
+        try:
+            response = await client.get("/models", timeout=min(self.timeout, 5.0))
+            return [m["id"] for m in response.json()["data"] if isinstance(m["id"], str)]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return []
+
+    async def _post(self, client: httpx.AsyncClient, path: str, payload: dict) -> dict | _Refusal:
+        """The decoded JSON answer, or why there is none (retries: see the module docstring)."""
+        delay, attempt, previous = self.backoff, 0, None
         while True:
             attempt, wait = attempt + 1, None
             try:
-                async with self._semaphore:
-                    response = await client.post(path, json=payload)
+                response = await client.post(path, json=payload)
             except httpx.TimeoutException:
                 reason = f"no answer within {self.timeout:g} s"
             except httpx.TransportError as exc:
@@ -384,7 +592,7 @@ class OpenAIJudge(Judge):
                     try:
                         return response.json()
                     except ValueError:
-                        return "malformed answer: not JSON"
+                        return _Refusal("malformed answer: not JSON", repeatable=False)
                 reason = f"HTTP {status}: {response.text[:200]!r}"
                 if status in (401, 403):
                     raise JudgeAborted(
@@ -392,15 +600,21 @@ class OpenAIJudge(Judge):
                         "check the API key environment variable"
                     )
                 if status == 404:
+                    served = await self._served_models(client)
+                    listed = f"; it serves {', '.join(map(repr, served))}" if served else ""
                     raise JudgeAborted(
                         f"{self.base_url}{path} answered 404: check --base-url, --endpoint "
-                        f"and --model ({response.text[:200]!r})"
+                        f"and --model ({response.text[:200]!r}{listed})"
                     )
-                if status != 429 and status < 500:
-                    return reason  # the request itself is bad (for example too long): not retried
-                wait = retry_after_seconds(response.headers.get("retry-after"))
+                if status in TRANSIENT_STATUSES:
+                    wait = retry_after_seconds(response.headers.get("retry-after"))
+                elif status < 500:
+                    return _Refusal(reason, repeatable=True)  # the request itself is bad
+                elif reason == previous:
+                    return _Refusal(f"{reason} (the same answer twice: not retried)", True)
+                previous = reason
             if attempt > self.max_retries:
-                return f"{reason} (gave up after {attempt} attempts)"
+                return _Refusal(f"{reason} (gave up after {attempt} attempts)", repeatable=False)
             if wait is None:
                 wait = min(delay, self.max_backoff) * random.uniform(0.5, 1.0)
                 delay *= 2

@@ -115,7 +115,7 @@ def rate_pairs(
                 ) as bar,
             ):
                 pending = 0
-                for result in judge.rate_jobs(_jobs(records, wanted & ~done, judge.rules_per_job)):
+                for result in judge.rate_jobs(pair_jobs(records, wanted & ~done, judge)):
                     rules, a, b, relevance = pair_cells(result)
                     ratinglog.commit(log, result.job.row, rules, a, b, relevance)
                     for column, reason in enumerate(result.errors):
@@ -320,14 +320,17 @@ def load_plan(plan, records: Sequence[dict], pool: RulePool) -> dict[int, np.nda
     return out
 
 
-def _jobs(records: Sequence[dict], todo: np.ndarray, rules_per_job: int) -> Iterator[Job]:
+def pair_jobs(records: Sequence[dict], todo: np.ndarray, judge: Judge) -> Iterator[Job]:
+    """Jobs for the ``todo`` cells [N, R], a pair at a time, each of at most the judge's
+    ``rules_per_job`` rules (read per pair: a judge may change it once it knows its server)."""
     for row in np.flatnonzero(todo.any(axis=1)).tolist():
         rules = np.flatnonzero(todo[row])
         record = records[row]
-        for start in range(0, len(rules), rules_per_job):
+        size = judge.rules_per_job
+        for start in range(0, len(rules), size):
             yield Job(
                 row,
                 record["prompt"],
                 (record["response_a"], record["response_b"]),
-                rules[start : start + rules_per_job],
+                rules[start : start + size],
             )
