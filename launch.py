@@ -10,7 +10,7 @@ and `train-rm`, `score` and `eval` join the job when they see them
 (:func:`dynrules.train.sharding.join_job`). Output lines are forwarded with a ``[I]`` prefix.
 The launch fails if any process fails; when one process fails or is killed, the others are
 stopped (SIGTERM, then SIGKILL after a grace period), so a broken job never hangs waiting
-for a peer that is gone. The exit code is the first failing process's (128 + signal for a
+for a peer that is gone. The exit code is that of the first failure seen (128 + signal for a
 signal). It is for trying a multi-process job on one machine (tests, smoke tests); on a TPU
 pod or a cluster the scheduler starts the processes (README, "Several processes").
 """
@@ -110,7 +110,7 @@ def launch(
 
 
 def _wait_for_job(children: list[subprocess.Popen]) -> int:
-    """0 when every process succeeds; the first failure's code as soon as one fails."""
+    """0 when every process succeeds; a failure's code as soon as one is seen."""
     while True:
         codes = [child.poll() for child in children]
         for code in codes:

@@ -175,6 +175,8 @@ def test_killed_process_stops_the_job_and_reruns_resume_on_two_or_one(reference,
             break
         time.sleep(0.01)
     assert launcher.poll() is None, "the job ended before a process could be killed"
+    parent = int(Path(f"/proc/{pids[1]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert parent == launcher.pid  # the launcher's own process, not a reused pid
     os.kill(pids[1], signal.SIGKILL)
     killed_at = time.monotonic()
     code = launcher.wait(timeout=60)
