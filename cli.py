@@ -152,7 +152,7 @@ def bench_selection(n_pairs, n_rules, k, as_json):
             f"{name:>20}: {value:>14,.0f} pairs/s  {result['cpu_ns_per_pair'][name]:>9.1f} CPU ns/pair"
         )
     for name, value in result["ratios"].items():
-        click.echo(f"{name:>42}: {value:.3f} (per CPU-second {result['ratios_cpu'][name]:.3f})")
+        click.echo(f"{name:>50}: {value:.3f} (per CPU-second {result['ratios_cpu'][name]:.3f})")
 
 
 @main.command("train-rm")

@@ -130,7 +130,7 @@ def ablate(
     rules = rule_table(stats, store.rule_ids, estimator)
     contenders = _contenders(store, stats, rules, ks, policies, alpha, seed, discount)
 
-    for chunk in store.iter_chunks():
+    for chunk in store.iter_chunks(reuse_buffers=True):
         chunk_truth = truth_values[chunk.start : chunk.stop]
         for contender in contenders:
             C.label_counts(contender.label_of(chunk, contender.k), chunk_truth, contender.counts)

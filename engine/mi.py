@@ -244,7 +244,7 @@ def rule_statistics(
     sums, squares = np.zeros(n_rules), np.zeros(n_rules)
     agree, both = np.zeros((n_rules, n_rules), np.int64), np.zeros((n_rules, n_rules), np.int64)
     step = max(1, -(-store.n_pairs // max(redundancy_pairs, 1)))
-    for chunk in store.iter_chunks():
+    for chunk in store.iter_chunks(reuse_buffers=True):
         a, b = to_kernel_dtype(chunk.scores_a), to_kernel_dtype(chunk.scores_b)
         chunk_truth = None if truth is None else truth[chunk.start : chunk.stop]
         if chunk_truth is not None:

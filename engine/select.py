@@ -166,7 +166,7 @@ def run_selection(
     ):
         handle = open(tmp, "w", encoding="utf-8") if tmp is not None else None
         try:
-            for chunk in store.iter_chunks(start, stop):
+            for chunk in store.iter_chunks(start, stop, reuse_buffers=True):
                 index, margin, label = select_chunk(chunk, config, store.scale, rule_index)
                 if arrays is not None:
                     _write_arrays(arrays, chunk.start, index, margin, label)

@@ -34,6 +34,18 @@ def test_round_trip_each_dtype(tmp_path, small_pool, dtype):
     np.testing.assert_array_equal(
         reopened.read(250, 10_000).scores_b, quantize(b[250:], dtype)
     )  # clamped
+    # Reused buffers: the same chunks, each valid until the next is asked for.
+    reused = [
+        (c.start, c.scores_a.copy(), c.relevance.copy())
+        for c in reopened.iter_chunks(10, 290, rows=64, reuse_buffers=True)
+    ]
+    assert [start for start, _, _ in reused] == [10, 74, 138, 202, 266]
+    np.testing.assert_array_equal(
+        np.concatenate([x for _, x, _ in reused]), quantize(a[10:290], dtype)
+    )
+    np.testing.assert_array_equal(
+        np.concatenate([r for _, _, r in reused]), quantize(rel[10:290], dtype)
+    )
 
 
 def test_int8_is_round_127s():
