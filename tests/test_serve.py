@@ -88,10 +88,11 @@ class Running:
         assert not self.thread.is_alive()
 
 
-def _wait_ready(url: str, headers: dict, timeout: float = 240) -> int:
+def _wait_ready(url: str, headers: dict, timeout: float = 240, process=None) -> int:
     """Poll /health until ready; returns how many polls the server answered."""
     deadline, answered = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
+        assert process is None or process.poll() is None, "the server process exited"
         try:
             status = httpx.get(f"{url}/health", headers=headers, timeout=2).status_code
             answered += 1
@@ -402,7 +403,7 @@ def test_sigterm_during_load_loses_no_accepted_request(model, tmp_path):
         )  # fmt: skip
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {SECRET}"}
     try:
-        polls = _wait_ready(url, headers)
+        polls = _wait_ready(url, headers, process=process)
         assert httpx.post(f"{url}/v1/rewards", json=GOOD, timeout=30).status_code == 401
         ok, refused, wrong, stop = [], [], [], threading.Event()
 
