@@ -311,28 +311,22 @@ PEAK_BF16_TFLOPS = {
 }
 
 
-def bench_train_mfu(
+def _random_decoder(
+    preset: str,
+    seq: int,
+    pairs_per_step: int,
     *,
-    preset: str = "llama-3.2-1b",
-    seq: int = 2048,
-    pairs_per_step: int = 4,
-    steps: int = 10,
-    dtype: str = "bfloat16",
-    param_dtype: str = "float32",
-    remat: str = "full",
-    peak_tflops: float | None = None,
-) -> dict:
-    """Training tokens/s and model FLOPs utilisation of a decoder reward model of a named shape.
-
-    Random weights (initialised on the device), full-length random token ids (no padding), one
-    device, the dynrules train step itself (Bradley–Terry, AdamW, clipping). Model FLOPs per
-    token: models.llama.train_flops_per_token (PaLM's count).
-    """
+    dtype: str,
+    param_dtype: str,
+    remat: str,
+    seed: int = 0,
+):
+    """(backbone config, Trainable, state, jitted step) of a randomly initialised decoder reward
+    model of a named shape on the first device; the weights are drawn on the device."""
     import jax
     from flax import nnx
 
     from dynrules.models import classifier as mdl
-    from dynrules.models import llama
     from dynrules.models.presets import preset as preset_config
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
@@ -343,21 +337,73 @@ def bench_train_mfu(
                          param_dtype=param_dtype, remat=remat, backbone="decoder")  # fmt: skip
     spec = mdl.ModelSpec(backbone, max_length=seq)
     trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
+    width = backbone.hidden_size
 
     def init():
-        model = mdl.Classifier(spec, rngs=nnx.Rngs(0),
+        model = mdl.Classifier(spec, rngs=nnx.Rngs(seed),
                                param_dtype=mdl.COMPUTE_DTYPES[param_dtype])  # fmt: skip
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        # A head of std 1/√width gives rewards of order one, so that differences mean something.
+        head = jax.random.normal(jax.random.key(seed + 1), params["head_kernel"].shape)
+        return params | {"head_kernel": (head * width**-0.5).astype(params["head_kernel"].dtype)}
 
     params = jax.jit(init, out_shardings=trainable.state_shardings["params"])()
-    state = trainable.initial_state(params)
-    step = trainable.train_step(config)
-    rng = np.random.default_rng(0)
-    batch = trainable.global_batch({
-        "ids": rng.integers(0, backbone.vocab_size, (1, pairs_per_step, 2, seq)).astype(np.int32),
+    return backbone, trainable, trainable.initial_state(params), trainable.train_step(config)
+
+
+def _random_batch(trainable, vocab_size: int, pairs_per_step: int, seq: int, seed: int) -> dict:
+    """Full-length random token ids (no padding), one micro-batch."""
+    rng = np.random.default_rng(seed)
+    return trainable.global_batch({
+        "ids": rng.integers(1, vocab_size, (1, pairs_per_step, 2, seq)).astype(np.int32),
         "lengths": np.full((1, pairs_per_step, 2), seq, np.int32),
         "margins": np.zeros((1, pairs_per_step), np.float32),
     })  # fmt: skip
+
+
+def bench_train_mfu(
+    *,
+    preset: str = "llama-3.2-1b",
+    seq: int = 2048,
+    pairs_per_step: int = 4,
+    steps: int = 10,
+    dtype: str = "bfloat16",
+    param_dtype: str = "float32",
+    remat: str = "full",
+    peak_tflops: float | None = None,
+    against_torch: bool = False,
+) -> dict:
+    """Training tokens/s and model FLOPs utilisation of a decoder reward model of a named shape.
+
+    Random weights (initialised on the device), full-length random token ids (no padding), one
+    device, the dynrules train step itself (Bradley–Terry, AdamW, clipping). Model FLOPs per
+    token: models.llama.train_flops_per_token (PaLM's count). ``against_torch`` also times
+    transformers' ``LlamaForSequenceClassification`` of the same shape on the same device
+    (:func:`torch_train_tokens_per_s`).
+    """
+    if against_torch:  # first, in a child process, so that each side has the device to itself
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from dynrules.models.presets import preset as preset_config
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+            torch_run = child.submit(torch_train_tokens_per_s, preset_config(preset), seq=seq,
+                                     pairs_per_step=pairs_per_step, steps=steps, dtype=dtype,
+                                     remat=remat)  # fmt: skip
+            try:
+                torch_rate, torch_error = torch_run.result(), None
+            except Exception as error:  # the JAX side is still worth measuring; say why not
+                torch_rate, torch_error = None, f"{type(error).__name__}: {error}"
+    import jax
+
+    from dynrules.models import llama
+
+    backbone, trainable, state, step = _random_decoder(
+        preset, seq, pairs_per_step, dtype=dtype, param_dtype=param_dtype, remat=remat
+    )
+    batch = _random_batch(trainable, backbone.vocab_size, pairs_per_step, seq, seed=0)
     for _ in range(3):  # compile and warm up
         state, sums = step(state, batch)
     sums["loss"].block_until_ready()
@@ -371,7 +417,7 @@ def bench_train_mfu(
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", str(device))
     peak = peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
-    return {
+    result = {
         "benchmark": "train_mfu",
         "setup": {
             "device": kind,
@@ -383,6 +429,7 @@ def bench_train_mfu(
             "param_dtype": param_dtype,
             "remat": remat,
             "steps": steps,
+            "jax": jax.__version__,
         },  # fmt: skip
         "results": {
             "tokens_per_s": tokens_per_s,
@@ -390,5 +437,99 @@ def bench_train_mfu(
             "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
             "mfu": tokens_per_s * flops_per_token / (peak * 1e12) if peak else None,
             "peak_tflops": peak,
+        },
+    }
+    if against_torch and torch_error:
+        result["torch_error"] = torch_error
+    elif against_torch:
+        result["results"]["torch_tokens_per_s"] = torch_rate
+        result["ratios"] = {"jax_over_torch": tokens_per_s / torch_rate}
+    return result
+
+
+def torch_train_tokens_per_s(backbone, *, seq: int, pairs_per_step: int, steps: int, dtype: str,
+                             remat: str) -> float:  # fmt: skip
+    """Training tokens/s of transformers' ``LlamaForSequenceClassification`` of ``backbone``'s
+    shape on the first CUDA device: eager PyTorch, float32 master weights, ``torch.autocast`` in
+    ``dtype``, SDPA attention without a mask (its causal fast path), fused AdamW, clipping;
+    gradient checkpointing of every layer when ``remat`` is not "none"."""
+    torch, transformers = _torch()
+    shape = backbone.to_hf_dict() | {"num_labels": 1, "pad_token_id": 0}
+    config = transformers.LlamaConfig(**shape, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = transformers.LlamaForSequenceClassification(config).train()
+    if remat != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, fused=True)
+    ids = torch.randint(1, backbone.vocab_size, (pairs_per_step * 2, seq), device="cuda")
+    autocast_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+    def step():
+        with torch.autocast("cuda", dtype=autocast_dtype, enabled=dtype != "float32"):
+            rewards = model(input_ids=ids).logits[:, 0].float().view(-1, 2)
+        loss = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return steps * pairs_per_step * 2 * seq / (time.perf_counter() - started)
+
+
+def bench_bf16_numerics(*, preset: str = "llama-3.2-1b", seq: int = 512, pairs_per_step: int = 4,
+                        steps: int = 20, batches: int = 4) -> dict:  # fmt: skip
+    """bf16 compute against float32 compute (highest matmul precision, no TF32), from the same
+    float32 master weights over the same batches: rewards before training, then the training
+    loss step by step."""
+    import jax
+
+    from dynrules.models import classifier as mdl
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+            backbone, trainable, state, step = _random_decoder(
+                preset, seq, pairs_per_step, dtype=dtype, param_dtype="float32", remat="full"
+            )
+            data = [_random_batch(trainable, backbone.vocab_size, pairs_per_step, seq, seed=i)
+                    for i in range(batches)]  # fmt: skip
+            ids = data[0]["ids"][0].reshape(pairs_per_step * 2, seq)
+            rewards = jax.jit(mdl.apply, static_argnums=0)(
+                trainable.graphdef, state["params"], ids, data[0]["lengths"][0].reshape(-1)
+            )[:, 0]
+            losses = []
+            for i in range(steps):
+                state, sums = step(state, data[i % batches])
+                losses.append(float(sums["loss"]) / pairs_per_step)
+        runs[dtype] = {"rewards": np.asarray(rewards, np.float64), "losses": np.array(losses)}
+        del state, data
+    exact, bf16 = runs["float32"], runs["bfloat16"]
+    margin = lambda r: r[0::2] - r[1::2]  # noqa: E731 — chosen minus rejected, per pair
+    return {
+        "benchmark": "bf16_numerics",
+        "setup": {
+            "device": getattr(jax.devices()[0], "device_kind", "?"),
+            "preset": preset,
+            "seq": seq,
+            "pairs_per_step": pairs_per_step,
+            "steps": steps,
+            "batches": batches,
+        },  # fmt: skip
+        "results": {
+            "reward_std_float32": float(exact["rewards"].std()),
+            "max_reward_difference": float(np.abs(bf16["rewards"] - exact["rewards"]).max()),
+            "pair_order_agreement": float(
+                np.mean(np.sign(margin(bf16["rewards"])) == np.sign(margin(exact["rewards"])))
+            ),
+            "losses_float32": exact["losses"].round(5).tolist(),
+            "losses_bfloat16": bf16["losses"].round(5).tolist(),
+            "max_loss_difference": float(np.abs(bf16["losses"] - exact["losses"]).max()),
         },
     }

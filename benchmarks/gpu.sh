@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# Training throughput and model FLOPs utilisation of a Llama-3.2-1B-shaped decoder reward model
-# in bf16 compute on one GPU (target: MFU >= 40% on an H100). Needs a CUDA build of JAX in the
-# environment (e.g. pip install -U "jax[cuda12]" matching the pinned jax version). Prints JSON
-# lines; record them in the README with the device name they report.
-set -euo pipefail
+# What only an accelerator can measure, on one GPU: training tokens/s and model FLOPs utilisation
+# of Llama-shaped decoder reward models in bf16 compute (float32 master weights), the same step
+# in PyTorch (transformers' LlamaForSequenceClassification, eager, autocast) as the baseline, and
+# bf16-vs-float32 numerics. Needs a CUDA build of JAX, flax/optax/orbax, and torch+transformers
+# for the baseline. The repository is used in place (no install). JSON lines go to stdout and to
+# $OUT/gpu.jsonl (default benchmarks/results/); record them in the README with the device named.
+# Target: >= 40% MFU on an H100/H200.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
+PY=${PY:-python3}
+RESULTS=${OUT:-benchmarks/results}/gpu.jsonl
+mkdir -p "$(dirname "$RESULTS")"
+PACKAGE_PARENT=$(mktemp -d)  # the repository root is the package: import it as dynrules
+ln -s "$PWD" "$PACKAGE_PARENT/dynrules"
+export PYTHONPATH=$PACKAGE_PARENT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-"$PY" -c "import jax; d = jax.devices()[0]; assert d.platform == 'gpu', d; print('device:', d.device_kind)"
-# Llama-3.2-1B shape (16 x 2048, 32 heads / 8 KV heads, 1.24B params), 2048 tokens, 4 pairs =
-# 8 sequences (16k tokens) per step; float32 master weights and AdamW state, bf16 compute.
-"$PY" benchmarks/bench_train.py mfu --preset llama-3.2-1b --seq 2048 --pairs-per-step 4 --steps 10 --remat full
-# Keeping the matmul outputs (remat=dots) trades memory for less recomputation.
-"$PY" benchmarks/bench_train.py mfu --preset llama-3.2-1b --seq 2048 --pairs-per-step 4 --steps 10 --remat dots
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+
+bench() {  # one measurement, bounded in time, so that one failure leaves the others standing
+  echo "== $*"
+  timeout "${LIMIT:-180}" "$PY" benchmarks/bench_train.py "$@" | tee -a "$RESULTS"
+}
+# Smoke test: a 135M model, seconds; if the environment is wrong, say so before the long runs.
+bench mfu --preset smollm2-135m --seq 256 --pairs-per-step 2 --steps 2 || exit 1
+# Llama-3.2-1B shape (16 × 2048, 32 heads / 8 KV heads, 1.24B params), 2048 tokens, 4 pairs =
+# 8 sequences (16k tokens) a step; full remat, then keeping matmul outputs, then none.
+bench mfu --preset llama-3.2-1b --seq 2048 --pairs-per-step 4 --steps 10 --remat full --against-torch
+bench mfu --preset llama-3.2-1b --seq 2048 --pairs-per-step 4 --steps 10 --remat dots
+bench numerics --preset llama-3.2-1b --seq 512 --pairs-per-step 4 --steps 20
+bench mfu --preset llama-3.2-1b --seq 2048 --pairs-per-step 4 --steps 10 --remat none --against-torch
+# Llama-3.1-8B shape on one GPU: bf16 master weights and optimizer state so that it fits.
+LIMIT=240 bench mfu --preset llama-3.1-8b --seq 2048 --pairs-per-step 1 --steps 5 --remat full --param-dtype bfloat16

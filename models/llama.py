@@ -352,7 +352,7 @@ class LlamaDecoder(nnx.Module):
                 f"{config.sliding_window}, which dynrules does not implement; use a max_length "
                 f"≤ {config.sliding_window}"
             )
-        key_mask = jnp.arange(time)[None, :] < lengths[:, None]  # [batch, time]
+        lengths = lengths.astype(jnp.int32)
         hidden = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         hidden = self.constrain(hidden, ("batch", "length", "embed"))
         angles = np.arange(time, dtype=np.float32)[:, None] * rope_inverse_frequencies(config)
@@ -361,7 +361,7 @@ class LlamaDecoder(nnx.Module):
                         if isinstance(variable, nnx.Param)}  # fmt: skip
 
         def step(hidden, params):
-            hidden = _layer(hidden, params, config=config, key_mask=key_mask, rope=rope,
+            hidden = _layer(hidden, params, config=config, lengths=lengths, rope=rope,
                             dtype=self.dtype, constrain=self.constrain)  # fmt: skip
             return hidden, None
 
@@ -402,13 +402,20 @@ def _project(x, kernel, bias, spec, dtype):
     return out if bias is None else out + bias.astype(dtype)
 
 
-def _layer(hidden, p, *, config: LlamaConfig, key_mask, rope, dtype, constrain):
+def _attention(dtype) -> str:
+    """cuDNN's fused flash attention on a GPU under 16-bit compute; XLA's otherwise (which
+    materialises the score matrix: fine on CPU, and TPU has no cuDNN)."""
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+def _layer(hidden, p, *, config: LlamaConfig, lengths, rope, dtype, constrain):
     x = _rms_norm(hidden, p["attn_norm"], config.rms_norm_eps)
     q = _rotate(_project(x, p["q_kernel"], p.get("q_bias"), "btd,dhe->bthe", dtype), rope)
     k = _rotate(_project(x, p["k_kernel"], p.get("k_bias"), "btd,dhe->bthe", dtype), rope)
     v = _project(x, p["v_kernel"], p.get("v_bias"), "btd,dhe->bthe", dtype)
     attended = jax.nn.dot_product_attention(
-        q, k, v, mask=key_mask[:, None, None, :], is_causal=True
+        q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=_attention(dtype)
     )
     hidden = hidden + _project(attended, p["o_kernel"], p.get("o_bias"), "bthe,hed->btd", dtype)
     hidden = constrain(hidden, ("batch", "length", "embed"))
