@@ -2,7 +2,8 @@
 
 Runs ``dynrules plan … --json`` once per (model, topology), each in a fresh process, and keeps
 the results in benchmarks/results/plan.json, rewritten after every entry; a rerun skips the
-entries already there, so a killed run resumes. Then prints the Markdown table.
+entries already there, so a killed run resumes and a failed entry is retried. Then prints the
+Markdown table.
 
 Every run takes a global batch of 64 preference pairs (128 texts of 2048 tokens) with FSDP over
 all chips, bf16 compute, float32 parameters and Adam state, full recomputation, and micro-batches
@@ -51,7 +52,9 @@ def _machine() -> dict:
     }
 
 
-def run(results: dict) -> None:
+def run(results: dict) -> list[str]:
+    """Plan every missing entry; returns the keys that failed (their errors printed)."""
+    failed = []
     for model in MODELS:
         for topology, chips in TOPOLOGIES.items():
             key = _key(model, topology)
@@ -64,9 +67,13 @@ def run(results: dict) -> None:
             done = subprocess.run(command, capture_output=True, text=True,
                                   env=os.environ | {"JAX_PLATFORMS": "cpu"})  # fmt: skip
             if done.returncode != 0:
-                sys.exit(f"{key} failed:\n{done.stderr.strip()[-2000:]}")
+                print(f"{key} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                failed.append(key)
+                continue
             results["plans"][key] = json.loads(done.stdout.strip().splitlines()[-1])
             _save(results)
+    return failed
 
 
 def table(results: dict) -> str:
@@ -99,10 +106,13 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="Only print the saved table.")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"plans": {}}
+    failed = []
     if not args.table:
         results.setdefault("machine", _machine())
-        run(results)
+        failed = run(results)
     print(table(results))
+    if failed:
+        sys.exit(f"failed (rerun to retry): {', '.join(failed)}")
 
 
 if __name__ == "__main__":
