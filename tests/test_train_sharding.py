@@ -107,13 +107,16 @@ def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(
     assert report["decoder_loss_difference"] < 1e-5, report
     # Two micro-batches of 8 pairs accumulated = one batch of 16.
     assert report["grad_accum_difference"] < 2e-5, report
+    assert report["decoder_restore_difference"] == 0.0 and report["decoder_restore_devices"] == 1
 
 
-def _decoder_checks(decoder_dir: str) -> dict:
-    """fsdp × tensor step == single-device step; grad_accum=2 == one full batch."""
+def _decoder_checks(out: Path, decoder_dir: str) -> dict:
+    """fsdp × tensor step == single-device step; grad_accum=2 == one full batch; a checkpoint
+    saved on fsdp × tensor restores onto one device."""
     import jax
 
     from dynrules.models import classifier as mdl
+    from dynrules.train.checkpoint import Checkpointer
     from dynrules.train.config import TrainConfig
     from dynrules.train.data import Pair
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
@@ -136,22 +139,29 @@ def _decoder_checks(decoder_dir: str) -> dict:
         for index in range(2):
             state, sums = step(state, trainable.global_batch(batches.batch(index)))
             losses.append(float(sums["loss"]) / float(sums["pairs"]))
-        return state, losses
+        return trainable, state, losses
 
     def difference(a, b):
         return max(float(np.abs(x - y).max()) for x, y in
                    zip(jax.tree.leaves(shd.gather(a["params"])), jax.tree.leaves(shd.gather(b["params"])), strict=True))  # fmt: skip
 
-    sharded, sharded_losses = run("fsdp=4,tensor=2", jax.devices())
-    single, single_losses = run("", jax.devices()[:1])
-    accumulated, _ = run("", jax.devices()[:1], grad_accum=2)
+    _, sharded, sharded_losses = run("fsdp=4,tensor=2", jax.devices())
+    single_trainable, single, single_losses = run("", jax.devices()[:1])
+    _, accumulated, _ = run("", jax.devices()[:1], grad_accum=2)
     layers = sharded["params"]["decoder"]["layers"]
+    checkpoints = Checkpointer(out / "decoder-ckpt", every=1, keep=1)
+    checkpoints.save(2, sharded, {"step": 2})
+    checkpoints.wait()
+    restored, _ = checkpoints.restore(single_trainable.abstract_state, 2)
+    checkpoints.close()
     return {
         "decoder_q_spec": list(layers["q_kernel"].sharding.spec),
         "decoder_mlp_spec": list(layers["gate_kernel"].sharding.spec),
         "decoder_max_step_difference": difference(sharded, single),
         "decoder_loss_difference": max(abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)),
         "grad_accum_difference": difference(accumulated, single),
+        "decoder_restore_difference": difference(restored, sharded),
+        "decoder_restore_devices": len(restored["params"]["head_kernel"].sharding.device_set),
     }  # fmt: skip
 
 
@@ -225,7 +235,7 @@ def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
         )
         assert int(restored["step"]) == 2
     checkpoints.close()
-    report |= _decoder_checks(decoder_dir)
+    report |= _decoder_checks(out, decoder_dir)
     print(json.dumps(report))
 
 
