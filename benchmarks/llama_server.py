@@ -293,13 +293,15 @@ def main() -> int:
     parser.add_argument("--bench-pairs", type=int, default=2, help="0 skips the benchmark")
     parser.add_argument("--bench-rules", type=int, default=10)
     parser.add_argument("--bench-repeats", type=int, default=1)
+    parser.add_argument("--work", help="keep the servers' logs and the stores here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     model = gguf_path()
     result: dict = {"model": MODEL_FILE}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if args.bench_pairs:
             server = LlamaServer(model, work / "bench-server.log")
             try:

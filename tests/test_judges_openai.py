@@ -1,5 +1,6 @@
 """The OpenAI-compatible judge client against a loopback server, with injected faults."""
 
+import json
 import logging
 import math
 import time
@@ -322,3 +323,24 @@ def test_no_server_at_all_stops_the_run_naming_the_url(small_pool):
         JudgeAborted, match=r"connection error.*is a server listening at --base-url"
     ):
         judge.rate(pairs)
+
+
+def test_bench_judge_against_a_server_learns_it_and_compares_the_orders():
+    from click.testing import CliRunner
+
+    from dynrules.cli import main
+
+    with LoopbackServer(llama_cpp=True) as server:
+        result = CliRunner().invoke(
+            main,
+            ["bench", "judge", "--base-url", server.url, "--model", "m", "--client-pairs", "2"]
+            + ["--rules", "3", "--prefix-pairs", "2", "--json"],
+        )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["benchmark"] == "judge-server"
+    for key in ("conversation_first", "interleaved", "published_order"):
+        assert out["results"][f"{key}_ratings_per_s"] > 0
+        assert out["setup"]["failed_cells"][key] == 0
+    assert out["setup"]["prompts_per_request"] == 1 and out["setup"]["concurrency"] == 1
+    assert out["setup"]["pairs"] == 2 and out["setup"]["rules"] == 3
