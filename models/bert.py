@@ -123,6 +123,11 @@ class BertEncoder(nnx.Module):
     Right padding with explicit ``lengths`` (never inferred from pad ids): positions ≥ length
     are masked as attention keys, and real tokens never see them, so a text's hidden states
     do not depend on the padding around it.
+
+    Packed rows (several texts a row) pass ``segments`` and ``positions`` instead of lengths
+    (models.tokenizer.pack_batch): a token attends only to its own segment (a block-diagonal
+    mask) and takes the position embedding of its place in its own text, so each text's
+    hidden states are those it has alone.
     """
 
     def __init__(
@@ -137,13 +142,19 @@ class BertEncoder(nnx.Module):
                 setattr(self, name, nnx.Param(value, logical_axes=_EMBEDDING_AXES[name]))
         self.layers = EncoderLayers(config, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, lengths: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, lengths: jax.Array | None = None, *,
+                 segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
         config = self.config
         time = input_ids.shape[1]
-        mask = jnp.arange(time)[None, :] < lengths[:, None]  # [batch, time]
+        if segments is None:  # one text a row: mask padded keys [batch, 1, 1, time]
+            mask = (jnp.arange(time)[None, :] < lengths[:, None])[:, None, None, :]
+            position_embeddings = self.position_embeddings[...][:time][None]
+        else:  # packed rows: block-diagonal [batch, 1, time, time]
+            mask = (segments[:, :, None] == segments[:, None, :])[:, None]
+            position_embeddings = jnp.take(self.position_embeddings[...], positions, axis=0)
         hidden = (
             jnp.take(self.word_embeddings[...], input_ids, axis=0)
-            + self.position_embeddings[...][:time][None]
+            + position_embeddings
             + self.token_type_embeddings[...][0][None, None]
         )
         hidden = _layer_norm(
@@ -181,7 +192,7 @@ def _layer(hidden, p, *, config: BertConfig, mask, dtype):
     q = split_heads(_dense(hidden, p["query_kernel"], p["query_bias"], dtype))
     k = split_heads(_dense(hidden, p["key_kernel"], p["key_bias"], dtype))
     v = split_heads(_dense(hidden, p["value_kernel"], p["value_bias"], dtype))
-    attended = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+    attended = jax.nn.dot_product_attention(q, k, v, mask=mask)
     attended = attended.reshape(batch, time, width)
     hidden = _layer_norm(
         hidden + _dense(attended, p["attn_out_kernel"], p["attn_out_bias"], dtype),

@@ -44,7 +44,7 @@ from dynrules.models import bert_checkpoint as bert_ckpt
 from dynrules.models import decoder_io
 from dynrules.models.bert import BertConfig, BertEncoder
 from dynrules.models.llama import LlamaConfig, LlamaDecoder
-from dynrules.models.pooling import POOLING_MODES, pool
+from dynrules.models.pooling import POOLING_MODES, pool, pool_segments
 from dynrules.models.templates import CHAT, TEMPLATE, ChatTemplate, format_text
 from dynrules.models.tokenizer import TextTokenizer
 
@@ -144,8 +144,19 @@ class Classifier(nnx.Module):
             )
 
     def __call__(self, input_ids: jax.Array, lengths: jax.Array) -> jax.Array:
+        """Logits [batch, outputs] of one text a row (right-padded to explicit lengths)."""
         backbone = self.encoder if hasattr(self, "encoder") else self.decoder
-        pooled = pool(backbone(input_ids, lengths), lengths, self.pooling)
+        return self._head(pool(backbone(input_ids, lengths), lengths, self.pooling))
+
+    def packed(self, input_ids: jax.Array, segments: jax.Array, positions: jax.Array,
+               slots: int) -> jax.Array:  # fmt: skip
+        """Logits [rows, slots, outputs] of packed rows (models.tokenizer.pack_batch): slot s of
+        a row is its segment s + 1; each text scores as it does alone."""
+        backbone = self.encoder if hasattr(self, "encoder") else self.decoder
+        hidden = backbone(input_ids, segments=segments, positions=positions)
+        return self._head(pool_segments(hidden, segments, positions, slots, self.pooling))
+
+    def _head(self, pooled: jax.Array) -> jax.Array:
         logits = pooled @ self.head_kernel[...].astype(jnp.float32)
         if hasattr(self, "head_bias"):
             logits = logits + self.head_bias[...]
@@ -164,6 +175,12 @@ def abstract_model(spec: ModelSpec, **options):
 def apply(graphdef, params: dict, input_ids: jax.Array, lengths: jax.Array) -> jax.Array:
     """Logits [batch, outputs] of the model ``graphdef`` with weights ``params`` (pure dict)."""
     return nnx.merge(graphdef, params)(input_ids, lengths)
+
+
+def apply_packed(graphdef, params: dict, input_ids: jax.Array, segments: jax.Array,
+                 positions: jax.Array, slots: int) -> jax.Array:  # fmt: skip
+    """Logits [rows, slots, outputs] of packed rows (:meth:`Classifier.packed`)."""
+    return nnx.merge(graphdef, params).packed(input_ids, segments, positions, slots)
 
 
 def initial_head(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:

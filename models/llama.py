@@ -15,7 +15,12 @@ optional ``constrain`` callback does the same for activations (batch, length, em
 
 Texts are right-padded and their real lengths passed explicitly: causal attention means a
 real token never sees the padding, and padded keys are masked as well, so a text's hidden
-states do not depend on what else is in the batch.
+states do not depend on what else is in the batch. Packed rows (several texts a row,
+models.tokenizer.pack_batch) pass ``segments`` and ``positions`` instead: attention is causal
+within a segment and blind to the others (a block-diagonal mask), and each token is rotated
+by its position in its own text. That mask goes through XLA's attention everywhere: jax 0.10's
+``dot_product_attention`` gives cuDNN lengths but no segment ids, so on a GPU only unpacked
+batches use cuDNN's flash attention.
 """
 
 from __future__ import annotations
@@ -343,7 +348,8 @@ class LlamaDecoder(nnx.Module):
                 setattr(self, name, nnx.Param(value, logical_axes=PARAM_AXES[name]))
         self.layers = DecoderLayers(config, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, input_ids: jax.Array, lengths: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, lengths: jax.Array | None = None, *,
+                 segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
         config = self.config
         time = input_ids.shape[1]
         if config.sliding_window and time > config.sliding_window:
@@ -352,16 +358,22 @@ class LlamaDecoder(nnx.Module):
                 f"{config.sliding_window}, which dynrules does not implement; use a max_length "
                 f"≤ {config.sliding_window}"
             )
-        lengths = lengths.astype(jnp.int32)
         hidden = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         hidden = self.constrain(hidden, ("batch", "length", "embed"))
         angles = np.arange(time, dtype=np.float32)[:, None] * rope_inverse_frequencies(config)
         rope = (jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles)))  # [time, head_dim/2]
+        mask = None
+        if segments is None:
+            lengths = lengths.astype(jnp.int32)
+        else:  # each token's own position's rotation: [batch, time, head_dim/2]
+            rope = tuple(jnp.take(table, positions, axis=0) for table in rope)
+            same = segments[:, :, None] == segments[:, None, :]
+            mask = same & jnp.tril(jnp.ones((time, time), bool))[None]  # [batch, time, time]
         layer_params = {name: variable[...] for name, variable in vars(self.layers).items()
                         if isinstance(variable, nnx.Param)}  # fmt: skip
 
         def step(hidden, params):
-            hidden = _layer(hidden, params, config=config, lengths=lengths, rope=rope,
+            hidden = _layer(hidden, params, config=config, lengths=lengths, mask=mask, rope=rope,
                             dtype=self.dtype, constrain=self.constrain)  # fmt: skip
             return hidden, None
 
@@ -389,8 +401,9 @@ def _rms_norm(x, scale, eps):
 
 
 def _rotate(x, rope):
-    """Hugging Face's rotate-half RoPE layout: pairs are (i, i + head_dim/2)."""
-    cos, sin = (r[None, :, None, :] for r in rope)
+    """Hugging Face's rotate-half RoPE layout: pairs are (i, i + head_dim/2). ``rope`` holds
+    cos and sin per position [time, head_dim/2], or per token [batch, time, head_dim/2]."""
+    cos, sin = (r[..., None, :] for r in rope)  # broadcast over heads
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
@@ -409,14 +422,21 @@ def _attention(dtype) -> str:
     return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
-def _layer(hidden, p, *, config: LlamaConfig, lengths, rope, dtype, constrain):
+def _attend(q, k, v, lengths, mask, dtype):
+    """Causal attention over one text a row (``lengths``) or packed rows (``mask``)."""
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
+                                            implementation=_attention(dtype))  # fmt: skip
+    # Causality and segments are both in the boolean mask [batch, time, time].
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+
+
+def _layer(hidden, p, *, config: LlamaConfig, lengths, mask, rope, dtype, constrain):
     x = _rms_norm(hidden, p["attn_norm"], config.rms_norm_eps)
     q = _rotate(_project(x, p["q_kernel"], p.get("q_bias"), "btd,dhe->bthe", dtype), rope)
     k = _rotate(_project(x, p["k_kernel"], p.get("k_bias"), "btd,dhe->bthe", dtype), rope)
     v = _project(x, p["v_kernel"], p.get("v_bias"), "btd,dhe->bthe", dtype)
-    attended = jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=_attention(dtype)
-    )
+    attended = _attend(q, k, v, lengths, mask, dtype)
     hidden = hidden + _project(attended, p["o_kernel"], p.get("o_bias"), "bthe,hed->btd", dtype)
     hidden = constrain(hidden, ("batch", "length", "embed"))
     x = _rms_norm(hidden, p["mlp_norm"], config.rms_norm_eps)

@@ -114,3 +114,28 @@ def pad_batch(
         out[row, : len(seq)] = seq
         lengths[row] = len(seq)
     return out, lengths
+
+
+# The most texts a packed row holds: the slot count of the pooling (models.pooling.pool_segments).
+ROW_SEGMENTS = 16
+
+
+def pack_batch(ids: list[np.ndarray], rows: np.ndarray, offsets: np.ndarray, segments: np.ndarray,
+               shape: tuple[int, int], pad_id: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """Packed [rows, time] arrays: text i at ``offsets[i]`` of row ``rows[i]`` as segment
+    ``segments[i]``.
+
+    ``segments`` holds 1, 2, … for a row's texts and 0 for padding; ``positions`` counts
+    0, 1, … within each text (so a text's positions are the same alone or packed).
+    """
+    out = {
+        "ids": np.full(shape, pad_id, np.int32),
+        "segments": np.zeros(shape, np.int32),
+        "positions": np.zeros(shape, np.int32),
+    }
+    for seq, row, offset, segment in zip(ids, rows, offsets, segments, strict=True):
+        span = slice(offset, offset + len(seq))
+        out["ids"][row, span] = seq
+        out["segments"][row, span] = segment
+        out["positions"][row, span] = np.arange(len(seq))
+    return out

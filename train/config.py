@@ -37,6 +37,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage of parameters and optimizer state: float32 | bfloat16
     remat: str = "none"  # recompute activations in the backward pass: none | full | dots
+    packing: bool = True  # pack several texts a row (no padding compute); false: one text a row
     backbone: str = "encoder"  # encoder (BERT) | decoder (Llama family)
     model: str = ""  # checkpoint: a BERT directory (encoder), a HF directory or .gguf (decoder);
     #                  "" = the bundled all-MiniLM-L6-v2 / SmolLM2-135M-Instruct

@@ -6,11 +6,14 @@ therefore compiles once per bucket, never per batch. Batches are split over the 
 ('data', 'fsdp') axes. In a multi-process job every process plans the same batches (the
 texts are tokenized once across processes, train.tokens), supplies only its rows of each, and
 receives every score back; process 0 writes the one output, in input order. Scores do not
-depend on what else is in the batch: padding is masked by explicit lengths.
+depend on what else is in the batch: padding is masked by explicit lengths, and packed texts
+(several a row, the default) see only themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -20,12 +23,26 @@ import numpy as np
 
 from dynrules.engine.pairs import iter_raw_records
 from dynrules.errors import DynrulesError, InputError
+from dynrules.kernels import packing
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
 from dynrules.models.templates import format_text
 from dynrules.train import sharding as shd
 from dynrules.train.data import score_text
 from dynrules.train.tokens import SharedTokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreBatch:
+    """One model call: text ``texts[i]`` sits in row ``row[i]`` at ``offset[i]`` as segment
+    ``segment[i]`` of a [rows, width] batch (unpacked: one text a row, offset 0, segment 1)."""
+
+    texts: np.ndarray
+    row: np.ndarray
+    offset: np.ndarray
+    segment: np.ndarray
+    width: int
+    rows: int
 
 
 class Scorer:
@@ -38,13 +55,23 @@ class Scorer:
     partial batch runs in the smallest that fits: a server scoring a few texts at a time then
     pads a handful of rows, not a whole batch (t programs per bucket, all compiled by
     :meth:`warm_up`).
+
+    With ``packing`` a row holds several texts (kernels.packing, longest first): a row is as
+    wide as the bucket of the text that opened it, at least ``PACKED_ROW_WIDTH``, and shorter
+    texts fill its padding, so the same programs run fewer rows; each text scores as it does
+    alone.
     """
 
+    # Texts shorter than this share rows this wide: attention over 128 keys costs little next
+    # to the dense layers, while a short text alone in its bucket can be a third padding.
+    PACKED_ROW_WIDTH = 128
+
     def __init__(self, graphdef, params, tokenizer, mesh, *, max_length: int, batch_size: int = 64,
-                 tokens_per_batch: int = 4096, row_tiers: int = 1):  # fmt: skip
+                 tokens_per_batch: int = 4096, row_tiers: int = 1, packing: bool = True):  # fmt: skip
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = tok.length_buckets(max_length)
+        self.packing = packing
         multiple = shd.batch_shards(mesh)
 
         def rows(width):  # rounded up to a multiple of the batch shards
@@ -61,11 +88,16 @@ class Scorer:
         self.render = format_text  # (prompt, response) → text; from_model_dir sets the model's
         rows = shd.batch_sharding(mesh, 2)
         self._rows_sharding, self._lengths_sharding = rows, shd.batch_sharding(mesh, 1)
+        param_shardings = jax.tree.map(lambda x: x.sharding, params)
+        if packing:
+            forward = functools.partial(mdl.apply_packed, graphdef, slots=tok.ROW_SEGMENTS)
+            in_shardings = (param_shardings, rows, rows, rows)
+        else:
+            forward = functools.partial(mdl.apply, graphdef)
+            in_shardings = (param_shardings, rows, self._lengths_sharding)
         self._forward = jax.jit(
-            lambda params, ids, lengths: mdl.apply(graphdef, params, ids, lengths),
-            in_shardings=(jax.tree.map(lambda x: x.sharding, params), rows, self._lengths_sharding),
-            out_shardings=shd.replicated(mesh),  # every process can read all scores
-        )
+            forward, in_shardings=in_shardings, out_shardings=shd.replicated(mesh)
+        )  # every process reads all scores
 
     @classmethod
     def from_model_dir(
@@ -76,6 +108,7 @@ class Scorer:
         batch_size: int = 64,
         dtype: str = "float32",
         row_tiers: int = 1,
+        packing: bool = True,
     ) -> Scorer:
         """A scorer for a run or model directory, its weights laid out on ``mesh_spec``."""
         loaded = mdl.read_model(resolve_model_dir(directory))
@@ -92,6 +125,7 @@ class Scorer:
             max_length=loaded.spec.max_length,
             batch_size=batch_size,
             row_tiers=row_tiers,
+            packing=packing,
         )
         scorer.spec = loaded.spec
         scorer.render = loaded.render
@@ -120,45 +154,63 @@ class Scorer:
             return [np.zeros(1, np.int32) for _ in indices]
 
         programs = [(w, rows) for w, tiers in self.row_tiers.items() for rows in tiers]
+        first = np.zeros(1, np.int64)
         for width, rows in programs:
-            self._run(np.zeros(1, np.int64), one_token, width, rows)
+            self._run(ScoreBatch(first, first, first, first + 1, width, rows), one_token)
         return len(programs)
 
     def _score(self, lengths: np.ndarray, ids_of) -> np.ndarray:
         out = np.zeros((len(lengths), self.params["head_kernel"].shape[1]), np.float32)
-        for chunk, width, batch_rows in self.plan(lengths):
-            out[chunk] = self._run(chunk, ids_of, width, batch_rows)
+        for batch in self.plan(lengths):
+            out[batch.texts] = self._run(batch, ids_of)
         return out
 
-    def _run(self, chunk: np.ndarray, ids_of, width: int, batch_rows: int) -> np.ndarray:
-        """Outputs of the texts ``chunk`` in one [batch_rows, width] batch; this process
-        supplies only its rows (``ids_of`` gives their token ids)."""
-        rows = shd.local_rows(self._lengths_sharding, (batch_rows,))
-        mine = [int(chunk[r]) for r in rows if r < len(chunk)]  # beyond: filler rows
-        ids, lens = tok.pad_batch(ids_of(mine), width, len(rows), self.tokenizer.pad_id)
+    def _run(self, batch: ScoreBatch, ids_of) -> np.ndarray:
+        """Outputs of ``batch.texts``; this process supplies only its rows of the batch
+        (``ids_of`` gives their token ids)."""
+        local = shd.local_rows(self._lengths_sharding, (batch.rows,))
+        mine = np.flatnonzero(np.isin(batch.row, local))
+        seqs = ids_of(batch.texts[mine].tolist())
+        if self.packing:
+            arrays = tok.pack_batch(seqs, np.searchsorted(local, batch.row[mine]), batch.offset[mine],
+                                    batch.segment[mine], (len(local), batch.width), self.tokenizer.pad_id)  # fmt: skip
+            logits = self._forward(self.params, *(
+                shd.global_batch(arrays[key], self._rows_sharding, batch.rows)
+                for key in ("ids", "segments", "positions")
+            ))  # fmt: skip
+            return np.asarray(logits)[batch.row, batch.segment - 1]
+        # One text a row, rows in order: this process's texts fill its rows from the first.
+        ids, lens = tok.pad_batch(seqs, batch.width, len(local), self.tokenizer.pad_id)
         logits = self._forward(
             self.params,
-            shd.global_batch(ids, self._rows_sharding, batch_rows),
-            shd.global_batch(lens, self._lengths_sharding, batch_rows),
+            shd.global_batch(ids, self._rows_sharding, batch.rows),
+            shd.global_batch(lens, self._lengths_sharding, batch.rows),
         )
-        return np.asarray(logits)[: len(chunk)]
+        return np.asarray(logits)[batch.row]
 
-    def plan(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
-        """Batches as (text indices, padded width, rows), longest texts first.
+    def plan(self, lengths: np.ndarray) -> list[ScoreBatch]:
+        """Batches, longest texts first.
 
-        A batch is padded to the bucket of its longest text. A bucket's last, partial batch
-        takes the smallest row tier that holds it, and its spare rows take the next shorter
-        texts: a padding row costs as much as a real one.
+        Texts are placed into rows longest first (one a row, or packed: kernels.packing), a row
+        as wide as the bucket of its first text (packed: at least ``PACKED_ROW_WIDTH``). A batch is as wide as its first row; a
+        bucket's last, partial batch takes the smallest row tier that holds its rows, and
+        spare rows take the next, narrower rows: a padding row costs as much as a real one.
         """
-        order = np.argsort(-lengths, kind="stable")
-        widths = np.array([tok.bucket_for(int(n), self.buckets) for n in lengths[order]], np.int64)
+        widths = np.array([tok.bucket_for(int(n), self.buckets) for n in lengths], np.int64)
+        if self.packing:
+            widths = np.maximum(widths, min(self.PACKED_ROW_WIDTH, self.max_length))
+        placed = packing.pack(lengths, widths, tok.ROW_SEGMENTS if self.packing else 1)
+        by_row = np.argsort(placed.row, kind="stable")
+        first_text = np.searchsorted(placed.row[by_row], np.arange(placed.rows + 1))
         batches, start = [], 0
-        while start < len(order):
-            width = int(widths[start])
-            in_bucket = int(np.searchsorted(-widths, -width, side="right")) - start
+        while start < placed.rows:
+            width = int(placed.widths[start])
+            in_bucket = int(np.searchsorted(-placed.widths, -width, side="right")) - start
             rows = next(r for r in self.row_tiers[width] if r >= min(in_bucket, self.rows[width]))
-            stop = min(start + rows, len(order))
-            batches.append((order[start:stop], width, rows))
+            stop = min(start + rows, placed.rows)
+            texts = by_row[first_text[start] : first_text[stop]]
+            batches.append(ScoreBatch(texts, placed.row[texts] - start, placed.offset[texts],
+                                      placed.segment[texts], width, rows))  # fmt: skip
             start = stop
         return batches
 

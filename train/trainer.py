@@ -17,6 +17,13 @@ The train step is one jitted function with explicit in/out shardings and the sta
 the global batch [grad_accum, pairs, 2, time] is split over ('data', 'fsdp') on the pairs
 axis (each pair's chosen and rejected texts stay on one device), and gradient accumulation
 is a ``lax.scan`` over micro-batches inside it.
+
+With ``packing`` (the default) a micro-batch's texts are packed into rows instead
+(kernels.packing, first-fit decreasing): [grad_accum, rows, width] ids, segment ids and
+positions, split over ('data', 'fsdp') on the rows axis, and each pair's chosen and rejected
+slot (replicated). The width is the length bucket of the step's longest text, so a step
+compiles once per (bucket, row count), as an unpacked step does per bucket; a text's reward
+does not depend on what shares its row.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -32,6 +40,7 @@ import numpy as np
 import optax
 
 from dynrules.errors import DynrulesError
+from dynrules.kernels import packing
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
 from dynrules.models.templates import format_text
@@ -85,20 +94,35 @@ class TokenizedPairs:
         return len(self.margins)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """How packed batches are laid out: at most ``slots`` texts a row, a row count that is a
+    multiple of ``multiple`` (the batch shards), and ``local(rows)``, the rows of a batch of
+    ``rows`` rows that this process supplies (:meth:`Trainable.row_layout`)."""
+
+    slots: int
+    multiple: int = 1
+    local: Callable[[int], np.ndarray] = np.arange
+
+
 class PairBatches:
     """The batch of any step as a pure function of (seed, step) — this process's rows of it.
 
     The global batch of a step is the same whatever the process count; ``rows`` are the pair
     positions of each micro-batch this process supplies (:meth:`Trainable.local_rows`; default
-    all). Its padded width comes from every pair's length, so all processes agree on it.
+    all). Its padded width comes from every pair's length, so all processes agree on it. With
+    ``packing`` a micro-batch's texts are packed into rows of that width instead; every process
+    plans the same rows from the lengths and fills its own (``packing.local``).
     """
 
     def __init__(self, tokens: TokenizedPairs, *, seed: int, batch_size: int, grad_accum: int,
-                 max_length: int, pad_id: int, rows: np.ndarray | None = None):  # fmt: skip
+                 max_length: int, pad_id: int, rows: np.ndarray | None = None,
+                 packing: RowLayout | None = None):  # fmt: skip
         self.tokens, self.seed = tokens, seed
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.micro = batch_size // grad_accum
         self.rows = np.arange(self.micro) if rows is None else np.asarray(rows)
+        self.packing = packing
         self.buckets = tok.length_buckets(max_length)
         self.pad_id = pad_id
         self._epochs: dict[int, np.ndarray] = {}
@@ -121,10 +145,13 @@ class PairBatches:
         return int(self.tokens.texts.lengths[_texts_of(self.indices(step))].sum())
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Arrays shaped [grad_accum, rows, 2, time], lengths and margins: this process's rows."""
+        """Arrays shaped [grad_accum, rows, 2, time], lengths and margins: this process's rows
+        (packed: :meth:`packed_batch`)."""
         everything = self.indices(step)
         longest = int(self.tokens.texts.lengths[_texts_of(everything)].max())
         width = tok.bucket_for(longest, self.buckets)  # the same on every process
+        if self.packing is not None:
+            return self.packed_batch(everything, width)
         index = everything.reshape(self.grad_accum, self.micro)[:, self.rows].ravel()
         seqs = self.tokens.texts.ids(_texts_of(index).tolist())
         ids, lengths = tok.pad_batch(seqs, width, len(seqs), self.pad_id)
@@ -135,10 +162,39 @@ class PairBatches:
             "margins": self.tokens.margins[index].reshape(self.grad_accum, rows),
         }
 
+    def packed_batch(self, everything: np.ndarray, width: int) -> dict[str, np.ndarray]:
+        """Packed rows of the step's pairs ``everything``: [grad_accum, rows, width] ``ids``,
+        ``segments`` and ``positions`` (this process's rows), each pair's ``chosen`` and
+        ``rejected`` slot (row · slots + segment − 1) and ``margins`` [grad_accum, pairs] (every
+        pair), and ``rows``, the global row count: the most any micro-batch needs, rounded up
+        to the layout's multiple (spare rows are all padding)."""
+        layout = self.packing
+        lengths = self.tokens.texts.lengths
+        micro_pairs = everything.reshape(self.grad_accum, self.micro)
+        plans = [
+            packing.pack(lengths[_texts_of(pairs)], width, layout.slots) for pairs in micro_pairs
+        ]
+        rows = -(-max(plan.rows for plan in plans) // layout.multiple) * layout.multiple
+        local = np.asarray(layout.local(rows))
+        arrays, slots = [], []
+        for pairs, plan in zip(micro_pairs, plans, strict=True):
+            mine = np.flatnonzero(np.isin(plan.row, local))
+            seqs = self.tokens.texts.ids(_texts_of(pairs)[mine].tolist())
+            arrays.append(tok.pack_batch(seqs, np.searchsorted(local, plan.row[mine]), plan.offset[mine],
+                                         plan.segment[mine], (len(local), width), self.pad_id))  # fmt: skip
+            slots.append((plan.row * layout.slots + plan.segment - 1).astype(np.int32))
+        slots = np.stack(slots)
+        batch = {key: np.stack([a[key] for a in arrays]) for key in arrays[0]}
+        return batch | {"chosen": slots[:, 0::2], "rejected": slots[:, 1::2],
+                        "margins": self.tokens.margins[micro_pairs], "rows": rows}  # fmt: skip
+
 
 def _texts_of(pairs: np.ndarray) -> np.ndarray:
     """Text indices of pairs: chosen and rejected of each pair in turn."""
     return np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
+
+
+PACKED_ROWS = ("ids", "segments", "positions")  # a packed batch's arrays split by row
 
 
 def split_held_out(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -164,6 +220,8 @@ class Trainable:
     mesh: jax.sharding.Mesh
     state_shardings: dict
     abstract_state: dict
+    packed: bool = False  # batches of packed rows (config.packing)
+    slots: int = 1  # texts a packed row holds at most
 
     @classmethod
     def build(cls, spec: mdl.ModelSpec, config: TrainConfig, mesh) -> Trainable:
@@ -203,7 +261,8 @@ class Trainable:
             ),
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         }
-        return cls(graphdef, tx, schedule, mesh, shardings, abstract_state)
+        slots = min(tok.ROW_SEGMENTS, 2 * (config.batch_size // config.grad_accum))
+        return cls(graphdef, tx, schedule, mesh, shardings, abstract_state, config.packing, slots)
 
     def initial_state(self, host_params: dict) -> dict:
         """Params placed shard by shard from host arrays or lazy checkpoint views; optimizer
@@ -217,6 +276,10 @@ class Trainable:
         pairs = shd.LOGICAL_AXIS_RULES["batch"]
         spec = jax.sharding.PartitionSpec
         named = jax.sharding.NamedSharding
+        if self.packed:  # rows split over the batch shards; the pairs' slots everywhere
+            rows, everywhere = named(self.mesh, spec(None, pairs, None)), shd.replicated(self.mesh)
+            return {"ids": rows, "segments": rows, "positions": rows, "chosen": everywhere,
+                    "rejected": everywhere, "margins": everywhere}  # fmt: skip
         return {
             "ids": named(self.mesh, spec(None, pairs, None, None)),
             "lengths": named(self.mesh, spec(None, pairs, None)),
@@ -227,25 +290,56 @@ class Trainable:
         """Pair positions of a ``micro``-pair micro-batch that this process supplies."""
         return shd.local_rows(self.batch_shardings()["margins"], (1, micro), dim=1)
 
+    def row_layout(self) -> RowLayout:
+        """The packed rows' layout for :class:`PairBatches` on this mesh."""
+        rows_sharding = self.batch_shardings()["ids"]
+        return RowLayout(self.slots, shd.batch_shards(self.mesh),
+                         lambda rows: shd.local_rows(rows_sharding, (1, rows, 1), dim=1))  # fmt: skip
+
     def global_batch(
         self, batch: dict[str, np.ndarray], micro: int | None = None
     ) -> dict[str, jax.Array]:
         """This process's rows (:meth:`local_rows`) → global arrays of ``micro`` pairs a
-        micro-batch (default: the rows are all of them, as on one process)."""
+        micro-batch (default: the rows are all of them, as on one process). A packed batch
+        names its global row count (``rows``); its slots and margins are whole everywhere."""
         sharding = self.batch_shardings()
+        if self.packed:
+            rows = int(batch["rows"])
+            return {k: shd.global_batch(v, sharding[k], rows if k in PACKED_ROWS else v.shape[1],
+                                        batch_dim=1)
+                    for k, v in batch.items() if k != "rows"}  # fmt: skip
         micro = batch["margins"].shape[1] if micro is None else micro
         return {k: shd.global_batch(v, sharding[k], micro, batch_dim=1) for k, v in batch.items()}
 
-    def train_step(self, config: TrainConfig):
-        """jit(step)(state, batch) → (state, metric sums); the state argument is donated."""
-        graphdef, tx = self.graphdef, self.tx
+    def micro_loss(self, config: TrainConfig):
+        """loss(params, micro-batch) → (mean Bradley–Terry loss, metric sums)."""
+        graphdef, slots = self.graphdef, self.slots
 
-        def micro_loss(params, micro):
+        def rewards_packed(params, micro):
+            logits = mdl.apply_packed(graphdef, params, micro["ids"], micro["segments"],
+                                      micro["positions"], slots)  # fmt: skip
+            rewards = logits[..., 0].reshape(-1)  # slot (row, s) at row · slots + s
+            return rewards[micro["chosen"]], rewards[micro["rejected"]]
+
+        def rewards_unpacked(params, micro):
             pairs, _, width = micro["ids"].shape
             rewards = mdl.apply(graphdef, params, micro["ids"].reshape(pairs * 2, width),
                                 micro["lengths"].reshape(pairs * 2))[:, 0].reshape(pairs, 2)  # fmt: skip
-            return bradley_terry(rewards[:, 0], rewards[:, 1], config.margin_scale * micro["margins"],
+            return rewards[:, 0], rewards[:, 1]
+
+        rewards_of = rewards_packed if self.packed else rewards_unpacked
+
+        def loss(params, micro):
+            chosen, rejected = rewards_of(params, micro)
+            return bradley_terry(chosen, rejected, config.margin_scale * micro["margins"],
                                  center_coef=config.center_coef)  # fmt: skip
+
+        return loss
+
+    def train_step(self, config: TrainConfig):
+        """jit(step)(state, batch) → (state, metric sums); the state argument is donated."""
+        tx = self.tx
+        micro_loss = self.micro_loss(config)
 
         def step(state, batch):
             params = state["params"]
@@ -462,7 +556,7 @@ class _Evaluator:
         micro = run.config.batch_size // run.config.grad_accum
         self.scorer = Scorer(run.trainable.graphdef, run.state["params"], run.backbone.tokenizer,
                              run.trainable.mesh, max_length=run.spec.max_length,
-                             batch_size=max(micro * 2, 16))  # fmt: skip
+                             batch_size=max(micro * 2, 16), packing=run.config.packing)  # fmt: skip
         render = run.backbone.render
         self.texts = [text for pair in run.held_out for text in pair.texts(render)]
 
@@ -488,7 +582,8 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
     micro = config.batch_size // config.grad_accum
     batches = PairBatches(run.train_tokens, seed=config.seed, batch_size=config.batch_size,
                           grad_accum=config.grad_accum, max_length=run.spec.max_length,
-                          pad_id=run.backbone.tokenizer.pad_id, rows=trainable.local_rows(micro))  # fmt: skip
+                          pad_id=run.backbone.tokenizer.pad_id, rows=trainable.local_rows(micro),
+                          packing=trainable.row_layout() if trainable.packed else None)  # fmt: skip
     window = {"sums": [], "tokens": 0, "clock": time.perf_counter()}
     logged: dict = {}
 
