@@ -854,44 +854,55 @@ def bench_judge(
         click.echo(f"{name:>38}: {value:>12,.4g}")
 
 
+HH_DATA_OPTION = click.option("--data", type=click.Path(dir_okay=False), default=None,
+                              help="HH harmless-base test pairs (default: ../shared/data beside the repository).")  # fmt: skip
+
+
+def _echo_reward_bench(result: dict) -> None:
+    for name, rates in result["results"].items():
+        click.echo(f"{name:>14}: {rates['pairs_per_s']:>8.2f} pairs/s {rates['real_tokens_per_s']:>9.0f} "
+                   f"real tokens/s ({rates['real_over_computed_tokens']:.0%} of computed tokens real)")  # fmt: skip
+    for name, ratio in result["ratios"].items():
+        click.echo(f"{name:>20}: {ratio:.2f}x")
+
+
 @bench.command("train")
 @backbone_option()
 @click.option("--pairs-per-step", default=8, show_default=True)
-@click.option("--max-length", default=128, show_default=True)
+@click.option("--max-length", default=512, show_default=True)
+@click.option("--steps", default=6, show_default=True, help="Distinct steps of pairs, cycled.")
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per side.")
+@HH_DATA_OPTION
 @json_option()
-def bench_train_rm(backbone, pairs_per_step, max_length, seconds, as_json):
-    """Reward-model training pairs/s: JAX vs the same model in PyTorch (same batches)."""
+def bench_train_rm(backbone, pairs_per_step, max_length, steps, seconds, data, as_json):
+    """Reward-model training on HH pairs: JAX packed and unpacked vs PyTorch's padded batches."""
     from dynrules.bench.rewardmodel import bench_train
 
     result = bench_train(backbone=backbone, pairs_per_step=pairs_per_step, max_length=max_length,
-                         seconds=seconds)  # fmt: skip
+                         steps=steps, seconds=seconds, data=data)  # fmt: skip
     if as_json:
         print_json(result)
         return
-    for name, value in result["results"].items():
-        click.echo(f"{name:>18}: {value:>10.2f} pairs/s")
-    click.echo(f"{'jax / torch':>18}: {result['ratios']['jax_over_torch']:.2f}x")
+    _echo_reward_bench(result)
 
 
 @bench.command("score")
 @backbone_option()
 @click.option("--pairs", "n_pairs", default=256, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--max-length", default=256, show_default=True)
+@click.option("--max-length", default=512, show_default=True)
+@HH_DATA_OPTION
 @json_option()
-def bench_score_rm(backbone, n_pairs, batch_size, max_length, as_json):
-    """Reward-model scoring pairs/s: JAX vs the same model in PyTorch (same batches)."""
+def bench_score_rm(backbone, n_pairs, batch_size, max_length, data, as_json):
+    """Reward-model scoring on HH pairs: JAX packed and unpacked vs PyTorch's padded batches."""
     from dynrules.bench.rewardmodel import bench_score
 
     result = bench_score(backbone=backbone, pairs=n_pairs, batch_size=batch_size,
-                         max_length=max_length)  # fmt: skip
+                         max_length=max_length, data=data)  # fmt: skip
     if as_json:
         print_json(result)
         return
-    for name, value in result["results"].items():
-        click.echo(f"{name:>18}: {value:>10.2f} pairs/s")
-    click.echo(f"{'jax / torch':>18}: {result['ratios']['jax_over_torch']:.2f}x")
+    _echo_reward_bench(result)
 
 
 @bench.command("serve")

@@ -336,7 +336,8 @@ def _compile_step(config, target: Target, *, seq, batch, grad_accum, mesh, dtype
 
     train_config = make_config({"batch_size": batch, "grad_accum": grad_accum, "max_length": seq,
                                 "dtype": dtype, "param_dtype": param_dtype, "remat": remat,
-                                "backbone": "decoder", "mesh": mesh}, source="plan")  # fmt: skip
+                                "backbone": "decoder", "mesh": mesh, "packing": False},
+                               source="plan")  # full-length rows, one text each  # fmt: skip
     device_mesh = shd.make_mesh(mesh, devices=target.devices)
     micro = batch // grad_accum
     shards = shd.batch_shards(device_mesh)

@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from dynrules.errors import DynrulesError
 
+HH_DATA = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
 TORCH_HINT = "the PyTorch side needs torch and transformers: pip install torch==2.13.0 transformers"
 WORDS = ("the model should refuse harmful requests and help with safe ones while explaining why "
          "a careful assistant gives accurate answers about health chemistry security and law").split()  # fmt: skip
@@ -79,17 +86,6 @@ def _torch_reward_model(torch, transformers, checkpoint_dir, head_kernel: np.nda
     return RewardModel()
 
 
-def _timed(run, batches, seconds: float, warmup: int) -> tuple[float, int]:
-    """(elapsed, batches done) running ``run`` over ``batches`` cyclically for ``seconds``."""
-    for batch in batches[:warmup]:
-        run(batch)
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds or done < len(batches):
-        run(batches[done % len(batches)])
-        done += 1
-    return time.perf_counter() - started, done
-
-
 def _jax_model(backbone: str, max_length: int, seed: int):
     """The bundled backbone (MiniLM or SmolLM2-135M-Instruct) with a fresh head.
 
@@ -137,48 +133,116 @@ MODEL_NAMES = {"encoder": "all-MiniLM-L6-v2 reward model",
                "decoder": "SmolLM2-135M-Instruct reward model (LlamaForSequenceClassification)"}  # fmt: skip
 
 
-def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_length: int = 128,
-                seconds: float = 20.0, seed: int = 0) -> dict:  # fmt: skip
-    """Training pairs/s and tokens/s, JAX vs PyTorch, same reward model and same batches."""
+def hh_pairs(path: str | Path | None = None) -> list:
+    """The HH harmless-base test pairs (real, variable-length): ``path`` or the file beside the
+    repository (../shared/data), as benchmarks/hh_pipeline.py reads it."""
+    from dynrules.train.data import load_preferences
+
+    path = Path(path) if path else HH_DATA
+    if not path.is_file():
+        raise DynrulesError(
+            f"{path}: the HH harmless-base test file is not there; pass --data PATH"
+        )
+    return load_preferences(path)
+
+
+def _timed(run, batches: list, seconds: float) -> tuple[float, list[int]]:
+    """(elapsed, indices of the batches run) running ``run`` over ``batches`` cyclically for
+    ``seconds``, and at least once over every batch."""
+    done, started = [], time.perf_counter()
+    while time.perf_counter() - started < seconds or len(done) < len(batches):
+        index = len(done) % len(batches)
+        run(batches[index])
+        done.append(index)
+    return time.perf_counter() - started, done
+
+
+def _rates(
+    seconds: float, done: list[int], pairs: list[int], real: list[int], padded: list[int]
+) -> dict:
+    """pairs/s, real (non-pad) tokens/s and the share of computed tokens that were real."""
+    return {
+        "pairs_per_s": sum(pairs[i] for i in done) / seconds,
+        "real_tokens_per_s": sum(real[i] for i in done) / seconds,
+        "real_over_computed_tokens": sum(real[i] for i in done) / sum(padded[i] for i in done),
+    }
+
+
+def _torch_padded(torch, seqs: list[np.ndarray], pad_id: int) -> tuple:
+    """PyTorch's usual batch (``DataCollatorWithPadding``, TRL's reward collator): the texts in
+    their order, right-padded to the longest of them, with an attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, np.int64)
+    mask = np.zeros((len(seqs), width), np.int64)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)], mask[row, : len(seq)] = seq, 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_length: int = 512,
+                steps: int = 6, seconds: float = 20.0, data: str | Path | None = None,
+                seed: int = 0) -> dict:  # fmt: skip
+    """Training pairs/s and real tokens/s on HH harmless pairs: JAX with packed rows, JAX with
+    one text a row (length buckets), and PyTorch + transformers with its usual padded batches
+    (each step's texts padded to the longest of them). The same reward model, the same ``steps``
+    steps of pairs (cycled for ``seconds`` a side after every JAX shape is compiled), Bradley–Terry
+    loss, clipping, AdamW, dropout off."""
     import tempfile
-    from pathlib import Path
 
     import jax
 
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
-    from dynrules.train.data import load_preferences
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
     torch, transformers = _torch()
     model = _jax_model(backbone, max_length, seed)
-    config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=max_length,
-                         learning_rate=1e-5, backbone=backbone)  # fmt: skip
-    pairs = load_preferences(synthetic_pairs(pairs_per_step * 6, seed))
+    pairs = hh_pairs(data)
+    pairs = [
+        pairs[i]
+        for i in np.random.default_rng(seed).permutation(len(pairs))[: pairs_per_step * steps]
+    ]
     tokens = TokenizedPairs.build(pairs, model.tokenizer, model.spec.max_length, model.render)
-    batcher = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
-                          max_length=model.spec.max_length, pad_id=model.tokenizer.pad_id)  # fmt: skip
-    batches = [batcher.batch(step) for step in range(6)]
-    tokens_per_batch = float(np.mean([b["lengths"].sum() for b in batches]))  # real tokens
+    mesh = shd.make_mesh("", jax.devices()[:1])
+    pad_id = model.tokenizer.pad_id
+    order = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
+                        max_length=max_length, pad_id=pad_id)  # the steps' pairs, every side  # fmt: skip
+    step_texts = [
+        np.stack([2 * order.indices(s), 2 * order.indices(s) + 1], 1).ravel() for s in range(steps)
+    ]
+    real = [int(tokens.texts.lengths[texts].sum()) for texts in step_texts]
+    counts = [pairs_per_step] * steps
+    results, computed = {}, {}
+    for packing in (True, False):
+        config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=max_length,
+                             learning_rate=1e-5, backbone=backbone, packing=packing)  # fmt: skip
+        trainable = Trainable.build(model.spec, config, mesh)
+        batcher = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
+                              max_length=model.spec.max_length, pad_id=pad_id,
+                              packing=trainable.row_layout() if packing else None)  # fmt: skip
+        host = [batcher.batch(s) for s in range(steps)]
+        padded = [int(np.prod(b["ids"].shape)) for b in host]
+        batches = [trainable.global_batch(b) for b in host]
+        step = trainable.train_step(config)
+        holder = {"state": trainable.initial_state(model.params)}
+
+        def run(batch, step=step, holder=holder):
+            holder["state"], sums = step(holder["state"], batch)
+            sums["loss"].block_until_ready()
+
+        for batch in batches:  # compile every shape, then warm
+            run(batch)
+        name = "jax_packed" if packing else "jax_unpacked"
+        results[name] = _rates(*_timed(run, batches, seconds), counts, real, padded)
+        computed[name] = sorted({tuple(b["ids"].shape[1:]) for b in host})
+        holder.clear()  # free the JAX state before the next side allocates its own
 
     with tempfile.TemporaryDirectory() as workdir:
         reference = _torch_model(torch, transformers, model, Path(workdir)).train()
-    trainable = Trainable.build(model.spec, config, shd.make_mesh("", jax.devices()[:1]))
-    state = trainable.initial_state(model.params)
-    step = trainable.train_step(config)
-    device_batches = [trainable.global_batch(b) for b in batches]
-    holder = {"state": state}
-
-    def jax_run(batch):
-        holder["state"], sums = step(holder["state"], batch)
-        sums["loss"].block_until_ready()
-
-    jax_seconds, jax_steps = _timed(jax_run, device_batches, seconds, warmup=len(device_batches))
-    holder.clear()  # free the JAX state before PyTorch allocates its own
-    del state
-
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-5, weight_decay=0.01)
-    torch_batches = [_torch_pairs(torch, b) for b in batches]
+    torch_batches = [
+        _torch_padded(torch, tokens.texts.ids(texts.tolist()), pad_id) for texts in step_texts
+    ]
 
     def torch_run(batch):
         ids, mask = batch
@@ -189,115 +253,98 @@ def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_lengt
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
         optimizer.step()
 
-    torch_seconds, torch_steps = _timed(torch_run, torch_batches, seconds, warmup=2)
-    jax_rate = jax_steps * pairs_per_step / jax_seconds
-    torch_rate = torch_steps * pairs_per_step / torch_seconds
+    torch_run(torch_batches[0])  # warm-up
+    padded = [int(np.prod(ids.shape)) for ids, _ in torch_batches]
+    results["torch_padded"] = _rates(
+        *_timed(torch_run, torch_batches, seconds), counts, real, padded
+    )
+    return _report("train", backbone, results, {
+        "pairs_per_step": pairs_per_step, "steps": steps, "max_length": model.spec.max_length,
+        "data": "HH-RLHF harmless-base test", "real_tokens_per_step": float(np.mean(real)),
+        "jax_batch_shapes": {k: [list(v) for v in shapes] for k, shapes in computed.items()},
+        "torch": torch.__version__, "threads": os.cpu_count(),
+    })  # fmt: skip
+
+
+def _report(kind: str, backbone: str, results: dict, setup: dict) -> dict:
+    torch_rate = results["torch_padded"]["pairs_per_s"]
     return {
-        "benchmark": "train",
-        "setup": {
-            "model": MODEL_NAMES[backbone],
-            "pairs_per_step": pairs_per_step,
-            "max_length": model.spec.max_length,
-            "real_tokens_per_step": tokens_per_batch,
-            "devices": "cpu",
-            "threads": os.cpu_count(),
-            "torch": torch.__version__,
-        },  # fmt: skip
-        "results": {
-            "jax_pairs_per_s": jax_rate,
-            "torch_pairs_per_s": torch_rate,
-            "jax_tokens_per_s": jax_rate / pairs_per_step * tokens_per_batch,
-            "torch_tokens_per_s": torch_rate / pairs_per_step * tokens_per_batch,
+        "benchmark": kind,
+        "setup": {"model": MODEL_NAMES[backbone], **setup},
+        "results": results,
+        "ratios": {
+            "packed_over_torch": results["jax_packed"]["pairs_per_s"] / torch_rate,
+            "unpacked_over_torch": results["jax_unpacked"]["pairs_per_s"] / torch_rate,
+            "packed_over_unpacked": results["jax_packed"]["pairs_per_s"]
+            / results["jax_unpacked"]["pairs_per_s"],
         },
-        "ratios": {"jax_over_torch": jax_rate / torch_rate},
     }
 
 
-def _torch_pairs(torch, batch: dict) -> tuple:
-    """[1, pairs, 2, time] numpy batch → ([pairs·2, time] ids, mask) tensors, chosen/rejected interleaved."""
-    ids = batch["ids"][0].reshape(-1, batch["ids"].shape[-1])
-    lengths = batch["lengths"][0].reshape(-1)
-    mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
-
-
 def bench_score(*, backbone: str = "encoder", pairs: int = 256, batch_size: int = 64,
-                max_length: int = 256, seed: int = 0) -> dict:  # fmt: skip
-    """Scoring pairs/s (both texts of each pair), JAX vs PyTorch, on identical bucketed batches.
-
-    The decoder is scored from its exported directory on both sides (our import, and
-    transformers' ``AutoModelForSequenceClassification``), so the reward difference also
-    checks the export.
-    """
+                max_length: int = 512, data: str | Path | None = None, seed: int = 0) -> dict:  # fmt: skip
+    """Scoring pairs/s and real tokens/s (both texts of each pair) on HH harmless pairs: the JAX
+    scorer with packed rows and with one text a row (both sort by length into buckets), against
+    PyTorch + transformers with its usual batches (``batch_size`` texts in input order, padded
+    to the longest). The decoder is scored from its exported directory on both sides (our import
+    and transformers' ``AutoModelForSequenceClassification``), so the reward difference also
+    checks the export."""
     import tempfile
-    from pathlib import Path
 
     import jax
 
     from dynrules.models import classifier as mdl
-    from dynrules.models import tokenizer as tok
     from dynrules.train import sharding as shd
-    from dynrules.train.data import load_preferences
     from dynrules.train.scoring import Scorer
 
     torch, transformers = _torch()
     model = _jax_model(backbone, max_length, seed)
-    texts = [
-        t for p in load_preferences(synthetic_pairs(pairs, seed)) for t in p.texts(model.render)
-    ]
+    chosen = np.random.default_rng(seed).permutation(len(everything := hh_pairs(data)))[:pairs]
+    texts = [t for i in chosen for t in everything[i].texts(model.render)]
     mesh = shd.make_mesh("", jax.devices()[:1])
+    results, rewards = {}, {}
     with tempfile.TemporaryDirectory() as workdir:
         reference = _torch_model(torch, transformers, model, Path(workdir)).eval()
-        if backbone == "decoder":
-            scorer = Scorer.from_model_dir(Path(workdir) / "model", batch_size=batch_size)
-        else:
-            graphdef, abstract = mdl.abstract_model(model.spec)
-            params = shd.place(model.params, shd.abstract_params(abstract, mesh))
-            scorer = Scorer(graphdef, params, model.tokenizer, mesh,
-                            max_length=model.spec.max_length, batch_size=batch_size)  # fmt: skip
-    scorer(texts)  # compile every bucket once
-    started = time.perf_counter()
-    jax_rewards = scorer.rewards(texts)
-    jax_seconds = time.perf_counter() - started
-
-    tokens = scorer.tokenizer.encode(texts, model.spec.max_length)
-    batches = []
-    for chunk, width, _ in scorer.plan(tokens.lengths):  # the scorer's batches, unpadded rows
-        ids, lengths = tok.pad_batch(
-            [tokens.ids[i] for i in chunk], width, len(chunk), scorer.tokenizer.pad_id
-        )
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        batches.append((chunk, torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)))
-    torch_rewards = np.zeros(len(texts), np.float32)
+        for packing in (True, False):
+            if backbone == "decoder":
+                scorer = Scorer.from_model_dir(Path(workdir) / "model", batch_size=batch_size,
+                                               packing=packing)  # fmt: skip
+            else:
+                graphdef, abstract = mdl.abstract_model(model.spec)
+                params = shd.place(model.params, shd.abstract_params(abstract, mesh))
+                scorer = Scorer(graphdef, params, model.tokenizer, mesh, max_length=model.spec.max_length,
+                                batch_size=batch_size, packing=packing)  # fmt: skip
+            tokens = scorer.tokenizer.encode(texts, model.spec.max_length)
+            scorer(texts)  # compile every program it needs
+            started = time.perf_counter()
+            name = "jax_packed" if packing else "jax_unpacked"
+            rewards[name] = scorer.rewards(texts)
+            seconds = time.perf_counter() - started
+            padded = sum(b.rows * b.width for b in scorer.plan(tokens.lengths))
+            results[name] = _rates(seconds, [0], [pairs], [int(tokens.lengths.sum())], [padded])
+    batches = [_torch_padded(torch, tokens.ids[i : i + batch_size], scorer.tokenizer.pad_id)
+               for i in range(0, len(texts), batch_size)]  # fmt: skip
+    out = []
     with torch.inference_mode():
-        reference(batches[0][1], batches[0][2])  # warm-up
+        reference(*batches[0])  # warm-up
         started = time.perf_counter()
-        for chunk, ids, mask in batches:
-            torch_rewards[chunk] = reference(ids, mask).numpy()
-        torch_seconds = time.perf_counter() - started
-    jax_rate, torch_rate = pairs / jax_seconds, pairs / torch_seconds
-    real_tokens = int(tokens.lengths.sum())
-    return {
-        "benchmark": "score",
-        "setup": {
-            "model": MODEL_NAMES[backbone],
-            "pairs": pairs,
-            "batch_size": batch_size,
-            "max_length": model.spec.max_length,
-            "real_tokens": real_tokens,
-            "threads": os.cpu_count(),
-            "torch": torch.__version__,
-        },  # fmt: skip
-        "results": {
-            "jax_pairs_per_s": jax_rate,
-            "torch_pairs_per_s": torch_rate,
-            "jax_tokens_per_s": real_tokens / jax_seconds,
-            "torch_tokens_per_s": real_tokens / torch_seconds,
-        },
-        "ratios": {"jax_over_torch": jax_rate / torch_rate},
-        "max_reward_difference": float(np.abs(jax_rewards - torch_rewards).max()),
-        "reward_std": float(np.std(jax_rewards)),
+        for ids, mask in batches:
+            out.append(reference(ids, mask).numpy())
+        seconds = time.perf_counter() - started
+    padded = sum(int(np.prod(ids.shape)) for ids, _ in batches)
+    results["torch_padded"] = _rates(seconds, [0], [pairs], [int(tokens.lengths.sum())], [padded])
+    torch_rewards = np.concatenate(out)
+    report = _report("score", backbone, results, {
+        "pairs": pairs, "batch_size": batch_size, "max_length": model.spec.max_length,
+        "data": "HH-RLHF harmless-base test", "real_tokens": int(tokens.lengths.sum()),
+        "threads": os.cpu_count(), "torch": torch.__version__,
+    })  # fmt: skip
+    report["max_reward_difference"] = {
+        "packed_vs_torch": float(np.abs(rewards["jax_packed"] - torch_rewards).max()),
+        "packed_vs_unpacked": float(np.abs(rewards["jax_packed"] - rewards["jax_unpacked"]).max()),
     }
+    report["reward_std"] = float(np.std(torch_rewards))
+    return report
 
 
 # Dense bf16 peak of the accelerators we expect, for MFU; override with peak_tflops.
@@ -334,7 +381,8 @@ def _random_decoder(
 
     backbone = preset_config(preset)
     config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=seq, dtype=dtype,
-                         param_dtype=param_dtype, remat=remat, backbone="decoder")  # fmt: skip
+                         param_dtype=param_dtype, remat=remat, backbone="decoder",
+                         packing=False)  # full-length rows: nothing to pack; keeps cuDNN  # fmt: skip
     spec = mdl.ModelSpec(backbone, max_length=seq)
     trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
     width = backbone.hidden_size

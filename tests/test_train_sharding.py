@@ -91,6 +91,9 @@ def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(
     assert report["devices"] == 8
     assert report["embed_spec"] == [None, "fsdp", None]  # [layers, embed, mlp]: FSDP-sharded
     assert report["max_step_difference"] < 2e-5, report
+    # Packed rows split over the mesh give the single-device gradients (rows padded to 8).
+    assert report["packed_grad_difference"] < 1e-5, report
+    assert report["decoder_packed_grad_difference"] < 1e-5, report
     assert report["loss_difference"] < 1e-5, report
     for target in ("8x1", "1"):
         assert report[f"restore_{target}_difference"] == 0.0, report
@@ -121,8 +124,8 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
     from dynrules.train.data import Pair
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
-    config = TrainConfig(steps=4, batch_size=16, max_length=48, learning_rate=1e-3,
-                         warmup_ratio=0.0, backbone="decoder", model=decoder_dir)  # fmt: skip
+    config = TrainConfig(steps=4, batch_size=16, max_length=48, learning_rate=1e-3, warmup_ratio=0.0,
+                         backbone="decoder", model=decoder_dir, packing=False)  # fmt: skip
     model = mdl.pretrained("decoder", decoder_dir, num_outputs=1, max_length=48, seed=0)
     pairs = [Pair(chosen=f"a safe answer {i} " * (1 + i % 3), rejected=f"harmful {i}", prompt=f"q{i}")
              for i in range(32)]  # fmt: skip
@@ -162,7 +165,43 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
         "grad_accum_difference": difference(accumulated, single),
         "decoder_restore_difference": difference(restored, sharded),
         "decoder_restore_devices": len(restored["params"]["head_kernel"].sharding.device_set),
+        "decoder_packed_grad_difference": _packed_grad_difference(
+            model.spec, config, model.params, tokens, "fsdp=4,tensor=2", model.tokenizer.pad_id),
     }  # fmt: skip
+
+
+def _packed_grad_difference(spec, config, host, tokens, mesh_spec: str, pad_id: int) -> float:
+    """Largest gradient difference of the packed loss on ``mesh_spec`` (all devices) against one
+    device, relative to the largest gradient. Gradients, not parameters after a step: AdamW
+    turns the float noise of a gradient that is zero in exact arithmetic (the encoder head's
+    bias: it cancels in r_c − r_r) into a full-size update of either sign."""
+    import jax
+
+    from dynrules.train.trainer import PairBatches, Trainable
+
+    config = config.replace(packing=True)
+    grads = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        trainable = Trainable.build(
+            spec, config, shd.make_mesh(mesh_spec if len(devices) > 1 else "", devices)
+        )
+        batches = PairBatches(
+            tokens,
+            seed=0,
+            batch_size=config.batch_size,
+            grad_accum=1,
+            max_length=config.max_length,
+            pad_id=pad_id,
+            packing=trainable.row_layout(),
+        )
+        micro = jax.tree.map(lambda x: x[0], trainable.global_batch(batches.batch(0)))
+        loss = trainable.micro_loss(config)
+        params = trainable.initial_state(host)["params"]
+        grads.append(
+            jax.tree.leaves(shd.gather(jax.jit(jax.grad(loss, has_aux=True))(params, micro)[0]))
+        )
+    scale = max(float(np.abs(g).max()) for g in grads[1])
+    return max(float(np.abs(a - b).max()) for a, b in zip(*grads, strict=True)) / scale  # fmt: skip
 
 
 def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
@@ -178,7 +217,7 @@ def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
 
     loaded = bert_ckpt.read_checkpoint(encoder_dir)
     config = TrainConfig(
-        steps=4, batch_size=16, max_length=32, learning_rate=1e-3, warmup_ratio=0.0
+        steps=4, batch_size=16, max_length=32, learning_rate=1e-3, warmup_ratio=0.0, packing=False
     )
     spec = mdl.ModelSpec(loaded.config, pooling=config.pooling, max_length=config.max_length)
     host = {"encoder": loaded.params, **mdl.initial_head(spec, 0)}
@@ -235,6 +274,9 @@ def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
         )
         assert int(restored["step"]) == 2
     checkpoints.close()
+    report["packed_grad_difference"] = _packed_grad_difference(
+        spec, config, host, tokens, "data=4,fsdp=2", 0
+    )
     report |= _decoder_checks(out, decoder_dir)
     print(json.dumps(report))
 
