@@ -1,7 +1,7 @@
 """Reward-model benchmarks from the command line (the same code as `dynrules bench train|score`).
 
-    python benchmarks/bench_train.py train [--backbone decoder]   # JAX vs PyTorch training (CPU)
-    python benchmarks/bench_train.py score [--backbone decoder]   # JAX vs PyTorch scoring (CPU)
+    python benchmarks/bench_train.py train [--backbone decoder] [--data HH]   # JAX vs PyTorch training (CPU)
+    python benchmarks/bench_train.py score [--backbone decoder] [--data HH]   # JAX vs PyTorch scoring (CPU)
     python benchmarks/bench_train.py mfu [--preset llama-3.2-1b --seq 2048 ...]   # GPU/TPU
     python benchmarks/bench_train.py mfu --against-torch ...   # and PyTorch, same shape (CUDA)
     python benchmarks/bench_train.py numerics [--preset llama-3.2-1b --seq 512]   # bf16 vs f32
@@ -31,11 +31,12 @@ def main() -> None:
     parser.add_argument("--param-dtype", default="float32", choices=["bfloat16", "float32"])
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     parser.add_argument("--against-torch", action="store_true")
+    parser.add_argument("--data", default=None, help="HH harmless-base test pairs (train, score)")
     args = parser.parse_args()
     if args.mode == "train":
-        result = bench.bench_train(backbone=args.backbone)
+        result = bench.bench_train(backbone=args.backbone, data=args.data)
     elif args.mode == "score":
-        result = bench.bench_score(backbone=args.backbone)
+        result = bench.bench_score(backbone=args.backbone, data=args.data)
     elif args.mode == "numerics":
         result = bench.bench_bf16_numerics(preset=args.preset, seq=args.seq,
                                            pairs_per_step=args.pairs_per_step, steps=args.steps)  # fmt: skip

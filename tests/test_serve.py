@@ -4,6 +4,7 @@ authentication, 64 concurrent clients, SIGTERM under load. Loopback only, a tiny
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import os
@@ -180,22 +181,36 @@ def test_reward_client(server, model, tmp_path):
             client.rewards([it["prompt"] for it in items], [it["response"] for it in items])
 
 
-def test_scorer_plan_covers_every_text_once_in_fitting_batches(scorer):
-    """Row tiers and spare rows: each text once, in a batch as wide as it needs, no batch over
-    its rows, a partial batch in the smallest tier that holds its own bucket's texts."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_scorer_plan_covers_every_text_once_in_fitting_batches(scorer, packing):
+    """Row tiers and spare rows: each text once, in a batch as wide as it needs, no row over its
+    width, no batch over its rows; unpacked, a partial batch in the smallest tier that holds
+    its own bucket's texts."""
+    scorer = copy.copy(scorer)
+    scorer.packing = packing  # the plan alone: nothing runs
     rng = np.random.default_rng(0)
     for n in (1, 2, 7, 63, 64, 65, 300):
         lengths = rng.integers(1, MAX_LENGTH + 1, n).astype(np.int32)
         plan = scorer.plan(lengths)
-        seen = np.concatenate([chunk for chunk, _, _ in plan])
+        seen = np.concatenate([batch.texts for batch in plan])
         assert sorted(seen.tolist()) == list(range(n))
-        for chunk, width, rows in plan:
-            assert rows in scorer.row_tiers[width] and len(chunk) <= rows
-            assert lengths[chunk].max() <= width
+        for batch in plan:
+            rows, width = batch.rows, batch.width
+            assert rows in scorer.row_tiers[width] and batch.row.max() < rows
+            ends = batch.offset + lengths[batch.texts]
+            assert ends.max() <= width
+            for row in set(batch.row.tolist()):  # side by side, segments 1, 2, …
+                mine = np.flatnonzero(batch.row == row)
+                order = mine[np.argsort(batch.offset[mine])]
+                np.testing.assert_array_equal(batch.offset[order][1:], ends[order][:-1])
+                np.testing.assert_array_equal(batch.segment[order], np.arange(1, len(mine) + 1))
+            if packing:
+                continue
+            chunk = batch.texts
             own = int(np.sum(lengths[chunk] > max([0, *[b for b in scorer.buckets if b < width]])))
             smaller = [r for r in scorer.row_tiers[width] if r < rows]
             assert not smaller or own > max(smaller)  # no smaller tier would have held them
-        padded_rows = sum(rows for _, _, rows in plan)
+        padded_rows = sum(batch.rows for batch in plan)
         assert padded_rows < n + len(scorer.buckets) * max(scorer.rows.values())
 
 
