@@ -49,9 +49,9 @@ def main() -> None:
         trained = time.perf_counter() - started
         report = evaluate(run.run_dir, held_out, batch_size=32)
         summary["models"][backbone] = {
-            "held_out_accuracy": report["accuracy"],
-            "length_baseline": report["length_baseline"],
-            "truncated_texts": report["truncated"],
+            "held_out_accuracy": report.accuracy,
+            "length_baseline": report.length_baseline,
+            "truncated_texts": report.truncated,
             "train_loss_last": run.train.get("loss"),
             "train_seconds": round(trained, 1),
             "eval_seconds": round(time.perf_counter() - started - trained, 1),

@@ -472,7 +472,7 @@ class _Evaluator:
         self.scorer.params = params
         self.scorer.truncated = 0
         rewards = self.scorer.rewards(self.texts)
-        report = pair_report(self.run.held_out, rewards[0::2], rewards[1::2])
+        report = dataclasses.asdict(pair_report(self.run.held_out, rewards[0::2], rewards[1::2]))
         report["loss"] = float(np.logaddexp(0.0, -(rewards[0::2] - rewards[1::2])).mean())
         report["truncated"] = self.scorer.truncated
         self.run.record("eval", step, report)
