@@ -69,11 +69,11 @@ def _or_nan(value) -> float:
 
 
 def print_json(result) -> None:
-    """A typed result as one JSON object on stdout: its ``to_json()`` where it chooses its keys,
-    else all its fields."""
-    click.echo(
-        json.dumps(result.to_json() if hasattr(result, "to_json") else dataclasses.asdict(result))
-    )
+    """A result as one JSON object on stdout: a typed result's ``to_json()`` where it chooses its
+    keys, else all its fields; a benchmark's record as it is."""
+    if dataclasses.is_dataclass(result):
+        result = result.to_json() if hasattr(result, "to_json") else dataclasses.asdict(result)
+    click.echo(json.dumps(result))
 
 
 @main.command()
@@ -184,17 +184,8 @@ def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
     result = train_reward_model(pairs, out_dir, config, progress=not as_json)
     if not is_writer():  # in a multi-process job process 0 speaks for all
         return
-    summary = {
-        "run": str(result.run_dir),
-        "model": str(result.model_dir),
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "train": result.train,
-        "eval": result.eval,
-        "truncated": result.truncated,
-    }
     if as_json:
-        print_json(summary)
+        print_json(result)
     else:
         accuracy = f", held-out accuracy {result.eval['accuracy']:.3f}" if result.eval else ""
         click.echo(
@@ -556,23 +547,23 @@ def mi_command(
     if as_json:
         print_json(report)
         return
-    rules = report["rules"]
-    click.echo(f"{report['pairs']:,} pairs; per-rule I(vote; {truth}) in bits ({estimator}):")
+    rules = report.rules
+    click.echo(f"{report.pairs:,} pairs; per-rule I(vote; {truth}) in bits ({estimator}):")
     shown = rules if len(rules) <= 2 * top else rules[:top] + [None] + rules[-top:]
     for rule in shown:
         if rule is None:
             click.echo(f"  … {len(rules) - 2 * top} more …")
             continue
-        click.echo(f"  {rule['id']:>24}  {rule['mi_bits']:9.5f}  p = {rule['p_value']:.3g}")
-    label = report["label"]
+        click.echo(f"  {rule.id:>24}  {rule.mi_bits:9.5f}  p = {rule.p_value:.3g}")
+    label = report.label
     click.echo(
         f"label of {policy}"
-        + (f" ({label['criterion']})" if label["criterion"] else "")
-        + f", k = {label['k']}: I = {label['mi_bits']:.4f} bits [{label['ci_low']:.4f}, {label['ci_high']:.4f}]"
-        + f", agreement {_or_nan(label['agreement']):.4f}, ties {label['ties']:,}"
+        + (f" ({label.criterion})" if label.criterion else "")
+        + f", k = {label.k}: I = {label.mi_bits:.4f} bits [{label.ci_low:.4f}, {label.ci_high:.4f}]"
+        + f", agreement {_or_nan(label.agreement):.4f}, ties {label.ties:,}"
     )
-    for pair in report["redundant"][:3]:
-        click.echo(f"redundant: {pair['a']} ~ {pair['b']} ({pair['redundancy']:.3f})")
+    for pair in report.redundant[:3]:
+        click.echo(f"redundant: {pair.a} ~ {pair.b} ({pair.redundancy:.3f})")
 
 
 @main.command()
@@ -622,13 +613,13 @@ def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resa
     )
     written = write_ablation_report(result, out)
     if as_json:
-        print_json({"rows": result["rows"]})
+        print_json(result)
         return
-    for row in result["rows"]:
-        name = row["policy"] + (f" ({row['criterion']})" if row["criterion"] else "")
+    for row in result.rows:
+        name = row.policy + (f" ({row.criterion})" if row.criterion else "")
         click.echo(
-            f"{name:>20} k={row['k']:<4} agreement {_or_nan(row['agreement']):.4f}  "
-            f"I = {row['mi_bits']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] bits  ties {row['ties']:,}"
+            f"{name:>20} k={row.k:<4} agreement {_or_nan(row.agreement):.4f}  "
+            f"I = {row.mi_bits:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}] bits  ties {row.ties:,}"
         )
     click.echo("wrote " + ", ".join(str(path) for path in written))
 
@@ -740,7 +731,7 @@ def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
     }
     config = config_from(PipelineConfig, fields | {"judge_options": options})
     report = run_pipeline(out_dir, pairs_path, config)
-    rm = report["reward_model"]
+    rm = report.reward_model
     if "accuracy" in rm:
         click.echo(
             f"reward model on held-out pairs: {rm['accuracy']:.3f} (rule labels), "

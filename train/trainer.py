@@ -49,7 +49,13 @@ RUN_FILE = "run.json"
 
 @dataclasses.dataclass
 class RunResult:
-    """What a finished (or already complete) run reports."""
+    """What a finished (or already complete) run reports (``dynrules train-rm``).
+
+    ``steps`` trained in all, ``resumed_from`` the checkpoint step this call started from (None:
+    from scratch); ``train`` the last logged training metrics (loss, accuracy, pairs/s, …),
+    ``eval`` the held-out report (None without held-out pairs), ``truncated`` the texts cut to
+    max_length in the ``train`` and ``eval`` sets.
+    """
 
     run_dir: Path
     model_dir: Path
@@ -58,6 +64,18 @@ class RunResult:
     train: dict
     eval: dict | None
     truncated: dict
+
+    def to_json(self) -> dict:
+        """The ``dynrules train-rm --json`` object."""
+        return {
+            "run": str(self.run_dir),
+            "model": str(self.model_dir),
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "train": self.train,
+            "eval": self.eval,
+            "truncated": self.truncated,
+        }
 
 
 # --------------------------------------------------------------------------- data
