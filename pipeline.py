@@ -24,22 +24,19 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dynrules.engine.judges import JUDGES
+from dynrules.engine.judges.runner import RatingSummary
+from dynrules.engine.mi import PolicyLabel
+from dynrules.engine.pool import RulePool
 from dynrules.engine.select import POLICIES
 from dynrules.errors import DynrulesError
 from dynrules.kernels.selection import CRITERIA
 from dynrules.report import write_ablation_report, write_pipeline_report
 from dynrules.train.config import BACKBONES
-
-if TYPE_CHECKING:
-    from dynrules.engine.judges.runner import RatingSummary
-    from dynrules.engine.mi import PolicyLabel
-    from dynrules.engine.pool import RulePool
-    from dynrules.train.evaluate import Evaluation
+from dynrules.train.evaluate import Evaluation
 
 
 def _option(default, help: str, **extra):
