@@ -25,12 +25,15 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks.run_all
 
-# The judge client against llama.cpp's real server (outside `make test`: the first install builds
-# llama.cpp from source, ~7 min on 2 cores; pip keeps the wheel in its cache, and
-# PIP_FIND_LINKS=DIR uses wheels built beforehand). benchmarks/llama_server.py says what it checks.
+# Real components outside `make test`: the judge client against llama.cpp's server (the first
+# install builds llama.cpp from source, ~7 min on 2 cores; pip keeps the wheel in its cache, and
+# PIP_FIND_LINKS=DIR uses wheels built beforehand), and OpenRLHF's own reward client against
+# `dynrules serve`. benchmarks/llama_server.py and benchmarks/openrlhf_remote_rm.py say what they check.
 integration: setup
 	$(PY) -m pip install -q -e '.[integration]'
+	$(PY) -m pip install -q --no-deps 'openrlhf==0.11.2'
 	$(PY) -m benchmarks.llama_server
+	$(PY) -m benchmarks.openrlhf_remote_rm
 
 lint: setup
 	$(VENV)/bin/ruff check .

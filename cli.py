@@ -68,9 +68,12 @@ def _or_nan(value) -> float:
     return float("nan") if value is None else value
 
 
-def print_json(obj) -> None:
-    """One JSON object on stdout; a typed result prints its fields."""
-    click.echo(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj))
+def print_json(result) -> None:
+    """A result as one JSON object on stdout: a typed result's ``to_json()`` where it chooses its
+    keys, else all its fields; a benchmark's record as it is."""
+    if dataclasses.is_dataclass(result):
+        result = result.to_json() if hasattr(result, "to_json") else dataclasses.asdict(result)
+    click.echo(json.dumps(result))
 
 
 @main.command()
@@ -117,20 +120,20 @@ def select(store_path, shard, pool_source, out, as_json, **fields):
     store = RatingStore.open(store_path, pool=load_pool(pool_source) if pool_source else None)
     config = config_from(SelectionConfig, fields)
     summary = run_selection(store, config, out, shard=shard, progress=not as_json)
-    if summary["rated_cells"] < summary["cells"]:
+    if summary.rated_cells < summary.cells:
         click.echo(
-            f"note: {summary['rated_cells']:,} of {summary['cells']:,} cells are rated (a plan, or "
+            f"note: {summary.rated_cells:,} of {summary.cells:,} cells are rated (a plan, or "
             "failed cells); an unrated cell has d = 0 and adds nothing to a margin",
             err=True,
         )
     if as_json:
-        print_json({key: summary[key] for key in ("pairs", "labelled", "ties", "seconds")})
+        print_json(summary)
     else:
         click.echo(
-            f"{summary['pairs']} pairs: {summary['preferred_a']} prefer A, {summary['preferred_b']} prefer B, "
-            f"{summary['ties']} ties; {summary['labelled']} labelled pairs"
+            f"{summary.pairs} pairs: {summary.preferred_a} prefer A, {summary.preferred_b} prefer B, "
+            f"{summary.ties} ties; {summary.labelled} labelled pairs"
             + (f" written to {out}" if out else "")
-            + f" ({summary['seconds']} s)"
+            + f" ({summary.seconds} s)"
         )
 
 
@@ -181,17 +184,8 @@ def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
     result = train_reward_model(pairs, out_dir, config, progress=not as_json)
     if not is_writer():  # in a multi-process job process 0 speaks for all
         return
-    summary = {
-        "run": str(result.run_dir),
-        "model": str(result.model_dir),
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "train": result.train,
-        "eval": result.eval,
-        "truncated": result.truncated,
-    }
     if as_json:
-        print_json(summary)
+        print_json(result)
     else:
         accuracy = f", held-out accuracy {result.eval['accuracy']:.3f}" if result.eval else ""
         click.echo(
@@ -225,8 +219,8 @@ def score(run, input_path, out_path, batch_size, mesh, distributed, as_json):
     if not is_writer():
         return
     print_json(summary) if as_json else click.echo(
-        f"scored {summary['records']} records into {out_path} in {summary['seconds']:.1f} s "
-        f"({summary['truncated']} texts truncated)"
+        f"scored {summary.records} records into {out_path} in {summary.seconds:.1f} s "
+        f"({summary.truncated} texts truncated)"
     )
 
 
@@ -261,31 +255,18 @@ def eval_rm(run, data, batch_size, mesh, distributed, as_json):
     if not is_writer():
         return
     if as_json:
-        print_json(
-            {
-                key: report[key]
-                for key in (
-                    "pairs",
-                    "accuracy",
-                    "length_baseline",
-                    "reward_mean",
-                    "reward_std",
-                    "subsets",
-                    "sections",
-                )
-            }
-        )
+        print_json(report)
         return
     click.echo(
-        f"{report['pairs']} pairs: accuracy {report['accuracy']:.4f} (length-only baseline "
-        f"{report['length_baseline']:.4f}); reward mean {report['reward_mean']:.4f} std {report['reward_std']:.4f}; "
-        f"{report['truncated']} texts truncated"
+        f"{report.pairs} pairs: accuracy {report.accuracy:.4f} (length-only baseline "
+        f"{report.length_baseline:.4f}); reward mean {report.reward_mean:.4f} std {report.reward_std:.4f}; "
+        f"{report.truncated} texts truncated"
     )
-    for kind in ("sections", "subsets"):
-        for name, group in report[kind].items():
+    for kind, groups in (("section", report.sections), ("subset", report.subsets)):
+        for name, group in groups.items():
             click.echo(
-                f"  {kind[:-1]} {name}: {group['accuracy']:.4f} over {group['pairs']} pairs "
-                f"(length-only {group['length_baseline']:.4f})"
+                f"  {kind} {name}: {group.accuracy:.4f} over {group.pairs} pairs "
+                f"(length-only {group.length_baseline:.4f})"
             )
 
 
@@ -481,18 +462,18 @@ def rate(
         summary = rate_pairs(pairs_path, out, pool=pool, judge=judge, plan=plan, dtype=dtype,
                              progress=not as_json, shard=shard, chunk_rows=chunk_rows)  # fmt: skip
     if as_json:
-        print_json({key: summary[key] for key in ("rated", "skipped_done", "failed", "seconds")})
+        print_json(summary)
     else:
-        lo, hi = summary["rows"]
+        lo, hi = summary.rows
         state = (
-            f"store {out} has {summary['done']:,} of {summary['pairs'] * summary['rules']:,} cells done"
-            if summary["done"] is not None
+            f"store {out} has {summary.done:,} of {summary.pairs * summary.rules:,} cells done"
+            if summary.done is not None
             else f"rows {lo}–{hi} of {out} done; the last worker to finish folds the store"
         )
         click.echo(
-            f"rated {summary['rated']:,} cells, skipped {summary['skipped_done']:,} already done, "
-            f"{summary['failed']:,} failed in {summary['seconds']} s; {state}"
-            + (f" (failure reasons in {summary['failures_file']})" if summary["failed"] else "")
+            f"rated {summary.rated:,} cells, skipped {summary.skipped_done:,} already done, "
+            f"{summary.failed:,} failed in {summary.seconds} s; {state}"
+            + (f" (failure reasons in {summary.failures_file})" if summary.failed else "")
         )
 
 
@@ -566,23 +547,23 @@ def mi_command(
     if as_json:
         print_json(report)
         return
-    rules = report["rules"]
-    click.echo(f"{report['pairs']:,} pairs; per-rule I(vote; {truth}) in bits ({estimator}):")
+    rules = report.rules
+    click.echo(f"{report.pairs:,} pairs; per-rule I(vote; {truth}) in bits ({estimator}):")
     shown = rules if len(rules) <= 2 * top else rules[:top] + [None] + rules[-top:]
     for rule in shown:
         if rule is None:
             click.echo(f"  … {len(rules) - 2 * top} more …")
             continue
-        click.echo(f"  {rule['id']:>24}  {rule['mi_bits']:9.5f}  p = {rule['p_value']:.3g}")
-    label = report["label"]
+        click.echo(f"  {rule.id:>24}  {rule.mi_bits:9.5f}  p = {rule.p_value:.3g}")
+    label = report.label
     click.echo(
         f"label of {policy}"
-        + (f" ({label['criterion']})" if label["criterion"] else "")
-        + f", k = {label['k']}: I = {label['mi_bits']:.4f} bits [{label['ci_low']:.4f}, {label['ci_high']:.4f}]"
-        + f", agreement {_or_nan(label['agreement']):.4f}, ties {label['ties']:,}"
+        + (f" ({label.criterion})" if label.criterion else "")
+        + f", k = {label.k}: I = {label.mi_bits:.4f} bits [{label.ci_low:.4f}, {label.ci_high:.4f}]"
+        + f", agreement {_or_nan(label.agreement):.4f}, ties {label.ties:,}"
     )
-    for pair in report["redundant"][:3]:
-        click.echo(f"redundant: {pair['a']} ~ {pair['b']} ({pair['redundancy']:.3f})")
+    for pair in report.redundant[:3]:
+        click.echo(f"redundant: {pair.a} ~ {pair.b} ({pair.redundancy:.3f})")
 
 
 @main.command()
@@ -632,13 +613,13 @@ def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resa
     )
     written = write_ablation_report(result, out)
     if as_json:
-        print_json({"rows": result["rows"]})
+        print_json(result)
         return
-    for row in result["rows"]:
-        name = row["policy"] + (f" ({row['criterion']})" if row["criterion"] else "")
+    for row in result.rows:
+        name = row.policy + (f" ({row.criterion})" if row.criterion else "")
         click.echo(
-            f"{name:>20} k={row['k']:<4} agreement {_or_nan(row['agreement']):.4f}  "
-            f"I = {row['mi_bits']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] bits  ties {row['ties']:,}"
+            f"{name:>20} k={row.k:<4} agreement {_or_nan(row.agreement):.4f}  "
+            f"I = {row.mi_bits:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}] bits  ties {row.ties:,}"
         )
     click.echo("wrote " + ", ".join(str(path) for path in written))
 
@@ -750,7 +731,7 @@ def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
     }
     config = config_from(PipelineConfig, fields | {"judge_options": options})
     report = run_pipeline(out_dir, pairs_path, config)
-    rm = report["reward_model"]
+    rm = report.reward_model
     if "accuracy" in rm:
         click.echo(
             f"reward model on held-out pairs: {rm['accuracy']:.3f} (rule labels), "

@@ -28,11 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from dynrules.engine.judges import JUDGES
+from dynrules.engine.judges.runner import RatingSummary
+from dynrules.engine.mi import PolicyLabel
+from dynrules.engine.pool import RulePool
 from dynrules.engine.select import POLICIES
 from dynrules.errors import DynrulesError
 from dynrules.kernels.selection import CRITERIA
 from dynrules.report import write_ablation_report, write_pipeline_report
 from dynrules.train.config import BACKBONES
+from dynrules.train.evaluate import Evaluation
 
 
 def _option(default, help: str, **extra):
@@ -65,23 +69,6 @@ class PipelineConfig:
     rm_model: str = _option("", "Their checkpoint: a BERT directory (encoder), a Hugging Face "
                             "directory or .gguf (decoder) [default: the bundled one].")  # fmt: skip
     heldout_fraction: float = _option(0.4, "Share of prompts held out when splitting a pairs file.")
-
-
-class _Stages:
-    """Times each stage; the report shows seconds and throughput per stage."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.items: dict[str, int] = {}
-
-    def run(self, name: str, fn, items: int | None = None):
-        print(f"[pipeline] {name} …", flush=True)
-        started = time.perf_counter()
-        result = fn()
-        self.seconds[name] = round(time.perf_counter() - started, 2)
-        if items is not None:
-            self.items[name] = items
-        return result
 
 
 def load_data(pairs_path, config: PipelineConfig) -> tuple[list[dict], list[dict], str]:
@@ -131,61 +118,204 @@ def human_pairs(records: list[dict]) -> list[dict]:
     return out
 
 
-def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None) -> dict:
-    """Run the main job; returns report.json's content. Each stage's output is kept in out_dir.
+class _Stages:
+    """Times each stage; the report shows seconds and throughput per stage."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.items: dict[str, int] = {}
+
+    def run(self, name: str, fn, items: int | None = None):
+        print(f"[pipeline] {name} …", flush=True)
+        started = time.perf_counter()
+        result = fn()
+        self.seconds[name] = round(time.perf_counter() - started, 2)
+        if items is not None:
+            self.items[name] = items
+        return result
+
+    def throughput(self) -> dict[str, float]:
+        """Items per second of each timed stage that counts items."""
+        return {
+            name: round(self.items[name] / s, 2)
+            for name, s in self.seconds.items()
+            if name in self.items and s > 0
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSummary:
+    """The data: its ``source`` in words, pair counts of the two splits, and whether every pair
+    has a human ``truth`` (without it the ablation and the human-label model are skipped)."""
+
+    source: str
+    train_pairs: int
+    heldout_pairs: int
+    human_truth: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeSummary:
+    """The judge (``kind`` as configured, ``name`` as it identifies itself) and what rating each
+    split did (cells rated now, skipped as already done, failed)."""
+
+    kind: str
+    name: str
+    rated_train: RatingSummary
+    rated_heldout: RatingSummary
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingLabels:
+    """The rule labels of the train pairs: selection ``policy``, ``k`` rules per pair, the
+    resolved ``criterion``; ``labelled`` pairs written, ``ties`` (exact zero margins) left out."""
+
+    policy: str
+    k: int
+    criterion: str | None
+    labelled: int
+    ties: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineReport:
+    """What `dynrules pipeline` found; ``to_json()`` is report.json.
+
+    ``policies`` are the ablation's rows (empty without truth); ``label_agreement`` is the
+    judge's selected labels against the truth per split and group ({} without truth);
+    ``adapter`` the rule adapter on the held-out pairs (precision and recall at k, label
+    agreement with the oracle, the share of judge calls saved); ``reward_model`` the reward
+    models on the held-out pairs (accuracies are shares of pairs, ties wrong); ``stages`` each
+    stage's wall seconds and ``throughput`` its items (cells, pairs or training examples) per s.
+    """
+
+    data: DataSummary
+    judge: JudgeSummary
+    selection: TrainingLabels
+    policies: list[PolicyLabel]
+    label_agreement: dict
+    adapter: dict
+    reward_model: dict
+    stages: dict[str, float]
+    throughput: dict[str, float]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Job:
+    """One pipeline run: its settings, directory, data, pool and stage timer."""
+
+    config: PipelineConfig
+    out: Path
+    train: list[dict]
+    heldout: list[dict]
+    source: str
+    has_truth: bool
+    pool: RulePool
+    stages: _Stages
+
+    @classmethod
+    def start(cls, out_dir, pairs_path, config: PipelineConfig) -> _Job:
+        from dynrules.engine.pool import load_pool
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        train, heldout, source = load_data(pairs_path, config)
+        has_truth = all("truth" in r for r in train + heldout)
+        return cls(
+            config, out, train, heldout, source, has_truth, load_pool(config.pool), _Stages()
+        )
+
+    def store(self, split: str) -> Path:
+        return self.out / f"store-{split}"
+
+    def splits(self) -> tuple[tuple[str, list[dict]], ...]:
+        return ("train", self.train), ("heldout", self.heldout)
+
+
+def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None) -> PipelineReport:
+    """Run the main job and write its report; each stage's output is kept in out_dir.
 
     Started again on the same ``out_dir`` after a kill, it keeps what was finished: rating skips
     rated cells, a trained adapter is reused, reward models resume from their checkpoints.
     """
-    from dynrules.engine import ablate as abl
+    from dynrules.engine.select import SelectionConfig
+    from dynrules.engine.store import RatingStore
+
+    job = _Job.start(out_dir, pairs_path, config or PipelineConfig())
+    config = job.config
+    judge = _rate(job)
+    stores = {split: RatingStore.open(job.store(split), pool=job.pool) for split, _ in job.splits()}
+    selection = SelectionConfig(policy=config.policy, k=config.k, criterion=config.criterion)
+    labels = _select(job, stores["train"], selection)
+    policies = _ablate(job, stores["train"]) if job.has_truth else []
+    adapter = _adapter(job, stores, selection)
+    reward_model = _reward_models(job)
+    report = PipelineReport(
+        data=DataSummary(job.source, len(job.train), len(job.heldout), job.has_truth),
+        judge=judge,
+        selection=labels,
+        policies=policies,
+        label_agreement=_label_agreement(stores, selection) if job.has_truth else {},
+        adapter=adapter,
+        reward_model=reward_model,
+        stages=job.stages.seconds,
+        throughput=job.stages.throughput(),
+    )
+    write_pipeline_report(report.to_json(), job.out)
+    return report
+
+
+def _rate(job: _Job) -> JudgeSummary:
+    """Both splits rated into their stores (only the cells not yet rated)."""
     from dynrules.engine.judges import make_judge
     from dynrules.engine.judges.runner import rate_pairs
-    from dynrules.engine.pool import load_pool
-    from dynrules.engine.select import SelectionConfig, run_selection
-    from dynrules.engine.store import RatingStore
-    from dynrules.train import adapter as adp
-    from dynrules.train.evaluate import evaluate
-    from dynrules.train.trainer import train_reward_model
 
-    config = config or PipelineConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages()
-    train, heldout, source = load_data(pairs_path, config)
-    has_truth = all("truth" in r for r in train + heldout)
-    pool = load_pool(config.pool)
-
-    with make_judge(config.judge, pool, **config.judge_options) as judge:
-        judge_name = judge.identity["judge"]
-        rated = {}
-        for split, records in (("train", train), ("heldout", heldout)):
-            rated[split] = stages.run(
+    rated = {}
+    with make_judge(job.config.judge, job.pool, **job.config.judge_options) as judge:
+        for split, records in job.splits():
+            rated[split] = job.stages.run(
                 f"rate_{split}",
-                lambda r=records, s=split: rate_pairs(
-                    r, out / f"store-{s}", pool=pool, judge=judge
-                ),
-                items=len(records) * len(pool),
+                lambda r=records, s=split: rate_pairs(r, job.store(s), pool=job.pool, judge=judge),
+                items=len(records) * len(job.pool),
             )
-    stores = {s: RatingStore.open(out / f"store-{s}", pool=pool) for s in ("train", "heldout")}
+    return JudgeSummary(job.config.judge, judge.identity["judge"], rated["train"], rated["heldout"])
 
-    selection = SelectionConfig(policy=config.policy, k=config.k, criterion=config.criterion)
-    selected = stages.run(
+
+def _select(job: _Job, store, selection) -> TrainingLabels:
+    """The train pairs labelled by the rules into labelled-train.jsonl."""
+    from dynrules.engine.select import run_selection
+
+    selected = job.stages.run(
         "select",
-        lambda: run_selection(
-            stores["train"], selection, out / "labelled-train.jsonl", progress=False
-        ),
-        items=len(train),
+        lambda: run_selection(store, selection, job.out / "labelled-train.jsonl", progress=False),
+        items=len(job.train),
     )
-    policies = []
-    if has_truth:
-        ablation = stages.run(
-            "ablate",
-            lambda: abl.ablate(stores["train"], "truth", config.ablate_ks, seed=config.seed),
-            items=len(train),
-        )
-        write_ablation_report(ablation, out / "ablation")
-        policies = ablation["rows"]
+    return TrainingLabels(job.config.policy, job.config.k, selection.resolved(store).criterion,
+                          selected.labelled, selected.ties)  # fmt: skip
 
+
+def _ablate(job: _Job, store) -> list[PolicyLabel]:
+    """The policy ablation on the train store against the truth, reported in ablation/."""
+    from dynrules.engine.ablate import ablate
+
+    ablation = job.stages.run(
+        "ablate",
+        lambda: ablate(store, "truth", job.config.ablate_ks, seed=job.config.seed),
+        items=len(job.train),
+    )
+    write_ablation_report(ablation, job.out / "ablation")
+    return ablation.rows
+
+
+def _adapter(job: _Job, stores: dict, selection) -> dict:
+    """The rule adapter trained on the train store (unless already trained), applied to the
+    held-out store."""
+    from dynrules.train import adapter as adp
+
+    config = job.config
     adapter_config = {
         "steps": config.adapter_steps,
         "batch_size": config.batch_size,
@@ -195,20 +325,28 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
         "backbone": config.backbone,
         "model": config.rm_model,
     }
-    if not adp.is_trained(out / "adapter", stores["train"], adapter_config, selection):
-        stages.run(
+    if not adp.is_trained(job.out / "adapter", stores["train"], adapter_config, selection):
+        job.stages.run(
             "train_adapter",
             lambda: adp.train_adapter(
-                stores["train"], out / "adapter", adapter_config, selection=selection
+                stores["train"], job.out / "adapter", adapter_config, selection=selection
             ),
             items=config.adapter_steps * config.batch_size,
         )
-    adapter = stages.run(
+    return job.stages.run(
         "apply_adapter",
-        lambda: _adapter_report(out / "adapter", stores["heldout"], selection, has_truth),
-        items=len(heldout),
+        lambda: _adapter_report(job.out / "adapter", stores["heldout"], selection, job.has_truth),
+        items=len(job.heldout),
     )
 
+
+def _reward_models(job: _Job) -> dict:
+    """The reward model trained on rule labels and, with truth, the one trained on human labels,
+    both evaluated on the held-out pairs against human preferences."""
+    from dynrules.train.evaluate import evaluate
+    from dynrules.train.trainer import train_reward_model
+
+    config, out, stages = job.config, job.out, job.stages
     rm_config = {
         "steps": config.rm_steps,
         "batch_size": config.batch_size,
@@ -224,88 +362,56 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
     }
     with open(out / "labelled-train.jsonl", encoding="utf-8") as handle:
         rule_pairs = [json.loads(line) for line in handle]
+    training_items = config.rm_steps * config.batch_size
     stages.run(
         "train_rm_rules",
         lambda: train_reward_model(rule_pairs, out / "rm-rules", rm_config),
-        items=config.rm_steps * config.batch_size,
+        items=training_items,
     )
     reward_model = {"trained_on": f"{len(rule_pairs)} rule-labelled train pairs"}
-    if has_truth:
-        heldout_human = human_pairs(heldout)
-        result = stages.run(
-            "eval_rm_rules", lambda: evaluate(out / "rm-rules", heldout_human), items=len(heldout)
-        )
-        stages.run(
-            "train_rm_human",
-            lambda: train_reward_model(human_pairs(train), out / "rm-human", rm_config),
-            items=config.rm_steps * config.batch_size,
-        )
-        human = stages.run(
-            "eval_rm_human", lambda: evaluate(out / "rm-human", heldout_human), items=len(heldout)
-        )
-        reward_model.update(
-            accuracy=result["accuracy"],
-            length_baseline=result["length_baseline"],
-            human_label_accuracy=human["accuracy"],
-            heldout_pairs=result["pairs"],
-            rules=_sectioned(result),
-            human=_sectioned(human),
-            subset_sections={r["subset"]: r["section"] for r in heldout if r.get("section")},
-        )
-
-    report = {
-        "data": {
-            "source": source,
-            "train_pairs": len(train),
-            "heldout_pairs": len(heldout),
-            "human_truth": has_truth,
-        },
-        "judge": {
-            "kind": config.judge,
-            "name": judge_name,
-            "rated_train": rated["train"],
-            "rated_heldout": rated["heldout"],
-        },
-        "selection": {
-            "policy": config.policy,
-            "k": config.k,
-            "criterion": selection.resolved(stores["train"]).criterion,
-            "labelled": selected["labelled"],
-            "ties": selected["ties"],
-        },
-        "policies": policies,
-        "label_agreement": _label_agreement(stores, selection) if has_truth else {},
-        "adapter": adapter,
-        "reward_model": reward_model,
-        "stages": stages.seconds,
-        "throughput": {
-            name: round(stages.items[name] / s, 2)
-            for name, s in stages.seconds.items()
-            if name in stages.items and s > 0
-        },
+    if not job.has_truth:
+        return reward_model
+    heldout_human = human_pairs(job.heldout)
+    rules = stages.run(
+        "eval_rm_rules", lambda: evaluate(out / "rm-rules", heldout_human), items=len(job.heldout)
+    )
+    stages.run(
+        "train_rm_human",
+        lambda: train_reward_model(human_pairs(job.train), out / "rm-human", rm_config),
+        items=training_items,
+    )
+    human = stages.run(
+        "eval_rm_human", lambda: evaluate(out / "rm-human", heldout_human), items=len(job.heldout)
+    )
+    return reward_model | {
+        "accuracy": rules.accuracy,
+        "length_baseline": rules.length_baseline,
+        "human_label_accuracy": human.accuracy,
+        "heldout_pairs": rules.pairs,
+        "rules": _sectioned(rules),
+        "human": _sectioned(human),
+        "subset_sections": {r["subset"]: r["section"] for r in job.heldout if r.get("section")},
     }
-    write_pipeline_report(report, out)
-    return report
 
 
-def _sectioned(result: dict) -> dict:
+def _sectioned(result: Evaluation) -> dict:
     """A held-out evaluation's sections, subsets, section mean and over-refusal rate."""
     from dynrules.engine.datasets import OVER_REFUSAL_SUBSET
 
-    sections = {k: v for k, v in result["sections"].items() if k != "all"}
+    sections = {k: v for k, v in result.sections.items() if k != "all"}
     out = {
-        "accuracy": result["accuracy"],
-        "sections": result["sections"],
-        "subsets": result["subsets"],
+        "accuracy": result.accuracy,
+        "sections": result.sections,
+        "subsets": result.subsets,
         # RewardBench's overall score: sections count equally, whatever their sizes.
-        "section_mean": float(np.mean([v["accuracy"] for v in sections.values()]))
+        "section_mean": float(np.mean([v.accuracy for v in sections.values()]))
         if sections
         else None,
     }
-    if OVER_REFUSAL_SUBSET in result["subsets"]:
-        group = result["subsets"][OVER_REFUSAL_SUBSET]
+    if OVER_REFUSAL_SUBSET in result.subsets:
+        group = result.subsets[OVER_REFUSAL_SUBSET]
         # Ties count as the refusal winning (RewardBench: a tie is wrong).
-        out["over_refusal"] = {"pairs": group["pairs"], "rate": 1.0 - group["accuracy"]}
+        out["over_refusal"] = {"pairs": group.pairs, "rate": 1.0 - group.accuracy}
     return out
 
 

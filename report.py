@@ -7,6 +7,7 @@ written to a temporary name and renamed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -351,8 +352,10 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def write_ablation_report(result: dict, out_dir) -> list[Path]:
-    """ablation.json, ablation.md and the plots into ``out_dir``, each written atomically."""
+def write_ablation_report(ablation, out_dir) -> list[Path]:
+    """ablation.json, ablation.md and the plots of an :class:`~dynrules.engine.ablate.Ablation`
+    into ``out_dir``, each written atomically; they render its JSON document."""
+    result = dataclasses.asdict(ablation)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "ablation.json") as tmp:

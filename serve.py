@@ -12,8 +12,10 @@ Endpoints (JSON in and out; every error is ``{"error": "<one line>"}`` with a 4x
   → ``{"rewards": [...], "scores": [...], "extra_logs": {}}``. A query is the policy's whole
   decoded sequence (prompt + response). When ``prompts`` is given and query i contains
   prompts[i], the text after its first occurrence is the response and the pair is rendered
-  like a ``/v1/rewards`` item (anything before it, such as a BOS token, is dropped); otherwise
-  the whole query is scored as one transcript. ``--strip-tokens`` removes the policy's pad/eos
+  like a ``/v1/rewards`` item (anything before it, such as a BOS token, is dropped); a prompt
+  already in a decoder reward model's own chat template (OpenRLHF's ``--apply_chat_template``
+  with a policy of the same family) gives up its user message first, so the template is not
+  applied twice. Otherwise the whole query is scored as one transcript. ``--strip-tokens`` removes the policy's pad/eos
   tokens from both ends of each query first, as OpenRLHF's own ``serve_rm`` does.
 - ``GET /health``: 200 ``{"status": "ready"}`` once every program is compiled, 503 before.
 - ``GET /metrics``: Prometheus text format.
@@ -56,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from dynrules.errors import DynrulesError
+from dynrules.models.templates import ChatTemplate
 
 log = logging.getLogger("dynrules.serve")
 
@@ -298,12 +301,15 @@ def strip_ends(text: str, tokens: tuple[str, ...]) -> str:
     return text
 
 
-def split_query(query: str, prompt: str | None) -> dict:
-    """An OpenRLHF query (prompt + response, decoded) as a ``score`` record (see module doc)."""
+def split_query(query: str, prompt: str | None, user_turn=lambda prompt: None) -> dict:
+    """An OpenRLHF query (prompt + response, decoded) as a ``score`` record (see module doc).
+
+    ``user_turn`` recovers the user message from a prompt already in the reward model's chat
+    template (``ChatTemplate.user_turn``), so that the template is not applied twice."""
     if prompt:
         at = query.find(prompt)
         if at >= 0:
-            return {"prompt": prompt, "response": query[at + len(prompt) :]}
+            return {"prompt": user_turn(prompt) or prompt, "response": query[at + len(prompt) :]}
     return {"text": query}
 
 
@@ -419,6 +425,10 @@ def create_app(
     from starlette.routing import Route
 
     service = RewardService(scorer, config, name)
+    # A decoder renders through its chat template (a bound ChatTemplate.render); its prompts
+    # may arrive already in that template.
+    chat = getattr(scorer.render, "__self__", None)
+    user_turn = chat.user_turn if isinstance(chat, ChatTemplate) else lambda prompt: None
 
     async def v1_rewards(request):
         body = await _read_json(request, config.max_body_bytes)
@@ -437,7 +447,7 @@ def create_app(
         else:
             _strings(prompts, "prompts")
         records = [
-            split_query(strip_ends(q, config.strip_tokens), p)
+            split_query(strip_ends(q, config.strip_tokens), p, user_turn)
             for q, p in zip(queries, prompts, strict=True)
         ]
         service.metrics.whole_queries.inc(sum(1 for r in records if "text" in r))

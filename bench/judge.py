@@ -204,9 +204,9 @@ def runner_ratings_per_s(pool: RulePool, n_pairs: int) -> float:
         started = time.perf_counter()
         summary = rate_pairs(records, f"{tmp}/store", pool=pool, judge=judge, progress=False)
         seconds = time.perf_counter() - started
-    if summary["failed"]:
+    if summary.failed:
         raise DynrulesError(f"{summary['failed']} cells failed against the loopback server")
-    return 2 * summary["rated"] / seconds
+    return 2 * summary.rated / seconds
 
 
 def _tokenizer():

@@ -430,20 +430,8 @@ def bench_train_mfu(
     (:func:`torch_train_tokens_per_s`).
     """
     if against_torch:  # first, in a child process, so that each side has the device to itself
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        from dynrules.models.presets import preset as preset_config
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
-            torch_run = child.submit(torch_train_tokens_per_s, preset_config(preset), seq=seq,
-                                     pairs_per_step=pairs_per_step, steps=steps, dtype=dtype,
-                                     remat=remat)  # fmt: skip
-            try:
-                torch_rate, torch_error = torch_run.result(), None
-            except Exception as error:  # the JAX side is still worth measuring; say why not
-                torch_rate, torch_error = None, f"{type(error).__name__}: {error}"
+        torch_rate, torch_error = _torch_rate_in_child(preset, seq=seq, pairs_per_step=pairs_per_step,
+                                                       steps=steps, dtype=dtype, remat=remat)  # fmt: skip
     import jax
 
     from dynrules.models import llama
@@ -493,6 +481,23 @@ def bench_train_mfu(
         result["results"]["torch_tokens_per_s"] = torch_rate
         result["ratios"] = {"jax_over_torch": tokens_per_s / torch_rate}
     return result
+
+
+def _torch_rate_in_child(preset: str, **shape) -> tuple[float | None, str | None]:
+    """(tokens/s, None) of :func:`torch_train_tokens_per_s` run in a fresh process, which gives
+    the device back when it exits; (None, why) when the PyTorch side fails."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dynrules.models.presets import preset as preset_config
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+        run = child.submit(torch_train_tokens_per_s, preset_config(preset), **shape)
+        try:
+            return run.result(), None
+        except Exception as error:  # the JAX side is still worth measuring; say why not
+            return None, f"{type(error).__name__}: {error}"
 
 
 def torch_train_tokens_per_s(backbone, *, seq: int, pairs_per_step: int, steps: int, dtype: str,

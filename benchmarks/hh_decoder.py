@@ -7,7 +7,8 @@ models train for the same number of steps on the same batches of pairs — all-M
 are scored on the held-out pairs beside the length-only baseline.
 
 Run: ``python -m benchmarks.hh_decoder [--steps 60] [--max-length 192] [--out DIR]``; a summary
-lands in benchmarks/results/hh_decoder.json.
+lands in benchmarks/results/hh_decoder.json after each model; a rerun with the same settings
+skips the models already there.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import time
 from pathlib import Path
 
 from benchmarks.hh_pipeline import HH_TEST
+from dynrules.atomic import atomic_path
 from dynrules.train.data import load_preferences
 from dynrules.train.evaluate import evaluate
 from dynrules.train.trainer import train_reward_model
 
 TRAIN, HELD_OUT = 1200, 500
+RESULTS = Path(__file__).resolve().parent / "results" / "hh_decoder.json"
 LEARNING_RATES = {"encoder": 5e-5, "decoder": 1e-5}  # the usual full fine-tuning rates
 
 
@@ -38,8 +41,14 @@ def main() -> None:
     pairs = load_preferences(args.data)
     train, held_out = pairs[:TRAIN], pairs[-HELD_OUT:]
     summary = {"data": {"train": len(train), "held_out": len(held_out), "source": Path(args.data).name},
-               "config": vars(args), "models": {}}  # fmt: skip
+               "config": {k: v for k, v in vars(args).items() if k != "backbones"}, "models": {}}  # fmt: skip
+    if RESULTS.exists():  # resume: keep what a run of the same settings already measured
+        saved = json.loads(RESULTS.read_text())
+        if (saved["data"], saved["config"]) == (summary["data"], summary["config"]):
+            summary["models"] = saved["models"]
     for backbone in args.backbones.split(","):
+        if backbone in summary["models"]:
+            continue
         config = {"backbone": backbone, "steps": args.steps, "batch_size": args.batch_size,
                   "max_length": args.max_length, "learning_rate": LEARNING_RATES[backbone],
                   "eval_fraction": 0.0, "eval_every": 0, "checkpoint_every": args.steps,
@@ -49,18 +58,17 @@ def main() -> None:
         trained = time.perf_counter() - started
         report = evaluate(run.run_dir, held_out, batch_size=32)
         summary["models"][backbone] = {
-            "held_out_accuracy": report["accuracy"],
-            "length_baseline": report["length_baseline"],
-            "truncated_texts": report["truncated"],
+            "held_out_accuracy": report.accuracy,
+            "length_baseline": report.length_baseline,
+            "truncated_texts": report.truncated,
             "train_loss_last": run.train.get("loss"),
             "train_seconds": round(trained, 1),
             "eval_seconds": round(time.perf_counter() - started - trained, 1),
             "learning_rate": LEARNING_RATES[backbone],
         }
         print(json.dumps({backbone: summary["models"][backbone]}), flush=True)
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "hh_decoder.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with atomic_path(RESULTS) as tmp:  # after each model: a killed run keeps what it finished
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

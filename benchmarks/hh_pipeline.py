@@ -32,7 +32,7 @@ def main() -> None:
     config = PipelineConfig(
         heldout_fraction=0.5, rm_steps=args.rm_steps, adapter_steps=args.adapter_steps
     )
-    report = run_pipeline(args.out, HH_TEST, config)
+    report = run_pipeline(args.out, HH_TEST, config).to_json()
     summary = {
         "data": report["data"],
         "policies_k5": [r for r in report["policies"] if r["k"] == 5],

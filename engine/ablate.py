@@ -24,11 +24,15 @@ multinomial-resampling interval, ties and coverage (the fraction of pairs labell
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from dynrules.engine.mi import (
     REDUNDANCY_PAIRS,
+    PolicyLabel,
+    RedundantPair,
+    RuleMI,
     label_summary,
     open_store,
     redundant_pairs,
@@ -95,6 +99,27 @@ def parse_ks(text: str, n_rules: int | None = None) -> list[int]:
     return sorted(ks)
 
 
+@dataclass(frozen=True)
+class Ablation:
+    """The ablation over ``pairs`` pairs and ``rules`` rules against the pair field ``truth``
+    (None: an array was given): one row per (policy, criterion, k), MI by ``estimator`` with
+    intervals from ``resamples`` resamples; the rules by vote MI (``rule_mi``) and the most
+    ``redundant`` rule pairs. ablation.json holds all of it."""
+
+    pairs: int
+    rules: int
+    truth: str | None
+    estimator: str
+    resamples: int
+    rows: list[PolicyLabel]
+    rule_mi: list[RuleMI]
+    redundant: list[RedundantPair]
+
+    def to_json(self) -> dict:
+        """The ``dynrules ablate --json`` object: the rows."""
+        return {"rows": [asdict(row) for row in self.rows]}
+
+
 def ablate(
     store,
     truth,
@@ -107,12 +132,8 @@ def ablate(
     discount: float = 1.0,
     estimator: str = "miller-madow",
     redundancy_pairs: int = REDUNDANCY_PAIRS,
-) -> dict:
-    """Compare selection policies on ``store`` against ``truth`` (a pair field name or an array).
-
-    Returns {"pairs", "rules", "estimator", "rows": [{"policy", "criterion", "k", "agreement",
-    "mi_bits", "ci_low", "ci_high", "ties", "coverage"}, …], "rule_mi": [...], "redundant": [...]}.
-    """
+) -> Ablation:
+    """Compare selection policies on ``store`` against ``truth`` (a pair field name or an array)."""
     store = open_store(store)
     truth_values = truth_labels(store, truth)
     unknown = [p for p in policies if p not in ABLATION_POLICIES]
@@ -136,24 +157,24 @@ def ablate(
             C.label_counts(contender.label_of(chunk, contender.k), chunk_truth, contender.counts)
 
     rows = [
-        {
-            "policy": c.policy,
-            "criterion": c.criterion,
-            "k": c.k,
-            **label_summary(c.counts, resamples=resamples, seed=seed, estimator=estimator),
-        }
+        PolicyLabel.of(
+            c.policy,
+            c.criterion,
+            c.k,
+            label_summary(c.counts, resamples=resamples, seed=seed, estimator=estimator),
+        )
         for c in contenders
     ]
-    return {
-        "pairs": store.n_pairs,
-        "rules": store.n_rules,
-        "truth": truth if isinstance(truth, str) else None,
-        "estimator": estimator,
-        "resamples": resamples,
-        "rows": rows,
-        "rule_mi": rules,
-        "redundant": redundant_pairs(stats, store.rule_ids),
-    }
+    return Ablation(
+        pairs=store.n_pairs,
+        rules=store.n_rules,
+        truth=truth if isinstance(truth, str) else None,
+        estimator=estimator,
+        resamples=resamples,
+        rows=rows,
+        rule_mi=rules,
+        redundant=redundant_pairs(stats, store.rule_ids),
+    )
 
 
 def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> list[_Contender]:
@@ -163,7 +184,7 @@ def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> lis
     zscore_weight = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
     unit_weight = np.ones(store.n_rules, np.float32)
     redundancy = np.ascontiguousarray(stats.redundancy(), np.float32)
-    by_mi = [r["index"] for r in rules]
+    by_mi = [r.index for r in rules]
     scale = store.scale
     out = []
     for policy in policies:

@@ -260,60 +260,135 @@ def rule_statistics(
     return RuleStatistics(counts, sums, squares, agree, both, store.n_pairs)
 
 
+@dataclass(frozen=True)
+class RuleMI:
+    """One rule's vote against the truth: ``mi_bits`` I(vote; truth) in bits, ``p_value`` of the
+    G-test of independence, ``agreement`` the accuracy of its non-zero votes (None: all zero);
+    ``index`` is the rule's position in the pool."""
+
+    id: str
+    index: int
+    mi_bits: float
+    p_value: float
+    agreement: float | None
+
+
+@dataclass(frozen=True)
+class RedundantPair:
+    """Rules ``a`` and ``b`` with their vote ``redundancy`` in [0, 1] (1: duplicates or exact
+    opposites), measured on ``pairs`` subsampled pairs where both voted."""
+
+    a: str
+    b: str
+    redundancy: float
+    pairs: int
+
+
+@dataclass(frozen=True)
+class LabelMI:
+    """What a label tells about the truth, from its label-by-truth table: ``mi_bits``
+    I(label; truth) in bits within the resampling interval [``ci_low``, ``ci_high``];
+    ``agreement`` the accuracy of the non-tie labels (None: all ties); ``ties`` the pairs
+    labelled 0; ``coverage`` the share of pairs labelled (not tied)."""
+
+    mi_bits: float
+    ci_low: float
+    ci_high: float
+    agreement: float | None
+    ties: int
+    coverage: float
+
+
+@dataclass(frozen=True)
+class PolicyLabel:
+    """The label of one selection ``policy`` with ``k`` rules per pair (``criterion``: that of
+    the adaptive, zscore or greedy policies, else None) against the truth; the other fields as
+    in :class:`LabelMI`."""
+
+    policy: str
+    criterion: str | None
+    k: int
+    mi_bits: float
+    ci_low: float
+    ci_high: float
+    agreement: float | None
+    ties: int
+    coverage: float
+
+    @classmethod
+    def of(cls, policy: str, criterion: str | None, k: int, label: LabelMI) -> PolicyLabel:
+        return cls(policy, criterion, k, **vars(label))
+
+
 def rule_table(
     stats: RuleStatistics, rule_ids: list[str], estimator: str = "miller-madow"
-) -> list[dict]:
+) -> list[RuleMI]:
     """Per-rule MI, ranked (MI descending, index ascending)."""
     mi = stats.mi_bits(estimator)
     p = g_test_p_value(stats.vote_counts)
     accuracy = agreement(stats.vote_counts)
     order = sorted(range(len(rule_ids)), key=lambda i: (-mi[i], i))
     return [
-        {
-            "id": rule_ids[i],
-            "index": i,
-            "mi_bits": float(mi[i]),
-            "p_value": float(p[i]),
-            "agreement": _finite(accuracy[i]),
-        }
+        RuleMI(
+            id=rule_ids[i],
+            index=i,
+            mi_bits=float(mi[i]),
+            p_value=float(p[i]),
+            agreement=_finite(accuracy[i]),
+        )
         for i in order
     ]
 
 
-def redundant_pairs(stats: RuleStatistics, rule_ids: list[str], top: int = 10) -> list[dict]:
+def redundant_pairs(
+    stats: RuleStatistics, rule_ids: list[str], top: int = 10
+) -> list[RedundantPair]:
     """The ``top`` most redundant distinct rule pairs."""
     redundancy = stats.redundancy()
     upper = np.triu_indices(len(rule_ids), k=1)
     order = np.lexsort((upper[1], upper[0], -redundancy[upper]))[:top]
     return [
-        {
-            "a": rule_ids[upper[0][o]],
-            "b": rule_ids[upper[1][o]],
-            "redundancy": float(redundancy[upper][o]),
-            "pairs": int(stats.both[upper[0][o], upper[1][o]]),
-        }
+        RedundantPair(
+            a=rule_ids[upper[0][o]],
+            b=rule_ids[upper[1][o]],
+            redundancy=float(redundancy[upper][o]),
+            pairs=int(stats.both[upper[0][o], upper[1][o]]),
+        )
         for o in order
     ]
 
 
 def label_summary(
     counts, *, resamples: int = 1000, seed: int = 0, estimator: str = "miller-madow"
-) -> dict:
+) -> LabelMI:
     """MI with interval, agreement, ties and coverage of one label-by-truth table [3, 2]."""
     low, high = bootstrap_interval(counts, resamples=resamples, seed=seed, estimator=estimator)
-    return {
-        "mi_bits": float(mutual_information(counts, estimator)),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "agreement": _finite(agreement(counts)),
-        "ties": int(ties(counts)),
-        "coverage": float(coverage(counts)),
-    }
+    return LabelMI(
+        mi_bits=float(mutual_information(counts, estimator)),
+        ci_low=float(low),
+        ci_high=float(high),
+        agreement=_finite(agreement(counts)),
+        ties=int(ties(counts)),
+        coverage=float(coverage(counts)),
+    )
 
 
 def _finite(value) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class MIReport:
+    """``dynrules mi``: over ``pairs`` pairs, with the MI ``estimator`` named, every rule's vote
+    MI (``rules``, most informative first), one policy's ``label`` MI, and the most ``redundant``
+    rule pairs."""
+
+    pairs: int
+    estimator: str
+    rules: list[RuleMI]
+    label: PolicyLabel
+    redundant: list[RedundantPair]
 
 
 def mi_report(
@@ -328,11 +403,8 @@ def mi_report(
     resamples: int = 1000,
     estimator: str = "miller-madow",
     redundancy_pairs: int = REDUNDANCY_PAIRS,
-) -> dict:
-    """Per-rule MI, the MI of one policy's label, and the most redundant rule pairs, in one pass.
-
-    The shape is that of ``dynrules mi --json``: {"rules": [...], "label": {...}, "redundant": [...]}.
-    """
+) -> MIReport:
+    """Per-rule MI, the MI of one policy's label, and the most redundant rule pairs, in one pass."""
     from dynrules.engine.select import SelectionConfig, select_chunk
 
     store = open_store(store)
@@ -347,16 +419,16 @@ def mi_report(
         C.label_counts(label, chunk_truth, label_table)
 
     stats = rule_statistics(store, truth, redundancy_pairs=redundancy_pairs, on_chunk=count_label)
-    label = {
-        "policy": policy,
-        "criterion": config.criterion if policy == "adaptive" else None,
-        "k": config.k,
-        **label_summary(label_table, resamples=resamples, seed=seed, estimator=estimator),
-    }
-    return {
-        "pairs": store.n_pairs,
-        "estimator": estimator,
-        "rules": rule_table(stats, store.rule_ids, estimator),
-        "label": label,
-        "redundant": redundant_pairs(stats, store.rule_ids),
-    }
+    label = PolicyLabel.of(
+        policy,
+        config.criterion if policy == "adaptive" else None,
+        config.k,
+        label_summary(label_table, resamples=resamples, seed=seed, estimator=estimator),
+    )
+    return MIReport(
+        pairs=store.n_pairs,
+        estimator=estimator,
+        rules=rule_table(stats, store.rule_ids, estimator),
+        label=label,
+        redundant=redundant_pairs(stats, store.rule_ids),
+    )

@@ -138,6 +138,36 @@ def select_chunk(
     return index, margin, label
 
 
+@dataclass(frozen=True)
+class SelectionSummary:
+    """What ``run_selection`` did (``dynrules select``); counts are pairs of this shard.
+
+    ``labelled`` pairs went to the output (all but dropped ties), ``ties`` had a margin of
+    exactly zero, ``preferred_a`` / ``preferred_b`` a positive / negative one. ``seconds`` is
+    the wall time; ``selection`` names the selection's arrays in the store. ``rated_cells`` of
+    the store's ``cells`` (pairs × rules) hold a rating: fewer under a plan or after failures.
+    """
+
+    pairs: int
+    labelled: int
+    ties: int
+    seconds: float
+    preferred_a: int
+    preferred_b: int
+    selection: str
+    rated_cells: int
+    cells: int
+
+    def to_json(self) -> dict:
+        """The ``dynrules select --json`` object."""
+        return {
+            "pairs": self.pairs,
+            "labelled": self.labelled,
+            "ties": self.ties,
+            "seconds": self.seconds,
+        }
+
+
 def run_selection(
     store: RatingStore,
     config: SelectionConfig,
@@ -146,7 +176,7 @@ def run_selection(
     shard: tuple[int, int] = (0, 1),
     write_arrays: bool = True,
     progress: bool = True,
-) -> dict:
+) -> SelectionSummary:
     """Select, label and write labelled pairs (JSONL at ``out``) and arrays into the store."""
     config = config.resolved(store)
     rated_cells = _rated_cells(store)
@@ -187,17 +217,17 @@ def run_selection(
                 handle.close()
     if handle is None:
         counts["labelled"] = counts["pairs"] - (counts["ties"] if config.ties == "drop" else 0)
-    return {
-        "pairs": counts["pairs"],
-        "labelled": counts["labelled"],
-        "ties": counts["ties"],
-        "seconds": round(time.perf_counter() - started, 3),
-        "preferred_a": counts["a"],
-        "preferred_b": counts["b"],
-        "selection": config.name,
-        "rated_cells": rated_cells,
-        "cells": store.n_pairs * store.n_rules,
-    }
+    return SelectionSummary(
+        pairs=counts["pairs"],
+        labelled=counts["labelled"],
+        ties=counts["ties"],
+        seconds=round(time.perf_counter() - started, 3),
+        preferred_a=counts["a"],
+        preferred_b=counts["b"],
+        selection=config.name,
+        rated_cells=rated_cells,
+        cells=store.n_pairs * store.n_rules,
+    )
 
 
 def _rated_cells(store: RatingStore) -> int:

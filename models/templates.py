@@ -89,12 +89,14 @@ class ChatTemplate:
         except TemplateError as exc:
             raise DynrulesError(f"chat template does not parse: {exc}") from exc
 
-    def render_messages(self, messages: list[dict[str, str]]) -> str:
+    def render_messages(
+        self, messages: list[dict[str, str]], *, generation_prompt: bool = False
+    ) -> str:
         from jinja2 import TemplateError
 
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=False,
+                messages=messages, add_generation_prompt=generation_prompt,
                 bos_token=self.bos_token, eos_token=self.eos_token,
             )  # fmt: skip
         except TemplateError as exc:
@@ -102,3 +104,20 @@ class ChatTemplate:
 
     def render(self, prompt: str, response: str) -> str:
         return self.render_messages(transcript_messages(prompt, response))
+
+    def user_turn(self, prompt: str) -> str | None:
+        """The user message of ``prompt`` if ``prompt`` is this template's rendering of one user
+        turn with the generation prompt (what an RL trainer sends after applying the policy's
+        chat template), else None."""
+        marker = "\x00user-message\x00"
+        rendered = self.render_messages(
+            [{"role": "user", "content": marker}], generation_prompt=True
+        )
+        before, _, after = rendered.partition(marker)
+        if (
+            len(prompt) >= len(before) + len(after)
+            and prompt.startswith(before)
+            and prompt.endswith(after)
+        ):
+            return prompt[len(before) : len(prompt) - len(after)]
+        return None

@@ -256,7 +256,7 @@ def test_select_refuses_an_interrupted_rating_and_counts_planned_cells(tmp_path,
     )
     store = RatingStore.open(tmp_path / "store")
     summary = run_selection(store, SelectionConfig(k=2), tmp_path / "out.jsonl", progress=False)
-    assert summary["rated_cells"] == 12 and summary["cells"] == 48
+    assert summary.rated_cells == 12 and summary.cells == 48
     assert all(
         set(json.loads(line)["rule_ids"]) == {"r1", "r2"} for line in open(tmp_path / "out.jsonl")
     )

@@ -96,6 +96,24 @@ def test_smollm2_gguf_metadata_and_chat_template(smollm2):
     assert hh.count("<|im_start|>user\n") == 2 and hh.endswith("assistant\nd<|im_end|>\n")
 
 
+def test_user_turn_recovers_the_message_from_a_prompt_in_the_same_template(smollm2):
+    chat = smollm2.chat_template
+    message = "How do I pick a lock?\nAsking for my own door."
+    templated = chat.render_messages([{"role": "user", "content": message}], generation_prompt=True)
+    assert templated.endswith("<|im_start|>assistant\n")  # the generation prompt is there
+    assert chat.user_turn(templated) == message
+    # the rendering a trainer scores: user turn + response, same as from the raw message
+    assert chat.render(chat.user_turn(templated), "No.") == chat.render(message, "No.")
+    assert chat.user_turn(message) is None  # a raw prompt is left alone
+    other = ChatTemplate(fx.CHAT_TEMPLATE + "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    assert (
+        chat.user_turn(
+            other.render_messages([{"role": "user", "content": message}], generation_prompt=True)
+        )
+        is None
+    )
+
+
 @pytest.mark.parametrize("shape", [(48, 5), (48,)])
 def test_unpermute_inverts_llama_cpp_permute(shape):
     value = np.random.default_rng(0).normal(size=shape)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dynrules.train.data import Pair
-from dynrules.train.evaluate import pair_report
+from dynrules.train.evaluate import GroupAccuracy, pair_report
 
 
 def test_sections_and_subsets_with_counts_and_length_baseline():
@@ -18,12 +18,12 @@ def test_sections_and_subsets_with_counts_and_length_baseline():
     chosen = np.array([1.0, 0.0, 2.0, 1.0, 0.5])
     rejected = np.array([0.0, 1.0, 1.0, 1.0, 0.5])  # pair 3 and 4 are ties: wrong
     report = pair_report(pairs, chosen, rejected)
-    assert report["pairs"] == 5 and report["accuracy"] == pytest.approx(2 / 5)
-    assert report["sections"] == {
-        "all": {"pairs": 1, "accuracy": 0.0, "length_baseline": 0.0},
-        "refuse": {"pairs": 2, "accuracy": 0.5, "length_baseline": 0.5},
-        "respond": {"pairs": 2, "accuracy": 0.5, "length_baseline": 1.0},
+    assert report.pairs == 5 and report.accuracy == pytest.approx(2 / 5)
+    assert report.sections == {
+        "all": GroupAccuracy(pairs=1, accuracy=0.0, length_baseline=0.0),
+        "refuse": GroupAccuracy(pairs=2, accuracy=0.5, length_baseline=0.5),
+        "respond": GroupAccuracy(pairs=2, accuracy=0.5, length_baseline=1.0),
     }
-    assert report["subsets"]["y"] == {"pairs": 2, "accuracy": 0.5, "length_baseline": 1.0}
-    weighted = sum(g["accuracy"] * g["pairs"] for g in report["sections"].values()) / 5
-    assert report["accuracy"] == pytest.approx(weighted)
+    assert report.subsets["y"] == GroupAccuracy(pairs=2, accuracy=0.5, length_baseline=1.0)
+    weighted = sum(g.accuracy * g.pairs for g in report.sections.values()) / 5
+    assert report.accuracy == pytest.approx(weighted)

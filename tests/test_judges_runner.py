@@ -81,7 +81,7 @@ def test_rates_every_cell_with_the_servers_values(tmp_path, server, small_pool):
     records = pairs(5)
     judge = OpenAIJudge(small_pool, base_url=server.url, model="m", prompts_per_request=6, **FAST)
     summary = rate_pairs(records, tmp_path / "store", pool=small_pool, judge=judge, progress=False)
-    assert (summary["rated"], summary["skipped_done"], summary["failed"]) == (40, 0, 0)
+    assert (summary.rated, summary.skipped_done, summary.failed) == (40, 0, 0)
     arrays, manifest, table = store_contents(tmp_path / "store")
     for name, values in zip(
         ("scores_a", "scores_b", "relevance"), expected_arrays(records, small_pool), strict=True
@@ -96,14 +96,14 @@ def test_rates_every_cell_with_the_servers_values(tmp_path, server, small_pool):
     assert not read_log(RatingStore.open(tmp_path / "store")).size
 
     again = rate_pairs(records, tmp_path / "store", pool=small_pool, judge=judge, progress=False)
-    assert (again["rated"], again["skipped_done"], again["failed"]) == (0, 40, 0)
+    assert (again.rated, again.skipped_done, again.failed) == (0, 40, 0)
 
 
 def test_failures_are_recorded_not_stored_and_retried_next_run(tmp_path, server, small_pool):
     records = pairs(4, marker_rows={2})
     judge = OpenAIJudge(small_pool, base_url=server.url, model="m", **FAST)
     summary = rate_pairs(records, tmp_path / "store", pool=small_pool, judge=judge, progress=False)
-    assert (summary["rated"], summary["failed"]) == (24, 8)
+    assert (summary.rated, summary.failed) == (24, 8)
     arrays, _, _ = store_contents(tmp_path / "store")
     assert not arrays[DONE][2].any() and arrays[DONE][[0, 1, 3]].all()
     assert (arrays["scores_a"][2] == 0).all()  # untouched fill, flagged not-done: never a rating
@@ -115,7 +115,7 @@ def test_failures_are_recorded_not_stored_and_retried_next_run(tmp_path, server,
     assert all("not JSON" in f["reason"] for f in failures)
     asked_before = server.requests
     again = rate_pairs(records, tmp_path / "store", pool=small_pool, judge=judge, progress=False)
-    assert (again["rated"], again["skipped_done"], again["failed"]) == (0, 24, 8)
+    assert (again.rated, again.skipped_done, again.failed) == (0, 24, 8)
     assert server.requests == asked_before + 1  # only the failed pair is asked again
 
 
@@ -129,11 +129,11 @@ def test_plan_rates_only_planned_rules_and_validates(tmp_path, server, small_poo
     summary = rate_pairs(
         records, tmp_path / "store", pool=small_pool, judge=judge, plan=plan, progress=False
     )
-    assert summary["rated"] == 3
+    assert summary.rated == 3
     done = store_contents(tmp_path / "store")[0][DONE]
     assert [tuple(np.flatnonzero(row)) for row in done] == [(1, 3), (), (0,)]
     rest = rate_pairs(records, tmp_path / "store", pool=small_pool, judge=judge, progress=False)
-    assert (rest["rated"], rest["skipped_done"]) == (21, 3)
+    assert (rest.rated, rest.skipped_done) == (21, 3)
 
     for lines, match in [
         (
@@ -391,7 +391,7 @@ def test_rate_with_the_defaults_against_a_llama_cpp_server(tmp_path, small_pool,
             summary = rate_pairs(
                 records, tmp_path / "s", pool=small_pool, judge=judge, progress=False
             )
-        assert summary["rated"] == 6 * 8 and summary["failed"] == 0
+        assert summary.rated == 6 * 8 and summary.failed == 0
         arrays, _, _ = store_contents(tmp_path / "s")
         for name, want in zip(
             ("scores_a", "scores_b", "relevance"), expected_arrays(records, small_pool), strict=True

@@ -94,8 +94,8 @@ def test_agreement_ties_and_coverage():
     assert float(M.agreement(table)) == pytest.approx((60 + 30) / 120)
     assert int(M.ties(table)) == 10 and float(M.coverage(table)) == pytest.approx(120 / 130)
     summary = M.label_summary(table, resamples=200)
-    assert summary["ci_low"] <= summary["mi_bits"] <= summary["ci_high"]
-    assert M.label_summary(np.array([[0, 0], [7, 3], [0, 0]]), resamples=50)["agreement"] is None
+    assert summary.ci_low <= summary.mi_bits <= summary.ci_high
+    assert M.label_summary(np.array([[0, 0], [7, 3], [0, 0]]), resamples=50).agreement is None
 
 
 def _store(tmp_path, a, b, truth, chunk_rows=64, field="truth"):
@@ -154,8 +154,8 @@ def test_ablate_a_store_without_relevance(tmp_path):
     a = rng.choice(np.float32([-1, 0, 0.5, 1]), (500, 6))
     b = rng.choice(np.float32([-1, 0, 0.5, 1]), (500, 6))
     store = _store(tmp_path, a, b, rng.integers(0, 2, 500))
-    rows = ablate(store, "truth", [2], resamples=50)["rows"]
-    assert {(r["policy"], r["criterion"]) for r in rows} == {
+    rows = ablate(store, "truth", [2], resamples=50).rows
+    assert {(r.policy, r.criterion) for r in rows} == {
         ("adaptive", "absolute"),
         ("zscore", "absolute"),
         ("greedy", "absolute"),
@@ -163,6 +163,4 @@ def test_ablate_a_store_without_relevance(tmp_path):
         ("random", None),
         ("fixed", None),
     }
-    assert all(
-        r["ties"] > 0 and 0 < r["coverage"] < 1 for r in rows
-    )  # coarse levels: exact ties happen
+    assert all(r.ties > 0 and 0 < r.coverage < 1 for r in rows)  # coarse levels: exact ties happen

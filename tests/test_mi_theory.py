@@ -25,9 +25,7 @@ def stores(tmp_path_factory):
 
 
 def _row(rows, policy, k, criterion=None):
-    return next(
-        r for r in rows if r["policy"] == policy and r["k"] == k and r["criterion"] == criterion
-    )
+    return next(r for r in rows if r.policy == policy and r.k == k and r.criterion == criterion)
 
 
 def test_per_rule_vote_mi_matches_the_model(stores):
@@ -52,25 +50,25 @@ def test_per_rule_vote_mi_matches_the_model(stores):
 
 
 def test_adaptive_beats_random_and_fixed(stores):
-    rows = ablate(stores / "plain", "truth", [5], policies=("adaptive", "random", "fixed"))["rows"]
+    rows = ablate(stores / "plain", "truth", [5], policies=("adaptive", "random", "fixed")).rows
     random_row, fixed_row = _row(rows, "random", 5), _row(rows, "fixed", 5)
     for criterion in ("additive", "product", "absolute"):
         adaptive = _row(rows, "adaptive", 5, criterion)
         for baseline in (random_row, fixed_row):
-            assert adaptive["ci_low"] > baseline["ci_high"], (adaptive, baseline)
-            assert adaptive["agreement"] > baseline["agreement"]
+            assert adaptive.ci_low > baseline.ci_high, (adaptive, baseline)
+            assert adaptive.agreement > baseline.agreement
 
 
 def test_redundancy_aware_greedy_beats_top_k_with_duplicated_rules(stores):
     result = ablate(stores / "duplicated", "truth", [5], policies=("adaptive", "greedy"))
     top_k, greedy = (
-        _row(result["rows"], "adaptive", 5, "additive"),
-        _row(result["rows"], "greedy", 5, "additive"),
+        _row(result.rows, "adaptive", 5, "additive"),
+        _row(result.rows, "greedy", 5, "additive"),
     )
-    assert greedy["ci_low"] > top_k["ci_high"], (greedy, top_k)
-    assert greedy["agreement"] > top_k["agreement"]
+    assert greedy.ci_low > top_k.ci_high, (greedy, top_k)
+    assert greedy.agreement > top_k.agreement
     # The redundancy measure finds exactly the injected duplicates.
     rules = json.loads((stores / "duplicated" / PARAMETERS_FILE).read_text())["rules"]
     injected = {frozenset((r["id"], r["copies"])) for r in rules if r["copies"]}
-    found = {frozenset((p["a"], p["b"])) for p in result["redundant"]}
+    found = {frozenset((p.a, p.b)) for p in result.redundant}
     assert found == injected

@@ -255,6 +255,7 @@ def test_score_and_eval_on_two_processes_equal_one(reference, tmp_path):
         _launch(2, ["eval", str(model), str(reference["pairs"]), "--json", "--batch-size", "8"])[-1]
     )
     single = evaluate(model, reference["pairs"], batch_size=8)
+    single = single.to_json()
     assert report["pairs"] == single["pairs"] == 40
     assert report["accuracy"] == single["accuracy"] and report["subsets"] == single["subsets"]
     assert report["reward_mean"] == pytest.approx(single["reward_mean"], abs=1e-6)
@@ -411,7 +412,7 @@ def test_rate_shard_locks_its_rows_and_select_waits_for_the_final_fold(tmp_path,
                               progress=False)  # fmt: skip
 
         alone = rate((0, 2))
-        assert alone["rows"] == [0, 8] and alone["done"] == 8 * len(pool)  # alone: it folded
+        assert alone.rows == (0, 8) and alone.done == 8 * len(pool)  # alone: it folded
         with _rows_held_elsewhere(store, 8, 12):  # another host is rating rows 8–12
             blocked = subprocess.run(
                 [sys.executable, "-m", "dynrules",
@@ -422,11 +423,11 @@ def test_rate_shard_locks_its_rows_and_select_waits_for_the_final_fold(tmp_path,
 
         with _rows_held_elsewhere(store, 0, 4):  # worker 0 is still busy: worker 1 cannot fold
             second = rate((1, 2))
-        assert second["rows"] == [8, 16] and second["rated"] == 8 * len(pool)
-        assert second["done"] is None and ratinglog.shard_logs(RatingStore.open(store))
+        assert second.rows == (8, 16) and second.rated == 8 * len(pool)
+        assert second.done is None and ratinglog.shard_logs(RatingStore.open(store))
         with pytest.raises(DynrulesError, match="sharded `dynrules rate` is unfinished"):
             run_selection(RatingStore.open(store), SelectionConfig(k=2), None, progress=False)
         final = rate(None)  # nothing left to ask; the final fold
-    assert final["rated"] == 0 and final["done"] == 16 * len(pool)
+    assert final.rated == 0 and final.done == 16 * len(pool)
     summary = run_selection(RatingStore.open(store), SelectionConfig(k=2), None, progress=False)
-    assert summary["rated_cells"] == summary["cells"] == 16 * len(pool)
+    assert summary.rated_cells == summary.cells == 16 * len(pool)

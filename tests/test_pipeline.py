@@ -120,8 +120,9 @@ def test_rerun_keeps_finished_work(report_dir):
         rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3)
     )
     second = run_pipeline(report_dir, pairs, config)
-    assert "train_adapter" not in second["stages"]  # the trained adapter was reused
-    assert second["judge"]["rated_train"]["rated"] == 0  # every cell was already rated
-    assert second["judge"]["rated_train"]["skipped_done"] == first["judge"]["rated_train"]["rated"]
-    assert second["adapter"] == first["adapter"]
-    assert second["reward_model"] == first["reward_model"]  # resumed at the last step: same model
+    assert "train_adapter" not in second.stages  # the trained adapter was reused
+    assert second.judge.rated_train.rated == 0  # every cell was already rated
+    assert second.judge.rated_train.skipped_done == first["judge"]["rated_train"]["rated"]
+    again = second.to_json()
+    assert again["adapter"] == first["adapter"]
+    assert again["reward_model"] == first["reward_model"]  # resumed at the last step: same model

@@ -165,6 +165,18 @@ def test_openrlhf_remote_rm_protocol(server, model, tmp_path):
     assert not np.allclose(expected_whole, expected, atol=1e-3)  # the split mattered
 
 
+def test_split_query_takes_the_user_turn_out_of_a_templated_prompt():
+    def user_turn(prompt):
+        return prompt[len("<u>") : -len("</u><a>")] if prompt.startswith("<u>") else None
+
+    assert split_query("<s><u>hi</u><a>yes", "<u>hi</u><a>", user_turn) == {
+        "prompt": "hi",
+        "response": "yes",
+    }
+    assert split_query("<s>hi yes", "hi ", user_turn) == {"prompt": "hi ", "response": "yes"}
+    assert split_query("<s>hi yes", "absent", user_turn) == {"text": "<s>hi yes"}
+
+
 def test_reward_client(server, model, tmp_path):
     from dynrules import RewardClient
     from dynrules.errors import DynrulesError

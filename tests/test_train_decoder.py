@@ -103,7 +103,7 @@ def test_train_eval_score_then_export_and_import(tmp_path, pairs_file, model_typ
     _, held_out = split_held_out(load_preferences(pairs_file), 0.25, 0)
     report = evaluate(run, held_out)
     for key in ("accuracy", "reward_mean", "reward_std"):
-        assert report[key] == pytest.approx(summary["eval"][key], abs=1e-6), key
+        assert getattr(report, key) == pytest.approx(summary["eval"][key], abs=1e-6), key
 
     scored = tmp_path / "scored.jsonl"
     records = [{"prompt": "Question 1?", "response": "I can't help with that. Stay safe."},

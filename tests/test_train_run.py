@@ -124,7 +124,7 @@ def test_train_eval_score_commands(workspace):
         run / "model",
         [{"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}],
     )
-    assert direct["reward_mean"] == pytest.approx(
+    assert direct.reward_mean == pytest.approx(
         (scored[0]["reward"] + scored[1]["reward"]) / 2, abs=1e-5
     )
 

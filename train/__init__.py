@@ -5,8 +5,8 @@ The public entry points are re-exported here and imported on first use, so that
 
 - ``embed_texts(texts, *, batch_size=64, max_length=256) -> np.ndarray [n, 384]``
 - ``train_reward_model(pairs, out_dir, config=None, *, progress=True) -> RunResult``
-- ``evaluate(model, pairs, *, batch_size=64, mesh="") -> dict``
-- ``score_file(model, input_path, out_path, ...) -> dict`` and ``Scorer``
+- ``evaluate(model, pairs, *, batch_size=64, mesh="") -> Evaluation``
+- ``score_file(model, input_path, out_path, ...) -> ScoreSummary`` and ``Scorer``
 - ``TrainConfig``, ``load_config``; ``Classifier`` / ``ModelSpec`` (backbone + head: the
   building block for multi-label heads such as the rule adapter)
 """

@@ -234,6 +234,16 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise DynrulesError(f"{path}: neither a training run nor a model directory")
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreSummary:
+    """What ``score_file`` did (``dynrules score``): ``records`` scored and written,
+    ``truncated`` texts cut to the model's max_length (from the start), wall ``seconds``."""
+
+    records: int
+    truncated: int
+    seconds: float
+
+
 def score_file(
     model: str | Path,
     input_path: str | Path,
@@ -243,7 +253,7 @@ def score_file(
     chunk_records: int = 4096,
     mesh: str = "",
     distributed: bool = False,
-) -> dict:
+) -> ScoreSummary:
     """Stream JSONL records through the reward model; write each with its ``reward`` added.
 
     Records carry ``prompt`` (optional) and ``response``, or a ``text`` transcript. The output
@@ -290,4 +300,4 @@ def score_file(
     else:  # every process computes its share of each batch; only process 0 writes
         stream(None)
     seconds = time.perf_counter() - started
-    return {"records": count, "truncated": scorer.truncated, "seconds": seconds}
+    return ScoreSummary(records=count, truncated=scorer.truncated, seconds=seconds)

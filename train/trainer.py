@@ -58,7 +58,13 @@ RUN_FILE = "run.json"
 
 @dataclasses.dataclass
 class RunResult:
-    """What a finished (or already complete) run reports."""
+    """What a finished (or already complete) run reports (``dynrules train-rm``).
+
+    ``steps`` trained in all, ``resumed_from`` the checkpoint step this call started from (None:
+    from scratch); ``train`` the last logged training metrics (loss, accuracy, pairs/s, …),
+    ``eval`` the held-out report (None without held-out pairs), ``truncated`` the texts cut to
+    max_length in the ``train`` and ``eval`` sets.
+    """
 
     run_dir: Path
     model_dir: Path
@@ -67,6 +73,18 @@ class RunResult:
     train: dict
     eval: dict | None
     truncated: dict
+
+    def to_json(self) -> dict:
+        """The ``dynrules train-rm --json`` object."""
+        return {
+            "run": str(self.run_dir),
+            "model": str(self.model_dir),
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "train": self.train,
+            "eval": self.eval,
+            "truncated": self.truncated,
+        }
 
 
 # --------------------------------------------------------------------------- data
@@ -566,7 +584,7 @@ class _Evaluator:
         self.scorer.params = params
         self.scorer.truncated = 0
         rewards = self.scorer.rewards(self.texts)
-        report = pair_report(self.run.held_out, rewards[0::2], rewards[1::2])
+        report = dataclasses.asdict(pair_report(self.run.held_out, rewards[0::2], rewards[1::2]))
         report["loss"] = float(np.logaddexp(0.0, -(rewards[0::2] - rewards[1::2])).mean())
         report["truncated"] = self.scorer.truncated
         self.run.record("eval", step, report)

@@ -23,6 +23,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,37 @@ from dynrules.engine.store import (
 from dynrules.errors import DynrulesError, InputError
 
 
+@dataclass(frozen=True)
+class RatingSummary:
+    """What one ``rate_pairs`` run did (``dynrules rate``). Counts are cells (pair × rule).
+
+    ``rated``, ``skipped_done`` and ``failed`` count this run's wanted cells: rated now, found
+    already done, and left unrated by the judge (reasons in ``failures_file``, one JSON line
+    each). ``seconds`` is this run's wall time. ``pairs`` and ``rules`` give the store's shape,
+    ``rows`` the rows [lo, hi) this run was responsible for, and ``done`` the cells done in the
+    whole store after it (None while other workers of a sharded run are unfinished).
+    """
+
+    rated: int
+    skipped_done: int
+    failed: int
+    seconds: float
+    pairs: int
+    rules: int
+    rows: tuple[int, int]
+    done: int | None
+    failures_file: str
+
+    def to_json(self) -> dict:
+        """The ``dynrules rate --json`` object."""
+        return {
+            "rated": self.rated,
+            "skipped_done": self.skipped_done,
+            "failed": self.failed,
+            "seconds": self.seconds,
+        }
+
+
 def rate_pairs(
     pairs: str | os.PathLike | Sequence[dict],
     out: str | os.PathLike,
@@ -55,7 +87,7 @@ def rate_pairs(
     fold_every: int = ratinglog.FOLD_EVERY,
     shard: tuple[int, int] | None = None,
     chunk_rows: int = CHUNK_ROWS,
-) -> dict:
+) -> RatingSummary:
     """Rate every (pair, rule) cell — or the planned ones — not yet done in the store at ``out``.
 
     Args:
@@ -69,12 +101,6 @@ def rate_pairs(
         dtype: stored dtype of a new store (float32, float16, int8).
         shard: (I, N) to rate only worker I's share of the rows, beside N − 1 other workers.
         chunk_rows: rows per stored chunk of a new store (the unit of reads and of shards).
-
-    Returns:
-        ``{"rated", "skipped_done", "failed", "seconds"}`` counted in cells (pair × rule) of
-        this run, plus ``"pairs"``, ``"rules"``, ``"rows"`` ([lo, hi) rated here), ``"done"``
-        (cells done in the store; None while other workers of a sharded run are unfinished)
-        and ``"failures_file"``.
     """
     started = time.perf_counter()
     shard = None if shard is None or shard[1] == 1 else shard
@@ -85,6 +111,36 @@ def rate_pairs(
     if not records:
         raise InputError("no pairs to rate", path=source)
     out = Path(out)
+    store = _open_or_create(out, records, pool=pool, judge=judge, dtype=dtype, source=source,
+                            chunk_rows=chunk_rows)  # fmt: skip
+    lo, hi = (
+        (0, len(records)) if shard is None else shard_range(len(records), shard, store.chunk_rows)
+    )
+    with ratinglog.locked(out, None if shard is None else (lo, hi)):
+        ratinglog.fold(store, shard)
+        done = _done_rows(store, lo, hi)
+        wanted = _wanted_cells(plan, records, pool)
+        wanted[:lo] = wanted[hi:] = False
+        rated, failed = _rate_cells(
+            store, records, pool, judge, wanted & ~done, shard=shard, fold_every=fold_every,
+            progress=progress,
+        )  # fmt: skip
+    return RatingSummary(
+        rated=rated,
+        skipped_done=int((wanted & done).sum()),
+        failed=failed,
+        seconds=round(time.perf_counter() - started, 3),
+        pairs=len(records),
+        rules=len(pool),
+        rows=(lo, hi),
+        done=_done_cells(store, shard),
+        failures_file=str(store.path / ratinglog.FAILURES),
+    )
+
+
+def _open_or_create(out: Path, records: Sequence[dict], *, pool: RulePool, judge: Judge,
+                    dtype: str, source, chunk_rows: int) -> RatingStore:  # fmt: skip
+    """The store at ``out``, created first when missing, checked to be the one to continue."""
     if out.exists() and not (out / "manifest.json").exists():
         raise InputError("exists and is not a rating store; choose a new --out", path=out)
     if not out.exists():
@@ -95,74 +151,58 @@ def rate_pairs(
             pass  # another worker created it first: continued below like any store
     store = RatingStore.open(out, pool=pool)
     _check_continuable(store, records, judge)
-    lo, hi = (
-        (0, len(records)) if shard is None else shard_range(len(records), shard, store.chunk_rows)
-    )
-    with ratinglog.locked(out, None if shard is None else (lo, hi)):
+    return store
+
+
+def _rate_cells(store: RatingStore, records: Sequence[dict], pool: RulePool, judge: Judge,
+                todo: np.ndarray, *, shard, fold_every: int, progress: bool) -> tuple[int, int]:  # fmt: skip
+    """Rate the ``todo`` cells [N, R]: each pair's ratings are committed to the log as they come
+    and the log is folded every ``fold_every`` cells and at the end. Returns (rated, failed)."""
+    rated = failed = pending = 0
+    log = ratinglog.open_log(store, shard)
+    try:
+        with (
+            open(store.path / ratinglog.FAILURES, "a", encoding="utf-8") as failures,
+            tqdm(
+                total=int(todo.sum()), unit="cell", desc="rate", disable=not progress,
+                smoothing=0.05,
+            ) as bar,
+        ):  # fmt: skip
+            for result in judge.rate_jobs(pair_jobs(records, todo, judge)):
+                rules, a, b, relevance = pair_cells(result)
+                ratinglog.commit(log, result.job.row, rules, a, b, relevance)
+                _write_failures(failures, result, records[result.job.row]["id"], pool)
+                n_failed = len(result.errors) - len(rules)
+                rated, failed, pending = rated + len(rules), failed + n_failed, pending + len(rules)
+                bar.update(len(result.errors))
+                if n_failed:
+                    bar.set_postfix(failed=failed)
+                if pending >= fold_every:
+                    ratinglog.fold(store, shard)
+                    pending = 0
+    finally:
+        os.close(log)
         ratinglog.fold(store, shard)
-        done = _done_rows(store, lo, hi)
-        wanted = _wanted_cells(plan, records, pool)
-        wanted[:lo] = wanted[hi:] = False
-        todo_count = int((wanted & ~done).sum())
-        skipped = int((wanted & done).sum())
-        rated = failed = 0
-        log = ratinglog.open_log(store, shard)
-        try:
-            with (
-                open(store.path / ratinglog.FAILURES, "a", encoding="utf-8") as failures,
-                tqdm(
-                    total=todo_count, unit="cell", desc="rate", disable=not progress, smoothing=0.05
-                ) as bar,
-            ):
-                pending = 0
-                for result in judge.rate_jobs(pair_jobs(records, wanted & ~done, judge)):
-                    rules, a, b, relevance = pair_cells(result)
-                    ratinglog.commit(log, result.job.row, rules, a, b, relevance)
-                    for column, reason in enumerate(result.errors):
-                        if reason is not None:
-                            rule_id = pool.ids[result.job.rules[column]]
-                            failures.write(
-                                json.dumps(
-                                    {
-                                        "id": records[result.job.row]["id"],
-                                        "rule_id": rule_id,
-                                        "reason": reason,
-                                    }
-                                )
-                                + "\n"
-                            )
-                    failures.flush()
-                    n_failed = len(result.errors) - len(rules)
-                    rated, failed, pending = (
-                        rated + len(rules),
-                        failed + n_failed,
-                        pending + len(rules),
-                    )
-                    bar.update(len(result.errors))
-                    if n_failed:
-                        bar.set_postfix(failed=failed)
-                    if pending >= fold_every:
-                        ratinglog.fold(store, shard)
-                        pending = 0
-        finally:
-            os.close(log)
-            ratinglog.fold(store, shard)
+    return rated, failed
+
+
+def _write_failures(handle, result, pair_id, pool: RulePool) -> None:
+    """One JSON line per cell of ``result`` the judge failed to rate, with its reason."""
+    for column, reason in enumerate(result.errors):
+        if reason is not None:
+            rule_id = pool.ids[result.job.rules[column]]
+            handle.write(json.dumps({"id": pair_id, "rule_id": rule_id, "reason": reason}) + "\n")
+    handle.flush()
+
+
+def _done_cells(store: RatingStore, shard) -> int | None:
+    """Cells done in the whole store; a sharded worker folds it only when it is the last out,
+    and otherwise leaves that (and the count) to the last one."""
     if shard is None:
-        done_cells = int(store.manifest["rating"]["done"])
-    else:  # the last worker out folds the store; the others leave that to it
-        folded = ratinglog.fold_if_last(store)
-        done_cells = int(RatingStore.open(out).manifest["rating"]["done"]) if folded else None
-    return {
-        "rated": rated,
-        "skipped_done": skipped,
-        "failed": failed,
-        "seconds": round(time.perf_counter() - started, 3),
-        "pairs": len(records),
-        "rules": len(pool),
-        "rows": [lo, hi],
-        "done": done_cells,
-        "failures_file": str(store.path / ratinglog.FAILURES),
-    }
+        return int(store.manifest["rating"]["done"])
+    if ratinglog.fold_if_last(store):
+        return int(RatingStore.open(store.path).manifest["rating"]["done"])
+    return None
 
 
 # -- the store's extra parts ------------------------------------------------------------------
