@@ -16,7 +16,8 @@ def naive_metrics(predicted, oracle, a, b, scale):
         hits = len(set(p.tolist()) & set(o.tolist()))
         precision.append(hits / len(p))
         recall.append(hits / len(o))
-        label = [np.sign(sum((float(ra[i]) - float(rb[i])) * scale for i in s)) for s in (p, o)]
+        # differences summed in stored units, then scaled: a tie there is an exact tie
+        label = [np.sign(sum(float(ra[i]) - float(rb[i]) for i in s) * scale) for s in (p, o)]
         agree.append(label[0] == label[1])
     return np.mean(precision), np.mean(recall), np.mean(agree)
 
