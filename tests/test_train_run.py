@@ -264,3 +264,21 @@ if __name__ == "__main__":  # the child process of the kill -9 test
     from dynrules.train.trainer import train_reward_model
 
     train_reward_model(sys.argv[1], sys.argv[2], load_config(None, sys.argv[3:]), progress=False)
+
+
+def test_a_run_saved_before_packing_existed_resumes_with_packing(tmp_path):
+    """packing lays batches out differently but computes the same steps: not a config change."""
+    from dynrules.models import bert
+    from dynrules.models import classifier as mdl
+    from dynrules.train.config import TrainConfig
+    from dynrules.train.trainer import _check_resume
+
+    spec = mdl.ModelSpec(bert.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32), max_length=16)  # fmt: skip
+    config = TrainConfig(steps=4)
+    old = {k: v for k, v in config.to_dict().items() if k != "packing"}
+    saved = {"model": spec.to_dict(), "config": old, "data": "d"}
+    _check_resume(saved, config, spec, "d", tmp_path)  # no error
+    _check_resume(saved | {"config": old | {"packing": False}}, config, spec, "d", tmp_path)
+    with pytest.raises(DynrulesError, match="different config"):
+        _check_resume(saved | {"config": old | {"seed": 7}}, config, spec, "d", tmp_path)

@@ -51,9 +51,11 @@ class TrainConfig:
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host)
 
     # Keys that may differ when a run is resumed: they change how long or how visibly it
-    # runs, never what a given step computes.
+    # runs, or how its batches are laid out on devices, never which pairs a step sees or what
+    # it computes (beyond float rounding). So a run saved before packing existed resumes too.
     RESUMABLE_CHANGES: typing.ClassVar[frozenset] = frozenset(
         {
+            "packing",
             "steps",
             "checkpoint_every",
             "keep_checkpoints",
