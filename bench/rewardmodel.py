@@ -86,7 +86,7 @@ def _torch_reward_model(torch, transformers, checkpoint_dir, head_kernel: np.nda
     return RewardModel()
 
 
-def _jax_model(backbone: str, max_length: int, seed: int):
+def bundled_reward_model(backbone: str, max_length: int, seed: int):
     """The bundled backbone (MiniLM or SmolLM2-135M-Instruct) with a fresh head.
 
     The decoder's head is drawn at std 1/√hidden rather than near zero, so that its rewards are
@@ -196,7 +196,7 @@ def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_lengt
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
     torch, transformers = _torch()
-    model = _jax_model(backbone, max_length, seed)
+    model = bundled_reward_model(backbone, max_length, seed)
     pairs = hh_pairs(data)
     pairs = [
         pairs[i]
@@ -298,7 +298,7 @@ def bench_score(*, backbone: str = "encoder", pairs: int = 256, batch_size: int 
     from dynrules.train.scoring import Scorer
 
     torch, transformers = _torch()
-    model = _jax_model(backbone, max_length, seed)
+    model = bundled_reward_model(backbone, max_length, seed)
     chosen = np.random.default_rng(seed).permutation(len(everything := hh_pairs(data)))[:pairs]
     texts = [t for i in chosen for t in everything[i].texts(model.render)]
     mesh = shd.make_mesh("", jax.devices()[:1])

@@ -23,7 +23,6 @@ import asyncio
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 
 from dynrules.bench.rewardmodel import synthetic_pairs
 from dynrules.errors import DynrulesError
+from dynrules.launch import free_port
 
 TOLERANCE = 1e-4
 
@@ -50,12 +50,6 @@ def _model_dir(directory: Path, max_length: int, seed: int) -> Path:
               "head_bias": np.zeros(1, np.float32)}  # fmt: skip
     mdl.export_model(params, spec, loaded.tokenizer, directory)
     return directory
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _load(url: str, requests: list[list[dict]], expected: list[np.ndarray]) -> dict:
@@ -115,7 +109,7 @@ def bench_serve(
 
         offline, offline_before = score_offline()
 
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_path = Path(tmp) / "server.log"
         started = time.perf_counter()

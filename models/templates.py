@@ -14,6 +14,7 @@ survives.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from dynrules.errors import DynrulesError
@@ -109,11 +110,7 @@ class ChatTemplate:
         """The user message of ``prompt`` if ``prompt`` is this template's rendering of one user
         turn with the generation prompt (what an RL trainer sends after applying the policy's
         chat template), else None."""
-        marker = "\x00user-message\x00"
-        rendered = self.render_messages(
-            [{"role": "user", "content": marker}], generation_prompt=True
-        )
-        before, _, after = rendered.partition(marker)
+        before, after = self._around_user_message
         if (
             len(prompt) >= len(before) + len(after)
             and prompt.startswith(before)
@@ -121,3 +118,14 @@ class ChatTemplate:
         ):
             return prompt[len(before) : len(prompt) - len(after)]
         return None
+
+    @functools.cached_property
+    def _around_user_message(self) -> tuple[str, str]:
+        """What this template puts before and after a lone user message (generation prompt on):
+        rendered once, not per query."""
+        marker = "\x00user-message\x00"
+        rendered = self.render_messages(
+            [{"role": "user", "content": marker}], generation_prompt=True
+        )
+        before, _, after = rendered.partition(marker)
+        return before, after
