@@ -26,13 +26,15 @@ class TrainConfig:
     batch_size: int = 32  # preference pairs per optimizer update (global, all devices)
     grad_accum: int = 1  # micro-batches per update (batch_size must be a multiple)
     max_length: int = 256  # tokens per prompt+response text; longer texts keep their end
-    learning_rate: float = 2e-5
+    learning_rate: float = 2e-5  # peak rate of the backbone
+    head_learning_rate: float = 0.0  # peak rate of the reward head; 0 = learning_rate
     warmup_ratio: float = 0.05  # fraction of steps with linear warmup, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases / LayerNorm)
     clip_norm: float = 1.0  # global gradient-norm clipping
     seed: int = 0  # head init and data order
     pooling: str = ""  # mean | last | cls (models.pooling); "" = mean (encoder), last (decoder)
     margin_scale: float = 0.0  # m = margin_scale · pair margin in −log σ(r_c − r_r − m); 0 = off
+    label_confidence: float = 0.0  # β: a pair with rule margin m is a soft label σ(β·|m|); 0 = hard
     center_coef: float = 0.0  # reward centering weight, e.g. 0.01·mean((r_c + r_r)²); 0 = off
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage of parameters and optimizer state: float32 | bfloat16

@@ -1,7 +1,8 @@
 """The Bradley–Terry objective, its metrics, and the Optax optimizer.
 
 Loss per pair: −log σ(r_c − r_r − m), computed in float32, with m an optional margin
-(``margin_scale`` × the pair's rule margin from ``dynrules select``) and an optional reward
+(``margin_scale`` × the pair's rule margin from ``dynrules select``), optionally with soft
+labels from the same margin (``label_confidence``, see :func:`bradley_terry`), and an optional reward
 centering term ``center_coef · mean((r_c + r_r)²)`` that keeps rewards near zero mean
 (TRL's ``center_rewards_coefficient``).
 
@@ -20,13 +21,26 @@ def bradley_terry(
     rejected: jax.Array,
     margins: jax.Array,
     *,
+    margin_scale: float = 0.0,
+    label_confidence: float = 0.0,
     center_coef: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean loss over the pairs and metric sums (ties count as wrong)."""
+    """Mean loss over the pairs and metric sums (ties count as wrong).
+
+    ``margins`` are the pairs' rule margins (0: no margin, a label taken as certain). With
+    ``label_confidence`` β > 0 a pair with a margin m is a soft label, P(chosen ≻ rejected) =
+    σ(β·|m|): the posterior of the true preference under the logistic vote model that
+    justifies max-discrepancy selection (README, method), so near-ties teach little.
+    """
     chosen = chosen.astype(jnp.float32)
     rejected = rejected.astype(jnp.float32)
+    margins = margins.astype(jnp.float32)
     difference = chosen - rejected
-    loss = -jax.nn.log_sigmoid(difference - margins.astype(jnp.float32)).mean()
+    logits = difference - margin_scale * margins
+    certain = (margins == 0) | (label_confidence == 0)
+    target = jnp.where(certain, 1.0, jax.nn.sigmoid(label_confidence * jnp.abs(margins)))
+    loss = -(target * jax.nn.log_sigmoid(logits) + (1 - target) * jax.nn.log_sigmoid(-logits))
+    loss = loss.mean()
     if center_coef:
         loss = loss + center_coef * jnp.mean(jnp.square(chosen + rejected))
     both = jnp.concatenate([chosen, rejected])
@@ -74,14 +88,25 @@ def make_schedule(*, learning_rate: float, steps: int, warmup_ratio: float) -> o
 
 
 def make_optimizer(
-    schedule: optax.Schedule, *, weight_decay: float, clip_norm: float
+    schedule: optax.Schedule, *, weight_decay: float, clip_norm: float, head_scale: float = 1.0
 ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (no decay on biases and LayerNorm parameters)."""
-    return optax.chain(
+    """Global-norm clipping, then AdamW (no decay on biases and LayerNorm parameters), with
+    the head's updates ``head_scale`` times the backbone's: Adam moves each weight by about the
+    learning rate a step, far too little for a fresh head at a rate that suits a pretrained
+    backbone. (At 1 the chain is the plain one, so runs saved before it existed resume.)"""
+    chain = [
         optax.clip_by_global_norm(clip_norm),
         optax.adamw(
             schedule,
             weight_decay=weight_decay,
             mask=lambda params: jax.tree_util.tree_map_with_path(_decays, params),
         ),
-    )
+    ]
+    if head_scale != 1.0:
+        chain.append(optax.stateless(lambda updates, _: _scale_head(updates, head_scale)))
+    return optax.chain(*chain)
+
+
+def _scale_head(updates: dict, scale: float) -> dict:
+    return {k: jax.tree.map(lambda u: u * scale, v) if k.startswith("head_") else v
+            for k, v in updates.items()}  # fmt: skip

@@ -259,7 +259,9 @@ class Trainable:
         schedule = make_schedule(
             learning_rate=config.learning_rate, steps=config.steps, warmup_ratio=config.warmup_ratio
         )
-        tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+        tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                            head_scale=config.head_learning_rate / config.learning_rate
+                            if config.head_learning_rate else 1.0)  # fmt: skip
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         replicated = shd.replicated(mesh)
         opt_shardings = optax.tree_map_params(
@@ -349,7 +351,8 @@ class Trainable:
 
         def loss(params, micro):
             chosen, rejected = rewards_of(params, micro)
-            return bradley_terry(chosen, rejected, config.margin_scale * micro["margins"],
+            return bradley_terry(chosen, rejected, micro["margins"], margin_scale=config.margin_scale,
+                                 label_confidence=config.label_confidence,
                                  center_coef=config.center_coef)  # fmt: skip
 
         return loss
