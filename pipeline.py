@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynrules.atomic import atomic_path
 from dynrules.engine.judges import JUDGES
 from dynrules.engine.judges.runner import RatingSummary
 from dynrules.engine.mi import PolicyLabel
@@ -61,7 +62,13 @@ class PipelineConfig:
     adapter_steps: int = _option(60, "Rule-adapter training steps.")
     batch_size: int = _option(16, "Pairs per training step.")
     max_length: int = _option(192, "Tokens per text.")
-    learning_rate: float = _option(5e-5, "Reward-model learning rate.")
+    learning_rate: float = _option(1e-4, "Reward-model learning rate of the backbone.")
+    head_learning_rate: float = _option(3e-3, "Reward-model learning rate of the reward head.")
+    label_confidence: float = _option(0.75, "β of the soft rule labels: a pair with rule margin m "
+                                      "is preferred with probability σ(β·m); 0 = hard labels.")  # fmt: skip
+    validation_fraction: float = _option(0.15, "Share of train prompts kept out of reward-model "
+                                         "training to draw its validation curves (needs truth).")  # fmt: skip
+    eval_every: int = _option(10, "Reward-model steps between validation evaluations.")
     adapter_learning_rate: float = _option(3e-4, "Rule-adapter learning rate.")
     seed: int = _option(0, "Seed of data order, initialisation and sampling.")
     backbone: str = _option("encoder", "Backbone of the reward models and the rule adapter.",
@@ -342,26 +349,42 @@ def _adapter(job: _Job, stores: dict, selection) -> dict:
 
 def _reward_models(job: _Job) -> dict:
     """The reward model trained on rule labels and, with truth, the one trained on human labels,
-    both evaluated on the held-out pairs against human preferences."""
+    both evaluated on the held-out pairs against human preferences.
+
+    With truth, a validation split of the train prompts is kept out of both models' training;
+    their curves on it (human labels) go in the report, which says when each stopped improving.
+    """
     from dynrules.train.evaluate import evaluate
     from dynrules.train.trainer import train_reward_model
 
     config, out, stages = job.config, job.out, job.stages
+    with open(out / "labelled-train.jsonl", encoding="utf-8") as handle:
+        rule_pairs = [json.loads(line) for line in handle]
+    human_train = human_pairs(job.train) if job.has_truth else []
+    validation = _validation_prompts(job) if job.has_truth else set()
     rm_config = {
         "steps": config.rm_steps,
         "batch_size": config.batch_size,
         "max_length": config.max_length,
         "learning_rate": config.learning_rate,
+        "head_learning_rate": config.head_learning_rate,
+        "label_confidence": config.label_confidence,
         "seed": config.seed,
         "backbone": config.backbone,
         "model": config.rm_model,
-        "eval_every": 0,
+        "eval_every": config.eval_every if validation else 0,
+        "log_every": max(1, config.eval_every // 2),
         # A killed pipeline started again resumes each reward model from its last checkpoint.
         "checkpoint_every": max(1, config.rm_steps // 4),
         "eval_fraction": 0.0,
     }
-    with open(out / "labelled-train.jsonl", encoding="utf-8") as handle:
-        rule_pairs = [json.loads(line) for line in handle]
+    if validation:
+        validation_file = out / "validation.jsonl"
+        with atomic_path(validation_file) as tmp:
+            tmp.write_text("".join(json.dumps(p) + "\n" for p in human_train
+                                   if p["prompt"] in validation))  # fmt: skip
+        rm_config["eval_data"] = str(validation_file)
+    rule_pairs = [p for p in rule_pairs if p["prompt"] not in validation]
     training_items = config.rm_steps * config.batch_size
     stages.run(
         "train_rm_rules",
@@ -375,9 +398,10 @@ def _reward_models(job: _Job) -> dict:
     rules = stages.run(
         "eval_rm_rules", lambda: evaluate(out / "rm-rules", heldout_human), items=len(job.heldout)
     )
+    human_train = [p for p in human_train if p["prompt"] not in validation]
     stages.run(
         "train_rm_human",
-        lambda: train_reward_model(human_pairs(job.train), out / "rm-human", rm_config),
+        lambda: train_reward_model(human_train, out / "rm-human", rm_config),
         items=training_items,
     )
     human = stages.run(
@@ -391,7 +415,45 @@ def _reward_models(job: _Job) -> dict:
         "rules": _sectioned(rules),
         "human": _sectioned(human),
         "subset_sections": {r["subset"]: r["section"] for r in job.heldout if r.get("section")},
+        "validation_pairs": len(job.train) - len(human_train),
+        "curves": {
+            name: training_curves(out / run)
+            for name, run in (("rules", "rm-rules"), ("human", "rm-human"))
+        },
     }
+
+
+def _validation_prompts(job: _Job) -> set[str]:
+    """Train prompts kept out of reward-model training (split independently of held-out)."""
+    from dynrules.engine.datasets import prompt_split
+
+    fraction = job.config.validation_fraction
+    return {r["prompt"] for r in job.train
+            if prompt_split(r["prompt"], f"validation-{job.config.seed}", fraction) == "heldout"}  # fmt: skip
+
+
+def training_curves(run_dir: Path) -> dict:
+    """A reward-model run's curves from its metrics.jsonl: training loss by step, validation
+    accuracy by step and section, and ``best_step``: the first step at which the validation
+    section mean was highest (the model stopped improving after it)."""
+    train, validation = [], []
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record["split"] == "train":
+                train.append({"step": record["step"], "loss": record["loss"]})
+            else:
+                sections = {k: v["accuracy"] for k, v in record["sections"].items() if k != "all"}
+                validation.append({"step": record["step"], "accuracy": record["accuracy"],
+                                   "sections": sections,
+                                   "section_mean": float(np.mean(list(sections.values())))
+                                   if sections else record["accuracy"]})  # fmt: skip
+    # A resumed run logs its replayed steps again: keep each step's last record.
+    train = list({r["step"]: r for r in train}.values())
+    validation = list({r["step"]: r for r in validation}.values())
+    best = max(validation, key=lambda r: r["section_mean"], default=None)
+    return {"train": train, "validation": validation,
+            "best_step": best["step"] if best else None}  # fmt: skip
 
 
 def _sectioned(result: Evaluation) -> dict:

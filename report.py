@@ -8,6 +8,7 @@ written to a temporary name and renamed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def pipeline_markdown(report: dict) -> str:
             f"| length-only baseline (longer response wins) | {rm['length_baseline']:.3f} |",
         ]
         lines += _section_lines(rm, report.get("label_agreement", {}).get("heldout", {}))
+        lines += _curve_lines(rm)
     else:
         lines.append("No human truth in the data: held-out accuracy not measured.")
     lines += [
@@ -200,6 +202,75 @@ def _section_lines(rm: dict, judge_heldout: dict) -> list[str]:
     return lines
 
 
+def _curve_lines(rm: dict) -> list[str]:
+    """The training curves: the plot, and when each model stopped improving on validation."""
+    curves = rm.get("curves")
+    if not curves:
+        return []
+    lines = [
+        "",
+        "### Training curves",
+        "",
+        f"Training loss, and accuracy on the validation split: {rm['validation_pairs']} train "
+        "pairs whose prompts both models never trained on, scored against their human labels. "
+        "The recipe (learning rates, steps, label confidence) was chosen on such a split of the "
+        "train pairs, never on the held-out pairs above.",
+        "",
+        "![training curves](reward_models.png)",
+        "",
+    ]
+    for name, curve in curves.items():
+        points = curve["validation"]
+        if not points:
+            continue
+        best, last = max(points, key=lambda r: r["section_mean"]), points[-1]
+        verdict = (
+            "still improving at the last step"
+            if best["step"] == last["step"]
+            else f"stopped improving after step {best['step']}"
+        )
+        lines.append(
+            f"- trained on {name} labels: validation section mean {best['section_mean']:.3f} at "
+            f"step {best['step']}, {last['section_mean']:.3f} at step {last['step']} "
+            f"({verdict}); training loss {curve['train'][0]['loss']:.3f} → "
+            f"{curve['train'][-1]['loss']:.3f}."
+        )
+    return lines
+
+
+def training_curves_plot(curves: dict, path: Path) -> Path:
+    """reward_models.png: training loss and validation accuracy per section against the step,
+    one colour per reward model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
+    styles = ("-", "--", ":")
+    for colour, (name, curve) in zip(
+        ("tab:red", "tab:blue", "tab:green"), curves.items(), strict=False
+    ):
+        loss_axis.plot([r["step"] for r in curve["train"]], [r["loss"] for r in curve["train"]],
+                       color=colour, marker=".", label=f"{name} labels")  # fmt: skip
+        points = curve["validation"]
+        sections = sorted(points[0]["sections"]) if points else []
+        for style, section in zip(itertools.cycle(styles), sections, strict=False):
+            accuracy_axis.plot([r["step"] for r in points], [r["sections"][section] for r in points],
+                               color=colour, linestyle=style, marker="o",
+                               label=f"{name} labels: {section.replace('_', ' ')}")  # fmt: skip
+    loss_axis.set(xlabel="step", ylabel="Bradley–Terry loss", title="Training loss")
+    accuracy_axis.set(xlabel="step", ylabel="accuracy (human labels)",
+                      title="Validation accuracy per section", ylim=(0, 1))  # fmt: skip
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+    return path
+
+
 def _label_agreement_lines(agreement: dict) -> list[str]:
     """The judge's labels against the human/source labels, per split, section and subset."""
     if not agreement:
@@ -228,6 +299,9 @@ def write_pipeline_report(report: dict, out: Path) -> None:
     """report.json, report.md and report.html (the Markdown's content, with the plots inline)."""
     with atomic_path(out / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
+    curves = report["reward_model"].get("curves")
+    if curves:
+        training_curves_plot(curves, out / "reward_models.png")
     text = pipeline_markdown(report)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(text)

@@ -129,8 +129,11 @@ def _unit_hash(*parts: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def prompt_split(prompt: str, seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION) -> str:
-    """'heldout' or 'train' for a prompt, fixed by (seed, prompt text)."""
+def prompt_split(
+    prompt: str, seed: int | str = 0, heldout_fraction: float = HELDOUT_FRACTION
+) -> str:
+    """'heldout' or 'train' for a prompt, fixed by (seed, prompt text); a seed of another
+    form (e.g. ``"validation-0"``) splits independently of the integer seeds' splits."""
     return "heldout" if _unit_hash(str(seed), prompt) < heldout_fraction else "train"
 
 

@@ -22,7 +22,7 @@ def report_dir(tmp_path_factory):
             pairs += [p for p in mix if p["subset"] == subset][:per_subset]
     path = write_jsonl(out / "pairs.jsonl", pairs)
     config = PipelineConfig(
-        rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3)
+        rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3), eval_every=1
     )
     run_pipeline(out / "report", path, config)
     return out / "report"
@@ -113,11 +113,37 @@ def test_markdown_and_html_carry_the_json_numbers(report_dir):
     assert "<table>" in (report_dir / "report.html").read_text()
 
 
+def test_validation_split_and_training_curves(report_dir):
+    report = json.loads((report_dir / "report.json").read_text())
+    rm = report["reward_model"]
+    validation = [json.loads(line) for line in open(report_dir / "validation.jsonl")]
+    assert rm["validation_pairs"] == len(validation) > 0
+    held = {p["prompt"] for p in validation}
+    for run in ("rm-rules", "rm-human"):
+        config = json.loads((report_dir / run / "run.json").read_text())["config"]
+        assert config["eval_data"] == str(report_dir / "validation.jsonl")
+    trained = json.loads((report_dir / "rm-rules" / "summary.json").read_text())["eval"]
+    assert trained["pairs"] == len(validation)  # evaluated on the validation split, not held-out
+    rule_pairs = [json.loads(line) for line in open(report_dir / "labelled-train.jsonl")]
+    kept = [p for p in rule_pairs if p["prompt"] not in held]
+    assert 0 < len(kept) < len(rule_pairs)  # validation prompts are kept out of training
+    assert rm["trained_on"] == f"{len(kept)} rule-labelled train pairs"
+    for name in ("rules", "human"):
+        curve = rm["curves"][name]
+        assert [r["step"] for r in curve["train"]] == [1, 2]
+        assert [r["step"] for r in curve["validation"]] == [1, 2]
+        best = max(curve["validation"], key=lambda r: r["section_mean"])
+        assert curve["best_step"] == best["step"]
+    text = (report_dir / "report.md").read_text()
+    assert "### Training curves" in text and "![training curves](reward_models.png)" in text
+    assert (report_dir / "reward_models.png").stat().st_size > 1000
+
+
 def test_rerun_keeps_finished_work(report_dir):
     first = json.loads((report_dir / "report.json").read_text())
     pairs = report_dir.parent / "pairs.jsonl"
     config = PipelineConfig(
-        rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3)
+        rm_steps=2, adapter_steps=2, batch_size=4, max_length=48, ablate_ks=(1, 3), eval_every=1
     )
     second = run_pipeline(report_dir, pairs, config)
     assert "train_adapter" not in second.stages  # the trained adapter was reused

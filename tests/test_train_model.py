@@ -58,10 +58,48 @@ def test_bradley_terry_loss_margin_centering_and_ties():
     assert metrics["accuracy"] == pytest.approx(1 / 3)  # the tie counts as wrong
     assert metrics["margin"] == pytest.approx(0.0)
     assert metrics["reward_mean"] == pytest.approx(7 / 6)
-    margin_loss, _ = bradley_terry(chosen, rejected, jnp.full(3, 0.5))
+    margin_loss, _ = bradley_terry(chosen, rejected, jnp.full(3, 0.5), margin_scale=1.0)
     assert float(margin_loss) > float(loss)  # a required margin makes the same rewards worse
     centred, _ = bradley_terry(chosen, rejected, jnp.zeros(3), center_coef=0.01)
     assert float(centred) == pytest.approx(expected + 0.01 * np.mean([9.0, 4.0, 4.0]), rel=1e-6)
+
+
+def test_soft_labels_from_rule_margins():
+    """A pair with rule margin m is the soft label p = σ(β·|m|), whose loss is least where the
+    reward difference equals the posterior log-odds β·|m|; a pair without a margin stays hard."""
+    beta, margins = 0.75, np.array([2.0, -0.4, 0.0])
+    difference = np.array([0.3, -1.0, 0.8])
+    loss, _ = bradley_terry(jnp.asarray(difference), jnp.zeros(3), jnp.asarray(margins),
+                            label_confidence=beta)  # fmt: skip
+    p = np.where(margins == 0, 1.0, 1 / (1 + np.exp(-beta * np.abs(margins))))
+    expected = np.mean(p * np.logaddexp(0, -difference) + (1 - p) * np.logaddexp(0, difference))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    hard, _ = bradley_terry(jnp.asarray(difference), jnp.zeros(3), jnp.asarray(margins))
+    assert float(hard) == pytest.approx(np.mean(np.logaddexp(0, -difference)), rel=1e-6)
+
+    def one_pair(d):
+        return bradley_terry(d[None], jnp.zeros(1), jnp.array([2.0]), label_confidence=beta)[0]
+
+    gradient = jax.grad(one_pair)
+    assert abs(float(gradient(jnp.float32(beta * 2.0)))) < 1e-6
+    assert float(gradient(jnp.float32(beta * 2.0 + 1))) > 0 > float(gradient(jnp.float32(0.0)))
+
+
+def test_head_learning_rate_scales_only_the_head_updates():
+    from dynrules.train.objective import make_optimizer
+
+    params = {"encoder": {"w_kernel": jnp.ones(3)}, "head_kernel": jnp.ones(3)}
+    grads = jax.tree.map(lambda x: 0.1 * x, params)
+    updates = {}
+    for scale in (1.0, 30.0):
+        tx = make_optimizer(lambda _: 1e-3, weight_decay=0.0, clip_norm=1e9, head_scale=scale)
+        updates[scale], _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(
+        updates[30.0]["encoder"]["w_kernel"], updates[1.0]["encoder"]["w_kernel"]
+    )
+    np.testing.assert_allclose(
+        updates[30.0]["head_kernel"], 30 * updates[1.0]["head_kernel"], rtol=1e-6
+    )
 
 
 def test_template_handles_plain_prompts_transcripts_and_hh_pairs():

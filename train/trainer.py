@@ -419,14 +419,14 @@ def _check_resume(
         raise DynrulesError(
             f"{run_dir}: its checkpoints are from another model ({saved.get('checkpoint')})"
         )
+    # Keys added since the run was saved take their defaults, which keep the old behaviour.
+    before = make_config(saved["config"]).to_dict()
     changed = sorted(
         key for key, value in config.to_dict().items()
-        if key not in TrainConfig.RESUMABLE_CHANGES and saved["config"].get(key) != value
+        if key not in TrainConfig.RESUMABLE_CHANGES and before[key] != value
     )  # fmt: skip
     if changed:
-        details = ", ".join(
-            f"{k}: {saved['config'].get(k)!r} → {getattr(config, k)!r}" for k in changed
-        )
+        details = ", ".join(f"{k}: {before[k]!r} → {getattr(config, k)!r}" for k in changed)
         raise DynrulesError(
             f"{run_dir}: cannot resume with a different config ({details}); use a new --out"
         )
