@@ -214,7 +214,8 @@ def _curve_lines(rm: dict) -> list[str]:
         f"Training loss, and accuracy on the validation split: {rm['validation_pairs']} train "
         "pairs whose prompts both models never trained on, scored against their human labels. "
         "The recipe (learning rates, steps, label confidence) was chosen on such a split of the "
-        "train pairs, never on the held-out pairs above.",
+        "train pairs, never on the held-out pairs above. Rule labels are soft (their margin's "
+        "confidence), so their loss cannot fall below the labels' own entropy.",
         "",
         "![training curves](reward_models.png)",
         "",
@@ -224,16 +225,19 @@ def _curve_lines(rm: dict) -> list[str]:
         if not points:
             continue
         best, last = max(points, key=lambda r: r["section_mean"]), points[-1]
-        verdict = (
-            "still improving at the last step"
-            if best["step"] == last["step"]
-            else f"stopped improving after step {best['step']}"
-        )
+        if best["step"] == last["step"]:
+            verdict = (
+                f"{last['section_mean']:.3f} at step {last['step']}, its best: still improving"
+            )
+        else:
+            verdict = (
+                f"best {best['section_mean']:.3f} at step {best['step']}, then "
+                f"{last['section_mean']:.3f} at step {last['step']}: stopped improving after "
+                f"step {best['step']}"
+            )
         lines.append(
-            f"- trained on {name} labels: validation section mean {best['section_mean']:.3f} at "
-            f"step {best['step']}, {last['section_mean']:.3f} at step {last['step']} "
-            f"({verdict}); training loss {curve['train'][0]['loss']:.3f} → "
-            f"{curve['train'][-1]['loss']:.3f}."
+            f"- trained on {name.removesuffix('s')} labels: validation section mean {verdict}; "
+            f"training loss {curve['train'][0]['loss']:.3f} → {curve['train'][-1]['loss']:.3f}."
         )
     return lines
 
@@ -252,13 +256,13 @@ def training_curves_plot(curves: dict, path: Path) -> Path:
         ("tab:red", "tab:blue", "tab:green"), curves.items(), strict=False
     ):
         loss_axis.plot([r["step"] for r in curve["train"]], [r["loss"] for r in curve["train"]],
-                       color=colour, marker=".", label=f"{name} labels")  # fmt: skip
+                       color=colour, marker=".", label=f"{name.removesuffix('s')} labels")  # fmt: skip
         points = curve["validation"]
         sections = sorted(points[0]["sections"]) if points else []
         for style, section in zip(itertools.cycle(styles), sections, strict=False):
             accuracy_axis.plot([r["step"] for r in points], [r["sections"][section] for r in points],
                                color=colour, linestyle=style, marker="o",
-                               label=f"{name} labels: {section.replace('_', ' ')}")  # fmt: skip
+                               label=f"{name.removesuffix('s')} labels: {section.replace('_', ' ')}")  # fmt: skip
     loss_axis.set(xlabel="step", ylabel="Bradley–Terry loss", title="Training loss")
     accuracy_axis.set(xlabel="step", ylabel="accuracy (human labels)",
                       title="Validation accuracy per section", ylim=(0, 1))  # fmt: skip

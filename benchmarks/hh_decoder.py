@@ -6,7 +6,7 @@ models train for the same number of steps on the same batches of pairs — all-M
 (22M, mean pooling) and SmolLM2-135M-Instruct (last-token pooling, its chat template) — and
 are scored on the held-out pairs beside the length-only baseline.
 
-Run: ``python -m benchmarks.hh_decoder [--steps 60] [--max-length 192] [--out DIR]``; a summary
+Run: ``python -m benchmarks.hh_decoder [--steps 150] [--max-length 192] [--out DIR]``; a summary
 lands in benchmarks/results/hh_decoder.json after each model; a rerun with the same settings
 skips the models already there.
 """
@@ -26,13 +26,16 @@ from dynrules.train.trainer import train_reward_model
 
 TRAIN, HELD_OUT = 1200, 500
 RESULTS = Path(__file__).resolve().parent / "results" / "hh_decoder.json"
-LEARNING_RATES = {"encoder": 5e-5, "decoder": 1e-5}  # the usual full fine-tuning rates
+# The backbone at its usual full fine-tuning rate, the fresh head at the main job's own rate
+# (dynrules.pipeline.PipelineConfig: Adam moves a weight by about the rate a step).
+RECIPES = {"encoder": {"learning_rate": 1e-4, "head_learning_rate": 3e-3},
+           "decoder": {"learning_rate": 1e-5, "head_learning_rate": 3e-3}}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/hh-decoder")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150)  # one pass over the 1,200 pairs
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--backbones", default="encoder,decoder")
@@ -50,8 +53,8 @@ def main() -> None:
         if backbone in summary["models"]:
             continue
         config = {"backbone": backbone, "steps": args.steps, "batch_size": args.batch_size,
-                  "max_length": args.max_length, "learning_rate": LEARNING_RATES[backbone],
-                  "eval_fraction": 0.0, "eval_every": 0, "checkpoint_every": args.steps,
+                  "max_length": args.max_length, **RECIPES[backbone], "eval_fraction": 0.0,
+                  "eval_every": 0, "checkpoint_every": args.steps,
                   "log_every": max(1, args.steps // 10)}  # fmt: skip
         started = time.perf_counter()
         run = train_reward_model(train, Path(args.out) / backbone, config)
@@ -64,7 +67,7 @@ def main() -> None:
             "train_loss_last": run.train.get("loss"),
             "train_seconds": round(trained, 1),
             "eval_seconds": round(time.perf_counter() - started - trained, 1),
-            "learning_rate": LEARNING_RATES[backbone],
+            **RECIPES[backbone],
         }
         print(json.dumps({backbone: summary["models"][backbone]}), flush=True)
         with atomic_path(RESULTS) as tmp:  # after each model: a killed run keeps what it finished
