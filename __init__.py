@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import importlib
 
+from dynrules.platforms import skip_absent_tpu
+
 __version__ = "0.1.0"
+
+skip_absent_tpu()  # before any module of the package imports JAX
 
 _EXPORTS = {
     "load_pool": "dynrules.engine.pool",

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import its own layer and any layer below it, never one above.
 LAYERS = (
-    ("root utilities", ("errors", "atomic")),
+    ("root utilities", ("errors", "atomic", "platforms")),
     ("kernels", ("kernels",)),
     ("models", ("models",)),
     ("engine", ("engine",)),
@@ -28,7 +28,8 @@ NOT_PACKAGE = {"tests", "benchmarks", ".venv", "build", "out"}
 
 
 def _modules() -> list[Path]:
-    """Every module of the package but its root ``__init__`` (a lazy table of names, no imports)."""
+    """Every module of the package but its root ``__init__`` (a lazy table of names; it imports
+    only the root utility ``platforms``)."""
     return sorted(
         path
         for path in ROOT.rglob("*.py")
