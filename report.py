@@ -224,7 +224,8 @@ def _curve_lines(rm: dict) -> list[str]:
         points = curve["validation"]
         if not points:
             continue
-        best, last = max(points, key=lambda r: r["section_mean"]), points[-1]
+        best = next(r for r in points if r["step"] == curve["best_step"])
+        last = points[-1]
         if best["step"] == last["step"]:
             verdict = (
                 f"{last['section_mean']:.3f} at step {last['step']}, its best: still improving"
