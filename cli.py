@@ -335,10 +335,15 @@ def launch(processes, devices_per_process, command):
     type=click.Choice(JUDGES),
     default="embedded",
     show_default=True,
-    help="Offline embedded judge, or an LLM behind an OpenAI-compatible API.",
+    help="Offline embedded judge, an LLM behind an OpenAI-compatible API, or an LLM in process "
+    "on JAX (a Llama-family instruct model).",
 )
 @click.option("--base-url", help="API root of the openai judge, e.g. http://localhost:8000/v1.")
-@click.option("--model", help="Model name served at --base-url.")
+@click.option(
+    "--model",
+    help="openai judge: the model name served at --base-url; jax judge: a .gguf file or a "
+    "Hugging Face model directory.",
+)
 @click.option(
     "--api-key-env",
     default="OPENAI_API_KEY",
@@ -389,6 +394,13 @@ def launch(processes, devices_per_process, command):
     "--max-retries", default=5, show_default=True, help="Retries per request on 429/5xx/timeouts."
 )
 @click.option(
+    "--judge-dtype",
+    type=click.Choice(("float32", "bfloat16")),
+    default="float32",
+    show_default=True,
+    help="Compute dtype of the jax judge.",
+)
+@click.option(
     "--plan",
     type=click.Path(dir_okay=False),
     help='JSONL of {"id", "rule_ids"}: rate only these rules per pair.',
@@ -423,6 +435,7 @@ def rate(
     concurrency,
     timeout,
     max_retries,
+    judge_dtype,
     plan,
     dtype,
     out,
@@ -437,8 +450,8 @@ def rate(
 
     pool = load_pool(pool_source)
     explicit_key = click.get_current_context().get_parameter_source("api_key_env").name != "DEFAULT"
-    options = (
-        dict(
+    options = {
+        "openai": dict(
             endpoint=endpoint,
             prompts_per_request=prompts_per_request,
             top_logprobs=top_logprobs,
@@ -446,10 +459,9 @@ def rate(
             concurrency=concurrency,
             timeout=timeout,
             max_retries=max_retries,
-        )
-        if judge_kind == "openai"
-        else {}
-    )
+        ),
+        "jax": dict(template=template, dtype=judge_dtype),
+    }.get(judge_kind, {})
     with make_judge(
         judge_kind,
         pool,
@@ -715,7 +727,8 @@ def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
 )
 @config_options(PipelineConfig)
 @click.option("--base-url", default=None, help="OpenAI-compatible server (openai judge).")
-@click.option("--model", default=None, help="Model name on that server (openai judge).")
+@click.option("--model", default=None, help="Model name on that server (openai judge), or a "
+              ".gguf file / model directory (jax judge).")  # fmt: skip
 @click.option("--api-key-env", default=None, help="Environment variable holding the API key.")
 def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
     """The main job: rate -> select -> ablate -> adapter -> reward model -> evaluate -> report.

@@ -54,8 +54,8 @@ class PipelineConfig:
     criterion: str | None = _option(None, "Adaptive criterion [default: additive with relevance, else absolute].",
                                     choices=tuple(CRITERIA))  # fmt: skip
     ablate_ks: tuple[int, ...] = _option((1, 3, 5, 10), "ks compared in the ablation.")
-    judge: str = _option("embedded", "Offline embedded judge, or an LLM behind an OpenAI-compatible API.",
-                         choices=JUDGES)  # fmt: skip
+    judge: str = _option("embedded", "Offline embedded judge, an LLM behind an OpenAI-compatible "
+                         "API, or an LLM in process on JAX (--model PATH).", choices=JUDGES)  # fmt: skip
     judge_options: dict = dataclasses.field(default_factory=dict)  # base_url, model, api_key_env
     pool: str = _option("default", "Rule pool: 'default' or a file.")
     rm_steps: int = _option(60, "Reward-model training steps (each model).")

@@ -45,8 +45,8 @@ import numpy as np
 
 from dynrules.bench.judge import server_ratings_per_s
 from dynrules.engine.datasets import pyrit_pairs
-from dynrules.engine.judges.openai import DEFAULT_TOP_LOGPROBS, IRRELEVANT, NO, YES, answer_class
-from dynrules.engine.judges.templates import load_template
+from dynrules.engine.judges.openai import DEFAULT_TOP_LOGPROBS
+from dynrules.engine.judges.templates import IRRELEVANT, NO, YES, answer_class, load_template
 from dynrules.engine.pool import load_pool
 from dynrules.engine.store import RatingStore
 from dynrules.launch import free_port

@@ -18,7 +18,9 @@ real token never sees the padding, and padded keys are masked as well, so a text
 states do not depend on what else is in the batch. Packed rows (several texts a row,
 models.tokenizer.pack_batch) pass ``segments`` and ``positions`` instead: attention is causal
 within a segment and blind to the others (a block-diagonal mask), and each token is rotated
-by its position in its own text. That mask goes through XLA's attention everywhere: jax 0.10's
+by its position in its own text. ``prefix_lengths`` adds a shared prefix per row: its first
+tokens are seen by every later segment (one conversation, many questions about it:
+models.answers). That mask goes through XLA's attention everywhere: jax 0.10's
 ``dot_product_attention`` gives cuDNN lengths but no segment ids, so on a GPU only unpacked
 batches use cuDNN's flash attention.
 """
@@ -349,7 +351,8 @@ class LlamaDecoder(nnx.Module):
         self.layers = DecoderLayers(config, rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array, lengths: jax.Array | None = None, *,
-                 segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
+                 segments: jax.Array | None = None, positions: jax.Array | None = None,
+                 prefix_lengths: jax.Array | None = None) -> jax.Array:  # fmt: skip
         config = self.config
         time = input_ids.shape[1]
         if config.sliding_window and time > config.sliding_window:
@@ -367,8 +370,10 @@ class LlamaDecoder(nnx.Module):
             lengths = lengths.astype(jnp.int32)
         else:  # each token's own position's rotation: [batch, time, head_dim/2]
             rope = tuple(jnp.take(table, positions, axis=0) for table in rope)
-            same = segments[:, :, None] == segments[:, None, :]
-            mask = same & jnp.tril(jnp.ones((time, time), bool))[None]  # [batch, time, time]
+            visible = segments[:, :, None] == segments[:, None, :]
+            if prefix_lengths is not None:  # a row's shared prefix is seen by all its segments
+                visible |= jnp.arange(time)[None, None, :] < prefix_lengths[:, None, None]
+            mask = visible & jnp.tril(jnp.ones((time, time), bool))[None]  # [batch, time, time]
         layer_params = {name: variable[...] for name, variable in vars(self.layers).items()
                         if isinstance(variable, nnx.Param)}  # fmt: skip
 

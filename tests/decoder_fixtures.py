@@ -56,7 +56,7 @@ def byte_tokenizer():
 
 
 def write_hf_decoder(directory: Path, config: llama.LlamaConfig, params: dict, *, shards: int = 1,
-                     chat_template: str | None = CHAT_TEMPLATE) -> Path:  # fmt: skip
+                     chat_template: str | None = CHAT_TEMPLATE, tokenizer=None) -> Path:  # fmt: skip
     """A HF directory: config.json, safetensors (``shards`` files + index), tokenizer files."""
     from safetensors.numpy import save_file
 
@@ -74,7 +74,7 @@ def write_hf_decoder(directory: Path, config: llama.LlamaConfig, params: dict, *
             save_file(part, str(directory / name))
             weight_map |= dict.fromkeys(part, name)
         (directory / dio.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-    byte_tokenizer().save(str(directory / "tokenizer.json"))
+    (tokenizer or byte_tokenizer()).save(str(directory / "tokenizer.json"))
     if chat_template is not None:
         special = {"chat_template": chat_template, "bos_token": "<s>", "eos_token": "</s>"}
         (directory / "tokenizer_config.json").write_text(json.dumps(special))
@@ -85,6 +85,34 @@ def tiny_hf_decoder(directory: Path, model_type: str = "llama", seed: int = 0, *
     config = tiny_config(model_type, **changes)
     params = llama.random_params(config, seed, lm_head=not config.tie_word_embeddings)
     return write_hf_decoder(directory, config, params)
+
+
+ANSWER_WORDS = ("Yes", "No", "Irrelevant")
+JUDGE_CHAT_TEMPLATE = (
+    CHAT_TEMPLATE + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_judge_decoder(directory: Path, seed: int = 0) -> Path:
+    """A tiny decoder whose vocabulary also holds the answer words (ids 260–262), with weights
+    scaled up so that its answer distributions are far from uniform."""
+    config = tiny_config(vocab_size=VOCAB + len(ANSWER_WORDS))
+    params = llama.random_params(config, seed, lm_head=True)
+    for name, scale in (("embed", 20.0), ("lm_head", 20.0)):
+        params[name] *= scale
+    for name in ("q_kernel", "k_kernel", "v_kernel", "o_kernel"):  # let context reach the answer
+        params["layers"][name] *= 8.0
+    return write_hf_decoder(directory, config, params, tokenizer=byte_tokenizer_with_answers(),
+                            chat_template=JUDGE_CHAT_TEMPLATE)  # fmt: skip
+
+
+def byte_tokenizer_with_answers():
+    """The byte tokenizer with the answer words as whole tokens (ids 260–262)."""
+    from tokenizers import AddedToken
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens([AddedToken(w, special=False, normalized=False) for w in ANSWER_WORDS])
+    return tokenizer
 
 
 def _permute(value: np.ndarray, heads: int) -> np.ndarray:

@@ -17,16 +17,8 @@ from dynrules.engine.judges.loopback import (
     LoopbackServer,
     synthetic_rating,
 )
-from dynrules.engine.judges.openai import (
-    IRRELEVANT,
-    NO,
-    YES,
-    OpenAIJudge,
-    answer_class,
-    rating_from_top_logprobs,
-    retry_after_seconds,
-)
-from dynrules.engine.judges.templates import load_template
+from dynrules.engine.judges.openai import OpenAIJudge, rating_from_top_logprobs, retry_after_seconds
+from dynrules.engine.judges.templates import IRRELEVANT, NO, YES, answer_class, load_template
 from dynrules.errors import DynrulesError, InputError
 
 FAST = dict(backoff=0.01, max_backoff=0.05, timeout=5.0)

@@ -3,6 +3,7 @@
 - :mod:`.base`       the interface (Job, JobResult, Judge) every judge implements
 - :mod:`.openai`     an LLM judge behind an OpenAI-compatible API (vLLM, SGLang, TGI, llama.cpp)
 - :mod:`.embedded`   an offline judge built on the project's MiniLM encoder (JAX, lazy import)
+- :mod:`.jaxlm`      an LLM judge in process on the project's JAX decoder (GGUF or safetensors)
 - :mod:`.runner`     resumable rating of pairs into a rating store (``dynrules rate``)
 - :mod:`.templates`  judge prompt templates; :mod:`.loopback` a local test server; :mod:`.bench`
 """
@@ -15,7 +16,7 @@ from dynrules.engine.judges.base import Job, JobResult, Judge, JudgeAborted, Rat
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError
 
-JUDGES = ("embedded", "openai")
+JUDGES = ("embedded", "openai", "jax")
 
 __all__ = ["JUDGES", "Job", "JobResult", "Judge", "JudgeAborted", "Rating", "make_judge"]
 
@@ -31,7 +32,14 @@ def make_judge(
     **options,
 ) -> Judge:
     """A judge by name. ``openai`` needs base_url and model; its key is read from ``api_key_env``
-    (absent is fine for local servers unless ``require_key``). Other options go to the judge."""
+    (absent is fine for local servers unless ``require_key``). ``jax`` needs model, a path.
+    Other options go to the judge."""
+    if kind == "jax":
+        from dynrules.engine.judges.jaxlm import JaxJudge
+
+        if not model:
+            raise DynrulesError("the jax judge needs --model (a .gguf file or a model directory)")
+        return JaxJudge(pool, model=model, **options)
     if kind == "embedded":
         from dynrules.engine.judges.embedded import EmbeddedJudge
 

@@ -68,15 +68,18 @@ import httpx
 import numpy as np
 
 from dynrules.engine.judges.base import Job, JobResult, Judge, JudgeAborted
-from dynrules.engine.judges.templates import Template, load_template
+from dynrules.engine.judges.templates import (
+    Template,
+    answer_class,
+    load_template,
+    rating_from_masses,
+)
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
-YES, NO, IRRELEVANT = 0, 1, 2
-_MARKERS = "▁Ġ"  # SentencePiece / byte-level BPE word markers some servers leave in tokens
 RETRY_AFTER_CAP = 300.0  # seconds: longest Retry-After honoured as given
 TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
 DEFAULT_PROMPTS_PER_REQUEST = 64
@@ -85,18 +88,6 @@ DEFAULT_TOP_LOGPROBS = 20
 _FINISHED = object()
 
 Answer = tuple[float, float] | str  # (s, relevance), or the reason there is none
-
-
-def answer_class(token: str) -> int | None:
-    """YES, NO, IRRELEVANT or None for one answer token, across tokenizer spellings."""
-    word = token.strip().lstrip(_MARKERS).strip().lower().rstrip(".")
-    if word == "yes":
-        return YES
-    if word == "no":
-        return NO
-    if len(word) >= 2 and "irrelevant".startswith(word):
-        return IRRELEVANT
-    return None
 
 
 def rating_from_top_logprobs(top: list[tuple[str, float]]) -> tuple[float, float] | str:
@@ -113,11 +104,10 @@ def rating_from_top_logprobs(top: list[tuple[str, float]]) -> tuple[float, float
         if not isinstance(logprob, (int, float)) or math.isnan(logprob) or logprob > 1e-6:
             return f"invalid log-probability {logprob!r} for token {token!r}"
         mass[kind] += math.exp(logprob)
-    total = sum(mass)
-    if total <= 0.0:
+    if sum(mass) <= 0.0:
         seen = ", ".join(repr(t) for t, _ in top[:5]) or "none"
         return f"no Yes/No/Irrelevant among the top answer tokens (top: {seen})"
-    return (mass[YES] - mass[NO]) / total, 1.0 - mass[IRRELEVANT] / total
+    return rating_from_masses(*mass)
 
 
 def _top_of_completion_choice(choice: dict) -> list[tuple[str, float]] | str:

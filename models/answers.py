@@ -1,0 +1,100 @@
+"""One-word answer distributions of a decoder LM: P(Yes), P(No), P(Irrelevant) per question.
+
+A judge asks a question that ends where the answer's first token goes; the model's next-token
+distribution there, summed over every vocabulary token that spells each answer ("Yes", " Yes",
+"yes", "▁Yes", " Ir" for Irrelevant, …: ``classes``), is the answer distribution. Summing the
+whole vocabulary is exact; an OpenAI-compatible server shows only its top log-probabilities,
+of which this is the limit.
+
+Two layouts, the same numbers (a test holds them to 1e-4 in float32):
+
+- :func:`shared_prefix_masses`: a row holds one conversation (its shared prefix) and several
+  questions about it, each a segment that sees the prefix and itself (``prefix_lengths`` of
+  models.llama), its positions continuing after the prefix. The conversation is encoded once
+  a row instead of once a question.
+- :func:`per_question_masses`: one whole question a row (the reference, and the baseline that
+  ``dynrules bench judge-local`` measures against).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dynrules.errors import DynrulesError
+from dynrules.models.llama import LlamaDecoder, with_params
+
+ANSWERS = 3  # yes, no, irrelevant: columns of the masses
+
+
+def class_matrix(classes: np.ndarray) -> np.ndarray:
+    """[vocab, 3] one-hot float32 from a [vocab] array of 0 (yes), 1 (no), 2 (irrelevant), -1."""
+    onehot = np.zeros((len(classes), ANSWERS), np.float32)
+    known = classes >= 0
+    onehot[np.flatnonzero(known), classes[known]] = 1.0
+    return onehot
+
+
+def _masses(model: LlamaDecoder, hidden: jax.Array, classes: jax.Array) -> jax.Array:
+    """Answer masses [..., 3] from the hidden states [..., hidden] at answer positions."""
+    probs = jax.nn.softmax(model.logits(hidden), axis=-1)  # float32 over the whole vocabulary
+    return probs @ classes
+
+
+@nnx.jit
+def shared_prefix_masses(model: LlamaDecoder, batch: dict, classes: jax.Array) -> jax.Array:
+    """[rows, questions, 3] from packed rows: ``ids``, ``segments``, ``positions`` [rows, time],
+    ``prefix_lengths`` [rows] and ``answer_at`` [rows, questions] (each question's last token;
+    unused slots point anywhere and are dropped by the caller)."""
+    hidden = model(batch["ids"], segments=batch["segments"], positions=batch["positions"],
+                   prefix_lengths=batch["prefix_lengths"])  # fmt: skip
+    picked = jnp.take_along_axis(hidden, batch["answer_at"][..., None], axis=1)
+    return _masses(model, picked, classes)
+
+
+@nnx.jit
+def per_question_masses(model: LlamaDecoder, ids: jax.Array, lengths: jax.Array,
+                        classes: jax.Array) -> jax.Array:  # fmt: skip
+    """[rows, 3] from one question a row (right-padded ``ids`` [rows, time], ``lengths``)."""
+    hidden = model(ids, lengths)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return _masses(model, last, classes)
+
+
+class AnswerModel:
+    """A decoder checkpoint (GGUF file or Hugging Face directory) with its LM head, ready to read
+    answer distributions: weights on the device in ``dtype``, tokenizer, chat template, and the
+    [vocab] answer class of every token (``classes``, from ``classify(token) -> int | None``)."""
+
+    def __init__(self, path: str | Path, classify, *, dtype: str = "float32"):
+        from dynrules.models import decoder_io
+        from dynrules.models.classifier import COMPUTE_DTYPES
+
+        if dtype not in COMPUTE_DTYPES:
+            raise DynrulesError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+        compute = COMPUTE_DTYPES[dtype]
+        loaded = decoder_io.read_decoder(path, lm_head=True, dtype=np.dtype(jnp.dtype(compute)))
+        self.path, self.config = Path(path), loaded.config
+        self.tokenizer, self.chat_template = loaded.tokenizer, loaded.chat_template
+        params = jax.tree.map(np.asarray, loaded.params)
+        self.model = with_params(loaded.config, params, dtype=compute, param_dtype=compute,
+                                 lm_head=True)  # fmt: skip
+        classes = np.full(loaded.config.vocab_size, -1, np.int32)
+        for token_id in range(loaded.config.vocab_size):
+            token = self.tokenizer.id_to_token(token_id)
+            kind = None if token is None else classify(token)
+            if kind is not None:
+                classes[token_id] = kind
+        if not (classes >= 0).any():
+            raise DynrulesError(f"{path}: no token of the vocabulary spells an answer")
+        self.classes = jnp.asarray(class_matrix(classes))
+
+    def shared_prefix(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(shared_prefix_masses(self.model, batch, self.classes))
+
+    def per_question(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        return np.asarray(per_question_masses(self.model, ids, lengths, self.classes))
