@@ -277,30 +277,52 @@ def eval_rm(run, data, batch_size, mesh, distributed, as_json):
     help="A named shape (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, smollm2-135m) "
     "or a Hugging Face config.json (or its directory).",
 )
-@click.option("--topology", required=True, help=f"Where to train: {TOPOLOGY_HELP}.")
+@click.option("--task", type=click.Choice(("train", "judge")), default="train", show_default=True,
+              help="train: the reward model's training step; judge: the in-process judge's "
+              "one-pass forward (rows of a conversation and its rule questions).")  # fmt: skip
+@click.option("--topology", required=True, help=f"Where to run: {TOPOLOGY_HELP}.")
 @click.option("--seq", default=2048, show_default=True, type=click.IntRange(min=1),
-              help="Tokens per text.")  # fmt: skip
+              help="Tokens per text (judge: per row).")  # fmt: skip
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Preference pairs per optimizer step (two texts each).")  # fmt: skip
+              help="Preference pairs per optimizer step, two texts each (judge: rows per step).")  # fmt: skip
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Micro-batches per step.")  # fmt: skip
+              help="Micro-batches per step (train).")  # fmt: skip
 @click.option("--mesh", default="",
               help="Axis sizes, e.g. fsdp=4,tensor=2; data takes the rest [default: fsdp over "
               "all devices].")  # fmt: skip
 @click.option("--dtype", type=click.Choice(PLAN_DTYPES), default="bfloat16", show_default=True,
-              help="Compute dtype.")  # fmt: skip
+              help="Compute dtype (judge: weights too).")  # fmt: skip
 @click.option("--param-dtype", type=click.Choice(PLAN_DTYPES), default="float32",
-              show_default=True, help="Parameter and optimizer-state dtype.")  # fmt: skip
+              show_default=True, help="Parameter and optimizer-state dtype (train).")  # fmt: skip
 @click.option("--remat", type=click.Choice(REMAT_POLICIES), default="full", show_default=True,
               help="Recompute in the backward pass: none, full (whole layers) or dots (keep "
-              "matmul outputs).")  # fmt: skip
+              "matmul outputs) (train).")  # fmt: skip
+@click.option("--prefix-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Judge: tokens of a conversation (the prefix its questions share).")  # fmt: skip
+@click.option("--question-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Judge: tokens of one rule question after the conversation.")  # fmt: skip
+@click.option("--pairs", default=1_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Judge: pairs to rate (both responses) for chips_needed.")  # fmt: skip
+@click.option("--rules", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Judge: rules rated per response.")  # fmt: skip
+@click.option("--hours", default=24.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Judge: time to rate them in.")  # fmt: skip
+@click.option("--mfu", default=0.4, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Judge: share of the peak FLOP/s assumed for chips_needed.")  # fmt: skip
 @json_option("Print the plan as one JSON object.")
-def plan_command(model, topology, seq, batch, grad_accum, mesh, dtype, param_dtype, remat, as_json):
-    """Compile the reward-model training step ahead of time for TOPOLOGY: memory, fit, FLOPs."""
-    from dynrules.plan import plan_training, render_plan
+def plan_command(model, task, topology, seq, batch, grad_accum, mesh, dtype, param_dtype, remat,
+                 prefix_tokens, question_tokens, pairs, rules, hours, mfu, as_json):  # fmt: skip
+    """Compile the reward-model training step (or the judge's forward) ahead of time for
+    TOPOLOGY: memory, fit, FLOPs (and, for the judge, ratings/s and the chips a job needs)."""
+    from dynrules.plan import plan_judge, plan_training, render_plan
 
-    result = plan_training(model, topology, seq=seq, batch=batch, grad_accum=grad_accum,
-                           mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)  # fmt: skip
+    if task == "judge":
+        result = plan_judge(model, topology, seq=seq, batch=batch, mesh=mesh, dtype=dtype,
+                            prefix_tokens=prefix_tokens, question_tokens=question_tokens,
+                            pairs=pairs, rules=rules, hours=hours, mfu=mfu)  # fmt: skip
+    else:
+        result = plan_training(model, topology, seq=seq, batch=batch, grad_accum=grad_accum,
+                               mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)  # fmt: skip
     print_json(result) if as_json else click.echo(render_plan(result))
 
 
@@ -375,7 +397,9 @@ def launch(processes, devices_per_process, command):
     "--template",
     default="default",
     show_default=True,
-    help="'default' (conversation first), 'published-order' (rule first) or a file with {prompt}, {response}, {rule}.",
+    help="'default' (conversation first, rule last), 'question-last' (the instructions after "
+    "the rule: the default before 2026-12), 'published-order' (rule first) or a file with "
+    "{prompt}, {response}, {rule}.",
 )
 @click.option(
     "--concurrency",
@@ -846,6 +870,34 @@ def bench_judge(
         return
     for name, value in result["results"].items():
         click.echo(f"{name:>38}: {value:>12,.4g}")
+
+
+@bench.command("judge-local")
+@click.option("--model", default=None, help="A .gguf file or Hugging Face model directory "
+              "[default: the pinned SmolLM2-135M-Instruct GGUF].")  # fmt: skip
+@click.option("--pairs", "n_pairs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="PyRIT pairs rated (both responses, every rule).")  # fmt: skip
+@click.option("--rules", "n_rules", type=click.IntRange(min=1), default=None,
+              help="First rules of the default pool [default: all].")  # fmt: skip
+@click.option("--judge-dtype", type=click.Choice(("float32", "bfloat16")), default="float32",
+              show_default=True, help="Compute dtype of the jax judge.")  # fmt: skip
+@click.option("--no-llamacpp", is_flag=True, help="Skip llama.cpp's server even if installed.")
+@json_option()
+def bench_judge_local(model, n_pairs, n_rules, judge_dtype, no_llamacpp, as_json):
+    """The in-process JAX judge: one pass per response against a pass per rule and against
+    llama.cpp's server on the same GGUF, ratings/s and score differences."""
+    from dynrules.bench.judge import bench_judge_local as run_bench
+
+    result = run_bench(model, n_pairs=n_pairs, n_rules=n_rules, dtype=judge_dtype,
+                       llamacpp=not no_llamacpp)  # fmt: skip
+    if as_json:
+        print_json(result)
+        return
+    for name, value in result.items():
+        if not isinstance(value, dict | str):
+            click.echo(f"{name:>28}: {value}")
+    for name, ratio in result["ratios"].items():
+        click.echo(f"{name:>28}: {ratio}x")
 
 
 HH_DATA_OPTION = click.option("--data", type=click.Path(dir_okay=False), default=None,

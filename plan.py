@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from dynrules.errors import DynrulesError
+from dynrules.platforms import quiet_compile_only_libtpu
 
 GIB = 2**30
 
@@ -205,6 +206,7 @@ def _tpu_devices(chip: Chip, shape: tuple[int, ...], canonical: str) -> list:
     # Compiling needs no TPU, so no exclusive hold on one: libtpu otherwise refuses to load
     # beside another process that has it loaded (its /tmp/libtpu_lockfile).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    quiet_compile_only_libtpu()
     import jax
     from jax.experimental import topologies
 
@@ -277,7 +279,8 @@ def plan_training(
 
     started = time.perf_counter()
     full = _compile_step(config, target, **options)
-    flops_per_step, probe_note = _step_flops(config, **options)
+    probe = options | {"batch": 1, "grad_accum": 1, "mesh": ""}
+    flops_per_step, probe_note = _step_flops(_compile_step, config, batch, probe)
     flops_per_device = None if flops_per_step is None else flops_per_step / devices
     note = full.note or probe_note
     seconds = time.perf_counter() - started
@@ -361,6 +364,190 @@ def _compile_step(config, target: Target, *, seq, batch, grad_accum, mesh, dtype
     state_bytes = sum(_shard_bytes(leaf) for leaf in jax.tree.leaves(state))
     mesh_sizes = {name: int(size) for name, size in device_mesh.shape.items()}
     lowered = trainable.train_step(train_config).lower(state, abstract_batch)
+    return _compiled(lowered, target, mesh_sizes, params, state_bytes)
+
+
+def _step_flops(compile_step, config, batch: int, probe: dict) -> tuple[float | None, str]:
+    """FLOPs of a whole step (all devices) from ``compile_step``'s one-row probes (``probe``
+    options) on a host device (module doc)."""
+    import jax
+
+    try:
+        host = [jax.devices("cpu")[0]]
+    except RuntimeError as exc:  # JAX_PLATFORMS without cpu
+        return None, f"no FLOP count: no host device for the probes ({_first_line(exc)})"
+    probe_target = Target("cpu:1", "cpu", host, 0, None, False)
+    c0, c2 = (
+        compile_step(
+            dataclasses.replace(config, num_hidden_layers=layers), probe_target, **probe
+        ).flops
+        for layers in (0, 2)
+    )
+    if c0 is None or c2 is None:
+        return None, "no FLOP count: the compiler gave none for the probes"
+    return batch * (c0 + config.num_hidden_layers * (c2 - c0)), ""
+
+
+# --------------------------------------------------------------------------- the judge's plan
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgePlan:
+    """What ``dynrules plan --task judge`` reports: the training plan's keys where they apply
+    (a forward pass has no optimizer, accumulation or recomputation) and the rating rates."""
+
+    task: str
+    model: str
+    topology: str
+    chip: str
+    devices: int
+    mesh: dict
+    params: int
+    seq: int  # tokens a row: one conversation and the questions that fit
+    batch: int  # rows a forward pass
+    dtype: str
+    state_bytes_per_device: int  # the weights, from their shardings
+    bytes_per_device: int | None
+    hbm_per_device: int
+    fits: bool
+    flops_per_device: float | None
+    flops_per_step: float | None
+    model_flops_per_step: float
+    peak_flops_per_device: float | None
+    step_seconds_at_peak: float | None
+    compile_seconds: float
+    prefix_tokens: int  # a conversation (the shared prefix)
+    question_tokens: int  # one rule's question after it
+    questions_per_row: int
+    ratings_per_step: int
+    ratings_per_s_at_peak: float | None
+    pairs: int
+    rules: int
+    hours: float
+    mfu: float
+    chips_needed: int | None  # to rate pairs × rules × 2 responses in ``hours`` at ``mfu``
+    note: str = ""
+
+
+def plan_judge(
+    model: str,
+    topology: str,
+    *,
+    seq: int = 2048,
+    batch: int = 64,
+    mesh: str = "",
+    dtype: str = "bfloat16",
+    prefix_tokens: int = 512,
+    question_tokens: int = 32,
+    pairs: int = 1_000_000,
+    rules: int = 100,
+    hours: float = 24.0,
+    mfu: float = 0.4,
+) -> JudgePlan:
+    """Compile the in-process judge's one-pass forward (engine.judges.jaxlm) for ``topology``.
+
+    A step is ``batch`` rows of ``seq`` tokens, each a conversation of ``prefix_tokens`` and as
+    many questions of ``question_tokens`` as fit, answered at their last token through the LM
+    head. Weights are sharded by the training rules (FSDP over every device by default), so a
+    judge too big for one chip spreads over the slice. ``chips_needed`` rates ``pairs`` ×
+    ``rules`` × 2 responses in ``hours`` at ``mfu`` of the peak (a lower bound, as the step
+    time at peak is; MaxText-class inference reaches 30–50% MFU on prefill).
+    """
+    target = resolve_topology(topology)
+    config = model_config(model)
+    if seq > config.max_position_embeddings:
+        raise DynrulesError(
+            f"seq {seq} exceeds the model's {config.max_position_embeddings} positions"
+        )
+    if prefix_tokens + question_tokens > seq:
+        raise DynrulesError(f"a row of {seq} tokens does not hold a conversation of "
+                            f"{prefix_tokens} and one question of {question_tokens}")  # fmt: skip
+    questions = (seq - prefix_tokens) // question_tokens
+    devices = len(target.devices)
+    options = {"seq": seq, "batch": batch, "mesh": mesh or f"fsdp={devices}", "dtype": dtype,
+               "questions": questions}  # fmt: skip
+    started = time.perf_counter()
+    full = _compile_judge(config, target, **options)
+    probe = options | {"batch": 1, "mesh": ""}
+    flops_per_step, probe_note = _step_flops(_compile_judge, config, batch, probe)
+    seconds = time.perf_counter() - started
+    flops_per_device = None if flops_per_step is None else flops_per_step / devices
+    peak = target.peak_flops_per_device
+    step_at_peak = flops_per_device / peak if flops_per_device is not None and peak else None
+    ratings_per_step = batch * questions
+    rate = None if step_at_peak is None else ratings_per_step / step_at_peak
+    needed = None
+    if rate is not None:
+        per_chip = rate / devices * mfu
+        needed = math.ceil(2 * pairs * rules / (per_chip * hours * 3600))
+    return JudgePlan(
+        task="judge", model=model, topology=target.name, chip=target.chip, devices=devices,
+        mesh=full.mesh, params=full.params, seq=seq, batch=batch, dtype=dtype,
+        state_bytes_per_device=full.state_bytes, bytes_per_device=full.bytes,
+        hbm_per_device=target.hbm_per_device,
+        fits=full.bytes is not None and full.bytes <= target.hbm_per_device,
+        flops_per_device=flops_per_device, flops_per_step=flops_per_step,
+        model_flops_per_step=batch * seq * _forward_flops_per_token(config, seq)
+        + 2.0 * batch * questions * config.hidden_size * config.vocab_size,
+        peak_flops_per_device=peak, step_seconds_at_peak=step_at_peak,
+        compile_seconds=round(seconds, 1), prefix_tokens=prefix_tokens,
+        question_tokens=question_tokens, questions_per_row=questions,
+        ratings_per_step=ratings_per_step, ratings_per_s_at_peak=rate, pairs=pairs, rules=rules,
+        hours=hours, mfu=mfu, chips_needed=needed, note=full.note or probe_note,
+    )  # fmt: skip
+
+
+def _compile_judge(config, target: Target, *, seq, batch, mesh, dtype, questions) -> _Compiled:
+    """Lower and compile the judge's shared-prefix forward for ``config`` on the target."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dynrules.models.answers import ANSWERS, shared_prefix_forward
+    from dynrules.models.classifier import COMPUTE_DTYPES
+    from dynrules.models.llama import LlamaDecoder
+    from dynrules.train import sharding as shd
+
+    device_mesh = shd.make_mesh(mesh, devices=target.devices)
+    shards = shd.batch_shards(device_mesh)
+    if batch % shards:
+        raise DynrulesError(f"a batch of {batch} rows does not split over the {shards} batch "
+                            f"shards of mesh {shd.mesh_description(device_mesh)}; raise --batch "
+                            "or put devices on tensor (--mesh)")  # fmt: skip
+    compute = COMPUTE_DTYPES[dtype]
+    abstract = nnx.eval_shape(lambda: LlamaDecoder(
+        config, rngs=nnx.Rngs(0), dtype=compute, param_dtype=compute, lm_head=True,
+        constrain=shd.ActivationSharding(device_mesh)))  # fmt: skip
+    graphdef, state = nnx.split(abstract)
+    params = shd.abstract_params(state, device_mesh)
+    rows = shd.batch_sharding(device_mesh, 2)
+    shapes = {"ids": (batch, seq), "segments": (batch, seq), "positions": (batch, seq),
+              "prefix_lengths": (batch,), "answer_at": (batch, questions)}  # fmt: skip
+    abstract_batch = {
+        key: jax.ShapeDtypeStruct(
+            shape, jnp.int32, sharding=shd.batch_sharding(device_mesh, len(shape))
+        )
+        for key, shape in shapes.items()
+    }
+    classes = jax.ShapeDtypeStruct((config.vocab_size, ANSWERS), jnp.float32,
+                                   sharding=shd.replicated(device_mesh))  # fmt: skip
+
+    def forward(params, batch, classes):
+        return shared_prefix_forward(nnx.merge(graphdef, params), batch, classes)
+
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    state_bytes = sum(_shard_bytes(leaf) for leaf in jax.tree.leaves(params))
+    mesh_sizes = {name: int(size) for name, size in device_mesh.shape.items()}
+    lowered = jax.jit(forward, out_shardings=rows).lower(params, abstract_batch, classes)
+    return _compiled(lowered, target, mesh_sizes, count, state_bytes)
+
+
+def _compiled(
+    lowered, target: Target, mesh_sizes: dict, params: int, state_bytes: int
+) -> _Compiled:
+    """Compile ``lowered``; what it needs per device, or how much the TPU compiler said it would."""
+    import jax
+
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as exc:
@@ -376,25 +563,13 @@ def _compile_step(config, target: Target, *, seq, batch, grad_accum, mesh, dtype
     return _Compiled(mesh_sizes, params, state_bytes, int(total), _flops(compiled), "")
 
 
-def _step_flops(config, *, batch: int, **options) -> tuple[float | None, str]:
-    """FLOPs of a whole step (all devices) from the one-pair probes on a host device (module doc)."""
-    import jax
-
-    try:
-        host = [jax.devices("cpu")[0]]
-    except RuntimeError as exc:  # JAX_PLATFORMS without cpu
-        return None, f"no FLOP count: no host device for the probes ({_first_line(exc)})"
-    probe_target = Target("cpu:1", "cpu", host, 0, None, False)
-    probe = options | {"batch": 1, "grad_accum": 1, "mesh": ""}
-    c0, c2 = (
-        _compile_step(
-            dataclasses.replace(config, num_hidden_layers=layers), probe_target, **probe
-        ).flops
-        for layers in (0, 2)
-    )
-    if c0 is None or c2 is None:
-        return None, "no FLOP count: the compiler gave none for the probes"
-    return batch * (c0 + config.num_hidden_layers * (c2 - c0)), ""
+def _forward_flops_per_token(config, seq: int) -> float:
+    """Forward FLOPs per token: 2 per matmul weight, and the attention scores and values over
+    ``seq`` positions (what :func:`model_flops` counts three times for a training step)."""
+    d, f = config.hidden_size, config.intermediate_size
+    h, kv, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    weights = d * h * e + 2 * d * kv * e + h * e * d + 3 * d * f
+    return config.num_hidden_layers * (2.0 * weights + 4.0 * seq * h * e)
 
 
 def model_flops(config, *, seq: int, batch: int) -> float:
@@ -405,10 +580,7 @@ def model_flops(config, *, seq: int, batch: int) -> float:
     positions (4 · seq · heads · head_dim; the causal mask does not skip work in XLA's
     attention); the backward pass costs twice the forward. Recomputation is not counted.
     """
-    d, f = config.hidden_size, config.intermediate_size
-    h, kv, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    weights = d * h * e + 2 * d * kv * e + h * e * d + 3 * d * f
-    per_token = config.num_hidden_layers * (2 * weights + 4 * seq * h * e) + 2 * d  # + score head
+    per_token = _forward_flops_per_token(config, seq) + 2 * config.hidden_size  # + score head
     return 3.0 * per_token * 2 * batch * seq
 
 
@@ -450,18 +622,25 @@ def _size(count: float | None, unit: str = "B") -> str:
     return f"{count:.0f} {unit}"
 
 
-def render_plan(plan: TrainingPlan) -> str:
+def render_plan(plan: TrainingPlan | JudgePlan) -> str:
     """The plan as aligned ``name  value`` lines for a terminal."""
     mesh = ",".join(f"{axis}={size}" for axis, size in plan.mesh.items())
     seconds = plan.step_seconds_at_peak
+    if isinstance(plan, JudgePlan):
+        step = [("step", f"{plan.batch} rows × {plan.seq} tokens: a conversation of "
+                         f"{plan.prefix_tokens} and {plan.questions_per_row} questions of "
+                         f"{plan.question_tokens}; {plan.dtype}"),
+                ("weights", f"{_size(plan.state_bytes_per_device)} per device")]  # fmt: skip
+    else:
+        step = [("step", f"{plan.batch} pairs × 2 texts × {plan.seq} tokens, {plan.grad_accum} "
+                         f"micro-batch(es); {plan.dtype} compute, {plan.param_dtype} params, "
+                         f"remat {plan.remat}"),
+                ("params+optimizer", f"{_size(plan.state_bytes_per_device)} per device")]  # fmt: skip
     rows = [
         ("model", f"{plan.model} ({plan.params / 1e9:.2f} B parameters)"),
         ("topology", f"{plan.topology} ({plan.devices} devices, {plan.chip})"),
         ("mesh", mesh),
-        ("step", f"{plan.batch} pairs × 2 texts × {plan.seq} tokens, {plan.grad_accum} "
-                 f"micro-batch(es); {plan.dtype} compute, {plan.param_dtype} params, "
-                 f"remat {plan.remat}"),
-        ("params+optimizer", f"{_size(plan.state_bytes_per_device)} per device"),
+        *step,
         ("memory", f"{_size(plan.bytes_per_device)} per device of {_size(plan.hbm_per_device)}"),
         ("fits", "yes" if plan.fits else "NO"),
         ("FLOPs per step", f"{_size(plan.flops_per_step, 'FLOP')} (compiler), "
@@ -470,6 +649,11 @@ def render_plan(plan: TrainingPlan) -> str:
          else f"{seconds:.3g} s ({_size(plan.peak_flops_per_device, 'FLOP/s')} per device)"),
         ("compile", f"{plan.compile_seconds} s"),
     ]  # fmt: skip
+    if isinstance(plan, JudgePlan) and plan.ratings_per_s_at_peak is not None:
+        rows.append(("ratings at peak", f"{plan.ratings_per_s_at_peak:,.0f} /s"))
+        rows.append(("chips needed", f"{plan.chips_needed} to rate {plan.pairs:,} pairs × "
+                                     f"{plan.rules} rules × 2 in {plan.hours:g} h at "
+                                     f"{plan.mfu:.0%} MFU"))  # fmt: skip
     if plan.note:
         rows.append(("note", plan.note))
     width = max(len(name) for name, _ in rows)

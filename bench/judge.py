@@ -32,10 +32,12 @@ prompt are not independent).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -53,11 +55,12 @@ Z95 = 1.959963984540054
 
 
 def rate_in_memory(
-    judge: Judge, records: list[dict]
+    judge: Judge, records: list[dict], missing: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(s(A), s(B), relevance) [N, R] float32 for all rules, and the number of failed cells (0s)."""
+    """(s(A), s(B), relevance) [N, R] float32 for all rules, and the number of failed cells
+    (``missing`` in the arrays)."""
     n, n_rules = len(records), len(judge.pool)
-    a, b, relevance = (np.zeros((n, n_rules), np.float32) for _ in range(3))
+    a, b, relevance = (np.full((n, n_rules), missing, np.float32) for _ in range(3))
     failed = 0
     for result in judge.rate_jobs(pair_jobs(records, np.ones((n, n_rules), bool), judge)):
         rules, sa, sb, rel = pair_cells(result)
@@ -415,5 +418,106 @@ def bench_judge(
             "embedded_pairs": embedded_pairs,
             "prefix_pairs": prefix_pairs,
             "server": "loopback process, zero latency",
+        },
+    }
+
+
+# -- the in-process JAX judge against a pass per rule and llama.cpp --------------------------
+
+
+def bench_judge_local(
+    model: str | None = None,
+    *,
+    n_pairs: int = 2,
+    n_rules: int | None = None,
+    dtype: str = "float32",
+    llamacpp: bool = True,
+) -> dict:
+    """``dynrules bench judge-local``: ratings/s of the one-pass JAX judge, of the same judge with
+    a forward pass per rule, and of llama.cpp's server on the same GGUF (chat endpoint, one
+    stream, conversation first, so its prefix cache reuses each conversation), in one run.
+
+    A rating is one (prompt, response, rule) question. The JAX judges are timed on their second
+    pass over the same pairs (the first compiles); llama.cpp after a warm-up pair of its own.
+    ``max_abs_diff_*`` compare scores and relevance cell by cell with the one-pass judge;
+    llama.cpp is asked for its top 100 tokens, so its sums are close to the whole vocabulary's.
+    Without llama.cpp installed (``pip install -e '.[integration]'``) its keys are null.
+    """
+    import jax
+
+    from dynrules.bench.llamacpp import ALIAS, LlamaServer, installed
+    from dynrules.engine.judges.jaxlm import JaxJudge
+    from dynrules.engine.judges.openai import OpenAIJudge
+    from dynrules.models.decoder_io import smollm2_gguf
+
+    model = str(model or smollm2_gguf())
+    pool = load_pool()
+    pool = RulePool(pool.name, pool.rules[: n_rules or len(pool)])
+    records = _bench_records(n_pairs + 1)
+    warm_up, records = records[-1:], records[:-1]
+    ratings = 2 * len(records) * len(pool)
+
+    def timed(judge) -> tuple[float, np.ndarray]:
+        started = time.perf_counter()
+        a, b, relevance, failed = rate_in_memory(judge, records)
+        if failed:
+            raise DynrulesError(f"{failed} cells failed in the timed run")
+        return ratings / (time.perf_counter() - started), np.stack([a, b, relevance])
+
+    results: dict[str, float | None] = {}
+    started = time.perf_counter()
+    one_pass = JaxJudge(pool, model=model, dtype=dtype)
+    rate_in_memory(one_pass, records)
+    startup = time.perf_counter() - started
+    results["jax_ratings_per_s"], shared = timed(one_pass)
+    per_rule = JaxJudge(pool, model=model, dtype=dtype, one_pass=False)
+    rate_in_memory(per_rule, records)
+    results["jax_per_rule_ratings_per_s"], separate = timed(per_rule)
+    results["max_abs_diff_vs_per_rule"] = float(np.abs(shared - separate).max())
+    results["llamacpp_ratings_per_s"] = results["max_abs_diff_vs_llamacpp"] = None
+    llamacpp_failed = None
+    if llamacpp and installed():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            threads = str(os.cpu_count() or 1)
+            options = ("--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096")
+            with LlamaServer(Path(model), Path(work) / "server.log", *options) as server:
+                client = OpenAIJudge(pool, base_url=server.url, model=ALIAS, endpoint="chat",
+                                     concurrency=1, top_logprobs=100)  # fmt: skip
+                rate_in_memory(client, warm_up)
+                started = time.perf_counter()
+                a, b, relevance, llamacpp_failed = rate_in_memory(client, records, np.nan)
+                results["llamacpp_ratings_per_s"] = ratings / (time.perf_counter() - started)
+                served = np.stack([a, b, relevance])
+                if llamacpp_failed < served[0].size:
+                    difference = np.nanmax(np.abs(shared - served))
+                    results["max_abs_diff_vs_llamacpp"] = float(difference)
+    speedup = results["jax_ratings_per_s"] / results["jax_per_rule_ratings_per_s"]
+    versus = results["llamacpp_ratings_per_s"]
+    return {
+        "benchmark": "judge-local",
+        "pairs": len(records),
+        "rules": len(pool),
+        "ratings": ratings,
+        **{
+            k: (None if v is None else round(v, 6 if k.startswith("max") else 2))
+            for k, v in results.items()
+        },
+        "ratios": {
+            "one_pass_over_per_rule": round(speedup, 2),
+            "jax_over_llamacpp": None
+            if versus is None
+            else round(results["jax_ratings_per_s"] / versus, 2),
+        },
+        "setup": {
+            "model": Path(model).name,
+            "dtype": dtype,
+            "device": jax.devices()[0].device_kind,
+            "jax_startup_s": round(startup, 1),
+            "llamacpp": "chat endpoint, 1 stream, top 100 log-probabilities, n_threads = cores"
+            if versus is not None
+            else "not installed",
+            "llamacpp_failed_cells": llamacpp_failed,
         },
     }

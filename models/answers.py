@@ -45,8 +45,7 @@ def _masses(model: LlamaDecoder, hidden: jax.Array, classes: jax.Array) -> jax.A
     return probs @ classes
 
 
-@nnx.jit
-def shared_prefix_masses(model: LlamaDecoder, batch: dict, classes: jax.Array) -> jax.Array:
+def shared_prefix_forward(model: LlamaDecoder, batch: dict, classes: jax.Array) -> jax.Array:
     """[rows, questions, 3] from packed rows: ``ids``, ``segments``, ``positions`` [rows, time],
     ``prefix_lengths`` [rows] and ``answer_at`` [rows, questions] (each question's last token;
     unused slots point anywhere and are dropped by the caller)."""
@@ -54,6 +53,9 @@ def shared_prefix_masses(model: LlamaDecoder, batch: dict, classes: jax.Array) -
                    prefix_lengths=batch["prefix_lengths"])  # fmt: skip
     picked = jnp.take_along_axis(hidden, batch["answer_at"][..., None], axis=1)
     return _masses(model, picked, classes)
+
+
+shared_prefix_masses = nnx.jit(shared_prefix_forward)
 
 
 @nnx.jit

@@ -268,9 +268,15 @@ def _check_continuable(store: RatingStore, records: Sequence[dict], judge: Judge
     identity = judge.identity
     for field in ("judge", "template"):
         if store.manifest.get(field) != identity[field]:
+            hint = (
+                " (stores rated with the default template before 2026-12 continue with "
+                "--template question-last)"
+                if field == "template"
+                else ""
+            )
             raise InputError(
                 f"store was rated with {field} {store.manifest.get(field)!r}, not {identity[field]!r}; "
-                "rate into a new --out",
+                f"rate into a new --out{hint}",
                 path=store.path,
                 field=field,
             )
