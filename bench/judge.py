@@ -474,7 +474,8 @@ def bench_judge_local(
     rate_in_memory(per_rule, records)
     results["jax_per_rule_ratings_per_s"], separate = timed(per_rule)
     results["max_abs_diff_vs_per_rule"] = float(np.abs(shared - separate).max())
-    results["llamacpp_ratings_per_s"] = results["max_abs_diff_vs_llamacpp"] = None
+    for key in ("llamacpp_ratings_per_s", "max_abs_diff_vs_llamacpp", "mean_abs_diff_vs_llamacpp"):
+        results[key] = None
     llamacpp_failed = None
     if llamacpp and installed():
         import tempfile
@@ -491,8 +492,9 @@ def bench_judge_local(
                 results["llamacpp_ratings_per_s"] = ratings / (time.perf_counter() - started)
                 served = np.stack([a, b, relevance])
                 if llamacpp_failed < served[0].size:
-                    difference = np.nanmax(np.abs(shared - served))
-                    results["max_abs_diff_vs_llamacpp"] = float(difference)
+                    difference = np.abs(shared - served)
+                    results["max_abs_diff_vs_llamacpp"] = float(np.nanmax(difference))
+                    results["mean_abs_diff_vs_llamacpp"] = float(np.nanmean(difference))
     speedup = results["jax_ratings_per_s"] / results["jax_per_rule_ratings_per_s"]
     versus = results["llamacpp_ratings_per_s"]
     return {
@@ -501,7 +503,7 @@ def bench_judge_local(
         "rules": len(pool),
         "ratings": ratings,
         **{
-            k: (None if v is None else round(v, 6 if k.startswith("max") else 2))
+            k: (None if v is None else round(v, 6 if "diff" in k else 2))
             for k, v in results.items()
         },
         "ratios": {

@@ -40,8 +40,11 @@ from dynrules.engine.judges.templates import answer_class, load_template, rating
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError
 
-ROW_TOKENS = 2048  # a row: one conversation and the questions that fit
-BATCH_TOKENS = 8192  # tokens a forward pass (rows × width); bounds the attention scores' memory
+# A row: one conversation and the questions that fit. Narrow rows repeat the conversation more
+# often but keep each row's attention scores in cache: on a 2-core CPU with SmolLM2-135M and
+# PyRIT pairs (~190-token conversations, 100 rules), 512 rated 18.4 ratings/s and 2048 10.7.
+ROW_TOKENS = 512
+BATCH_TOKENS = 4096  # tokens a forward pass (rows × width): 4096 beat 8192 by ~10% on that CPU
 MAX_TOKENS = 4096  # the longest question rated (the model's context if shorter)
 JOBS_PER_CHUNK = 8  # pairs planned together, so short jobs (k-rule plans) still fill batches
 _SMALLEST_WIDTH = 64
