@@ -147,6 +147,7 @@ def test_cli_rate_with_the_jax_judge_fills_and_resumes_the_store(judge_model, sm
     assert store.manifest["judge"].startswith("jax:tiny:")
 
 
+@pytest.mark.slow
 def test_the_real_smollm2_judge_agrees_with_itself_per_rule():
     """SmolLM2-135M-Instruct (the pinned GGUF): one pass over 10 rules equals a pass per rule."""
     from dynrules.engine.pool import load_pool

@@ -25,6 +25,8 @@ from safetensors.numpy import load_file
 
 from .conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # multi-second jobs; `make test-fast` leaves them out
+
 STEPS = 12
 CONFIG = {"steps": STEPS, "batch_size": 8, "max_length": 16, "learning_rate": 2e-3,
           "warmup_ratio": 0.0, "checkpoint_every": 1, "keep_checkpoints": STEPS, "eval_every": 0,

@@ -176,6 +176,7 @@ def _encoder_tokenizer():
     return bert_checkpoint.read_checkpoint(None).tokenizer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_packed_training_step_gives_the_unpacked_loss_and_gradients(grad_accum):
     from dynrules.train import sharding as shd

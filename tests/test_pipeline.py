@@ -11,6 +11,8 @@ from dynrules.report import pipeline_markdown
 
 from .conftest import write_jsonl
 
+pytestmark = pytest.mark.slow  # multi-second jobs; `make test-fast` leaves them out
+
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):

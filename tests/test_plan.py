@@ -50,6 +50,7 @@ def _report(done: subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_plan_on_forced_host_devices_counts_memory_and_flops(tmp_path):
     done = _plan(tmp_path, "--topology", "cpu:4", "--seq", "64", "--batch", "8",
@@ -75,6 +76,7 @@ def test_plan_on_forced_host_devices_counts_memory_and_flops(tmp_path):
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu not installed: pip install -e '.[tpu]' (make setup installs it)",
 )
+@pytest.mark.slow
 def test_plan_on_a_tpu_topology_compiles_through_libtpu(tmp_path):
     report = _report(_plan(tmp_path, "--topology", "v5e-4", "--seq", "64", "--batch", "8"))
     assert (report["topology"], report["chip"], report["devices"]) == ("v5e:2x2", "v5e", 4)

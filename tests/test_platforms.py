@@ -41,6 +41,7 @@ def test_jax_through_dynrules_prints_nothing_of_libtpu():
     or importlib.util.find_spec("libtpu") is None,
     reason="needs libtpu on a machine without an accelerator device node",
 )
+@pytest.mark.slow
 def test_planning_for_a_tpu_topology_prints_nothing_of_libtpu():
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE")}  # fmt: skip

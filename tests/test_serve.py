@@ -381,6 +381,7 @@ def test_api_key_required_and_never_logged(scorer, caplog):
     assert caplog.records and not any(SECRET in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_64_concurrent_clients(server, scorer):
     """64 clients × 20 requests of 1–3 items each, all answered correctly and in order."""
     from dynrules.train.data import score_text

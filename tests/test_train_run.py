@@ -70,6 +70,7 @@ def _overrides(encoder: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+@pytest.mark.slow
 def test_train_eval_score_commands(workspace):
     root, encoder = workspace
     runner = CliRunner()
@@ -191,6 +192,7 @@ MOVED_WEIGHT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backbone", ["encoder", "decoder"])
 def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path, backbone):

@@ -74,6 +74,7 @@ def tiny_decoder(tmp_path_factory):
     return fx.tiny_hf_decoder(tmp_path_factory.mktemp("tiny") / "decoder")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(
     tmp_path, tiny_encoder, tiny_decoder
