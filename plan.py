@@ -446,9 +446,9 @@ def plan_judge(
 ) -> JudgePlan:
     """Compile the in-process judge's one-pass forward (engine.judges.jaxlm) for ``topology``.
 
-    A step is ``batch`` rows of ``seq`` tokens, each a conversation of ``prefix_tokens`` and as
-    many questions of ``question_tokens`` as fit, answered at their last token through the LM
-    head. Weights are sharded by the training rules (FSDP over every device by default), so a
+    A step is ``batch`` rows of ``seq`` tokens, each a conversation of ``prefix_tokens`` (encoded
+    once) and as many questions of ``question_tokens`` as fit that continue it, answered at their
+    last token through the LM head. Weights are sharded by the training rules (FSDP over every device by default), so a
     judge too big for one chip spreads over the slice. ``chips_needed`` rates ``pairs`` ×
     ``rules`` × 2 responses in ``hours`` at ``mfu`` of the peak (a lower bound, as the step
     time at peak is; MaxText-class inference reaches 30–50% MFU on prefill).
@@ -465,7 +465,7 @@ def plan_judge(
     questions = (seq - prefix_tokens) // question_tokens
     devices = len(target.devices)
     options = {"seq": seq, "batch": batch, "mesh": mesh or f"fsdp={devices}", "dtype": dtype,
-               "questions": questions}  # fmt: skip
+               "questions": questions, "prefix_tokens": prefix_tokens}  # fmt: skip
     started = time.perf_counter()
     full = _compile_judge(config, target, **options)
     probe = options | {"batch": 1, "mesh": ""}
@@ -497,7 +497,8 @@ def plan_judge(
     )  # fmt: skip
 
 
-def _compile_judge(config, target: Target, *, seq, batch, mesh, dtype, questions) -> _Compiled:
+def _compile_judge(config, target: Target, *, seq, batch, mesh, dtype, questions,
+                   prefix_tokens) -> _Compiled:  # fmt: skip
     """Lower and compile the judge's shared-prefix forward for ``config`` on the target."""
     import jax
     import jax.numpy as jnp
@@ -521,8 +522,10 @@ def _compile_judge(config, target: Target, *, seq, batch, mesh, dtype, questions
     graphdef, state = nnx.split(abstract)
     params = shd.abstract_params(state, device_mesh)
     rows = shd.batch_sharding(device_mesh, 2)
-    shapes = {"ids": (batch, seq), "segments": (batch, seq), "positions": (batch, seq),
-              "prefix_lengths": (batch,), "answer_at": (batch, questions)}  # fmt: skip
+    span = seq - prefix_tokens  # a row: one conversation, then its questions
+    shapes = {"prefix_ids": (batch, prefix_tokens), "prefix_lengths": (batch,),
+              "ids": (batch, span), "segments": (batch, span), "positions": (batch, span),
+              "prefix_of_row": (batch,), "answer_at": (batch, questions)}  # fmt: skip
     abstract_batch = {
         key: jax.ShapeDtypeStruct(
             shape, jnp.int32, sharding=shd.batch_sharding(device_mesh, len(shape))

@@ -8,10 +8,9 @@ of which this is the limit.
 
 Two layouts, the same numbers (a test holds them to 1e-4 in float32):
 
-- :func:`shared_prefix_masses`: a row holds one conversation (its shared prefix) and several
-  questions about it, each a segment that sees the prefix and itself (``prefix_lengths`` of
-  models.llama), its positions continuing after the prefix. The conversation is encoded once
-  a row instead of once a question.
+- :func:`shared_prefix_masses`: each conversation (the prefix its questions share) is encoded
+  once, and rows of questions continue it: each question a segment that sees the prefix and
+  itself, its positions continuing after the prefix (:meth:`LlamaDecoder.after_prefixes`).
 - :func:`per_question_masses`: one whole question a row (the reference, and the baseline that
   ``dynrules bench judge-local`` measures against).
 """
@@ -46,11 +45,12 @@ def _masses(model: LlamaDecoder, hidden: jax.Array, classes: jax.Array) -> jax.A
 
 
 def shared_prefix_forward(model: LlamaDecoder, batch: dict, classes: jax.Array) -> jax.Array:
-    """[rows, questions, 3] from packed rows: ``ids``, ``segments``, ``positions`` [rows, time],
-    ``prefix_lengths`` [rows] and ``answer_at`` [rows, questions] (each question's last token;
-    unused slots point anywhere and are dropped by the caller)."""
-    hidden = model(batch["ids"], segments=batch["segments"], positions=batch["positions"],
-                   prefix_lengths=batch["prefix_lengths"])  # fmt: skip
+    """[rows, questions, 3] from packed question rows that continue shared prefixes:
+    ``prefix_ids`` [prefixes, P] and ``prefix_lengths``; ``ids``, ``segments``, ``positions``
+    [rows, time]; ``prefix_of_row`` [rows]; ``answer_at`` [rows, questions] (each question's last
+    token; unused slots point anywhere and are dropped by the caller)."""
+    hidden = model.after_prefixes(batch["prefix_ids"], batch["prefix_lengths"], batch["ids"],
+                                  batch["segments"], batch["positions"], batch["prefix_of_row"])  # fmt: skip
     picked = jnp.take_along_axis(hidden, batch["answer_at"][..., None], axis=1)
     return _masses(model, picked, classes)
 

@@ -18,9 +18,8 @@ real token never sees the padding, and padded keys are masked as well, so a text
 states do not depend on what else is in the batch. Packed rows (several texts a row,
 models.tokenizer.pack_batch) pass ``segments`` and ``positions`` instead: attention is causal
 within a segment and blind to the others (a block-diagonal mask), and each token is rotated
-by its position in its own text. ``prefix_lengths`` adds a shared prefix per row: its first
-tokens are seen by every later segment (one conversation, many questions about it:
-models.answers). That mask goes through XLA's attention everywhere: jax 0.10's
+by its position in its own text. :meth:`LlamaDecoder.after_prefixes` runs packed rows that
+continue shared prefixes (one conversation, many questions about it: models.answers). That mask goes through XLA's attention everywhere: jax 0.10's
 ``dot_product_attention`` gives cuDNN lengths but no segment ids, so on a GPU only unpacked
 batches use cuDNN's flash attention.
 """
@@ -351,8 +350,7 @@ class LlamaDecoder(nnx.Module):
         self.layers = DecoderLayers(config, rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array, lengths: jax.Array | None = None, *,
-                 segments: jax.Array | None = None, positions: jax.Array | None = None,
-                 prefix_lengths: jax.Array | None = None) -> jax.Array:  # fmt: skip
+                 segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
         config = self.config
         time = input_ids.shape[1]
         if config.sliding_window and time > config.sliding_window:
@@ -370,22 +368,66 @@ class LlamaDecoder(nnx.Module):
             lengths = lengths.astype(jnp.int32)
         else:  # each token's own position's rotation: [batch, time, head_dim/2]
             rope = tuple(jnp.take(table, positions, axis=0) for table in rope)
-            visible = segments[:, :, None] == segments[:, None, :]
-            if prefix_lengths is not None:  # a row's shared prefix is seen by all its segments
-                visible |= jnp.arange(time)[None, None, :] < prefix_lengths[:, None, None]
-            mask = visible & jnp.tril(jnp.ones((time, time), bool))[None]  # [batch, time, time]
+            same = segments[:, :, None] == segments[:, None, :]
+            mask = same & jnp.tril(jnp.ones((time, time), bool))[None]  # [batch, time, time]
         layer_params = {name: variable[...] for name, variable in vars(self.layers).items()
                         if isinstance(variable, nnx.Param)}  # fmt: skip
 
         def step(hidden, params):
-            hidden = _layer(hidden, params, config=config, lengths=lengths, mask=mask, rope=rope,
-                            dtype=self.dtype, constrain=self.constrain)  # fmt: skip
+            hidden, _ = _layer(hidden, params, config=config, lengths=lengths, mask=mask,
+                               rope=rope, dtype=self.dtype, constrain=self.constrain)  # fmt: skip
             return hidden, None
 
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
             step = jax.checkpoint(step, policy=policy, prevent_cse=False)
         hidden, _ = jax.lax.scan(step, hidden, layer_params)
+        return _rms_norm(hidden, self.final_norm[...], config.rms_norm_eps)
+
+    def after_prefixes(self, prefix_ids: jax.Array, prefix_lengths: jax.Array, input_ids: jax.Array,
+                       segments: jax.Array, positions: jax.Array, prefix_of_row: jax.Array) -> jax.Array:  # fmt: skip
+        """Hidden states [rows, time, hidden] of packed rows that continue shared prefixes.
+
+        ``prefix_ids`` [prefixes, P] (right-padded, ``prefix_lengths``) are encoded once, in the
+        same layer scan; row r continues prefix ``prefix_of_row[r]``: each of its segments sees
+        that prefix and itself (causally), its ``positions`` continuing after the prefix. One
+        conversation, many questions about it: the conversation is computed once, not once a
+        question (models.answers).
+        """
+        config = self.config
+        span, time = prefix_ids.shape[1], input_ids.shape[1]
+        embed = self.embed[...]
+        prefixes = jnp.take(embed, prefix_ids, axis=0).astype(self.dtype)
+        hidden = jnp.take(embed, input_ids, axis=0).astype(self.dtype)
+        angles = np.arange(span + time, dtype=np.float32)[:, None] * rope_inverse_frequencies(
+            config
+        )
+        tables = (jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles)))
+        prefix_rope = tuple(table[:span] for table in tables)
+        rope = tuple(jnp.take(table, positions, axis=0) for table in tables)
+        seen = jnp.arange(span)[None, :] < jnp.take(prefix_lengths, prefix_of_row)[:, None]
+        lengths = jnp.maximum(prefix_lengths, 1).astype(jnp.int32)  # an empty prefix: no NaNs
+        own = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(
+            jnp.ones((time, time), bool)
+        )
+        mask = jnp.concatenate([jnp.broadcast_to(seen[:, None], (*own.shape[:2], span)), own], -1)
+        layer_params = {name: variable[...] for name, variable in vars(self.layers).items()
+                        if isinstance(variable, nnx.Param)}  # fmt: skip
+        options = {"config": config, "dtype": self.dtype, "constrain": self.constrain}
+
+        def step(carry, params):
+            prefixes, hidden = carry
+            prefixes, (keys, values) = _layer(prefixes, params, lengths=lengths, mask=None,
+                                              rope=prefix_rope, **options)  # fmt: skip
+            before = (
+                jnp.take(keys, prefix_of_row, axis=0),
+                jnp.take(values, prefix_of_row, axis=0),
+            )
+            hidden, _ = _layer(hidden, params, lengths=None, mask=mask, rope=rope, before=before,
+                               **options)  # fmt: skip
+            return (prefixes, hidden), None
+
+        (_, hidden), _ = jax.lax.scan(step, (prefixes, hidden), layer_params)
         return _rms_norm(hidden, self.final_norm[...], config.rms_norm_eps)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -436,11 +478,17 @@ def _attend(q, k, v, lengths, mask, dtype):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
 
 
-def _layer(hidden, p, *, config: LlamaConfig, lengths, mask, rope, dtype, constrain):
+def _layer(hidden, p, *, config: LlamaConfig, lengths, mask, rope, dtype, constrain,
+           before=None):  # fmt: skip
+    """One decoder layer: (hidden, (keys, values)). ``before``: keys and values [batch, time',
+    kv_heads, head_dim] placed ahead of this row's own (a cached prefix; ``mask`` covers both)."""
     x = _rms_norm(hidden, p["attn_norm"], config.rms_norm_eps)
     q = _rotate(_project(x, p["q_kernel"], p.get("q_bias"), "btd,dhe->bthe", dtype), rope)
     k = _rotate(_project(x, p["k_kernel"], p.get("k_bias"), "btd,dhe->bthe", dtype), rope)
     v = _project(x, p["v_kernel"], p.get("v_bias"), "btd,dhe->bthe", dtype)
+    own = (k, v)
+    if before is not None:
+        k, v = (jnp.concatenate([b, o], axis=1) for b, o in zip(before, own, strict=True))
     attended = _attend(q, k, v, lengths, mask, dtype)
     hidden = hidden + _project(attended, p["o_kernel"], p.get("o_bias"), "bthe,hed->btd", dtype)
     hidden = constrain(hidden, ("batch", "length", "embed"))
@@ -449,7 +497,7 @@ def _layer(hidden, p, *, config: LlamaConfig, lengths, mask, rope, dtype, constr
     up = _project(x, p["up_kernel"], p.get("up_bias"), "btd,df->btf", dtype)
     inner = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
     hidden = hidden + _project(inner, p["down_kernel"], p.get("down_bias"), "btf,fd->btd", dtype)
-    return constrain(hidden, ("batch", "length", "embed"))
+    return constrain(hidden, ("batch", "length", "embed")), own
 
 
 def random_params(config: LlamaConfig, seed: int = 0, *, lm_head: bool = False) -> dict:

@@ -14,10 +14,11 @@ three (a server's top log-probabilities approximate the same sums).
 
 One pass for all rules of a response. The questions about one response differ only after the
 conversation, so their tokens share a prefix (the longest common one, found on the token ids:
-splitting the text instead would let the tokenizer merge differently at the seam). A row holds
-that prefix once and as many questions as fit in ``row_tokens``, each a segment that sees the
-prefix and itself, its positions continuing after the prefix (models.answers). Its scores equal
-one forward pass per question (≤ 1e-4 in float32, tested); ``one_pass=False`` runs that
+splitting the text instead would let the tokenizer merge differently at the seam). A batch
+encodes each of its conversations once and continues it with rows of its questions (as many
+as fit in ``row_tokens``), each question a segment that sees the conversation and itself, its
+positions continuing after it (models.answers, :meth:`LlamaDecoder.after_prefixes`). Its scores
+equal one forward pass per question (≤ 1e-4 in float32, tested); ``one_pass=False`` runs that
 per-question pass, the baseline of ``dynrules bench judge-local``.
 
 Scores are deterministic for a given batch layout; XLA may round differently when a resumed run
@@ -40,11 +41,12 @@ from dynrules.engine.judges.templates import answer_class, load_template, rating
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError
 
-# A row: one conversation and the questions that fit. Narrow rows repeat the conversation more
-# often but keep each row's attention scores in cache: on a 2-core CPU with SmolLM2-135M and
-# PyRIT pairs (~190-token conversations, 100 rules), 512 rated 18.4 ratings/s and 2048 10.7.
-ROW_TOKENS = 512
-BATCH_TOKENS = 4096  # tokens a forward pass (rows × width): 4096 beat 8192 by ~10% on that CPU
+# A row: questions about one conversation, which is encoded once a batch and continued by its
+# rows. Narrow rows keep the [row, prefix + row] attention scores in cache and pad less: on a
+# 2-core CPU with SmolLM2-135M, PyRIT pairs (~190-token conversations) and 100 rules (~27
+# tokens each), rows of 192 / 256 / 384 / 512 tokens rated 30.8 / 29.8 / 27.4 / 25.1 ratings/s.
+ROW_TOKENS = 256
+BATCH_TOKENS = 4096  # question tokens a forward pass: 4096 beat 2048 and 8192 by ~10% there
 MAX_TOKENS = 4096  # the longest question rated (the model's context if shorter)
 JOBS_PER_CHUNK = 8  # pairs planned together, so short jobs (k-rule plans) still fill batches
 _SMALLEST_WIDTH = 64
@@ -60,7 +62,7 @@ class _Question:
 
 @dataclasses.dataclass
 class _Row:
-    """One conversation's shared prefix and some of its questions (their tokens after it)."""
+    """Questions about one conversation: their tokens after the ``prefix`` they share."""
 
     prefix: np.ndarray
     questions: list[_Question]
@@ -68,7 +70,7 @@ class _Row:
 
     @property
     def tokens(self) -> int:
-        return len(self.prefix) + sum(len(s) for s in self.suffixes)
+        return sum(len(s) for s in self.suffixes)
 
 
 def shared_prefix_length(questions: list[np.ndarray]) -> int:
@@ -83,8 +85,8 @@ def shared_prefix_length(questions: list[np.ndarray]) -> int:
 
 
 def pack_questions(prefix: np.ndarray, questions: list[_Question], row_tokens: int) -> list[_Row]:
-    """Rows of ``prefix`` + questions in order, each row at most ``row_tokens`` unless a single
-    question needs more."""
+    """Rows of questions in order, their tokens after ``prefix``, each row at most ``row_tokens``
+    unless a single question needs more."""
     rows: list[_Row] = []
     for question in questions:
         suffix = question.ids[len(prefix) :]
@@ -95,26 +97,35 @@ def pack_questions(prefix: np.ndarray, questions: list[_Question], row_tokens: i
     return rows
 
 
-def row_arrays(rows: list[_Row], n_rows: int, width: int, slots: int, pad_id: int) -> dict:
-    """The packed batch of models.answers.shared_prefix_masses; filler rows are all padding."""
+def row_arrays(rows: list[_Row], shape: tuple[int, int], slots: int, prefixes: tuple[int, int],
+               pad_id: int) -> dict:  # fmt: skip
+    """The batch of models.answers.shared_prefix_masses: ``shape`` (rows, width) of questions,
+    ``prefixes`` (count, width) of the distinct conversations they continue; filler rows and
+    prefixes are padding."""
+    n_prefixes, span = prefixes
     batch = {
-        "ids": np.full((n_rows, width), pad_id, np.int32),
-        "segments": np.zeros((n_rows, width), np.int32),
-        "positions": np.zeros((n_rows, width), np.int32),
-        "prefix_lengths": np.zeros(n_rows, np.int32),
-        "answer_at": np.zeros((n_rows, slots), np.int32),
+        "prefix_ids": np.full((n_prefixes, span), pad_id, np.int32),
+        "prefix_lengths": np.zeros(n_prefixes, np.int32),
+        "ids": np.full(shape, pad_id, np.int32),
+        "segments": np.zeros(shape, np.int32),
+        "positions": np.zeros(shape, np.int32),
+        "prefix_of_row": np.zeros(shape[0], np.int32),
+        "answer_at": np.zeros((shape[0], slots), np.int32),
     }
+    index: dict[int, int] = {}
     for r, row in enumerate(rows):
-        offset = len(row.prefix)
-        batch["ids"][r, :offset] = row.prefix
-        batch["segments"][r, :offset] = 1
-        batch["positions"][r, :offset] = np.arange(offset)
-        batch["prefix_lengths"][r] = offset
+        p = index.setdefault(id(row.prefix), len(index))
+        batch["prefix_ids"][p, : len(row.prefix)] = row.prefix
+        batch["prefix_lengths"][p] = len(row.prefix)
+        batch["prefix_of_row"][r] = p
+        offset = 0
         for q, suffix in enumerate(row.suffixes):
-            span = slice(offset, offset + len(suffix))
-            batch["ids"][r, span] = suffix
-            batch["segments"][r, span] = q + 2
-            batch["positions"][r, span] = np.arange(len(row.prefix), len(row.prefix) + len(suffix))
+            span_q = slice(offset, offset + len(suffix))
+            batch["ids"][r, span_q] = suffix
+            batch["segments"][r, span_q] = q + 1
+            batch["positions"][r, span_q] = np.arange(
+                len(row.prefix), len(row.prefix) + len(suffix)
+            )
             batch["answer_at"][r, q] = offset + len(suffix) - 1
             offset += len(suffix)
     return batch
@@ -131,6 +142,11 @@ def _width(tokens: int) -> int:
 def _slots(count: int) -> int:
     """Answer slots a row: a power of two, at least 8 (few compiled shapes)."""
     return max(8, 1 << (count - 1).bit_length())
+
+
+def _pow2(count: int) -> int:
+    """The next power of two (few compiled shapes)."""
+    return 1 << (count - 1).bit_length()
 
 
 def _batch_rows(count: int, per_batch: int) -> int:
@@ -225,24 +241,32 @@ class JaxJudge(Judge):
         return JobResult(job, scores, relevance, errors)
 
     def _shared(self, questions: dict) -> Iterator[tuple[_Question, np.ndarray]]:
-        rows = []
+        """Rows of one conversation's questions, a batch holding the rows of whole conversations
+        (each conversation is encoded once a batch) up to ``batch_tokens`` of questions."""
+        batches: list[list[_Row]] = [[]]
         for group in questions.values():
             prefix = group[0].ids[: shared_prefix_length([q.ids for q in group])]
-            rows += pack_questions(prefix, group, self.row_tokens)
-        by_width: dict[int, list[_Row]] = {}
-        for row in rows:
-            by_width.setdefault(_width(row.tokens), []).append(row)
-        for width, group in sorted(by_width.items()):
-            per_batch = max(1, self.batch_tokens // width)
-            for start in range(0, len(group), per_batch):
-                batch_rows = group[start : start + per_batch]
-                slots = _slots(max(len(row.questions) for row in batch_rows))
-                n_rows = _batch_rows(len(batch_rows), per_batch)
-                batch = row_arrays(batch_rows, n_rows, width, slots, self.lm.tokenizer.pad_id)
-                out = self.lm.shared_prefix(batch)
-                for r, row in enumerate(batch_rows):
-                    for q, question in enumerate(row.questions):
-                        yield question, out[r, q]
+            rows = pack_questions(prefix, group, self.row_tokens)
+            most = max(1, self.batch_tokens // _width(max(r.tokens for r in rows)))
+            for start in range(0, len(rows), most):  # a long rule list spans several batches
+                pending = batches[-1] + rows[start : start + most]
+                if (
+                    batches[-1]
+                    and _width(max(r.tokens for r in pending)) * len(pending) > self.batch_tokens
+                ):
+                    batches.append(rows[start : start + most])
+                else:
+                    batches[-1] = pending
+        for rows in filter(None, batches):
+            prefixes = {id(row.prefix): row.prefix for row in rows}
+            shape = (len(rows), _width(max(row.tokens for row in rows)))
+            spans = (_pow2(len(prefixes)), _width(max(len(p) for p in prefixes.values())))
+            slots = _slots(max(len(row.questions) for row in rows))
+            batch = row_arrays(rows, shape, slots, spans, self.lm.tokenizer.pad_id)
+            out = self.lm.shared_prefix(batch)
+            for r, row in enumerate(rows):
+                for q, question in enumerate(row.questions):
+                    yield question, out[r, q]
 
     def _separate(self, questions: dict) -> Iterator[tuple[_Question, np.ndarray]]:
         flat = sorted((q for group in questions.values() for q in group), key=lambda q: len(q.ids))
