@@ -425,6 +425,12 @@ def launch(processes, devices_per_process, command):
     help="Compute dtype of the jax judge.",
 )
 @click.option(
+    "--judge-mesh",
+    default=None,
+    help="Spread the jax judge over the devices: axis sizes like fsdp=4,tensor=2 (data takes "
+    "the rest), by the reward model's sharding rules [default: one device].",
+)
+@click.option(
     "--plan",
     type=click.Path(dir_okay=False),
     help='JSONL of {"id", "rule_ids"}: rate only these rules per pair.',
@@ -460,6 +466,7 @@ def rate(
     timeout,
     max_retries,
     judge_dtype,
+    judge_mesh,
     plan,
     dtype,
     out,
@@ -486,6 +493,10 @@ def rate(
         ),
         "jax": dict(template=template, dtype=judge_dtype),
     }.get(judge_kind, {})
+    if judge_mesh and judge_kind == "jax":
+        from dynrules.train import sharding as shd
+
+        options["layout"] = shd.MeshLayout(shd.make_mesh(judge_mesh))
     with make_judge(
         judge_kind,
         pool,

@@ -70,9 +70,14 @@ def per_question_masses(model: LlamaDecoder, ids: jax.Array, lengths: jax.Array,
 class AnswerModel:
     """A decoder checkpoint (GGUF file or Hugging Face directory) with its LM head, ready to read
     answer distributions: weights on the device in ``dtype``, tokenizer, chat template, and the
-    [vocab] answer class of every token (``classes``, from ``classify(token) -> int | None``)."""
+    [vocab] answer class of every token (``classes``, from ``classify(token) -> int | None``).
 
-    def __init__(self, path: str | Path, classify, *, dtype: str = "float32"):
+    ``layout`` spreads the model over a device mesh: an object with ``constrain(x, logical_axes)``
+    for activations and ``place(host_params, abstract_state)`` for the weights (each device
+    reading only its shard); train.sharding makes one. Without it the model sits on one device.
+    """
+
+    def __init__(self, path: str | Path, classify, *, dtype: str = "float32", layout=None):
         from dynrules.models import decoder_io
         from dynrules.models.classifier import COMPUTE_DTYPES
 
@@ -82,9 +87,16 @@ class AnswerModel:
         loaded = decoder_io.read_decoder(path, lm_head=True, dtype=np.dtype(jnp.dtype(compute)))
         self.path, self.config = Path(path), loaded.config
         self.tokenizer, self.chat_template = loaded.tokenizer, loaded.chat_template
-        params = jax.tree.map(np.asarray, loaded.params)
-        self.model = with_params(loaded.config, params, dtype=compute, param_dtype=compute,
-                                 lm_head=True)  # fmt: skip
+        options = {"dtype": compute, "param_dtype": compute, "lm_head": True}
+        if layout is None:
+            params = jax.tree.map(np.asarray, loaded.params)
+        else:
+            options["constrain"] = layout.constrain
+            abstract = nnx.eval_shape(
+                lambda: LlamaDecoder(loaded.config, rngs=nnx.Rngs(0), **options)
+            )
+            params = layout.place(loaded.params, nnx.split(abstract)[1])
+        self.model = with_params(loaded.config, params, **options)
         classes = np.full(loaded.config.vocab_size, -1, np.int32)
         for token_id in range(loaded.config.vocab_size):
             token = self.tokenizer.id_to_token(token_id)

@@ -160,3 +160,40 @@ def test_the_real_smollm2_judge_agrees_with_itself_per_rule():
     assert np.abs(one_pass.scores - per_rule.scores).max() <= 1e-4
     assert np.abs(one_pass.relevance - per_rule.relevance).max() <= 1e-4
     assert np.isfinite(one_pass.scores).all()
+
+
+SHARDED = """
+import json, sys
+import numpy as np
+from dynrules.engine.judges.base import Job
+from dynrules.engine.judges.jaxlm import JaxJudge
+from dynrules.engine.pool import Rule, RulePool
+from dynrules.train import sharding as shd
+
+pool = RulePool("small", tuple(Rule(f"r{i}", "test", f"rule number {i}") for i in range(8)))
+layout = shd.MeshLayout(shd.make_mesh("fsdp=2,tensor=2"))
+judge = JaxJudge(pool, model=sys.argv[1], layout=layout)
+q = judge.lm.model.layers.q_kernel[...]
+job = Job(0, "How do I bake bread?", ("Mix flour and water.", "I can't help."), np.arange(8))
+result = next(judge.rate_jobs([job]))
+print(json.dumps({"devices": len(q.sharding.device_set), "shard": list(q.sharding.shard_shape(q.shape)),
+                  "shape": list(q.shape), "scores": result.scores.tolist()}))
+"""
+
+
+def test_a_judge_sharded_over_a_mesh_rates_as_on_one_device(judge_model, small_pool):
+    """--judge-mesh: the weights split over 4 host devices (FSDP × tensor), the same scores."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    done = subprocess.run([sys.executable, "-c", SHARDED, str(judge_model)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sharded["devices"] == 4
+    assert np.prod(sharded["shard"]) * 4 == np.prod(sharded["shape"])  # each device a quarter
+    job = Job(0, "How do I bake bread?", ("Mix flour and water.", "I can't help."), np.arange(8))
+    alone = next(JaxJudge(small_pool, model=judge_model).rate_jobs([job]))
+    assert np.abs(np.array(sharded["scores"]) - alone.scores).max() <= 1e-4

@@ -322,6 +322,21 @@ class ActivationSharding:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+    """How an inference-only model spreads over ``mesh`` (the in-process judge): activations by
+    :class:`ActivationSharding`, weights by their logical axes, each device reading its shard."""
+
+    mesh: Mesh
+
+    @property
+    def constrain(self) -> ActivationSharding:
+        return ActivationSharding(self.mesh)
+
+    def place(self, host_params: dict, abstract_state) -> dict:
+        return place(host_params, abstract_params(abstract_state, self.mesh))
+
+
 def gather(params: dict) -> dict:
     """Global arrays → host NumPy arrays (all-gathered across processes when needed)."""
     from jax.experimental import multihost_utils

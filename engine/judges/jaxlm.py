@@ -155,11 +155,12 @@ def _batch_rows(count: int, per_batch: int) -> int:
 
 
 class JaxJudge(Judge):
-    """A decoder LM judge in process (see the module docstring)."""
+    """A decoder LM judge in process (see the module docstring). ``layout`` shards the model
+    over a mesh (models.answers.AnswerModel; train.sharding.MeshLayout makes one)."""
 
     def __init__(self, pool: RulePool, *, model: str | Path, template: str | None = None,
                  dtype: str = "float32", one_pass: bool = True, row_tokens: int = ROW_TOKENS,
-                 batch_tokens: int = BATCH_TOKENS, max_tokens: int = MAX_TOKENS):  # fmt: skip
+                 batch_tokens: int = BATCH_TOKENS, max_tokens: int = MAX_TOKENS, layout=None):  # fmt: skip
         from dynrules.models.answers import AnswerModel  # JAX: only when this judge is made
 
         if not Path(model).exists():
@@ -171,7 +172,7 @@ class JaxJudge(Judge):
         self.template = load_template(template)
         self.dtype, self.one_pass = dtype, one_pass
         self.row_tokens, self.batch_tokens = row_tokens, batch_tokens
-        self.lm = AnswerModel(model, answer_class, dtype=dtype)
+        self.lm = AnswerModel(model, answer_class, dtype=dtype, layout=layout)
         self.max_tokens = min(max_tokens, self.lm.config.max_position_embeddings)
         self.lm.tokenizer.add_special_tokens = self.lm.chat_template is None
         self._rule_texts = pool.texts
