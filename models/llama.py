@@ -353,25 +353,17 @@ class LlamaDecoder(nnx.Module):
                  segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
         config = self.config
         time = input_ids.shape[1]
-        if config.sliding_window and time > config.sliding_window:
-            raise DynrulesError(
-                f"texts of {time} tokens exceed the model's sliding attention window of "
-                f"{config.sliding_window}, which dynrules does not implement; use a max_length "
-                f"≤ {config.sliding_window}"
-            )
+        _check_window(config, time)
         hidden = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         hidden = self.constrain(hidden, ("batch", "length", "embed"))
-        angles = np.arange(time, dtype=np.float32)[:, None] * rope_inverse_frequencies(config)
-        rope = (jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles)))  # [time, head_dim/2]
+        rope = _rope_tables(config, time)  # [time, head_dim/2]
         mask = None
         if segments is None:
             lengths = lengths.astype(jnp.int32)
         else:  # each token's own position's rotation: [batch, time, head_dim/2]
             rope = tuple(jnp.take(table, positions, axis=0) for table in rope)
-            same = segments[:, :, None] == segments[:, None, :]
-            mask = same & jnp.tril(jnp.ones((time, time), bool))[None]  # [batch, time, time]
-        layer_params = {name: variable[...] for name, variable in vars(self.layers).items()
-                        if isinstance(variable, nnx.Param)}  # fmt: skip
+            mask = _segment_mask(segments)
+        layer_params = self._layer_params()
 
         def step(hidden, params):
             hidden, _ = _layer(hidden, params, config=config, lengths=lengths, mask=mask,
@@ -396,23 +388,18 @@ class LlamaDecoder(nnx.Module):
         """
         config = self.config
         span, time = prefix_ids.shape[1], input_ids.shape[1]
+        _check_window(config, span + time)
         embed = self.embed[...]
         prefixes = jnp.take(embed, prefix_ids, axis=0).astype(self.dtype)
         hidden = jnp.take(embed, input_ids, axis=0).astype(self.dtype)
-        angles = np.arange(span + time, dtype=np.float32)[:, None] * rope_inverse_frequencies(
-            config
-        )
-        tables = (jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles)))
+        tables = _rope_tables(config, span + time)
         prefix_rope = tuple(table[:span] for table in tables)
         rope = tuple(jnp.take(table, positions, axis=0) for table in tables)
         seen = jnp.arange(span)[None, :] < jnp.take(prefix_lengths, prefix_of_row)[:, None]
         lengths = jnp.maximum(prefix_lengths, 1).astype(jnp.int32)  # an empty prefix: no NaNs
-        own = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(
-            jnp.ones((time, time), bool)
-        )
+        own = _segment_mask(segments)
         mask = jnp.concatenate([jnp.broadcast_to(seen[:, None], (*own.shape[:2], span)), own], -1)
-        layer_params = {name: variable[...] for name, variable in vars(self.layers).items()
-                        if isinstance(variable, nnx.Param)}  # fmt: skip
+        layer_params = self._layer_params()
         options = {"config": config, "dtype": self.dtype, "constrain": self.constrain}
 
         def step(carry, params):
@@ -430,6 +417,11 @@ class LlamaDecoder(nnx.Module):
         (_, hidden), _ = jax.lax.scan(step, (prefixes, hidden), layer_params)
         return _rms_norm(hidden, self.final_norm[...], config.rms_norm_eps)
 
+    def _layer_params(self) -> dict:
+        """The stacked layer weights, as the layer scan takes them."""
+        return {name: variable[...] for name, variable in vars(self.layers).items()
+                if isinstance(variable, nnx.Param)}  # fmt: skip
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Next-token logits [batch, time, vocab] (float32) from :meth:`__call__`'s output."""
         if hasattr(self, "lm_head"):
@@ -439,6 +431,28 @@ class LlamaDecoder(nnx.Module):
         else:
             raise DynrulesError("this decoder was built without its lm_head (lm_head=False)")
         return (hidden.astype(self.dtype) @ kernel.astype(self.dtype)).astype(jnp.float32)
+
+
+def _check_window(config: LlamaConfig, time: int) -> None:
+    if config.sliding_window and time > config.sliding_window:
+        raise DynrulesError(
+            f"texts of {time} tokens exceed the model's sliding attention window of "
+            f"{config.sliding_window}, which dynrules does not implement; use a max_length "
+            f"≤ {config.sliding_window}"
+        )
+
+
+def _rope_tables(config: LlamaConfig, time: int) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of every position's rotation angles [time, head_dim/2]."""
+    angles = np.arange(time, dtype=np.float32)[:, None] * rope_inverse_frequencies(config)
+    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+
+
+def _segment_mask(segments: jax.Array) -> jax.Array:
+    """[batch, time, time]: causal attention within each segment of packed rows."""
+    time = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]
+    return same & jnp.tril(jnp.ones((time, time), bool))[None]
 
 
 def _rms_norm(x, scale, eps):

@@ -40,6 +40,7 @@ from dynrules.engine.judges.base import Job, JobResult, Judge
 from dynrules.engine.judges.templates import answer_class, load_template, rating_from_masses
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError
+from dynrules.models.tokenizer import bucket_for, length_buckets
 
 # A row: questions about one conversation, which is encoded once a batch and continued by its
 # rows. Narrow rows keep the [row, prefix + row] attention scores in cache and pad less: on a
@@ -49,7 +50,6 @@ ROW_TOKENS = 256
 BATCH_TOKENS = 4096  # question tokens a forward pass: 4096 beat 2048 and 8192 by ~10% there
 MAX_TOKENS = 4096  # the longest question rated (the model's context if shorter)
 JOBS_PER_CHUNK = 8  # pairs planned together, so short jobs (k-rule plans) still fill batches
-_SMALLEST_WIDTH = 64
 
 
 @dataclasses.dataclass
@@ -131,27 +131,9 @@ def row_arrays(rows: list[_Row], shape: tuple[int, int], slots: int, prefixes: t
     return batch
 
 
-def _width(tokens: int) -> int:
-    """Row widths: powers of two and their midpoints (few compiled shapes, < 1/3 padding)."""
-    width = _SMALLEST_WIDTH
-    while width < tokens:
-        width = width * 3 // 2 if width & (width - 1) == 0 else width * 4 // 3
-    return width
-
-
-def _slots(count: int) -> int:
-    """Answer slots a row: a power of two, at least 8 (few compiled shapes)."""
-    return max(8, 1 << (count - 1).bit_length())
-
-
 def _pow2(count: int) -> int:
     """The next power of two (few compiled shapes)."""
     return 1 << (count - 1).bit_length()
-
-
-def _batch_rows(count: int, per_batch: int) -> int:
-    """Rows of a batch holding ``count``: full batches, else the next power of two."""
-    return min(per_batch, 1 << (count - 1).bit_length())
 
 
 class JaxJudge(Judge):
@@ -174,6 +156,8 @@ class JaxJudge(Judge):
         self.row_tokens, self.batch_tokens = row_tokens, batch_tokens
         self.lm = AnswerModel(model, answer_class, dtype=dtype, layout=layout)
         self.max_tokens = min(max_tokens, self.lm.config.max_position_embeddings)
+        # Padded widths of rows and conversations: few compiled shapes, < 1/3 padding.
+        self._widths = length_buckets(max(self.max_tokens, row_tokens), smallest=64)
         self.lm.tokenizer.add_special_tokens = self.lm.chat_template is None
         self._rule_texts = pool.texts
 
@@ -185,6 +169,9 @@ class JaxJudge(Judge):
             "judge": f"jax:{self.lm.path.name}:config-{fingerprint}:{self.dtype}",
             "template": self.template.identity,
         }
+
+    def _width(self, tokens: int) -> int:
+        return bucket_for(tokens, self._widths)
 
     def question(self, prompt: str, response: str, rule: str) -> str:
         """The text the model reads: the template as a chat user turn, generation prompt on."""
@@ -213,7 +200,7 @@ class JaxJudge(Judge):
                     where.append((j, side, column))
         encoded = self.lm.tokenizer.encode(texts, self.max_tokens + 1).ids
         masses = [np.zeros((len(job.responses), len(job.rules), 3)) for job in jobs]
-        errors = {j: [None] * len(job.rules) for j, job in enumerate(jobs)}
+        errors: list[list[str | None]] = [[None] * len(job.rules) for job in jobs]
         questions: dict[tuple[int, int], list[_Question]] = {}
         for (j, side, column), ids in zip(where, encoded, strict=True):
             if len(ids) > self.max_tokens:
@@ -248,21 +235,22 @@ class JaxJudge(Judge):
         for group in questions.values():
             prefix = group[0].ids[: shared_prefix_length([q.ids for q in group])]
             rows = pack_questions(prefix, group, self.row_tokens)
-            most = max(1, self.batch_tokens // _width(max(r.tokens for r in rows)))
+            most = max(1, self.batch_tokens // self._width(max(r.tokens for r in rows)))
             for start in range(0, len(rows), most):  # a long rule list spans several batches
                 pending = batches[-1] + rows[start : start + most]
                 if (
                     batches[-1]
-                    and _width(max(r.tokens for r in pending)) * len(pending) > self.batch_tokens
+                    and self._width(max(r.tokens for r in pending)) * len(pending)
+                    > self.batch_tokens
                 ):
                     batches.append(rows[start : start + most])
                 else:
                     batches[-1] = pending
         for rows in filter(None, batches):
             prefixes = {id(row.prefix): row.prefix for row in rows}
-            shape = (len(rows), _width(max(row.tokens for row in rows)))
-            spans = (_pow2(len(prefixes)), _width(max(len(p) for p in prefixes.values())))
-            slots = _slots(max(len(row.questions) for row in rows))
+            shape = (len(rows), self._width(max(row.tokens for row in rows)))
+            spans = (_pow2(len(prefixes)), self._width(max(len(p) for p in prefixes.values())))
+            slots = max(8, _pow2(max(len(row.questions) for row in rows)))
             batch = row_arrays(rows, shape, slots, spans, self.lm.tokenizer.pad_id)
             out = self.lm.shared_prefix(batch)
             for r, row in enumerate(rows):
@@ -273,12 +261,12 @@ class JaxJudge(Judge):
         flat = sorted((q for group in questions.values() for q in group), key=lambda q: len(q.ids))
         by_width: dict[int, list[_Question]] = {}
         for question in flat:
-            by_width.setdefault(_width(len(question.ids)), []).append(question)
+            by_width.setdefault(self._width(len(question.ids)), []).append(question)
         for width, group in by_width.items():
             per_batch = max(1, self.batch_tokens // width)
             for start in range(0, len(group), per_batch):
                 part = group[start : start + per_batch]
-                n_rows = _batch_rows(len(part), per_batch)
+                n_rows = min(per_batch, _pow2(len(part)))  # full, else a power of two
                 ids = np.full((n_rows, width), self.lm.tokenizer.pad_id, np.int32)
                 lengths = np.ones(n_rows, np.int32)  # filler rows: one token, dropped
                 for r, question in enumerate(part):
