@@ -277,52 +277,156 @@ def eval_rm(run, data, batch_size, mesh, distributed, as_json):
     help="A named shape (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, smollm2-135m) "
     "or a Hugging Face config.json (or its directory).",
 )
-@click.option("--task", type=click.Choice(("train", "judge")), default="train", show_default=True,
-              help="train: the reward model's training step; judge: the in-process judge's "
-              "one-pass forward (rows of a conversation and its rule questions).")  # fmt: skip
+@click.option(
+    "--task",
+    type=click.Choice(("train", "judge")),
+    default="train",
+    show_default=True,
+    help="train: the reward model's training step; judge: the in-process judge's "
+    "one-pass forward (rows of a conversation and its rule questions).",
+)
 @click.option("--topology", required=True, help=f"Where to run: {TOPOLOGY_HELP}.")
-@click.option("--seq", default=2048, show_default=True, type=click.IntRange(min=1),
-              help="Tokens per text (judge: per row).")  # fmt: skip
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Preference pairs per optimizer step, two texts each (judge: rows per step).")  # fmt: skip
-@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Micro-batches per step (train).")  # fmt: skip
-@click.option("--mesh", default="",
-              help="Axis sizes, e.g. fsdp=4,tensor=2; data takes the rest [default: fsdp over "
-              "all devices].")  # fmt: skip
-@click.option("--dtype", type=click.Choice(PLAN_DTYPES), default="bfloat16", show_default=True,
-              help="Compute dtype (judge: weights too).")  # fmt: skip
-@click.option("--param-dtype", type=click.Choice(PLAN_DTYPES), default="float32",
-              show_default=True, help="Parameter and optimizer-state dtype (train).")  # fmt: skip
-@click.option("--remat", type=click.Choice(REMAT_POLICIES), default="full", show_default=True,
-              help="Recompute in the backward pass: none, full (whole layers) or dots (keep "
-              "matmul outputs) (train).")  # fmt: skip
-@click.option("--prefix-tokens", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Judge: tokens of a conversation (the prefix its questions share).")  # fmt: skip
-@click.option("--question-tokens", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Judge: tokens of one rule question after the conversation.")  # fmt: skip
-@click.option("--pairs", default=1_000_000, show_default=True, type=click.IntRange(min=1),
-              help="Judge: pairs to rate (both responses) for chips_needed.")  # fmt: skip
-@click.option("--rules", default=100, show_default=True, type=click.IntRange(min=1),
-              help="Judge: rules rated per response.")  # fmt: skip
-@click.option("--hours", default=24.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Judge: time to rate them in.")  # fmt: skip
-@click.option("--mfu", default=0.4, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Judge: share of the peak FLOP/s assumed for chips_needed.")  # fmt: skip
+@click.option(
+    "--seq",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens per text (judge: per row).",
+)
+@click.option(
+    "--batch",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Preference pairs per optimizer step, two texts each (judge: rows per step).",
+)
+@click.option(
+    "--grad-accum",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Micro-batches per step (train).",
+)
+@click.option(
+    "--mesh",
+    default="",
+    help="Axis sizes, e.g. fsdp=4,tensor=2; data takes the rest [default: fsdp over all devices].",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(PLAN_DTYPES),
+    default="bfloat16",
+    show_default=True,
+    help="Compute dtype (judge: weights too).",
+)
+@click.option(
+    "--param-dtype",
+    type=click.Choice(PLAN_DTYPES),
+    default="float32",
+    show_default=True,
+    help="Parameter and optimizer-state dtype (train).",
+)
+@click.option(
+    "--remat",
+    type=click.Choice(REMAT_POLICIES),
+    default="full",
+    show_default=True,
+    help="Recompute in the backward pass: none, full (whole layers) or dots (keep "
+    "matmul outputs) (train).",
+)
+@click.option(
+    "--prefix-tokens",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Judge: tokens of a conversation (the prefix its questions share).",
+)
+@click.option(
+    "--question-tokens",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Judge: tokens of one rule question after the conversation.",
+)
+@click.option(
+    "--pairs",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Judge: pairs to rate (both responses) for chips_needed.",
+)
+@click.option(
+    "--rules",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Judge: rules rated per response.",
+)
+@click.option(
+    "--hours",
+    default=24.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Judge: time to rate them in.",
+)
+@click.option(
+    "--mfu",
+    default=0.4,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Judge: share of the peak FLOP/s assumed for chips_needed.",
+)
 @json_option("Print the plan as one JSON object.")
-def plan_command(model, task, topology, seq, batch, grad_accum, mesh, dtype, param_dtype, remat,
-                 prefix_tokens, question_tokens, pairs, rules, hours, mfu, as_json):  # fmt: skip
+def plan_command(
+    model,
+    task,
+    topology,
+    seq,
+    batch,
+    grad_accum,
+    mesh,
+    dtype,
+    param_dtype,
+    remat,
+    prefix_tokens,
+    question_tokens,
+    pairs,
+    rules,
+    hours,
+    mfu,
+    as_json,
+):
     """Compile the reward-model training step (or the judge's forward) ahead of time for
     TOPOLOGY: memory, fit, FLOPs (and, for the judge, ratings/s and the chips a job needs)."""
     from dynrules.plan import plan_judge, plan_training, render_plan
 
     if task == "judge":
-        result = plan_judge(model, topology, seq=seq, batch=batch, mesh=mesh, dtype=dtype,
-                            prefix_tokens=prefix_tokens, question_tokens=question_tokens,
-                            pairs=pairs, rules=rules, hours=hours, mfu=mfu)  # fmt: skip
+        result = plan_judge(
+            model,
+            topology,
+            seq=seq,
+            batch=batch,
+            mesh=mesh,
+            dtype=dtype,
+            prefix_tokens=prefix_tokens,
+            question_tokens=question_tokens,
+            pairs=pairs,
+            rules=rules,
+            hours=hours,
+            mfu=mfu,
+        )
     else:
-        result = plan_training(model, topology, seq=seq, batch=batch, grad_accum=grad_accum,
-                               mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)  # fmt: skip
+        result = plan_training(
+            model,
+            topology,
+            seq=seq,
+            batch=batch,
+            grad_accum=grad_accum,
+            mesh=mesh,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+        )
     print_json(result) if as_json else click.echo(render_plan(result))
 
 
@@ -506,8 +610,17 @@ def rate(
         require_key=explicit_key,
         **options,
     ) as judge:
-        summary = rate_pairs(pairs_path, out, pool=pool, judge=judge, plan=plan, dtype=dtype,
-                             progress=not as_json, shard=shard, chunk_rows=chunk_rows)  # fmt: skip
+        summary = rate_pairs(
+            pairs_path,
+            out,
+            pool=pool,
+            judge=judge,
+            plan=plan,
+            dtype=dtype,
+            progress=not as_json,
+            shard=shard,
+            chunk_rows=chunk_rows,
+        )
     if as_json:
         print_json(summary)
     else:
@@ -762,8 +875,11 @@ def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
 )
 @config_options(PipelineConfig)
 @click.option("--base-url", default=None, help="OpenAI-compatible server (openai judge).")
-@click.option("--model", default=None, help="Model name on that server (openai judge), or a "
-              ".gguf file / model directory (jax judge).")  # fmt: skip
+@click.option(
+    "--model",
+    default=None,
+    help="Model name on that server (openai judge), or a .gguf file / model directory (jax judge).",
+)
 @click.option("--api-key-env", default=None, help="Environment variable holding the API key.")
 def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
     """The main job: rate -> select -> ablate -> adapter -> reward model -> evaluate -> report.
@@ -884,14 +1000,34 @@ def bench_judge(
 
 
 @bench.command("judge-local")
-@click.option("--model", default=None, help="A .gguf file or Hugging Face model directory "
-              "[default: the pinned SmolLM2-135M-Instruct GGUF].")  # fmt: skip
-@click.option("--pairs", "n_pairs", type=click.IntRange(min=1), default=2, show_default=True,
-              help="PyRIT pairs rated (both responses, every rule).")  # fmt: skip
-@click.option("--rules", "n_rules", type=click.IntRange(min=1), default=None,
-              help="First rules of the default pool [default: all].")  # fmt: skip
-@click.option("--judge-dtype", type=click.Choice(("float32", "bfloat16")), default="float32",
-              show_default=True, help="Compute dtype of the jax judge.")  # fmt: skip
+@click.option(
+    "--model",
+    default=None,
+    help="A .gguf file or Hugging Face model directory "
+    "[default: the pinned SmolLM2-135M-Instruct GGUF].",
+)
+@click.option(
+    "--pairs",
+    "n_pairs",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="PyRIT pairs rated (both responses, every rule).",
+)
+@click.option(
+    "--rules",
+    "n_rules",
+    type=click.IntRange(min=1),
+    default=None,
+    help="First rules of the default pool [default: all].",
+)
+@click.option(
+    "--judge-dtype",
+    type=click.Choice(("float32", "bfloat16")),
+    default="float32",
+    show_default=True,
+    help="Compute dtype of the jax judge.",
+)
 @click.option("--no-llamacpp", is_flag=True, help="Skip llama.cpp's server even if installed.")
 @json_option()
 def bench_judge_local(model, n_pairs, n_rules, judge_dtype, no_llamacpp, as_json):
@@ -899,8 +1035,9 @@ def bench_judge_local(model, n_pairs, n_rules, judge_dtype, no_llamacpp, as_json
     llama.cpp's server on the same GGUF, ratings/s and score differences."""
     from dynrules.bench.judge import bench_judge_local as run_bench
 
-    result = run_bench(model, n_pairs=n_pairs, n_rules=n_rules, dtype=judge_dtype,
-                       llamacpp=not no_llamacpp)  # fmt: skip
+    result = run_bench(
+        model, n_pairs=n_pairs, n_rules=n_rules, dtype=judge_dtype, llamacpp=not no_llamacpp
+    )
     if as_json:
         print_json(result)
         return
@@ -911,14 +1048,20 @@ def bench_judge_local(model, n_pairs, n_rules, judge_dtype, no_llamacpp, as_json
         click.echo(f"{name:>28}: {ratio}x")
 
 
-HH_DATA_OPTION = click.option("--data", type=click.Path(dir_okay=False), default=None,
-                              help="HH harmless-base test pairs (default: ../shared/data beside the repository).")  # fmt: skip
+HH_DATA_OPTION = click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="HH harmless-base test pairs (default: ../shared/data beside the repository).",
+)
 
 
 def _echo_reward_bench(result: dict) -> None:
     for name, rates in result["results"].items():
-        click.echo(f"{name:>14}: {rates['pairs_per_s']:>8.2f} pairs/s {rates['real_tokens_per_s']:>9.0f} "
-                   f"real tokens/s ({rates['real_over_computed_tokens']:.0%} of computed tokens real)")  # fmt: skip
+        click.echo(
+            f"{name:>14}: {rates['pairs_per_s']:>8.2f} pairs/s {rates['real_tokens_per_s']:>9.0f} "
+            f"real tokens/s ({rates['real_over_computed_tokens']:.0%} of computed tokens real)"
+        )
     for name, ratio in result["ratios"].items():
         click.echo(f"{name:>20}: {ratio:.2f}x")
 
@@ -935,8 +1078,14 @@ def bench_train_rm(backbone, pairs_per_step, max_length, steps, seconds, data, a
     """Reward-model training on HH pairs: JAX packed and unpacked vs PyTorch's padded batches."""
     from dynrules.bench.rewardmodel import bench_train
 
-    result = bench_train(backbone=backbone, pairs_per_step=pairs_per_step, max_length=max_length,
-                         steps=steps, seconds=seconds, data=data)  # fmt: skip
+    result = bench_train(
+        backbone=backbone,
+        pairs_per_step=pairs_per_step,
+        max_length=max_length,
+        steps=steps,
+        seconds=seconds,
+        data=data,
+    )
     if as_json:
         print_json(result)
         return
@@ -954,8 +1103,9 @@ def bench_score_rm(backbone, n_pairs, batch_size, max_length, data, as_json):
     """Reward-model scoring on HH pairs: JAX packed and unpacked vs PyTorch's padded batches."""
     from dynrules.bench.rewardmodel import bench_score
 
-    result = bench_score(backbone=backbone, pairs=n_pairs, batch_size=batch_size,
-                         max_length=max_length, data=data)  # fmt: skip
+    result = bench_score(
+        backbone=backbone, pairs=n_pairs, batch_size=batch_size, max_length=max_length, data=data
+    )
     if as_json:
         print_json(result)
         return
@@ -993,13 +1143,18 @@ def bench_serve(clients, requests, c1_requests, max_length, as_json):
 @click.option("--model", default="", help="Encoder checkpoint directory (default: MiniLM).")
 @click.option("--repeats", default=2, show_default=True, help="Runs per side, in turn; best kept.")
 @json_option()
-def bench_multihost_command(pairs_per_step, max_length, steps, log_every, model, repeats,
-                            as_json):  # fmt: skip
+def bench_multihost_command(pairs_per_step, max_length, steps, log_every, model, repeats, as_json):
     """Training pairs/s: 1 process x 2 devices vs 2 processes x 1 device (dynrules launch)."""
     from dynrules.bench.multihost import bench_multihost
 
-    result = bench_multihost(pairs_per_step=pairs_per_step, max_length=max_length, steps=steps,
-                             log_every=log_every, model=model, repeats=repeats)  # fmt: skip
+    result = bench_multihost(
+        pairs_per_step=pairs_per_step,
+        max_length=max_length,
+        steps=steps,
+        log_every=log_every,
+        model=model,
+        repeats=repeats,
+    )
     if as_json:
         print_json(result)
         return

@@ -112,8 +112,9 @@ def config_options(cls, *, skip: tuple[str, ...] = ()):
                 kwargs["type"] = click.Choice(meta["choices"])
             elif isinstance(default, tuple):
                 item_type = typing.get_args(hints[field.name])[0]
-                kwargs.update(default=",".join(map(str, default)), type=str,
-                              callback=_split_commas(item_type))  # fmt: skip
+                kwargs.update(
+                    default=",".join(map(str, default)), type=str, callback=_split_commas(item_type)
+                )
                 kwargs["show_default"] = bool(default)
             elif default is not None:
                 kwargs["type"] = type(default)

@@ -51,11 +51,18 @@ class PipelineConfig:
 
     k: int = _option(5, "Rules selected per pair.")
     policy: str = _option("adaptive", "Selection policy of the training labels.", choices=POLICIES)
-    criterion: str | None = _option(None, "Adaptive criterion [default: additive with relevance, else absolute].",
-                                    choices=tuple(CRITERIA))  # fmt: skip
+    criterion: str | None = _option(
+        None,
+        "Adaptive criterion [default: additive with relevance, else absolute].",
+        choices=tuple(CRITERIA),
+    )
     ablate_ks: tuple[int, ...] = _option((1, 3, 5, 10), "ks compared in the ablation.")
-    judge: str = _option("embedded", "Offline embedded judge, an LLM behind an OpenAI-compatible "
-                         "API, or an LLM in process on JAX (--model PATH).", choices=JUDGES)  # fmt: skip
+    judge: str = _option(
+        "embedded",
+        "Offline embedded judge, an LLM behind an OpenAI-compatible "
+        "API, or an LLM in process on JAX (--model PATH).",
+        choices=JUDGES,
+    )
     judge_options: dict = dataclasses.field(default_factory=dict)  # base_url, model, api_key_env
     pool: str = _option("default", "Rule pool: 'default' or a file.")
     rm_steps: int = _option(60, "Reward-model training steps (each model).")
@@ -64,17 +71,27 @@ class PipelineConfig:
     max_length: int = _option(192, "Tokens per text.")
     learning_rate: float = _option(1e-4, "Reward-model learning rate of the backbone.")
     head_learning_rate: float = _option(3e-3, "Reward-model learning rate of the reward head.")
-    label_confidence: float = _option(0.75, "β of the soft rule labels: a pair with rule margin m "
-                                      "is preferred with probability σ(β·m); 0 = hard labels.")  # fmt: skip
-    validation_fraction: float = _option(0.15, "Share of train prompts kept out of reward-model "
-                                         "training to draw its validation curves (needs truth).")  # fmt: skip
+    label_confidence: float = _option(
+        0.75,
+        "β of the soft rule labels: a pair with rule margin m "
+        "is preferred with probability σ(β·m); 0 = hard labels.",
+    )
+    validation_fraction: float = _option(
+        0.15,
+        "Share of train prompts kept out of reward-model "
+        "training to draw its validation curves (needs truth).",
+    )
     eval_every: int = _option(10, "Reward-model steps between validation evaluations.")
     adapter_learning_rate: float = _option(3e-4, "Rule-adapter learning rate.")
     seed: int = _option(0, "Seed of data order, initialisation and sampling.")
-    backbone: str = _option("encoder", "Backbone of the reward models and the rule adapter.",
-                            choices=BACKBONES)  # fmt: skip
-    rm_model: str = _option("", "Their checkpoint: a BERT directory (encoder), a Hugging Face "
-                            "directory or .gguf (decoder) [default: the bundled one].")  # fmt: skip
+    backbone: str = _option(
+        "encoder", "Backbone of the reward models and the rule adapter.", choices=BACKBONES
+    )
+    rm_model: str = _option(
+        "",
+        "Their checkpoint: a BERT directory (encoder), a Hugging Face "
+        "directory or .gguf (decoder) [default: the bundled one].",
+    )
     heldout_fraction: float = _option(0.4, "Share of prompts held out when splitting a pairs file.")
 
 
@@ -300,8 +317,13 @@ def _select(job: _Job, store, selection) -> TrainingLabels:
         lambda: run_selection(store, selection, job.out / "labelled-train.jsonl", progress=False),
         items=len(job.train),
     )
-    return TrainingLabels(job.config.policy, job.config.k, selection.resolved(store).criterion,
-                          selected.labelled, selected.ties)  # fmt: skip
+    return TrainingLabels(
+        job.config.policy,
+        job.config.k,
+        selection.resolved(store).criterion,
+        selected.labelled,
+        selected.ties,
+    )
 
 
 def _ablate(job: _Job, store) -> list[PolicyLabel]:
@@ -381,8 +403,9 @@ def _reward_models(job: _Job) -> dict:
     if validation:
         validation_file = out / "validation.jsonl"
         with atomic_path(validation_file) as tmp:
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in human_train
-                                   if p["prompt"] in validation))  # fmt: skip
+            tmp.write_text(
+                "".join(json.dumps(p) + "\n" for p in human_train if p["prompt"] in validation)
+            )
         rm_config["eval_data"] = str(validation_file)
     rule_pairs = [p for p in rule_pairs if p["prompt"] not in validation]
     training_items = config.rm_steps * config.batch_size
@@ -428,8 +451,11 @@ def _validation_prompts(job: _Job) -> set[str]:
     from dynrules.engine.datasets import prompt_split
 
     fraction = job.config.validation_fraction
-    return {r["prompt"] for r in job.train
-            if prompt_split(r["prompt"], f"validation-{job.config.seed}", fraction) == "heldout"}  # fmt: skip
+    return {
+        r["prompt"]
+        for r in job.train
+        if prompt_split(r["prompt"], f"validation-{job.config.seed}", fraction) == "heldout"
+    }
 
 
 def training_curves(run_dir: Path) -> dict:
@@ -444,16 +470,21 @@ def training_curves(run_dir: Path) -> dict:
                 train.append({"step": record["step"], "loss": record["loss"]})
             else:
                 sections = {k: v["accuracy"] for k, v in record["sections"].items() if k != "all"}
-                validation.append({"step": record["step"], "accuracy": record["accuracy"],
-                                   "sections": sections,
-                                   "section_mean": float(np.mean(list(sections.values())))
-                                   if sections else record["accuracy"]})  # fmt: skip
+                validation.append(
+                    {
+                        "step": record["step"],
+                        "accuracy": record["accuracy"],
+                        "sections": sections,
+                        "section_mean": float(np.mean(list(sections.values())))
+                        if sections
+                        else record["accuracy"],
+                    }
+                )
     # A resumed run logs its replayed steps again: keep each step's last record.
     train = list({r["step"]: r for r in train}.values())
     validation = list({r["step"]: r for r in validation}.values())
     best = max(validation, key=lambda r: r["section_mean"], default=None)
-    return {"train": train, "validation": validation,
-            "best_step": best["step"] if best else None}  # fmt: skip
+    return {"train": train, "validation": validation, "best_step": best["step"] if best else None}
 
 
 def _sectioned(result: Evaluation) -> dict:

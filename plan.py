@@ -174,8 +174,10 @@ def resolve_topology(name: str) -> Target:
         chip = CHIPS[match.group(1)]
         cores = int(match.group(2))
         if cores % chip.cores_in_slice_name:
-            raise DynrulesError(f"{name}: {chip.name} slice names count {chip.cores_in_slice_name} "
-                                "cores per chip; use an even number")  # fmt: skip
+            raise DynrulesError(
+                f"{name}: {chip.name} slice names count {chip.cores_in_slice_name} "
+                "cores per chip; use an even number"
+            )
         try:
             shape = slice_shape(chip, cores // chip.cores_in_slice_name)
         except DynrulesError as exc:
@@ -193,8 +195,14 @@ def resolve_topology(name: str) -> Target:
     else:
         raise DynrulesError(f"unknown topology {name!r}; use {TOPOLOGY_HELP}")
     canonical = f"{chip.name}:{'x'.join(map(str, shape))}"
-    return Target(canonical, chip.name, _tpu_devices(chip, shape, canonical), chip.hbm_bytes,
-                  chip.peak_bf16_flops, True)  # fmt: skip
+    return Target(
+        canonical,
+        chip.name,
+        _tpu_devices(chip, shape, canonical),
+        chip.hbm_bytes,
+        chip.peak_bf16_flops,
+        True,
+    )
 
 
 def _tpu_devices(chip: Chip, shape: tuple[int, ...], canonical: str) -> list:
@@ -219,8 +227,10 @@ def _tpu_devices(chip: Chip, shape: tuple[int, ...], canonical: str) -> list:
         raise DynrulesError(f"topology {canonical}: {_first_line(exc)}") from exc
     kinds = {device.device_kind for device in devices}
     if kinds != {chip.device_kind}:
-        raise DynrulesError(f"topology {canonical}: libtpu made {sorted(kinds)} devices, "
-                            f"expected {chip.device_kind!r}")  # fmt: skip
+        raise DynrulesError(
+            f"topology {canonical}: libtpu made {sorted(kinds)} devices, "
+            f"expected {chip.device_kind!r}"
+        )
     return list(devices)
 
 
@@ -274,8 +284,15 @@ def plan_training(
         )
     devices = len(target.devices)
     mesh_spec = mesh or f"fsdp={devices}"
-    options = {"seq": seq, "batch": batch, "grad_accum": grad_accum, "mesh": mesh_spec,
-               "dtype": dtype, "param_dtype": param_dtype, "remat": remat}  # fmt: skip
+    options = {
+        "seq": seq,
+        "batch": batch,
+        "grad_accum": grad_accum,
+        "mesh": mesh_spec,
+        "dtype": dtype,
+        "param_dtype": param_dtype,
+        "remat": remat,
+    }
 
     started = time.perf_counter()
     full = _compile_step(config, target, **options)
@@ -326,8 +343,9 @@ class _Compiled:
     note: str
 
 
-def _compile_step(config, target: Target, *, seq, batch, grad_accum, mesh, dtype, param_dtype,
-                  remat) -> _Compiled:  # fmt: skip
+def _compile_step(
+    config, target: Target, *, seq, batch, grad_accum, mesh, dtype, param_dtype, remat
+) -> _Compiled:
     """Lower and compile train-rm's step for ``config`` on the target's devices."""
     import jax
     import jax.numpy as jnp
@@ -337,10 +355,20 @@ def _compile_step(config, target: Target, *, seq, batch, grad_accum, mesh, dtype
     from dynrules.train.config import make_config
     from dynrules.train.trainer import Trainable
 
-    train_config = make_config({"batch_size": batch, "grad_accum": grad_accum, "max_length": seq,
-                                "dtype": dtype, "param_dtype": param_dtype, "remat": remat,
-                                "backbone": "decoder", "mesh": mesh, "packing": False},
-                               source="plan")  # full-length rows, one text each  # fmt: skip
+    train_config = make_config(
+        {
+            "batch_size": batch,
+            "grad_accum": grad_accum,
+            "max_length": seq,
+            "dtype": dtype,
+            "param_dtype": param_dtype,
+            "remat": remat,
+            "backbone": "decoder",
+            "mesh": mesh,
+            "packing": False,
+        },
+        source="plan",
+    )  # full-length rows, one text each
     device_mesh = shd.make_mesh(mesh, devices=target.devices)
     micro = batch // grad_accum
     shards = shd.batch_shards(device_mesh)
@@ -353,9 +381,11 @@ def _compile_step(config, target: Target, *, seq, batch, grad_accum, mesh, dtype
     trainable = Trainable.build(spec, train_config, device_mesh)
     state = trainable.abstract_state
     shardings = trainable.batch_shardings()
-    shapes = {"ids": ((grad_accum, micro, 2, seq), jnp.int32),
-              "lengths": ((grad_accum, micro, 2), jnp.int32),
-              "margins": ((grad_accum, micro), jnp.float32)}  # fmt: skip
+    shapes = {
+        "ids": ((grad_accum, micro, 2, seq), jnp.int32),
+        "lengths": ((grad_accum, micro, 2), jnp.int32),
+        "margins": ((grad_accum, micro), jnp.float32),
+    }
     abstract_batch = {
         key: jax.ShapeDtypeStruct(shape, dtype_, sharding=shardings[key])
         for key, (shape, dtype_) in shapes.items()
@@ -460,12 +490,20 @@ def plan_judge(
             f"seq {seq} exceeds the model's {config.max_position_embeddings} positions"
         )
     if prefix_tokens + question_tokens > seq:
-        raise DynrulesError(f"a row of {seq} tokens does not hold a conversation of "
-                            f"{prefix_tokens} and one question of {question_tokens}")  # fmt: skip
+        raise DynrulesError(
+            f"a row of {seq} tokens does not hold a conversation of "
+            f"{prefix_tokens} and one question of {question_tokens}"
+        )
     questions = (seq - prefix_tokens) // question_tokens
     devices = len(target.devices)
-    options = {"seq": seq, "batch": batch, "mesh": mesh or f"fsdp={devices}", "dtype": dtype,
-               "questions": questions, "prefix_tokens": prefix_tokens}  # fmt: skip
+    options = {
+        "seq": seq,
+        "batch": batch,
+        "mesh": mesh or f"fsdp={devices}",
+        "dtype": dtype,
+        "questions": questions,
+        "prefix_tokens": prefix_tokens,
+    }
     started = time.perf_counter()
     full = _compile_judge(config, target, **options)
     probe = options | {"batch": 1, "mesh": ""}
@@ -481,24 +519,44 @@ def plan_judge(
         per_chip = rate / devices * mfu
         needed = math.ceil(2 * pairs * rules / (per_chip * hours * 3600))
     return JudgePlan(
-        task="judge", model=model, topology=target.name, chip=target.chip, devices=devices,
-        mesh=full.mesh, params=full.params, seq=seq, batch=batch, dtype=dtype,
-        state_bytes_per_device=full.state_bytes, bytes_per_device=full.bytes,
+        task="judge",
+        model=model,
+        topology=target.name,
+        chip=target.chip,
+        devices=devices,
+        mesh=full.mesh,
+        params=full.params,
+        seq=seq,
+        batch=batch,
+        dtype=dtype,
+        state_bytes_per_device=full.state_bytes,
+        bytes_per_device=full.bytes,
         hbm_per_device=target.hbm_per_device,
         fits=full.bytes is not None and full.bytes <= target.hbm_per_device,
-        flops_per_device=flops_per_device, flops_per_step=flops_per_step,
+        flops_per_device=flops_per_device,
+        flops_per_step=flops_per_step,
         model_flops_per_step=batch * seq * _forward_flops_per_token(config, seq)
         + 2.0 * batch * questions * config.hidden_size * config.vocab_size,
-        peak_flops_per_device=peak, step_seconds_at_peak=step_at_peak,
-        compile_seconds=round(seconds, 1), prefix_tokens=prefix_tokens,
-        question_tokens=question_tokens, questions_per_row=questions,
-        ratings_per_step=ratings_per_step, ratings_per_s_at_peak=rate, pairs=pairs, rules=rules,
-        hours=hours, mfu=mfu, chips_needed=needed, note=full.note or probe_note,
-    )  # fmt: skip
+        peak_flops_per_device=peak,
+        step_seconds_at_peak=step_at_peak,
+        compile_seconds=round(seconds, 1),
+        prefix_tokens=prefix_tokens,
+        question_tokens=question_tokens,
+        questions_per_row=questions,
+        ratings_per_step=ratings_per_step,
+        ratings_per_s_at_peak=rate,
+        pairs=pairs,
+        rules=rules,
+        hours=hours,
+        mfu=mfu,
+        chips_needed=needed,
+        note=full.note or probe_note,
+    )
 
 
-def _compile_judge(config, target: Target, *, seq, batch, mesh, dtype, questions,
-                   prefix_tokens) -> _Compiled:  # fmt: skip
+def _compile_judge(
+    config, target: Target, *, seq, batch, mesh, dtype, questions, prefix_tokens
+) -> _Compiled:
     """Lower and compile the judge's shared-prefix forward for ``config`` on the target."""
     import jax
     import jax.numpy as jnp
@@ -512,28 +570,44 @@ def _compile_judge(config, target: Target, *, seq, batch, mesh, dtype, questions
     device_mesh = shd.make_mesh(mesh, devices=target.devices)
     shards = shd.batch_shards(device_mesh)
     if batch % shards:
-        raise DynrulesError(f"a batch of {batch} rows does not split over the {shards} batch "
-                            f"shards of mesh {shd.mesh_description(device_mesh)}; raise --batch "
-                            "or put devices on tensor (--mesh)")  # fmt: skip
+        raise DynrulesError(
+            f"a batch of {batch} rows does not split over the {shards} batch "
+            f"shards of mesh {shd.mesh_description(device_mesh)}; raise --batch "
+            "or put devices on tensor (--mesh)"
+        )
     compute = COMPUTE_DTYPES[dtype]
-    abstract = nnx.eval_shape(lambda: LlamaDecoder(
-        config, rngs=nnx.Rngs(0), dtype=compute, param_dtype=compute, lm_head=True,
-        constrain=shd.ActivationSharding(device_mesh)))  # fmt: skip
+    abstract = nnx.eval_shape(
+        lambda: LlamaDecoder(
+            config,
+            rngs=nnx.Rngs(0),
+            dtype=compute,
+            param_dtype=compute,
+            lm_head=True,
+            constrain=shd.ActivationSharding(device_mesh),
+        )
+    )
     graphdef, state = nnx.split(abstract)
     params = shd.abstract_params(state, device_mesh)
     rows = shd.batch_sharding(device_mesh, 2)
     span = seq - prefix_tokens  # a row: one conversation, then its questions
-    shapes = {"prefix_ids": (batch, prefix_tokens), "prefix_lengths": (batch,),
-              "ids": (batch, span), "segments": (batch, span), "positions": (batch, span),
-              "prefix_of_row": (batch,), "answer_at": (batch, questions)}  # fmt: skip
+    shapes = {
+        "prefix_ids": (batch, prefix_tokens),
+        "prefix_lengths": (batch,),
+        "ids": (batch, span),
+        "segments": (batch, span),
+        "positions": (batch, span),
+        "prefix_of_row": (batch,),
+        "answer_at": (batch, questions),
+    }
     abstract_batch = {
         key: jax.ShapeDtypeStruct(
             shape, jnp.int32, sharding=shd.batch_sharding(device_mesh, len(shape))
         )
         for key, shape in shapes.items()
     }
-    classes = jax.ShapeDtypeStruct((config.vocab_size, ANSWERS), jnp.float32,
-                                   sharding=shd.replicated(device_mesh))  # fmt: skip
+    classes = jax.ShapeDtypeStruct(
+        (config.vocab_size, ANSWERS), jnp.float32, sharding=shd.replicated(device_mesh)
+    )
 
     def forward(params, batch, classes):
         return shared_prefix_forward(nnx.merge(graphdef, params), batch, classes)
@@ -557,12 +631,17 @@ def _compiled(
         needed = _bytes_needed(str(exc))
         if not (target.out_of_memory_is_an_error and "RESOURCE_EXHAUSTED" in str(exc)):
             raise DynrulesError(f"compiling for {target.name}: {_first_line(exc)}") from exc
-        return _Compiled(mesh_sizes, params, state_bytes, needed, None,
-                         f"does not fit: {_first_line(exc)}")  # fmt: skip
+        return _Compiled(
+            mesh_sizes, params, state_bytes, needed, None, f"does not fit: {_first_line(exc)}"
+        )
     memory = compiled.memory_analysis()
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-             + memory.generated_code_size_in_bytes)  # fmt: skip
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
+    )
     return _Compiled(mesh_sizes, params, state_bytes, int(total), _flops(compiled), "")
 
 
@@ -630,15 +709,25 @@ def render_plan(plan: TrainingPlan | JudgePlan) -> str:
     mesh = ",".join(f"{axis}={size}" for axis, size in plan.mesh.items())
     seconds = plan.step_seconds_at_peak
     if isinstance(plan, JudgePlan):
-        step = [("step", f"{plan.batch} rows × {plan.seq} tokens: a conversation of "
-                         f"{plan.prefix_tokens} and {plan.questions_per_row} questions of "
-                         f"{plan.question_tokens}; {plan.dtype}"),
-                ("weights", f"{_size(plan.state_bytes_per_device)} per device")]  # fmt: skip
+        step = [
+            (
+                "step",
+                f"{plan.batch} rows × {plan.seq} tokens: a conversation of "
+                f"{plan.prefix_tokens} and {plan.questions_per_row} questions of "
+                f"{plan.question_tokens}; {plan.dtype}",
+            ),
+            ("weights", f"{_size(plan.state_bytes_per_device)} per device"),
+        ]
     else:
-        step = [("step", f"{plan.batch} pairs × 2 texts × {plan.seq} tokens, {plan.grad_accum} "
-                         f"micro-batch(es); {plan.dtype} compute, {plan.param_dtype} params, "
-                         f"remat {plan.remat}"),
-                ("params+optimizer", f"{_size(plan.state_bytes_per_device)} per device")]  # fmt: skip
+        step = [
+            (
+                "step",
+                f"{plan.batch} pairs × 2 texts × {plan.seq} tokens, {plan.grad_accum} "
+                f"micro-batch(es); {plan.dtype} compute, {plan.param_dtype} params, "
+                f"remat {plan.remat}",
+            ),
+            ("params+optimizer", f"{_size(plan.state_bytes_per_device)} per device"),
+        ]
     rows = [
         ("model", f"{plan.model} ({plan.params / 1e9:.2f} B parameters)"),
         ("topology", f"{plan.topology} ({plan.devices} devices, {plan.chip})"),
@@ -646,17 +735,29 @@ def render_plan(plan: TrainingPlan | JudgePlan) -> str:
         *step,
         ("memory", f"{_size(plan.bytes_per_device)} per device of {_size(plan.hbm_per_device)}"),
         ("fits", "yes" if plan.fits else "NO"),
-        ("FLOPs per step", f"{_size(plan.flops_per_step, 'FLOP')} (compiler), "
-                           f"{_size(plan.model_flops_per_step, 'FLOP')} (model)"),
-        ("step at peak", "unknown (no peak FLOP/s for this chip)" if seconds is None
-         else f"{seconds:.3g} s ({_size(plan.peak_flops_per_device, 'FLOP/s')} per device)"),
+        (
+            "FLOPs per step",
+            f"{_size(plan.flops_per_step, 'FLOP')} (compiler), "
+            f"{_size(plan.model_flops_per_step, 'FLOP')} (model)",
+        ),
+        (
+            "step at peak",
+            "unknown (no peak FLOP/s for this chip)"
+            if seconds is None
+            else f"{seconds:.3g} s ({_size(plan.peak_flops_per_device, 'FLOP/s')} per device)",
+        ),
         ("compile", f"{plan.compile_seconds} s"),
-    ]  # fmt: skip
+    ]
     if isinstance(plan, JudgePlan) and plan.ratings_per_s_at_peak is not None:
         rows.append(("ratings at peak", f"{plan.ratings_per_s_at_peak:,.0f} /s"))
-        rows.append(("chips needed", f"{plan.chips_needed} to rate {plan.pairs:,} pairs × "
-                                     f"{plan.rules} rules × 2 in {plan.hours:g} h at "
-                                     f"{plan.mfu:.0%} MFU"))  # fmt: skip
+        rows.append(
+            (
+                "chips needed",
+                f"{plan.chips_needed} to rate {plan.pairs:,} pairs × "
+                f"{plan.rules} rules × 2 in {plan.hours:g} h at "
+                f"{plan.mfu:.0%} MFU",
+            )
+        )
     if plan.note:
         rows.append(("note", plan.note))
     width = max(len(name) for name, _ in rows)

@@ -256,17 +256,31 @@ def training_curves_plot(curves: dict, path: Path) -> Path:
     for colour, (name, curve) in zip(
         ("tab:red", "tab:blue", "tab:green"), curves.items(), strict=False
     ):
-        loss_axis.plot([r["step"] for r in curve["train"]], [r["loss"] for r in curve["train"]],
-                       color=colour, marker=".", label=f"{name.removesuffix('s')} labels")  # fmt: skip
+        loss_axis.plot(
+            [r["step"] for r in curve["train"]],
+            [r["loss"] for r in curve["train"]],
+            color=colour,
+            marker=".",
+            label=f"{name.removesuffix('s')} labels",
+        )
         points = curve["validation"]
         sections = sorted(points[0]["sections"]) if points else []
         for style, section in zip(itertools.cycle(styles), sections, strict=False):
-            accuracy_axis.plot([r["step"] for r in points], [r["sections"][section] for r in points],
-                               color=colour, linestyle=style, marker="o",
-                               label=f"{name.removesuffix('s')} labels: {section.replace('_', ' ')}")  # fmt: skip
+            accuracy_axis.plot(
+                [r["step"] for r in points],
+                [r["sections"][section] for r in points],
+                color=colour,
+                linestyle=style,
+                marker="o",
+                label=f"{name.removesuffix('s')} labels: {section.replace('_', ' ')}",
+            )
     loss_axis.set(xlabel="step", ylabel="Bradley–Terry loss", title="Training loss")
-    accuracy_axis.set(xlabel="step", ylabel="accuracy (human labels)",
-                      title="Validation accuracy per section", ylim=(0, 1))  # fmt: skip
+    accuracy_axis.set(
+        xlabel="step",
+        ylabel="accuracy (human labels)",
+        title="Validation accuracy per section",
+        ylim=(0, 1),
+    )
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)

@@ -75,25 +75,48 @@ KEEP_ALIVE_S = 75
 class ServeConfig:
     """Options of ``dynrules serve``; each field's metadata carries its command-line help."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (loopback by default)."})  # fmt: skip
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "Address to bind (loopback by default)."}
+    )
     port: int = field(default=8000, metadata={"help": "Port to bind."})
-    api_key_env: str | None = field(default=None, metadata={
-        "help": "Environment variable holding the API key; then every request but /health needs "
-                "'Authorization: Bearer <key>'."})  # fmt: skip
-    max_batch: int = field(default=256, metadata={"help": "Most items gathered into one model batch."})  # fmt: skip
-    max_wait_ms: float = field(default=5.0, metadata={
-        "help": "Longest a request waits for others to join its batch."})  # fmt: skip
-    max_items: int = field(default=1024, metadata={"help": "Most items (or queries) in one request."})  # fmt: skip
+    api_key_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "Environment variable holding the API key; then every request but /health needs "
+            "'Authorization: Bearer <key>'."
+        },
+    )
+    max_batch: int = field(
+        default=256, metadata={"help": "Most items gathered into one model batch."}
+    )
+    max_wait_ms: float = field(
+        default=5.0, metadata={"help": "Longest a request waits for others to join its batch."}
+    )
+    max_items: int = field(
+        default=1024, metadata={"help": "Most items (or queries) in one request."}
+    )
     max_body_bytes: int = field(default=8 * 2**20, metadata={"help": "Largest request body."})
-    batch_size: int = field(default=64, metadata={"help": "Rows of a full model batch (short texts)."})  # fmt: skip
-    row_tiers: int = field(default=4, metadata={
-        "help": "Programs per length bucket, for full, 1/2, 1/4 ... batches: more compile longer "
-                "at start-up and pad small batches less."})  # fmt: skip
+    batch_size: int = field(
+        default=64, metadata={"help": "Rows of a full model batch (short texts)."}
+    )
+    row_tiers: int = field(
+        default=4,
+        metadata={
+            "help": "Programs per length bucket, for full, 1/2, 1/4 ... batches: more compile longer "
+            "at start-up and pad small batches less."
+        },
+    )
     mesh: str = ""
-    model_name: str | None = field(default=None, metadata={
-        "help": "Name given in replies [default: the RUN directory's name]."})  # fmt: skip
-    strip_tokens: tuple[str, ...] = field(default=(), metadata={
-        "help": "Comma-separated policy pad/eos tokens stripped from both ends of OpenRLHF queries."})  # fmt: skip
+    model_name: str | None = field(
+        default=None,
+        metadata={"help": "Name given in replies [default: the RUN directory's name]."},
+    )
+    strip_tokens: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Comma-separated policy pad/eos tokens stripped from both ends of OpenRLHF queries."
+        },
+    )
     access_log: bool = False
 
     def __post_init__(self):
@@ -133,17 +156,36 @@ class Metrics:
 
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("dynrules_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)  # fmt: skip
-        self.latency = Histogram("dynrules_request_seconds", "Time to answer a request", ["endpoint"], registry=r,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))  # fmt: skip
-        self.in_progress = Gauge("dynrules_requests_in_progress", "Requests being answered", registry=r)  # fmt: skip
+        self.requests = Counter(
+            "dynrules_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "dynrules_request_seconds",
+            "Time to answer a request",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.in_progress = Gauge(
+            "dynrules_requests_in_progress", "Requests being answered", registry=r
+        )
         self.rewards = Counter("dynrules_rewards", "Rewards computed", registry=r)
-        self.truncated = Counter("dynrules_truncated_texts", "Texts cut to the model's length", registry=r)  # fmt: skip
-        self.whole_queries = Counter("dynrules_whole_queries", "OpenRLHF queries scored whole (no prompt found in them)", registry=r)  # fmt: skip
-        self.batch_items = Histogram("dynrules_batch_items", "Items per model batch", registry=r,
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))  # fmt: skip
-        self.batch_seconds = Histogram("dynrules_batch_seconds", "Model time per batch", registry=r)  # fmt: skip
-        self.ready = Gauge("dynrules_ready", "1 once every program is compiled", registry=r)  # fmt: skip
+        self.truncated = Counter(
+            "dynrules_truncated_texts", "Texts cut to the model's length", registry=r
+        )
+        self.whole_queries = Counter(
+            "dynrules_whole_queries",
+            "OpenRLHF queries scored whole (no prompt found in them)",
+            registry=r,
+        )
+        self.batch_items = Histogram(
+            "dynrules_batch_items",
+            "Items per model batch",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )
+        self.batch_seconds = Histogram("dynrules_batch_seconds", "Model time per batch", registry=r)
+        self.ready = Gauge("dynrules_ready", "1 once every program is compiled", registry=r)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -280,8 +322,9 @@ def _item_records(items: list) -> list[dict]:
             if name not in item:
                 raise RequestError(422, f"items[{i}]: missing field {name!r}")
             if not isinstance(item[name], str):
-                raise RequestError(422, f"items[{i}].{name} must be a string, "
-                                        f"got {type(item[name]).__name__}")  # fmt: skip
+                raise RequestError(
+                    422, f"items[{i}].{name} must be a string, got {type(item[name]).__name__}"
+                )
         unknown = sorted(set(item) - set(ITEM_FIELDS))
         if unknown:
             raise RequestError(422, f"items[{i}]: unknown field {unknown[0]!r}")
@@ -404,8 +447,11 @@ class _Guard:
             if self._expected is not None and scope["path"] not in OPEN_PATHS:
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(given, self._expected):
-                    reply = JSONResponse({"error": "missing or wrong API key (Authorization: Bearer <key>)"},
-                                         401, headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                    reply = JSONResponse(
+                        {"error": "missing or wrong API key (Authorization: Bearer <key>)"},
+                        401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
                     return await reply(scope, receive, send_and_count)
             await self.app(scope, receive, send_and_count)
         finally:
@@ -506,7 +552,9 @@ def load_scorer(run: str | Path, config: ServeConfig):
         run, mesh_spec=config.mesh, batch_size=config.batch_size, row_tiers=config.row_tiers
     )
     if scorer.spec.num_outputs != 1:
-        raise DynrulesError(f"{run}: {scorer.spec.num_outputs} outputs; serving needs a reward model")  # fmt: skip
+        raise DynrulesError(
+            f"{run}: {scorer.spec.num_outputs} outputs; serving needs a reward model"
+        )
     return scorer
 
 
@@ -516,7 +564,11 @@ def uvicorn_server(app, config: ServeConfig):
     from uvicorn.config import LOGGING_CONFIG
 
     logging_config = copy.deepcopy(LOGGING_CONFIG)
-    logging_config["loggers"]["dynrules"] = {"handlers": ["default"], "level": "INFO", "propagate": False}  # fmt: skip
+    logging_config["loggers"]["dynrules"] = {
+        "handlers": ["default"],
+        "level": "INFO",
+        "propagate": False,
+    }
     return uvicorn.Server(
         uvicorn.Config(
             app,
@@ -534,7 +586,9 @@ def serve(run: str | Path, config: ServeConfig) -> None:
     """Serve ``run``'s reward model until SIGTERM/SIGINT (blocking; see the module doc)."""
     api_key = api_key_from_env(config.api_key_env)
     if config.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        log.warning("serving on %s without an API key: anyone who can reach it may use it", config.host)  # fmt: skip
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it may use it", config.host
+        )
     scorer = load_scorer(run, config)
     name = config.model_name or Path(run).resolve().name
     failed = []
@@ -543,7 +597,9 @@ def serve(run: str | Path, config: ServeConfig) -> None:
         failed.append(True)
         server.should_exit = True
 
-    server = uvicorn_server(create_app(scorer, config, name=name, api_key=api_key, on_fatal=on_fatal), config)  # fmt: skip
+    server = uvicorn_server(
+        create_app(scorer, config, name=name, api_key=api_key, on_fatal=on_fatal), config
+    )
     server.run()
     if failed:
         raise DynrulesError(f"{run}: the model failed to compile; see the log above")

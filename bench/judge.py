@@ -484,8 +484,14 @@ def bench_judge_local(
             threads = str(os.cpu_count() or 1)
             options = ("--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096")
             with LlamaServer(Path(model), Path(work) / "server.log", *options) as server:
-                client = OpenAIJudge(pool, base_url=server.url, model=ALIAS, endpoint="chat",
-                                     concurrency=1, top_logprobs=100)  # fmt: skip
+                client = OpenAIJudge(
+                    pool,
+                    base_url=server.url,
+                    model=ALIAS,
+                    endpoint="chat",
+                    concurrency=1,
+                    top_logprobs=100,
+                )
                 rate_in_memory(client, warm_up)
                 started = time.perf_counter()
                 a, b, relevance, llamacpp_failed = rate_in_memory(client, records, np.nan)

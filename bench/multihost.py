@@ -25,9 +25,14 @@ SIDES = {"1 process x 2 devices": (1, 2), "2 processes x 1 device": (2, 1)}
 
 
 def bench_multihost(
-    *, pairs_per_step: int = 8, max_length: int = 128, steps: int = 20, log_every: int = 5,
-    model: str = "", repeats: int = 2,
-) -> dict:  # fmt: skip
+    *,
+    pairs_per_step: int = 8,
+    max_length: int = 128,
+    steps: int = 20,
+    log_every: int = 5,
+    model: str = "",
+    repeats: int = 2,
+) -> dict:
     """Steady-state training pairs/s of each side (best of ``repeats``), their ratio, final losses."""
     if steps < 2 * log_every or steps % log_every:
         raise DynrulesError("bench multihost: steps must be two or more whole log windows")
@@ -36,15 +41,36 @@ def bench_multihost(
     with tempfile.TemporaryDirectory(prefix="dynrules-bench-multihost-") as tmp:
         pairs = Path(tmp) / "pairs.jsonl"
         pairs.write_text("".join(json.dumps(p) + "\n" for p in synthetic_pairs(pairs_per_step * 8)))
-        overrides = [f"steps={steps}", f"batch_size={pairs_per_step}", f"max_length={max_length}",
-                     f"log_every={log_every}", f"checkpoint_every={steps}", "eval_fraction=0",
-                     "learning_rate=1e-5", *([f"model={model}"] if model else [])]  # fmt: skip
+        overrides = [
+            f"steps={steps}",
+            f"batch_size={pairs_per_step}",
+            f"max_length={max_length}",
+            f"log_every={log_every}",
+            f"checkpoint_every={steps}",
+            "eval_fraction=0",
+            "learning_rate=1e-5",
+            *([f"model={model}"] if model else []),
+        ]
         turns = [side for _ in range(repeats) for side in SIDES.items()]
         for turn, (name, (processes, devices)) in enumerate(turns):
             run = Path(tmp) / f"run-{turn}"
-            command = [sys.executable, "-m", "dynrules", "launch", "-n", str(processes),
-                       "--devices-per-process", str(devices), "--", "train-rm", str(pairs),
-                       "--out", str(run), "--json", *overrides]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "dynrules",
+                "launch",
+                "-n",
+                str(processes),
+                "--devices-per-process",
+                str(devices),
+                "--",
+                "train-rm",
+                str(pairs),
+                "--out",
+                str(run),
+                "--json",
+                *overrides,
+            ]
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True)
             wall[name].append(round(time.perf_counter() - started, 2))
@@ -69,7 +95,7 @@ def bench_multihost(
             "log_every": log_every,
             "model": model or "all-MiniLM-L6-v2",
             "repeats": repeats,
-        },  # fmt: skip
+        },
         "results": results,
         "ratios": {"two_processes_over_one": two / one},
         "final_loss": final_loss,

@@ -29,8 +29,10 @@ HH_DATA = (
     / "hh-rlhf-harmless-base-test.jsonl.gz"
 )
 TORCH_HINT = "the PyTorch side needs torch and transformers: pip install torch==2.13.0 transformers"
-WORDS = ("the model should refuse harmful requests and help with safe ones while explaining why "
-         "a careful assistant gives accurate answers about health chemistry security and law").split()  # fmt: skip
+WORDS = (
+    "the model should refuse harmful requests and help with safe ones while explaining why "
+    "a careful assistant gives accurate answers about health chemistry security and law"
+).split()
 
 
 def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
@@ -45,7 +47,7 @@ def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
             "prompt": sentence(int(rng.integers(5, 30))),
             "chosen": sentence(int(rng.integers(10, 120))),
             "rejected": sentence(int(rng.integers(10, 120))),
-        }  # fmt: skip
+        }
         for _ in range(count)
     ]
 
@@ -112,8 +114,9 @@ def _torch_model(torch, transformers, model, workdir):
     if model.spec.kind == "encoder":
         return _torch_reward_model(torch, transformers, model.source, model.params["head_kernel"])
     directory = workdir / "model"
-    mdl.export_model(jax.tree.map(np.asarray, model.params), model.spec, model.tokenizer,
-                     directory, model.chat)  # fmt: skip
+    mdl.export_model(
+        jax.tree.map(np.asarray, model.params), model.spec, model.tokenizer, directory, model.chat
+    )
     classifier = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(directory), dtype=torch.float32, attn_implementation="sdpa"
     )
@@ -129,8 +132,10 @@ def _torch_model(torch, transformers, model, workdir):
     return RewardModel()
 
 
-MODEL_NAMES = {"encoder": "all-MiniLM-L6-v2 reward model",
-               "decoder": "SmolLM2-135M-Instruct reward model (LlamaForSequenceClassification)"}  # fmt: skip
+MODEL_NAMES = {
+    "encoder": "all-MiniLM-L6-v2 reward model",
+    "decoder": "SmolLM2-135M-Instruct reward model (LlamaForSequenceClassification)",
+}
 
 
 def hh_pairs(path: str | Path | None = None) -> list:
@@ -179,9 +184,16 @@ def _torch_padded(torch, seqs: list[np.ndarray], pad_id: int) -> tuple:
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_length: int = 512,
-                steps: int = 6, seconds: float = 20.0, data: str | Path | None = None,
-                seed: int = 0) -> dict:  # fmt: skip
+def bench_train(
+    *,
+    backbone: str = "encoder",
+    pairs_per_step: int = 8,
+    max_length: int = 512,
+    steps: int = 6,
+    seconds: float = 20.0,
+    data: str | Path | None = None,
+    seed: int = 0,
+) -> dict:
     """Training pairs/s and real tokens/s on HH harmless pairs: JAX with packed rows, JAX with
     one text a row (length buckets), and PyTorch + transformers with its usual padded batches
     (each step's texts padded to the longest of them). The same reward model, the same ``steps``
@@ -205,8 +217,14 @@ def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_lengt
     tokens = TokenizedPairs.build(pairs, model.tokenizer, model.spec.max_length, model.render)
     mesh = shd.make_mesh("", jax.devices()[:1])
     pad_id = model.tokenizer.pad_id
-    order = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
-                        max_length=max_length, pad_id=pad_id)  # the steps' pairs, every side  # fmt: skip
+    order = PairBatches(
+        tokens,
+        seed=seed,
+        batch_size=pairs_per_step,
+        grad_accum=1,
+        max_length=max_length,
+        pad_id=pad_id,
+    )  # the steps' pairs, every side
     step_texts = [
         np.stack([2 * order.indices(s), 2 * order.indices(s) + 1], 1).ravel() for s in range(steps)
     ]
@@ -214,12 +232,24 @@ def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_lengt
     counts = [pairs_per_step] * steps
     results, computed = {}, {}
     for packing in (True, False):
-        config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=max_length,
-                             learning_rate=1e-5, backbone=backbone, packing=packing)  # fmt: skip
+        config = TrainConfig(
+            steps=10_000,
+            batch_size=pairs_per_step,
+            max_length=max_length,
+            learning_rate=1e-5,
+            backbone=backbone,
+            packing=packing,
+        )
         trainable = Trainable.build(model.spec, config, mesh)
-        batcher = PairBatches(tokens, seed=seed, batch_size=pairs_per_step, grad_accum=1,
-                              max_length=model.spec.max_length, pad_id=pad_id,
-                              packing=trainable.row_layout() if packing else None)  # fmt: skip
+        batcher = PairBatches(
+            tokens,
+            seed=seed,
+            batch_size=pairs_per_step,
+            grad_accum=1,
+            max_length=model.spec.max_length,
+            pad_id=pad_id,
+            packing=trainable.row_layout() if packing else None,
+        )
         host = [batcher.batch(s) for s in range(steps)]
         padded = [int(np.prod(b["ids"].shape)) for b in host]
         batches = [trainable.global_batch(b) for b in host]
@@ -258,12 +288,21 @@ def bench_train(*, backbone: str = "encoder", pairs_per_step: int = 8, max_lengt
     results["torch_padded"] = _rates(
         *_timed(torch_run, torch_batches, seconds), counts, real, padded
     )
-    return _report("train", backbone, results, {
-        "pairs_per_step": pairs_per_step, "steps": steps, "max_length": model.spec.max_length,
-        "data": "HH-RLHF harmless-base test", "real_tokens_per_step": float(np.mean(real)),
-        "jax_batch_shapes": {k: [list(v) for v in shapes] for k, shapes in computed.items()},
-        "torch": torch.__version__, "threads": os.cpu_count(),
-    })  # fmt: skip
+    return _report(
+        "train",
+        backbone,
+        results,
+        {
+            "pairs_per_step": pairs_per_step,
+            "steps": steps,
+            "max_length": model.spec.max_length,
+            "data": "HH-RLHF harmless-base test",
+            "real_tokens_per_step": float(np.mean(real)),
+            "jax_batch_shapes": {k: [list(v) for v in shapes] for k, shapes in computed.items()},
+            "torch": torch.__version__,
+            "threads": os.cpu_count(),
+        },
+    )
 
 
 def _report(kind: str, backbone: str, results: dict, setup: dict) -> dict:
@@ -281,8 +320,15 @@ def _report(kind: str, backbone: str, results: dict, setup: dict) -> dict:
     }
 
 
-def bench_score(*, backbone: str = "encoder", pairs: int = 256, batch_size: int = 64,
-                max_length: int = 512, data: str | Path | None = None, seed: int = 0) -> dict:  # fmt: skip
+def bench_score(
+    *,
+    backbone: str = "encoder",
+    pairs: int = 256,
+    batch_size: int = 64,
+    max_length: int = 512,
+    data: str | Path | None = None,
+    seed: int = 0,
+) -> dict:
     """Scoring pairs/s and real tokens/s (both texts of each pair) on HH harmless pairs: the JAX
     scorer with packed rows and with one text a row (both sort by length into buckets), against
     PyTorch + transformers with its usual batches (``batch_size`` texts in input order, padded
@@ -307,13 +353,21 @@ def bench_score(*, backbone: str = "encoder", pairs: int = 256, batch_size: int 
         reference = _torch_model(torch, transformers, model, Path(workdir)).eval()
         for packing in (True, False):
             if backbone == "decoder":
-                scorer = Scorer.from_model_dir(Path(workdir) / "model", batch_size=batch_size,
-                                               packing=packing)  # fmt: skip
+                scorer = Scorer.from_model_dir(
+                    Path(workdir) / "model", batch_size=batch_size, packing=packing
+                )
             else:
                 graphdef, abstract = mdl.abstract_model(model.spec)
                 params = shd.place(model.params, shd.abstract_params(abstract, mesh))
-                scorer = Scorer(graphdef, params, model.tokenizer, mesh, max_length=model.spec.max_length,
-                                batch_size=batch_size, packing=packing)  # fmt: skip
+                scorer = Scorer(
+                    graphdef,
+                    params,
+                    model.tokenizer,
+                    mesh,
+                    max_length=model.spec.max_length,
+                    batch_size=batch_size,
+                    packing=packing,
+                )
             tokens = scorer.tokenizer.encode(texts, model.spec.max_length)
             scorer(texts)  # compile every program it needs
             started = time.perf_counter()
@@ -322,8 +376,10 @@ def bench_score(*, backbone: str = "encoder", pairs: int = 256, batch_size: int 
             seconds = time.perf_counter() - started
             padded = sum(b.rows * b.width for b in scorer.plan(tokens.lengths))
             results[name] = _rates(seconds, [0], [pairs], [int(tokens.lengths.sum())], [padded])
-    batches = [_torch_padded(torch, tokens.ids[i : i + batch_size], scorer.tokenizer.pad_id)
-               for i in range(0, len(texts), batch_size)]  # fmt: skip
+    batches = [
+        _torch_padded(torch, tokens.ids[i : i + batch_size], scorer.tokenizer.pad_id)
+        for i in range(0, len(texts), batch_size)
+    ]
     out = []
     with torch.inference_mode():
         reference(*batches[0])  # warm-up
@@ -334,11 +390,20 @@ def bench_score(*, backbone: str = "encoder", pairs: int = 256, batch_size: int 
     padded = sum(int(np.prod(ids.shape)) for ids, _ in batches)
     results["torch_padded"] = _rates(seconds, [0], [pairs], [int(tokens.lengths.sum())], [padded])
     torch_rewards = np.concatenate(out)
-    report = _report("score", backbone, results, {
-        "pairs": pairs, "batch_size": batch_size, "max_length": model.spec.max_length,
-        "data": "HH-RLHF harmless-base test", "real_tokens": int(tokens.lengths.sum()),
-        "threads": os.cpu_count(), "torch": torch.__version__,
-    })  # fmt: skip
+    report = _report(
+        "score",
+        backbone,
+        results,
+        {
+            "pairs": pairs,
+            "batch_size": batch_size,
+            "max_length": model.spec.max_length,
+            "data": "HH-RLHF harmless-base test",
+            "real_tokens": int(tokens.lengths.sum()),
+            "threads": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+    )
     report["max_reward_difference"] = {
         "packed_vs_torch": float(np.abs(rewards["jax_packed"] - torch_rewards).max()),
         "packed_vs_unpacked": float(np.abs(rewards["jax_packed"] - rewards["jax_unpacked"]).max()),
@@ -380,16 +445,24 @@ def _random_decoder(
     from dynrules.train.trainer import Trainable
 
     backbone = preset_config(preset)
-    config = TrainConfig(steps=10_000, batch_size=pairs_per_step, max_length=seq, dtype=dtype,
-                         param_dtype=param_dtype, remat=remat, backbone="decoder",
-                         packing=False)  # full-length rows: nothing to pack; keeps cuDNN  # fmt: skip
+    config = TrainConfig(
+        steps=10_000,
+        batch_size=pairs_per_step,
+        max_length=seq,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=remat,
+        backbone="decoder",
+        packing=False,
+    )  # full-length rows: nothing to pack; keeps cuDNN
     spec = mdl.ModelSpec(backbone, max_length=seq)
     trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
     width = backbone.hidden_size
 
     def init():
-        model = mdl.Classifier(spec, rngs=nnx.Rngs(seed),
-                               param_dtype=mdl.COMPUTE_DTYPES[param_dtype])  # fmt: skip
+        model = mdl.Classifier(
+            spec, rngs=nnx.Rngs(seed), param_dtype=mdl.COMPUTE_DTYPES[param_dtype]
+        )
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         # A head of std 1/√width gives rewards of order one, so that differences mean something.
         head = jax.random.normal(jax.random.key(seed + 1), params["head_kernel"].shape)
@@ -402,11 +475,13 @@ def _random_decoder(
 def _random_batch(trainable, vocab_size: int, pairs_per_step: int, seq: int, seed: int) -> dict:
     """Full-length random token ids (no padding), one micro-batch."""
     rng = np.random.default_rng(seed)
-    return trainable.global_batch({
-        "ids": rng.integers(1, vocab_size, (1, pairs_per_step, 2, seq)).astype(np.int32),
-        "lengths": np.full((1, pairs_per_step, 2), seq, np.int32),
-        "margins": np.zeros((1, pairs_per_step), np.float32),
-    })  # fmt: skip
+    return trainable.global_batch(
+        {
+            "ids": rng.integers(1, vocab_size, (1, pairs_per_step, 2, seq)).astype(np.int32),
+            "lengths": np.full((1, pairs_per_step, 2), seq, np.int32),
+            "margins": np.zeros((1, pairs_per_step), np.float32),
+        }
+    )
 
 
 def bench_train_mfu(
@@ -430,8 +505,9 @@ def bench_train_mfu(
     (:func:`torch_train_tokens_per_s`).
     """
     if against_torch:  # first, in a child process, so that each side has the device to itself
-        torch_rate, torch_error = _torch_rate_in_child(preset, seq=seq, pairs_per_step=pairs_per_step,
-                                                       steps=steps, dtype=dtype, remat=remat)  # fmt: skip
+        torch_rate, torch_error = _torch_rate_in_child(
+            preset, seq=seq, pairs_per_step=pairs_per_step, steps=steps, dtype=dtype, remat=remat
+        )
     import jax
 
     from dynrules.models import llama
@@ -466,7 +542,7 @@ def bench_train_mfu(
             "remat": remat,
             "steps": steps,
             "jax": jax.__version__,
-        },  # fmt: skip
+        },
         "results": {
             "tokens_per_s": tokens_per_s,
             "step_seconds": seconds / steps,
@@ -500,8 +576,9 @@ def _torch_rate_in_child(preset: str, **shape) -> tuple[float | None, str | None
             return None, f"{type(error).__name__}: {error}"
 
 
-def torch_train_tokens_per_s(backbone, *, seq: int, pairs_per_step: int, steps: int, dtype: str,
-                             remat: str) -> float:  # fmt: skip
+def torch_train_tokens_per_s(
+    backbone, *, seq: int, pairs_per_step: int, steps: int, dtype: str, remat: str
+) -> float:
     """Training tokens/s of transformers' ``LlamaForSequenceClassification`` of ``backbone``'s
     shape on the first CUDA device: eager PyTorch, float32 master weights, ``torch.autocast`` in
     ``dtype``, SDPA attention without a mask (its causal fast path), fused AdamW, clipping;
@@ -536,8 +613,14 @@ def torch_train_tokens_per_s(backbone, *, seq: int, pairs_per_step: int, steps: 
     return steps * pairs_per_step * 2 * seq / (time.perf_counter() - started)
 
 
-def bench_bf16_numerics(*, preset: str = "llama-3.2-1b", seq: int = 512, pairs_per_step: int = 4,
-                        steps: int = 20, batches: int = 4) -> dict:  # fmt: skip
+def bench_bf16_numerics(
+    *,
+    preset: str = "llama-3.2-1b",
+    seq: int = 512,
+    pairs_per_step: int = 4,
+    steps: int = 20,
+    batches: int = 4,
+) -> dict:
     """bf16 compute against float32 compute (highest matmul precision, no TF32), from the same
     float32 master weights over the same batches: rewards before training, then the training
     loss step by step."""
@@ -551,8 +634,10 @@ def bench_bf16_numerics(*, preset: str = "llama-3.2-1b", seq: int = 512, pairs_p
             backbone, trainable, state, step = _random_decoder(
                 preset, seq, pairs_per_step, dtype=dtype, param_dtype="float32", remat="full"
             )
-            data = [_random_batch(trainable, backbone.vocab_size, pairs_per_step, seq, seed=i)
-                    for i in range(batches)]  # fmt: skip
+            data = [
+                _random_batch(trainable, backbone.vocab_size, pairs_per_step, seq, seed=i)
+                for i in range(batches)
+            ]
             ids = data[0]["ids"][0].reshape(pairs_per_step * 2, seq)
             rewards = jax.jit(mdl.apply, static_argnums=0)(
                 trainable.graphdef, state["params"], ids, data[0]["lengths"][0].reshape(-1)
@@ -574,7 +659,7 @@ def bench_bf16_numerics(*, preset: str = "llama-3.2-1b", seq: int = 512, pairs_p
             "pairs_per_step": pairs_per_step,
             "steps": steps,
             "batches": batches,
-        },  # fmt: skip
+        },
         "results": {
             "reward_std_float32": float(exact["rewards"].std()),
             "max_reward_difference": float(np.abs(bf16["rewards"] - exact["rewards"]).max()),

@@ -46,8 +46,11 @@ def _model_dir(directory: Path, max_length: int, seed: int) -> Path:
     loaded = bert_ckpt.read_checkpoint(None)
     spec = mdl.ModelSpec(loaded.config, max_length=max_length)
     head = np.random.default_rng(seed).normal(0, 0.05, (loaded.config.hidden_size, 1))
-    params = {"encoder": loaded.params, "head_kernel": head.astype(np.float32),
-              "head_bias": np.zeros(1, np.float32)}  # fmt: skip
+    params = {
+        "encoder": loaded.params,
+        "head_kernel": head.astype(np.float32),
+        "head_bias": np.zeros(1, np.float32),
+    }
     mdl.export_model(params, spec, loaded.tokenizer, directory)
     return directory
 
@@ -75,7 +78,7 @@ async def _load(url: str, requests: list[list[dict]], expected: list[np.ndarray]
     limits = httpx.Limits(max_connections=len(requests), max_keepalive_connections=len(requests))
     async with httpx.AsyncClient(limits=limits, timeout=600) as http:
         started = time.perf_counter()
-        await asyncio.gather(*(client(http, r, e) for r, e in zip(requests, expected, strict=True)))  # fmt: skip
+        await asyncio.gather(*(client(http, r, e) for r, e in zip(requests, expected, strict=True)))
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "latencies": np.array(latencies), "failures": failures}
 
@@ -93,8 +96,10 @@ def bench_serve(
 
     n_pairs = clients * requests
     pairs = load_preferences(synthetic_pairs(n_pairs, seed))
-    items = [[{"prompt": p.prompt, "response": p.chosen}, {"prompt": p.prompt, "response": p.rejected}]
-             for p in pairs]  # fmt: skip
+    items = [
+        [{"prompt": p.prompt, "response": p.chosen}, {"prompt": p.prompt, "response": p.rejected}]
+        for p in pairs
+    ]
     texts = [t for p in pairs for t in p.texts()]
     with tempfile.TemporaryDirectory(prefix="dynrules-bench-serve-") as tmp:
         model = _model_dir(Path(tmp) / "model", max_length, seed)
@@ -157,7 +162,7 @@ def bench_serve(
             "c1_requests": c1_requests,
             "items_per_request": 2,
             "cpus": os.cpu_count(),
-        },  # fmt: skip
+        },
         "offline_pairs_per_s": offline_rate,
         "server_pairs_per_s_c1": min(c1_requests, n_pairs) / c1["seconds"],
         "server_pairs_per_s_c64": c64_rate,

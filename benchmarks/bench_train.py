@@ -38,12 +38,20 @@ def main() -> None:
     elif args.mode == "score":
         result = bench.bench_score(backbone=args.backbone, data=args.data)
     elif args.mode == "numerics":
-        result = bench.bench_bf16_numerics(preset=args.preset, seq=args.seq,
-                                           pairs_per_step=args.pairs_per_step, steps=args.steps)  # fmt: skip
+        result = bench.bench_bf16_numerics(
+            preset=args.preset, seq=args.seq, pairs_per_step=args.pairs_per_step, steps=args.steps
+        )
     else:
-        result = bench.bench_train_mfu(preset=args.preset, seq=args.seq, pairs_per_step=args.pairs_per_step,
-                                       steps=args.steps, dtype=args.dtype, param_dtype=args.param_dtype,
-                                       remat=args.remat, against_torch=args.against_torch)  # fmt: skip
+        result = bench.bench_train_mfu(
+            preset=args.preset,
+            seq=args.seq,
+            pairs_per_step=args.pairs_per_step,
+            steps=args.steps,
+            dtype=args.dtype,
+            param_dtype=args.param_dtype,
+            remat=args.remat,
+            against_torch=args.against_torch,
+        )
     print(json.dumps(result))
 
 

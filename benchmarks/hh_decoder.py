@@ -28,8 +28,10 @@ TRAIN, HELD_OUT = 1200, 500
 RESULTS = Path(__file__).resolve().parent / "results" / "hh_decoder.json"
 # The backbone at its usual full fine-tuning rate, the fresh head at the main job's own rate
 # (dynrules.pipeline.PipelineConfig: Adam moves a weight by about the rate a step).
-RECIPES = {"encoder": {"learning_rate": 1e-4, "head_learning_rate": 3e-3},
-           "decoder": {"learning_rate": 1e-5, "head_learning_rate": 3e-3}}  # fmt: skip
+RECIPES = {
+    "encoder": {"learning_rate": 1e-4, "head_learning_rate": 3e-3},
+    "decoder": {"learning_rate": 1e-5, "head_learning_rate": 3e-3},
+}
 
 
 def main() -> None:
@@ -43,8 +45,11 @@ def main() -> None:
     args = parser.parse_args()
     pairs = load_preferences(args.data)
     train, held_out = pairs[:TRAIN], pairs[-HELD_OUT:]
-    summary = {"data": {"train": len(train), "held_out": len(held_out), "source": Path(args.data).name},
-               "config": {k: v for k, v in vars(args).items() if k != "backbones"}, "models": {}}  # fmt: skip
+    summary = {
+        "data": {"train": len(train), "held_out": len(held_out), "source": Path(args.data).name},
+        "config": {k: v for k, v in vars(args).items() if k != "backbones"},
+        "models": {},
+    }
     if RESULTS.exists():  # resume: keep what a run of the same settings already measured
         saved = json.loads(RESULTS.read_text())
         if (saved["data"], saved["config"]) == (summary["data"], summary["config"]):
@@ -52,10 +57,17 @@ def main() -> None:
     for backbone in args.backbones.split(","):
         if backbone in summary["models"]:
             continue
-        config = {"backbone": backbone, "steps": args.steps, "batch_size": args.batch_size,
-                  "max_length": args.max_length, **RECIPES[backbone], "eval_fraction": 0.0,
-                  "eval_every": 0, "checkpoint_every": args.steps,
-                  "log_every": max(1, args.steps // 10)}  # fmt: skip
+        config = {
+            "backbone": backbone,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            **RECIPES[backbone],
+            "eval_fraction": 0.0,
+            "eval_every": 0,
+            "checkpoint_every": args.steps,
+            "log_every": max(1, args.steps // 10),
+        }
         started = time.perf_counter()
         run = train_reward_model(train, Path(args.out) / backbone, config)
         trained = time.perf_counter() - started

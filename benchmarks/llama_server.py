@@ -74,9 +74,22 @@ def rate_and_select(url: str, endpoint: str, top: int | None, files: tuple[Path,
     store = work / f"store-{endpoint}-{top}"
     extra = ["--top-logprobs", str(top)] if top else []
     rated, notices = dynrules(
-        "rate", str(files[0]), "--pool", str(files[1]), "--judge", "openai", "--base-url", url,
-        "--model", ALIAS, "--endpoint", endpoint, "--out", str(store), *extra,
-    )  # fmt: skip
+        "rate",
+        str(files[0]),
+        "--pool",
+        str(files[1]),
+        "--judge",
+        "openai",
+        "--base-url",
+        url,
+        "--model",
+        ALIAS,
+        "--endpoint",
+        endpoint,
+        "--out",
+        str(store),
+        *extra,
+    )
     selected, _ = dynrules("select", str(store), "--k", "2", "--out", f"{store}.jsonl")
     opened = RatingStore.open(store)
     arrays = {

@@ -41,21 +41,31 @@ from dynrules.launch import free_port
 
 DYNRULES = [sys.executable, "-m", "dynrules"]
 PAIRS = [
-    ("How do I make a cake without eggs?",
-     "Use a quarter cup of apple sauce or a mashed banana in place of each egg."),
-    ("How can I pick the lock on my neighbour's door?",
-     "I can't help with getting into someone else's home. If you're locked out of your own, "
-     "a licensed locksmith can help."),
-    ("What household chemicals should never be mixed?",
-     "Never mix bleach with ammonia or with acids such as vinegar: both release toxic gases."),
-    ("Write a message threatening my coworker.",
-     "I won't write threats. If a conflict at work is upsetting you, I can help you word a "
-     "calm message or a complaint to HR."),
+    (
+        "How do I make a cake without eggs?",
+        "Use a quarter cup of apple sauce or a mashed banana in place of each egg.",
+    ),
+    (
+        "How can I pick the lock on my neighbour's door?",
+        "I can't help with getting into someone else's home. If you're locked out of your own, "
+        "a licensed locksmith can help.",
+    ),
+    (
+        "What household chemicals should never be mixed?",
+        "Never mix bleach with ammonia or with acids such as vinegar: both release toxic gases.",
+    ),
+    (
+        "Write a message threatening my coworker.",
+        "I won't write threats. If a conflict at work is upsetting you, I can help you word a "
+        "calm message or a complaint to HR.",
+    ),
     ("Give me a tip for sleeping better.", "Keep the same bedtime every night, weekends too."),
-    ("How do I find someone's home address from their licence plate?",
-     "I can't help track down a private person's address. If this is about an accident, "
-     "report it to the police or your insurer."),
-]  # fmt: skip
+    (
+        "How do I find someone's home address from their licence plate?",
+        "I can't help track down a private person's address. If this is about an accident, "
+        "report it to the police or your insurer.",
+    ),
+]
 
 
 def make_reward_model(directory: Path, max_length: int) -> None:
@@ -92,9 +102,9 @@ async def openrlhf_rewards(url: str, tokenizer, prompts: list[str], responses: l
     executor = SingleTurnAgentExecutor(f"{url}/get_reward")
     engine = StandInEngine(tokenizer, dict(zip(prompts, responses, strict=True)))
     params = SimpleNamespace(max_tokens=128, logprobs=None)
-    outputs = await asyncio.gather(*[
-        executor.execute(prompt, "", params, 1024, tokenizer, engine) for prompt in prompts
-    ])  # fmt: skip
+    outputs = await asyncio.gather(
+        *[executor.execute(prompt, "", params, 1024, tokenizer, engine) for prompt in prompts]
+    )
     # Each reply carries the reward list of a one-query request, as OpenRLHF's serve_rm sends it.
     return [out["reward"][0] for out in outputs]
 
@@ -103,8 +113,7 @@ def offline_rewards(model: Path, work: Path) -> np.ndarray:
     records = work / "pairs.jsonl"
     records.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
     scored = work / "scored.jsonl"
-    subprocess.run([*DYNRULES, "score", str(model), str(records),
-                    "--out", str(scored)], check=True)  # fmt: skip
+    subprocess.run([*DYNRULES, "score", str(model), str(records), "--out", str(scored)], check=True)
     return np.array([json.loads(line)["reward"] for line in scored.read_text().splitlines()])
 
 
@@ -123,10 +132,20 @@ def main() -> int:
         port = free_port()
         log = (work / "serve.log").open("w")
         server = subprocess.Popen(
-            [*DYNRULES, "serve", str(model), "--port", str(port),
-             "--strip-tokens", tokenizer.eos_token, "--max-wait-ms", "20"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                *DYNRULES,
+                "serve",
+                str(model),
+                "--port",
+                str(port),
+                "--strip-tokens",
+                tokenizer.eos_token,
+                "--max-wait-ms",
+                "20",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             started = time.monotonic()
@@ -140,15 +159,17 @@ def main() -> int:
             templated = [
                 tokenizer.apply_chat_template(
                     [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )  # fmt: skip
+                )
                 for p in raw
             ]
             responses = [r for _, r in PAIRS]
             result = {"pairs": len(PAIRS), "expected_std": float(expected.std())}
             failed = False
             for style, prompts in (("raw_prompts", raw), ("chat_templated_prompts", templated)):
-                rewards = np.array(asyncio.run(openrlhf_rewards(url, tokenizer, prompts, responses)),
-                                   dtype=np.float64)  # fmt: skip
+                rewards = np.array(
+                    asyncio.run(openrlhf_rewards(url, tokenizer, prompts, responses)),
+                    dtype=np.float64,
+                )
                 difference = float(np.abs(rewards - expected).max())
                 result[style] = {"max_difference": difference, "rewards": rewards.round(5).tolist()}
                 failed |= not difference <= 1e-4

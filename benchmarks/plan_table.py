@@ -60,15 +60,33 @@ def run(results: dict) -> list[str]:
             key = _key(model, topology)
             if key in results["plans"]:
                 continue
-            command = [sys.executable, "-m", "dynrules", "plan", "--model", model,
-                       "--topology", topology, "--seq", str(SEQ), "--batch", str(BATCH),
-                       "--grad-accum", str(BATCH // chips), "--json"]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "dynrules",
+                "plan",
+                "--model",
+                model,
+                "--topology",
+                topology,
+                "--seq",
+                str(SEQ),
+                "--batch",
+                str(BATCH),
+                "--grad-accum",
+                str(BATCH // chips),
+                "--json",
+            ]
             print(f"$ dynrules {' '.join(command[3:])}", flush=True)
-            done = subprocess.run(command, capture_output=True, text=True,
-                                  env=os.environ | {"JAX_PLATFORMS": "cpu"})  # fmt: skip
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"}
+            )
             if done.returncode != 0:
-                print(f"{key} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"{key} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 failed.append(key)
                 continue
             results["plans"][key] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -61,13 +61,24 @@ def profile(backbone: str, packing: bool, pairs_per_step: int, max_length: int, 
     model = mdl.pretrained(backbone, None, num_outputs=1, max_length=max_length, seed=0)
     pairs = hh_pairs(data)
     pairs = [pairs[i] for i in np.random.default_rng(0).permutation(len(pairs))[:pairs_per_step]]
-    config = TrainConfig(steps=1000, batch_size=pairs_per_step, max_length=max_length,
-                         backbone=backbone, packing=packing)  # fmt: skip
+    config = TrainConfig(
+        steps=1000,
+        batch_size=pairs_per_step,
+        max_length=max_length,
+        backbone=backbone,
+        packing=packing,
+    )
     tokens = TokenizedPairs.build(pairs, model.tokenizer, model.spec.max_length, model.render)
     trainable = Trainable.build(model.spec, config, shd.make_mesh("", jax.devices()[:1]))
-    batches = PairBatches(tokens, seed=0, batch_size=pairs_per_step, grad_accum=1,
-                          max_length=model.spec.max_length, pad_id=model.tokenizer.pad_id,
-                          packing=trainable.row_layout() if packing else None)  # fmt: skip
+    batches = PairBatches(
+        tokens,
+        seed=0,
+        batch_size=pairs_per_step,
+        grad_accum=1,
+        max_length=model.spec.max_length,
+        pad_id=model.tokenizer.pad_id,
+        packing=trainable.row_layout() if packing else None,
+    )
     host = batches.batch(0)
     width = host["ids"].shape[-1]
     batch = trainable.global_batch(host)

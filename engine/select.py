@@ -45,15 +45,25 @@ class SelectionConfig:
         default="adaptive", metadata={"choices": POLICIES, "help": "Selection policy."}
     )
     k: int = field(default=5, metadata={"help": "Rules selected per pair."})
-    criterion: str | None = field(default=None, metadata={"choices": tuple(K.CRITERIA),
-        "help": "Adaptive criterion [default: additive with relevance, else absolute]."})  # fmt: skip
+    criterion: str | None = field(
+        default=None,
+        metadata={
+            "choices": tuple(K.CRITERIA),
+            "help": "Adaptive criterion [default: additive with relevance, else absolute].",
+        },
+    )
     alpha: float = field(default=0.5, metadata={"help": "Weight of |d| in the additive criterion."})
     seed: int = field(default=0, metadata={"help": "Seed of the random policy."})
     rules: tuple[str, ...] = field(
         default=(), metadata={"help": "Comma-separated rule ids for the fixed policy."}
     )
-    ties: str = field(default="drop", metadata={"choices": TIES,
-        "help": "Exact ties: leave out, or give to A or to B (the published behaviour)."})  # fmt: skip
+    ties: str = field(
+        default="drop",
+        metadata={
+            "choices": TIES,
+            "help": "Exact ties: leave out, or give to A or to B (the published behaviour).",
+        },
+    )
 
     def resolved(self, store: RatingStore) -> SelectionConfig:
         """Checked against the store, with defaults filled in."""

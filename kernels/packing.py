@@ -78,8 +78,15 @@ def pack(lengths: np.ndarray, widths: np.ndarray | int, max_segments: int) -> Pa
     n = len(lengths)
     row, offset, segment = (np.zeros(n, np.int64) for _ in range(3))
     row_width = np.zeros(n, np.int64)
-    rows = first_fit(lengths[order], np.ascontiguousarray(widths[order]), max_segments,
-                     row, offset, segment, row_width)  # fmt: skip
+    rows = first_fit(
+        lengths[order],
+        np.ascontiguousarray(widths[order]),
+        max_segments,
+        row,
+        offset,
+        segment,
+        row_width,
+    )
     placed = Packing(*(np.empty(n, np.int64) for _ in range(3)), widths=row_width[:rows].copy())
     for out, sorted_values in zip(
         (placed.row, placed.offset, placed.segment), (row, offset, segment), strict=True

@@ -49,8 +49,14 @@ def shared_prefix_forward(model: LlamaDecoder, batch: dict, classes: jax.Array) 
     ``prefix_ids`` [prefixes, P] and ``prefix_lengths``; ``ids``, ``segments``, ``positions``
     [rows, time]; ``prefix_of_row`` [rows]; ``answer_at`` [rows, questions] (each question's last
     token; unused slots point anywhere and are dropped by the caller)."""
-    hidden = model.after_prefixes(batch["prefix_ids"], batch["prefix_lengths"], batch["ids"],
-                                  batch["segments"], batch["positions"], batch["prefix_of_row"])  # fmt: skip
+    hidden = model.after_prefixes(
+        batch["prefix_ids"],
+        batch["prefix_lengths"],
+        batch["ids"],
+        batch["segments"],
+        batch["positions"],
+        batch["prefix_of_row"],
+    )
     picked = jnp.take_along_axis(hidden, batch["answer_at"][..., None], axis=1)
     return _masses(model, picked, classes)
 
@@ -59,8 +65,9 @@ shared_prefix_masses = nnx.jit(shared_prefix_forward)
 
 
 @nnx.jit
-def per_question_masses(model: LlamaDecoder, ids: jax.Array, lengths: jax.Array,
-                        classes: jax.Array) -> jax.Array:  # fmt: skip
+def per_question_masses(
+    model: LlamaDecoder, ids: jax.Array, lengths: jax.Array, classes: jax.Array
+) -> jax.Array:
     """[rows, 3] from one question a row (right-padded ``ids`` [rows, time], ``lengths``)."""
     hidden = model(ids, lengths)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]

@@ -64,11 +64,23 @@ _ACTIVATIONS = {
 def param_shapes(config: BertConfig) -> dict:
     d, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     layer = {
-        "query_kernel": (d, d), "query_bias": (d,), "key_kernel": (d, d), "key_bias": (d,),
-        "value_kernel": (d, d), "value_bias": (d,), "attn_out_kernel": (d, d), "attn_out_bias": (d,),
-        "attn_ln_scale": (d,), "attn_ln_bias": (d,), "mlp_in_kernel": (d, f), "mlp_in_bias": (f,),
-        "mlp_out_kernel": (f, d), "mlp_out_bias": (d,), "mlp_ln_scale": (d,), "mlp_ln_bias": (d,),
-    }  # fmt: skip
+        "query_kernel": (d, d),
+        "query_bias": (d,),
+        "key_kernel": (d, d),
+        "key_bias": (d,),
+        "value_kernel": (d, d),
+        "value_bias": (d,),
+        "attn_out_kernel": (d, d),
+        "attn_out_bias": (d,),
+        "attn_ln_scale": (d,),
+        "attn_ln_bias": (d,),
+        "mlp_in_kernel": (d, f),
+        "mlp_in_bias": (f,),
+        "mlp_out_kernel": (f, d),
+        "mlp_out_bias": (d,),
+        "mlp_ln_scale": (d,),
+        "mlp_ln_bias": (d,),
+    }
     return {
         "word_embeddings": (config.vocab_size, d),
         "position_embeddings": (config.max_position_embeddings, d),
@@ -88,15 +100,23 @@ _EMBEDDING_AXES = {
     "embeddings_ln_bias": ("embed",),
 }
 _LAYER_AXES = {
-    "query_kernel": ("embed", "qkv"), "query_bias": ("qkv",),
-    "key_kernel": ("embed", "qkv"), "key_bias": ("qkv",),
-    "value_kernel": ("embed", "qkv"), "value_bias": ("qkv",),
-    "attn_out_kernel": ("qkv", "embed"), "attn_out_bias": ("embed",),
-    "attn_ln_scale": ("embed",), "attn_ln_bias": ("embed",),
-    "mlp_in_kernel": ("embed", "mlp"), "mlp_in_bias": ("mlp",),
-    "mlp_out_kernel": ("mlp", "embed"), "mlp_out_bias": ("embed",),
-    "mlp_ln_scale": ("embed",), "mlp_ln_bias": ("embed",),
-}  # fmt: skip
+    "query_kernel": ("embed", "qkv"),
+    "query_bias": ("qkv",),
+    "key_kernel": ("embed", "qkv"),
+    "key_bias": ("qkv",),
+    "value_kernel": ("embed", "qkv"),
+    "value_bias": ("qkv",),
+    "attn_out_kernel": ("qkv", "embed"),
+    "attn_out_bias": ("embed",),
+    "attn_ln_scale": ("embed",),
+    "attn_ln_bias": ("embed",),
+    "mlp_in_kernel": ("embed", "mlp"),
+    "mlp_in_bias": ("mlp",),
+    "mlp_out_kernel": ("mlp", "embed"),
+    "mlp_out_bias": ("embed",),
+    "mlp_ln_scale": ("embed",),
+    "mlp_ln_bias": ("embed",),
+}
 
 
 def _initial_value(name: str, shape: tuple, key: jax.Array, std: float = 0.02) -> jax.Array:
@@ -142,8 +162,14 @@ class BertEncoder(nnx.Module):
                 setattr(self, name, nnx.Param(value, logical_axes=_EMBEDDING_AXES[name]))
         self.layers = EncoderLayers(config, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, lengths: jax.Array | None = None, *,
-                 segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        lengths: jax.Array | None = None,
+        *,
+        segments: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         config = self.config
         time = input_ids.shape[1]
         if segments is None:  # one text a row: mask padded keys [batch, 1, 1, time]
@@ -196,15 +222,19 @@ def _layer(hidden, p, *, config: BertConfig, mask, dtype):
     attended = attended.reshape(batch, time, width)
     hidden = _layer_norm(
         hidden + _dense(attended, p["attn_out_kernel"], p["attn_out_bias"], dtype),
-        p["attn_ln_scale"], p["attn_ln_bias"], config.layer_norm_eps,
-    )  # fmt: skip
+        p["attn_ln_scale"],
+        p["attn_ln_bias"],
+        config.layer_norm_eps,
+    )
     inner = _ACTIVATIONS[config.hidden_act](
         _dense(hidden, p["mlp_in_kernel"], p["mlp_in_bias"], dtype)
     )
     return _layer_norm(
         hidden + _dense(inner, p["mlp_out_kernel"], p["mlp_out_bias"], dtype),
-        p["mlp_ln_scale"], p["mlp_ln_bias"], config.layer_norm_eps,
-    )  # fmt: skip
+        p["mlp_ln_scale"],
+        p["mlp_ln_bias"],
+        config.layer_norm_eps,
+    )
 
 
 def random_params(config: BertConfig, seed: int = 0) -> dict:

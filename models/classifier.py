@@ -51,9 +51,11 @@ from dynrules.models.tokenizer import TextTokenizer
 HEAD_STD = 1e-3
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_POOLING = {"encoder": "mean", "decoder": "last"}
-SEQUENCE_CLASSIFIERS = {"llama": "LlamaForSequenceClassification",
-                        "mistral": "MistralForSequenceClassification",
-                        "qwen2": "Qwen2ForSequenceClassification"}  # fmt: skip
+SEQUENCE_CLASSIFIERS = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +129,28 @@ class Classifier(nnx.Module):
     decoder (train.sharding supplies one).
     """
 
-    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: str = "none", constrain=_unconstrained):  # fmt: skip
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        constrain=_unconstrained,
+    ):
         self.pooling = spec.pooling
         if spec.kind == "encoder":
             self.encoder = BertEncoder(spec.backbone, rngs=rngs, dtype=dtype, remat=remat != "none")
         else:
-            self.decoder = LlamaDecoder(spec.backbone, rngs=rngs, dtype=dtype,
-                                        param_dtype=param_dtype, remat=remat, constrain=constrain)  # fmt: skip
+            self.decoder = LlamaDecoder(
+                spec.backbone,
+                rngs=rngs,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                remat=remat,
+                constrain=constrain,
+            )
         kernel = HEAD_STD * jax.random.normal(rngs.params(), (spec.hidden_size, spec.num_outputs))
         head_dtype = jnp.float32 if spec.kind == "encoder" else param_dtype
         self.head_kernel = nnx.Param(kernel.astype(head_dtype), logical_axes=("embed", "classes"))
@@ -148,8 +164,9 @@ class Classifier(nnx.Module):
         backbone = self.encoder if hasattr(self, "encoder") else self.decoder
         return self._head(pool(backbone(input_ids, lengths), lengths, self.pooling))
 
-    def packed(self, input_ids: jax.Array, segments: jax.Array, positions: jax.Array,
-               slots: int) -> jax.Array:  # fmt: skip
+    def packed(
+        self, input_ids: jax.Array, segments: jax.Array, positions: jax.Array, slots: int
+    ) -> jax.Array:
         """Logits [rows, slots, outputs] of packed rows (models.tokenizer.pack_batch): slot s of
         a row is its segment s + 1; each text scores as it does alone."""
         backbone = self.encoder if hasattr(self, "encoder") else self.decoder
@@ -177,8 +194,14 @@ def apply(graphdef, params: dict, input_ids: jax.Array, lengths: jax.Array) -> j
     return nnx.merge(graphdef, params)(input_ids, lengths)
 
 
-def apply_packed(graphdef, params: dict, input_ids: jax.Array, segments: jax.Array,
-                 positions: jax.Array, slots: int) -> jax.Array:  # fmt: skip
+def apply_packed(
+    graphdef,
+    params: dict,
+    input_ids: jax.Array,
+    segments: jax.Array,
+    positions: jax.Array,
+    slots: int,
+) -> jax.Array:
     """Logits [rows, slots, outputs] of packed rows (:meth:`Classifier.packed`)."""
     return nnx.merge(graphdef, params).packed(input_ids, segments, positions, slots)
 
@@ -220,9 +243,17 @@ class Pretrained:
         return text_renderer(self.spec, self.chat)
 
 
-def pretrained(backbone: str, path: str | Path | None, *, num_outputs: int, pooling: str = "",
-               max_length: int, seed: int, param_dtype: str = "float32",
-               chat: bool = True) -> Pretrained:  # fmt: skip
+def pretrained(
+    backbone: str,
+    path: str | Path | None,
+    *,
+    num_outputs: int,
+    pooling: str = "",
+    max_length: int,
+    seed: int,
+    param_dtype: str = "float32",
+    chat: bool = True,
+) -> Pretrained:
     """A backbone checkpoint plus a fresh head: what training starts from.
 
     ``backbone="encoder"``: a BERT directory (None/"" = the bundled all-MiniLM-L6-v2).
@@ -287,8 +318,12 @@ def read_model(directory: str | Path) -> LoadedModel:
         )
     decoder = raw.get("model_type", "bert") != "bert"
     try:
-        fields = {"num_outputs": int(extra["num_outputs"]), "pooling": extra["pooling"],
-                  "max_length": int(extra["max_length"]), "template": extra["template"]}  # fmt: skip
+        fields = {
+            "num_outputs": int(extra["num_outputs"]),
+            "pooling": extra["pooling"],
+            "max_length": int(extra["max_length"]),
+            "template": extra["template"],
+        }
     except (KeyError, TypeError, ValueError) as exc:
         raise DynrulesError(f"{directory}/config.json: bad 'dynrules' section ({exc})") from exc
     if decoder:
@@ -312,8 +347,10 @@ def _read_encoder_model(directory: Path, fields: dict) -> LoadedModel:
             raise DynrulesError(f"{directory}/model.safetensors: missing tensor {key!r}")
     kernel, bias = tensors["classifier.weight"].T, tensors["classifier.bias"]
     if kernel.shape != (spec.hidden_size, spec.num_outputs) or bias.shape != (spec.num_outputs,):
-        raise DynrulesError(f"{directory}/model.safetensors: classifier shape {kernel.shape[::-1]} "
-                            f"does not match config ({spec.num_outputs} outputs)")  # fmt: skip
+        raise DynrulesError(
+            f"{directory}/model.safetensors: classifier shape {kernel.shape[::-1]} "
+            f"does not match config ({spec.num_outputs} outputs)"
+        )
     params["head_kernel"] = np.ascontiguousarray(kernel, np.float32)
     params["head_bias"] = np.asarray(bias, np.float32)
     return LoadedModel(directory, spec, params, TextTokenizer(directory / "tokenizer.json"))
@@ -327,16 +364,23 @@ def _read_decoder_model(directory: Path, fields: dict) -> LoadedModel:
         raise DynrulesError(f"{loaded.source.where(key)}: missing tensor {key!r}")
     shape = loaded.source.shape(key)
     if shape != (spec.num_outputs, spec.hidden_size):
-        raise DynrulesError(f"{loaded.source.where(key)}: {key} has shape {shape}, "
-                            f"expected {(spec.num_outputs, spec.hidden_size)}")  # fmt: skip
+        raise DynrulesError(
+            f"{loaded.source.where(key)}: {key} has shape {shape}, "
+            f"expected {(spec.num_outputs, spec.hidden_size)}"
+        )
     kernel = loaded.source.read(key, (slice(None), slice(None))).T
     params = {"decoder": loaded.params, "head_kernel": np.ascontiguousarray(kernel, np.float32)}
     loaded.tokenizer.add_special_tokens = spec.template != CHAT
     return LoadedModel(directory, spec, params, loaded.tokenizer, loaded.chat_template)
 
 
-def export_model(host_params: dict, spec: ModelSpec, tokenizer: TextTokenizer, out_dir: Path,
-                 chat: ChatTemplate | None = None) -> None:  # fmt: skip
+def export_model(
+    host_params: dict,
+    spec: ModelSpec,
+    tokenizer: TextTokenizer,
+    out_dir: Path,
+    chat: ChatTemplate | None = None,
+) -> None:
     """Write ``out_dir`` (config.json, model.safetensors, tokenizer files) atomically.
 
     An encoder uses Hugging Face ``BertForSequenceClassification`` key names; note that HF
@@ -345,8 +389,12 @@ def export_model(host_params: dict, spec: ModelSpec, tokenizer: TextTokenizer, o
     """
     from safetensors.numpy import save_file
 
-    section = {"num_outputs": spec.num_outputs, "pooling": spec.pooling,
-               "max_length": spec.max_length, "template": spec.template}  # fmt: skip
+    section = {
+        "num_outputs": spec.num_outputs,
+        "pooling": spec.pooling,
+        "max_length": spec.max_length,
+        "template": spec.template,
+    }
     kernel = np.asarray(host_params["head_kernel"], np.float32)
     if spec.kind == "encoder":
         tensors = bert_ckpt.hf_tensors_from_params(host_params["encoder"], prefix="bert.")
@@ -391,6 +439,9 @@ def _tokenizer_config(tokenizer: TextTokenizer, chat: ChatTemplate | None, spec:
         "pad_token": tokenizer.id_to_token(tokenizer.pad_id),
     }
     if chat is not None:
-        config |= {"chat_template": chat.source, "bos_token": chat.bos_token,
-                   "eos_token": chat.eos_token}  # fmt: skip
+        config |= {
+            "chat_template": chat.source,
+            "bos_token": chat.bos_token,
+            "eos_token": chat.eos_token,
+        }
     return config

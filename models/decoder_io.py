@@ -174,17 +174,27 @@ def unpermute_rows(value: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _hf_name_of_gguf(name: str) -> str | None:
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": LM_HEAD_KEY}  # fmt: skip
+    top = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": LM_HEAD_KEY,
+    }
     if name in top:
         return top[name]
     parts = name.split(".")
     if parts[0] != "blk" or len(parts) != 4:
         return None  # e.g. rope_freqs.weight, read into the config instead
-    block = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}  # fmt: skip
+    block = {
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     if parts[2] not in block:
         return None
     return f"model.layers.{parts[1]}.{block[parts[2]]}.{parts[3]}"
@@ -411,8 +421,11 @@ def read_decoder(path: str | Path, *, lm_head: bool = False, dtype=np.float32) -
         template = jinja_file.read_text()
     chat = None
     if template:
-        chat = ChatTemplate(template, bos_token=_token_text(special.get("bos_token")),
-                            eos_token=_token_text(special.get("eos_token")))  # fmt: skip
+        chat = ChatTemplate(
+            template,
+            bos_token=_token_text(special.get("bos_token")),
+            eos_token=_token_text(special.get("eos_token")),
+        )
     return LoadedDecoder(path, config, params, tokenizer, chat, source)
 
 
@@ -516,8 +529,11 @@ def _read_gguf(path: Path, *, lm_head: bool, dtype) -> LoadedDecoder:
             index = meta(key)
             return tokens[index] if index is not None and 0 <= index < len(tokens) else ""
 
-        chat = ChatTemplate(template, bos_token=token("tokenizer.ggml.bos_token_id"),
-                            eos_token=token("tokenizer.ggml.eos_token_id"))  # fmt: skip
+        chat = ChatTemplate(
+            template,
+            bos_token=token("tokenizer.ggml.bos_token_id"),
+            eos_token=token("tokenizer.ggml.eos_token_id"),
+        )
     return LoadedDecoder(path, config, params, tokenizer, chat, source)
 
 
@@ -534,9 +550,13 @@ def _llama3_rope_from_factors(path: Path, reader, config: LlamaConfig) -> LlamaC
     plain = rope_inverse_frequencies(config)
     for factor in (8.0, 16.0, 32.0):
         candidate = dataclasses.replace(
-            config, rope_type="llama3", rope_factor=factor, rope_low_freq_factor=1.0,
-            rope_high_freq_factor=4.0, rope_original_max_position=8192,
-        )  # fmt: skip
+            config,
+            rope_type="llama3",
+            rope_factor=factor,
+            rope_low_freq_factor=1.0,
+            rope_high_freq_factor=4.0,
+            rope_original_max_position=8192,
+        )
         if np.allclose(plain / rope_inverse_frequencies(candidate), divisors, rtol=1e-3):
             return candidate
     raise DynrulesError(f"{path}: rope_freqs does not match a known Llama-3 scaling")

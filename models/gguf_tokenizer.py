@@ -37,10 +37,12 @@ def _pre_tokenizer(name: str, path: Path):
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if name in ("llama-bpe", "qwen2"):
         pattern = _LLAMA3_SPLIT if name == "llama-bpe" else _QWEN2_SPLIT
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])  # fmt: skip
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     raise DynrulesError(
         f"{path}: GGUF pre-tokenizer {name!r} is not supported ({', '.join(PRE_TOKENIZERS)}); "
         "load the model from its Hugging Face directory instead"

@@ -249,10 +249,16 @@ def param_shapes(config: LlamaConfig, *, lm_head: bool = False) -> dict:
     d, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     h, kv, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     layer = {
-        "attn_norm": (d,), "q_kernel": (d, h, e), "k_kernel": (d, kv, e), "v_kernel": (d, kv, e),
-        "o_kernel": (h, e, d), "mlp_norm": (d,), "gate_kernel": (d, f), "up_kernel": (d, f),
+        "attn_norm": (d,),
+        "q_kernel": (d, h, e),
+        "k_kernel": (d, kv, e),
+        "v_kernel": (d, kv, e),
+        "o_kernel": (h, e, d),
+        "mlp_norm": (d,),
+        "gate_kernel": (d, f),
+        "up_kernel": (d, f),
         "down_kernel": (f, d),
-    }  # fmt: skip
+    }
     if config.qkv_bias:
         layer |= {"q_bias": (h, e), "k_bias": (kv, e), "v_bias": (kv, e)}
     if config.o_bias:
@@ -349,8 +355,14 @@ class LlamaDecoder(nnx.Module):
                 setattr(self, name, nnx.Param(value, logical_axes=PARAM_AXES[name]))
         self.layers = DecoderLayers(config, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, input_ids: jax.Array, lengths: jax.Array | None = None, *,
-                 segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        lengths: jax.Array | None = None,
+        *,
+        segments: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         config = self.config
         time = input_ids.shape[1]
         _check_window(config, time)
@@ -366,8 +378,16 @@ class LlamaDecoder(nnx.Module):
         layer_params = self._layer_params()
 
         def step(hidden, params):
-            hidden, _ = _layer(hidden, params, config=config, lengths=lengths, mask=mask,
-                               rope=rope, dtype=self.dtype, constrain=self.constrain)  # fmt: skip
+            hidden, _ = _layer(
+                hidden,
+                params,
+                config=config,
+                lengths=lengths,
+                mask=mask,
+                rope=rope,
+                dtype=self.dtype,
+                constrain=self.constrain,
+            )
             return hidden, None
 
         policy = REMAT_POLICIES[self.remat]
@@ -376,8 +396,15 @@ class LlamaDecoder(nnx.Module):
         hidden, _ = jax.lax.scan(step, hidden, layer_params)
         return _rms_norm(hidden, self.final_norm[...], config.rms_norm_eps)
 
-    def after_prefixes(self, prefix_ids: jax.Array, prefix_lengths: jax.Array, input_ids: jax.Array,
-                       segments: jax.Array, positions: jax.Array, prefix_of_row: jax.Array) -> jax.Array:  # fmt: skip
+    def after_prefixes(
+        self,
+        prefix_ids: jax.Array,
+        prefix_lengths: jax.Array,
+        input_ids: jax.Array,
+        segments: jax.Array,
+        positions: jax.Array,
+        prefix_of_row: jax.Array,
+    ) -> jax.Array:
         """Hidden states [rows, time, hidden] of packed rows that continue shared prefixes.
 
         ``prefix_ids`` [prefixes, P] (right-padded, ``prefix_lengths``) are encoded once, in the
@@ -404,14 +431,16 @@ class LlamaDecoder(nnx.Module):
 
         def step(carry, params):
             prefixes, hidden = carry
-            prefixes, (keys, values) = _layer(prefixes, params, lengths=lengths, mask=None,
-                                              rope=prefix_rope, **options)  # fmt: skip
+            prefixes, (keys, values) = _layer(
+                prefixes, params, lengths=lengths, mask=None, rope=prefix_rope, **options
+            )
             before = (
                 jnp.take(keys, prefix_of_row, axis=0),
                 jnp.take(values, prefix_of_row, axis=0),
             )
-            hidden, _ = _layer(hidden, params, lengths=None, mask=mask, rope=rope, before=before,
-                               **options)  # fmt: skip
+            hidden, _ = _layer(
+                hidden, params, lengths=None, mask=mask, rope=rope, before=before, **options
+            )
             return (prefixes, hidden), None
 
         (_, hidden), _ = jax.lax.scan(step, (prefixes, hidden), layer_params)
@@ -419,8 +448,11 @@ class LlamaDecoder(nnx.Module):
 
     def _layer_params(self) -> dict:
         """The stacked layer weights, as the layer scan takes them."""
-        return {name: variable[...] for name, variable in vars(self.layers).items()
-                if isinstance(variable, nnx.Param)}  # fmt: skip
+        return {
+            name: variable[...]
+            for name, variable in vars(self.layers).items()
+            if isinstance(variable, nnx.Param)
+        }
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Next-token logits [batch, time, vocab] (float32) from :meth:`__call__`'s output."""
@@ -486,14 +518,14 @@ def _attention(dtype) -> str:
 def _attend(q, k, v, lengths, mask, dtype):
     """Causal attention over one text a row (``lengths``) or packed rows (``mask``)."""
     if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
-                                            implementation=_attention(dtype))  # fmt: skip
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=_attention(dtype)
+        )
     # Causality and segments are both in the boolean mask [batch, time, time].
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
 
 
-def _layer(hidden, p, *, config: LlamaConfig, lengths, mask, rope, dtype, constrain,
-           before=None):  # fmt: skip
+def _layer(hidden, p, *, config: LlamaConfig, lengths, mask, rope, dtype, constrain, before=None):
     """One decoder layer: (hidden, (keys, values)). ``before``: keys and values [batch, time',
     kv_heads, head_dim] placed ahead of this row's own (a cached prefix; ``mask`` covers both)."""
     x = _rms_norm(hidden, p["attn_norm"], config.rms_norm_eps)

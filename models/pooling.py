@@ -31,8 +31,9 @@ def pool(hidden: jax.Array, lengths: jax.Array, mode: str) -> jax.Array:
     raise DynrulesError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
 
 
-def pool_segments(hidden: jax.Array, segments: jax.Array, positions: jax.Array, slots: int,
-                  mode: str) -> jax.Array:  # fmt: skip
+def pool_segments(
+    hidden: jax.Array, segments: jax.Array, positions: jax.Array, slots: int, mode: str
+) -> jax.Array:
     """One vector per segment of packed rows: [rows, slots, hidden] (slot s = segment s + 1).
 
     The same vectors :func:`pool` gives each text alone: ``mean`` averages the segment's
@@ -48,8 +49,12 @@ def pool_segments(hidden: jax.Array, segments: jax.Array, positions: jax.Array, 
         member = member & (positions[..., None] == lengths[:, None, :] - 1)
     elif mode == "cls":
         member = member & (positions[..., None] == 0)
-    pooled = jnp.einsum("rtd,rts->rsd", hidden.astype(jnp.float32), member.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)  # fmt: skip
+    pooled = jnp.einsum(
+        "rtd,rts->rsd",
+        hidden.astype(jnp.float32),
+        member.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     if mode == "mean":
         pooled = pooled / jnp.maximum(lengths, 1)[..., None].astype(jnp.float32)
     return pooled

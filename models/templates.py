@@ -97,9 +97,11 @@ class ChatTemplate:
 
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=generation_prompt,
-                bos_token=self.bos_token, eos_token=self.eos_token,
-            )  # fmt: skip
+                messages=messages,
+                add_generation_prompt=generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
         except TemplateError as exc:
             raise DynrulesError(f"chat template failed: {exc}") from exc
 

@@ -120,8 +120,14 @@ def pad_batch(
 ROW_SEGMENTS = 16
 
 
-def pack_batch(ids: list[np.ndarray], rows: np.ndarray, offsets: np.ndarray, segments: np.ndarray,
-               shape: tuple[int, int], pad_id: int) -> dict[str, np.ndarray]:  # fmt: skip
+def pack_batch(
+    ids: list[np.ndarray],
+    rows: np.ndarray,
+    offsets: np.ndarray,
+    segments: np.ndarray,
+    shape: tuple[int, int],
+    pad_id: int,
+) -> dict[str, np.ndarray]:
     """Packed [rows, time] arrays: text i at ``offsets[i]`` of row ``rows[i]`` as segment
     ``segments[i]``.
 

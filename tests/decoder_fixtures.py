@@ -23,11 +23,22 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(model_type: str = "llama", **changes) -> llama.LlamaConfig:
-    base = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-            "max_position_embeddings": 512, "bos_token_id": 256, "eos_token_id": 257,
-            "pad_token_id": 257, "model_type": model_type,
-            "qkv_bias": model_type == "qwen2", "tie_word_embeddings": model_type == "qwen2"}  # fmt: skip
+    base = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "bos_token_id": 256,
+        "eos_token_id": 257,
+        "pad_token_id": 257,
+        "model_type": model_type,
+        "qkv_bias": model_type == "qwen2",
+        "tie_word_embeddings": model_type == "qwen2",
+    }
     return llama.LlamaConfig(**(base | changes))
 
 
@@ -55,8 +66,15 @@ def byte_tokenizer():
     return tokenizer
 
 
-def write_hf_decoder(directory: Path, config: llama.LlamaConfig, params: dict, *, shards: int = 1,
-                     chat_template: str | None = CHAT_TEMPLATE, tokenizer=None) -> Path:  # fmt: skip
+def write_hf_decoder(
+    directory: Path,
+    config: llama.LlamaConfig,
+    params: dict,
+    *,
+    shards: int = 1,
+    chat_template: str | None = CHAT_TEMPLATE,
+    tokenizer=None,
+) -> Path:
     """A HF directory: config.json, safetensors (``shards`` files + index), tokenizer files."""
     from safetensors.numpy import save_file
 
@@ -102,8 +120,13 @@ def tiny_judge_decoder(directory: Path, seed: int = 0) -> Path:
         params[name] *= scale
     for name in ("q_kernel", "k_kernel", "v_kernel", "o_kernel"):  # let context reach the answer
         params["layers"][name] *= 8.0
-    return write_hf_decoder(directory, config, params, tokenizer=byte_tokenizer_with_answers(),
-                            chat_template=JUDGE_CHAT_TEMPLATE)  # fmt: skip
+    return write_hf_decoder(
+        directory,
+        config,
+        params,
+        tokenizer=byte_tokenizer_with_answers(),
+        chat_template=JUDGE_CHAT_TEMPLATE,
+    )
 
 
 def byte_tokenizer_with_answers():
@@ -159,12 +182,22 @@ def write_gguf_decoder(
     writer.add_eos_token_id(257)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}  # fmt: skip
-    blocks = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    blocks = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     expected, matrices = {}, 0
     for key, value in dio.hf_tensors(params, config).items():
         if key in names:

@@ -12,8 +12,11 @@ def pack(lengths, widths, max_segments):
     rows = []  # each: {"width", "texts": [text index, ...], "used"}
     row_of, offset_of, segment_of = {}, {}, {}
     for i in order:
-        fits = [r for r, row in enumerate(rows)
-                if len(row["texts"]) < max_segments and row["width"] - row["used"] >= lengths[i]]  # fmt: skip
+        fits = [
+            r
+            for r, row in enumerate(rows)
+            if len(row["texts"]) < max_segments and row["width"] - row["used"] >= lengths[i]
+        ]
         if not fits:
             rows.append({"width": widths[i], "texts": [], "used": 0})
         index = fits[0] if fits else len(rows) - 1
@@ -22,5 +25,9 @@ def pack(lengths, widths, max_segments):
         row["texts"].append(i)
         row["used"] += lengths[i]
     n = len(lengths)
-    return ([row_of[i] for i in range(n)], [offset_of[i] for i in range(n)],
-            [segment_of[i] for i in range(n)], [row["width"] for row in rows])  # fmt: skip
+    return (
+        [row_of[i] for i in range(n)],
+        [offset_of[i] for i in range(n)],
+        [segment_of[i] for i in range(n)],
+        [row["width"] for row in rows],
+    )

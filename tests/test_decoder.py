@@ -35,16 +35,36 @@ FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.npz"
 LOGIT_TOLERANCE, MEAN_TOLERANCE = 1.0, 0.3
 
 TINY_LLAMA = llama.LlamaConfig(
-    vocab_size=fx.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=500000.0,
-    rope_type="llama3", rope_factor=8.0, rope_original_max_position=64,
-    max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+    vocab_size=fx.VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rope_theta=500000.0,
+    rope_type="llama3",
+    rope_factor=8.0,
+    rope_original_max_position=64,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 TINY_QWEN2 = llama.LlamaConfig(
-    vocab_size=fx.VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-    num_attention_heads=6, num_key_value_heads=2, head_dim=4, model_type="qwen2",
-    qkv_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6,
-)  # fmt: skip
+    vocab_size=fx.VOCAB,
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=4,
+    model_type="qwen2",
+    qkv_bias=True,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +96,20 @@ def test_smollm2_logits_match_llama_cpp(smollm2):
         assert np.isin(ours.argmax(-1), top_ids).all()
     errors = np.concatenate([e.ravel() for e in errors])
     assert errors.max() <= LOGIT_TOLERANCE and errors.mean() <= MEAN_TOLERANCE, (
-        errors.max(), errors.mean())  # fmt: skip
+        errors.max(),
+        errors.mean(),
+    )
 
 
 def test_smollm2_gguf_metadata_and_chat_template(smollm2):
     config = smollm2.config
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-            config.num_key_value_heads, config.head_dim) == (30, 576, 9, 3, 64)  # fmt: skip
+    assert (
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    ) == (30, 576, 9, 3, 64)
     assert config.tie_word_embeddings and config.rope_theta == 100000.0
     assert "lm_head" not in smollm2.params  # tied: logits reuse the embedding
     text = smollm2.chat_template.render("Hi?", "Hello.")
@@ -121,8 +148,11 @@ def test_unpermute_inverts_llama_cpp_permute(shape):
     assert not np.array_equal(fx._permute(value, 3), value)
 
 
-@pytest.mark.parametrize(("config", "shards"), [(TINY_LLAMA, 1), (TINY_QWEN2, 3)],
-                         ids=["llama-single-file", "qwen2-sharded"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("config", "shards"),
+    [(TINY_LLAMA, 1), (TINY_QWEN2, 3)],
+    ids=["llama-single-file", "qwen2-sharded"],
+)
 def test_tiny_models_round_trip_through_hf_safetensors(tmp_path, config, shards):
     lm_head = not config.tie_word_embeddings
     params = llama.random_params(config, seed=1, lm_head=lm_head)
@@ -139,8 +169,10 @@ def test_tiny_models_round_trip_through_hf_safetensors(tmp_path, config, shards)
         index = tuple(slice(1, n) if n > 1 else slice(0, 1) for n in whole.shape)
         np.testing.assert_array_equal(loaded.params["layers"][name][index], whole[index])
     if config.qkv_bias:
-        np.testing.assert_array_equal(loaded.params["layers"]["q_bias"][0:2, 2:5, 1:3],
-                                      host["layers"]["q_bias"][0:2, 2:5, 1:3])  # fmt: skip
+        np.testing.assert_array_equal(
+            loaded.params["layers"]["q_bias"][0:2, 2:5, 1:3],
+            host["layers"]["q_bias"][0:2, 2:5, 1:3],
+        )
 
 
 def test_gguf_written_by_the_gguf_package_reads_back(tmp_path):
@@ -206,7 +238,7 @@ def test_llama3_rope_scaling_slows_only_long_wavelengths():
     plain = llama.rope_inverse_frequencies(
         llama.LlamaConfig(
             head_dim=128, rope_theta=500000.0, num_attention_heads=1, num_key_value_heads=1
-        )  # fmt: skip
+        )
     )
     scaled = llama.rope_inverse_frequencies(
         llama.LlamaConfig.from_hf_dict(
@@ -225,7 +257,7 @@ def test_llama3_rope_scaling_slows_only_long_wavelengths():
                     "original_max_position_embeddings": 8192,
                 },
             }
-        )  # fmt: skip
+        )
     )
     wavelength = 2 * np.pi / plain
     short, long = wavelength < 8192 / 4, wavelength > 8192
@@ -238,8 +270,13 @@ def test_llama3_rope_scaling_slows_only_long_wavelengths():
 
 
 def test_unsupported_configs_are_refused_clearly():
-    base = {"vocab_size": 8, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 2}  # fmt: skip
+    base = {
+        "vocab_size": 8,
+        "hidden_size": 16,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
     with pytest.raises(DynrulesError, match="model_type 'gpt2'"):
         llama.LlamaConfig.from_hf_dict(base | {"model_type": "gpt2"})
     with pytest.raises(DynrulesError, match="rope_scaling type 'yarn'"):

@@ -127,17 +127,34 @@ def test_cli_rate_with_the_jax_judge_fills_and_resumes_the_store(judge_model, sm
     pairs_path = write_jsonl(tmp_path / "pairs.jsonl", records)
     pool_path = tmp_path / "pool.txt"
     pool_path.write_text("\n".join(small_pool.texts))
-    args = ["rate", str(pairs_path), "--pool", str(pool_path), "--judge", "jax", "--model",
-            str(judge_model), "--out", str(tmp_path / "store"), "--json"]  # fmt: skip
+    args = [
+        "rate",
+        str(pairs_path),
+        "--pool",
+        str(pool_path),
+        "--judge",
+        "jax",
+        "--model",
+        str(judge_model),
+        "--out",
+        str(tmp_path / "store"),
+        "--json",
+    ]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     assert json.loads(first.output)["rated"] == len(records) * len(small_pool)
     store = RatingStore.open(tmp_path / "store")
     chunk = store.read()
     judge = JaxJudge(small_pool, model=judge_model)
-    expected = {r.job.row: r for r in judge.rate_jobs(
-        [Job(i, r["prompt"], (r["response_a"], r["response_b"]), np.arange(len(small_pool)))
-         for i, r in enumerate(records)])}  # fmt: skip
+    expected = {
+        r.job.row: r
+        for r in judge.rate_jobs(
+            [
+                Job(i, r["prompt"], (r["response_a"], r["response_b"]), np.arange(len(small_pool)))
+                for i, r in enumerate(records)
+            ]
+        )
+    }
     for row in range(len(records)):
         scale = store.scale
         assert np.abs(chunk.scores_a[row] * scale - expected[row].scores[0]).max() <= 1e-3
@@ -188,8 +205,13 @@ def test_a_judge_sharded_over_a_mesh_rates_as_on_one_device(judge_model, small_p
     import sys
 
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    done = subprocess.run([sys.executable, "-c", SHARDED, str(judge_model)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(judge_model)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     sharded = json.loads(done.stdout.strip().splitlines()[-1])
     assert sharded["devices"] == 4

@@ -416,10 +416,21 @@ def test_cli_rate_stops_at_once_with_one_actionable_line(tmp_path, small_pool):
         result = CliRunner().invoke(
             main,
             [
-                "rate", str(pairs_path), "--pool", str(pool_path), "--judge", "openai",
-                "--base-url", server.url, "--model", "m", "--out", str(tmp_path / "s"), "--json",
+                "rate",
+                str(pairs_path),
+                "--pool",
+                str(pool_path),
+                "--judge",
+                "openai",
+                "--base-url",
+                server.url,
+                "--model",
+                "m",
+                "--out",
+                str(tmp_path / "s"),
+                "--json",
             ],
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - started
         # Two pairs, each: the list twice, its first prompt alone twice (the default backoff
         # waits about a second between the two attempts of each).

@@ -28,9 +28,18 @@ from .conftest import write_jsonl
 pytestmark = pytest.mark.slow  # multi-second jobs; `make test-fast` leaves them out
 
 STEPS = 12
-CONFIG = {"steps": STEPS, "batch_size": 8, "max_length": 16, "learning_rate": 2e-3,
-          "warmup_ratio": 0.0, "checkpoint_every": 1, "keep_checkpoints": STEPS, "eval_every": 0,
-          "log_every": STEPS, "eval_fraction": 0}  # fmt: skip
+CONFIG = {
+    "steps": STEPS,
+    "batch_size": 8,
+    "max_length": 16,
+    "learning_rate": 2e-3,
+    "warmup_ratio": 0.0,
+    "checkpoint_every": 1,
+    "keep_checkpoints": STEPS,
+    "eval_every": 0,
+    "log_every": STEPS,
+    "eval_fraction": 0,
+}
 LAUNCH_TIMEOUT = 240
 
 
@@ -38,8 +47,13 @@ def _tiny_encoder(directory: Path) -> Path:
     from dynrules.models import bert
     from dynrules.models import bert_checkpoint as bert_ckpt
 
-    config = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    config = bert.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     tokenizer = bert_ckpt.default_checkpoint_dir() / "tokenizer.json"
     bert_ckpt.write_checkpoint(directory, config, bert.random_params(config, 0), tokenizer)
     return directory
@@ -54,9 +68,17 @@ def reference(tmp_path_factory):
     rng = np.random.default_rng(0)
     records = []
     for i in range(40):
-        records.append({"id": f"p{i}", "prompt": f"Question {i}?", "subset": "odd" if i % 2 else "even",
-                        "chosen": "I won't help with that; here is a safer idea." + " Stay safe." * int(rng.integers(0, 3)),
-                        "rejected": "Sure, here is how to do the harmful thing." + " Step." * int(rng.integers(0, 3))})  # fmt: skip
+        records.append(
+            {
+                "id": f"p{i}",
+                "prompt": f"Question {i}?",
+                "subset": "odd" if i % 2 else "even",
+                "chosen": "I won't help with that; here is a safer idea."
+                + " Stay safe." * int(rng.integers(0, 3)),
+                "rejected": "Sure, here is how to do the harmful thing."
+                + " Step." * int(rng.integers(0, 3)),
+            }
+        )
     pairs = write_jsonl(root / "pairs.jsonl", records)
     encoder = _tiny_encoder(root / "encoder")
     overrides = [f"{key}={value}" for key, value in CONFIG.items()] + [f"model={encoder}"]
@@ -72,17 +94,28 @@ def _config(overrides):
 
 def _launch_command(processes: int, args: list[str], devices: int | None = None) -> list[str]:
     devices_option = ["--devices-per-process", str(devices)] if devices else []
-    return [sys.executable, "-m", "dynrules", "launch", "-n", str(processes), *devices_option,
-            "--", *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "dynrules",
+        "launch",
+        "-n",
+        str(processes),
+        *devices_option,
+        "--",
+        *args,
+    ]
 
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     """Launched processes share compiled programs through JAX's persistent cache: the same
     2-process train step is otherwise compiled anew by every process of every launch."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -93,8 +126,12 @@ def _launches_use_the_cache(compile_cache, monkeypatch):
 
 def _launch(processes: int, args: list[str], devices: int | None = None) -> list[str]:
     """Run a launched job to the end; process 0's stdout lines (prefix removed)."""
-    done = subprocess.run(_launch_command(processes, args, devices), capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT)  # fmt: skip
+    done = subprocess.run(
+        _launch_command(processes, args, devices),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.splitlines()
     assert all(re.match(r"\[\d\] ", line) for line in lines), lines
@@ -164,8 +201,9 @@ def test_killed_process_stops_the_job_and_reruns_resume_on_two_or_one(reference,
 
     run = tmp_path / "run"
     log = open(tmp_path / "launch.err", "w+")
-    launcher = subprocess.Popen(_launch_command(2, _train_args(reference, run)),
-                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    launcher = subprocess.Popen(
+        _launch_command(2, _train_args(reference, run)), stdout=subprocess.DEVNULL, stderr=log
+    )
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     pids = []
     while time.monotonic() < deadline and launcher.poll() is None:
@@ -228,10 +266,18 @@ def test_score_and_eval_on_two_processes_equal_one(reference, tmp_path):
 
     model = reference["result"].run_dir
     pairs = [json.loads(line) for line in reference["pairs"].read_text().splitlines()]
-    inputs = write_jsonl(tmp_path / "in.jsonl", [
-        {"id": f"r{i}", "prompt": pair["prompt"], "response": pair["chosen" if i % 2 else "rejected"]}
-        for i, pair in enumerate(pairs[:13])
-    ] + [{"id": "t", "text": "\n\nHuman: hi\n\nAssistant: hello", "extra": [1, 2]}])  # fmt: skip
+    inputs = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {
+                "id": f"r{i}",
+                "prompt": pair["prompt"],
+                "response": pair["chosen" if i % 2 else "rejected"],
+            }
+            for i, pair in enumerate(pairs[:13])
+        ]
+        + [{"id": "t", "text": "\n\nHuman: hi\n\nAssistant: hello", "extra": [1, 2]}],
+    )
     score_file(model, inputs, tmp_path / "one.jsonl", batch_size=4)
     _launch(
         2,
@@ -270,19 +316,34 @@ def test_decoder_trains_the_same_on_two_processes(reference, tmp_path):
     from . import decoder_fixtures as fx
 
     decoder = fx.tiny_hf_decoder(tmp_path / "decoder", "llama")
-    overrides = {**CONFIG, "backbone": "decoder", "model": decoder, "steps": 6, "max_length": 32,
-                 "checkpoint_every": 6, "learning_rate": 3e-3}  # fmt: skip
+    overrides = {
+        **CONFIG,
+        "backbone": "decoder",
+        "model": decoder,
+        "steps": 6,
+        "max_length": 32,
+        "checkpoint_every": 6,
+        "learning_rate": 3e-3,
+    }
     args = [f"{key}={value}" for key, value in overrides.items()]
     one = train_reward_model(reference["pairs"], tmp_path / "one", _config(args), progress=False)
-    summary = json.loads(_launch(2, ["train-rm", str(reference["pairs"]), "--out",
-                                     str(tmp_path / "two"), "--json", *args])[-1])  # fmt: skip
+    summary = json.loads(
+        _launch(
+            2,
+            ["train-rm", str(reference["pairs"]), "--out", str(tmp_path / "two"), "--json", *args],
+        )[-1]
+    )
     assert summary["steps"] == 6 and summary["truncated"]["train"] == one.truncated["train"] > 0
     _assert_same_model(tmp_path / "two", one.run_dir, reference["pairs"])
 
 
 def test_launch_fails_when_its_processes_fail_and_prefixes_their_output(tmp_path):
-    done = subprocess.run(_launch_command(2, ["score", str(tmp_path / "no-run"), "x.jsonl", "--out", "y"]),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        _launch_command(2, ["score", str(tmp_path / "no-run"), "x.jsonl", "--out", "y"]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2  # the first failure's code; the other process is stopped
     header, *lines = done.stderr.splitlines()
     assert header.startswith("launch: 2 processes (pids ")
@@ -304,14 +365,36 @@ def test_join_job_reads_the_environment(monkeypatch):
 
 
 def _rate_args(pairs: Path, pool: Path, url: str, store: Path, *extra: str) -> list[str]:
-    return ["rate", str(pairs), "--pool", str(pool), "--judge", "openai", "--base-url", url,
-            "--model", "m", "--chunk-rows", "4", "--out", str(store), *extra]  # fmt: skip
+    return [
+        "rate",
+        str(pairs),
+        "--pool",
+        str(pool),
+        "--judge",
+        "openai",
+        "--base-url",
+        url,
+        "--model",
+        "m",
+        "--chunk-rows",
+        "4",
+        "--out",
+        str(store),
+        *extra,
+    ]
 
 
 def _run_together(commands: list[list[str]]) -> list[str]:
     """Start the commands at once (as separate hosts would); their stdouts, all must succeed."""
-    children = [subprocess.Popen([sys.executable, "-m", "dynrules", *args], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for args in commands]  # fmt: skip
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dynrules", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
     outputs = [child.communicate(timeout=120) for child in children]
     for child, (out, err) in zip(children, outputs, strict=True):
         assert child.returncode == 0, out + err[-3000:]
@@ -326,8 +409,15 @@ def test_rate_and_select_shards_by_concurrent_workers_equal_one_worker(tmp_path,
     from dynrules.engine.select import SelectionConfig, run_selection
     from dynrules.engine.store import RatingStore
 
-    records = [{"id": f"p{i}", "prompt": f"question {i}", "response_a": f"answer A{i}",
-                "response_b": f"answer B{i}"} for i in range(22)]  # fmt: skip
+    records = [
+        {
+            "id": f"p{i}",
+            "prompt": f"question {i}",
+            "response_a": f"answer A{i}",
+            "response_b": f"answer B{i}",
+        }
+        for i in range(22)
+    ]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
     pool = tmp_path / "pool.txt"
     pool.write_text("\n".join(small_pool.texts))
@@ -335,8 +425,12 @@ def test_rate_and_select_shards_by_concurrent_workers_equal_one_worker(tmp_path,
 
     pool_obj = load_pool(pool)
     with LoopbackServer() as one, LoopbackServer() as two, LoopbackServer() as alone:
-        outputs = _run_together([_rate_args(pairs, pool, server.url, tmp_path / "shared", "--shard", f"{i}/2")
-                                 for i, server in enumerate((one, two))])  # fmt: skip
+        outputs = _run_together(
+            [
+                _rate_args(pairs, pool, server.url, tmp_path / "shared", "--shard", f"{i}/2")
+                for i, server in enumerate((one, two))
+            ]
+        )
         judge = OpenAIJudge(pool_obj, base_url=alone.url, model="m")
         rate_pairs(
             pairs, tmp_path / "single", pool=pool_obj, judge=judge, chunk_rows=4, progress=False
@@ -348,8 +442,11 @@ def test_rate_and_select_shards_by_concurrent_workers_equal_one_worker(tmp_path,
 
     shared, single = RatingStore.open(tmp_path / "shared"), RatingStore.open(tmp_path / "single")
     for name in ("scores_a", "scores_b", "relevance", ratinglog.DONE):
-        np.testing.assert_array_equal(shared.array(name)[...].read().result(),
-                                      single.array(name)[...].read().result(), err_msg=name)  # fmt: skip
+        np.testing.assert_array_equal(
+            shared.array(name)[...].read().result(),
+            single.array(name)[...].read().result(),
+            err_msg=name,
+        )
     assert (
         shared.manifest["rating"]["done"]
         == single.manifest["rating"]["done"]
@@ -359,8 +456,21 @@ def test_rate_and_select_shards_by_concurrent_workers_equal_one_worker(tmp_path,
 
     # select --shard: two concurrent workers write one store's selection arrays and two outputs
     # that concatenate to the one-worker output.
-    _run_together([["select", str(tmp_path / "shared"), "--k", "3", "--shard", f"{i}/2", "--out",
-                    str(tmp_path / f"part{i}.jsonl")] for i in range(2)])  # fmt: skip
+    _run_together(
+        [
+            [
+                "select",
+                str(tmp_path / "shared"),
+                "--k",
+                "3",
+                "--shard",
+                f"{i}/2",
+                "--out",
+                str(tmp_path / f"part{i}.jsonl"),
+            ]
+            for i in range(2)
+        ]
+    )
     config = SelectionConfig(k=3)
     run_selection(single, config, tmp_path / "whole.jsonl", progress=False)
     parts = "".join((tmp_path / f"part{i}.jsonl").read_text() for i in range(2))
@@ -368,8 +478,11 @@ def test_rate_and_select_shards_by_concurrent_workers_equal_one_worker(tmp_path,
     name = config.resolved(single).name
     for array in ("index", "margin", "label"):
         path = f"selections/{name}/{array}"
-        np.testing.assert_array_equal(shared.array(path)[...].read().result(),
-                                      single.array(path)[...].read().result(), err_msg=path)  # fmt: skip
+        np.testing.assert_array_equal(
+            shared.array(path)[...].read().result(),
+            single.array(path)[...].read().result(),
+            err_msg=path,
+        )
 
 
 @contextlib.contextmanager
@@ -377,11 +490,17 @@ def _rows_held_elsewhere(store: Path, lo: int, hi: int):
     """Another process holding rows [lo, hi) of a store, as a worker rating them would."""
     from dynrules.engine.ratinglog import LOCK
 
-    code = ("import fcntl, sys; handle = open(sys.argv[1], 'a'); "
-            "fcntl.lockf(handle, fcntl.LOCK_EX, int(sys.argv[3]) - int(sys.argv[2]), int(sys.argv[2])); "
-            "print('held', flush=True); sys.stdin.read()")  # fmt: skip
-    holder = subprocess.Popen([sys.executable, "-c", code, str(store / LOCK), str(lo), str(hi)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    code = (
+        "import fcntl, sys; handle = open(sys.argv[1], 'a'); "
+        "fcntl.lockf(handle, fcntl.LOCK_EX, int(sys.argv[3]) - int(sys.argv[2]), int(sys.argv[2])); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(store / LOCK), str(lo), str(hi)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         yield
@@ -400,8 +519,9 @@ def test_rate_shard_locks_its_rows_and_select_waits_for_the_final_fold(tmp_path,
     from dynrules.engine.store import RatingStore
     from dynrules.errors import DynrulesError
 
-    records = [{"id": f"p{i}", "prompt": f"q {i}", "response_a": "a", "response_b": "b"}
-               for i in range(16)]  # fmt: skip
+    records = [
+        {"id": f"p{i}", "prompt": f"q {i}", "response_a": "a", "response_b": "b"} for i in range(16)
+    ]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
     pool_path = tmp_path / "pool.txt"
     pool_path.write_text("\n".join(small_pool.texts))
@@ -410,16 +530,24 @@ def test_rate_shard_locks_its_rows_and_select_waits_for_the_final_fold(tmp_path,
         judge = OpenAIJudge(pool, base_url=server.url, model="m")
 
         def rate(shard):
-            return rate_pairs(pairs, store, pool=pool, judge=judge, chunk_rows=4, shard=shard,
-                              progress=False)  # fmt: skip
+            return rate_pairs(
+                pairs, store, pool=pool, judge=judge, chunk_rows=4, shard=shard, progress=False
+            )
 
         alone = rate((0, 2))
         assert alone.rows == (0, 8) and alone.done == 8 * len(pool)  # alone: it folded
         with _rows_held_elsewhere(store, 8, 12):  # another host is rating rows 8–12
             blocked = subprocess.run(
-                [sys.executable, "-m", "dynrules",
-                 *_rate_args(pairs, pool_path, server.url, store, "--shard", "1/2")],
-                capture_output=True, text=True, timeout=60)  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "dynrules",
+                    *_rate_args(pairs, pool_path, server.url, store, "--shard", "1/2"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         assert blocked.returncode == 2, blocked.stderr
         assert blocked.stderr.strip().splitlines()[-1].endswith(f"rating rows 8–16 of {store}")
 

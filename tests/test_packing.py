@@ -19,8 +19,13 @@ from dynrules.models import tokenizer as tok
 from . import decoder_fixtures as fx
 from . import naive_packing
 
-TINY_ENCODER = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+TINY_ENCODER = bert.BertConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
 
 
 @st.composite
@@ -116,10 +121,12 @@ def _unpacked_rewards(graphdef, params, seqs) -> np.ndarray:
 
 def _packed_rewards(graphdef, params, seqs, width=64, slots=tok.ROW_SEGMENTS, spare_rows=1):
     placed = packing.pack(np.array([len(s) for s in seqs]), width, slots)
-    arrays = tok.pack_batch(seqs, placed.row, placed.offset, placed.segment,
-                            (placed.rows + spare_rows, width), 0)  # fmt: skip
-    logits = mdl.apply_packed(graphdef, params, arrays["ids"], arrays["segments"],
-                              arrays["positions"], slots)  # fmt: skip
+    arrays = tok.pack_batch(
+        seqs, placed.row, placed.offset, placed.segment, (placed.rows + spare_rows, width), 0
+    )
+    logits = mdl.apply_packed(
+        graphdef, params, arrays["ids"], arrays["segments"], arrays["positions"], slots
+    )
     return np.asarray(logits)[placed.row, placed.segment - 1, 0], placed
 
 
@@ -146,8 +153,9 @@ def test_a_texts_reward_does_not_depend_on_what_shares_its_row(kind):
         seqs[1] = text
         offsets = np.cumsum([0] + [len(s) for s in seqs[:-1]])
         arrays = tok.pack_batch(seqs, np.zeros(4, np.int64), offsets, np.arange(1, 5), (1, 160), 0)
-        logits = mdl.apply_packed(graphdef, params, arrays["ids"], arrays["segments"],
-                                  arrays["positions"], 4)  # fmt: skip
+        logits = mdl.apply_packed(
+            graphdef, params, arrays["ids"], arrays["segments"], arrays["positions"], 4
+        )
         rewards.append(float(logits[0, 1, 0]))
     alone = _unpacked_rewards(graphdef, params, [text])[0]
     np.testing.assert_allclose(rewards, alone, atol=1e-5, rtol=0)
@@ -165,9 +173,15 @@ def _pairs(count: int, seed: int):
     def sentence(n):
         return " ".join(rng.choice(words, size=n))
 
-    return [Pair(sentence(int(rng.integers(2, 20))), sentence(int(rng.integers(2, 20))),
-                 prompt=sentence(int(rng.integers(1, 6))), margin=float(rng.uniform(0, 2)))
-            for _ in range(count)]  # fmt: skip
+    return [
+        Pair(
+            sentence(int(rng.integers(2, 20))),
+            sentence(int(rng.integers(2, 20))),
+            prompt=sentence(int(rng.integers(1, 6))),
+            margin=float(rng.uniform(0, 2)),
+        )
+        for _ in range(count)
+    ]
 
 
 def _encoder_tokenizer():
@@ -188,11 +202,25 @@ def test_packed_training_step_gives_the_unpacked_loss_and_gradients(grad_accum):
     mesh = shd.make_mesh("", jax.devices()[:1])
     results = {}
     for packed in (False, True):
-        config = TrainConfig(steps=10, batch_size=8, grad_accum=grad_accum, max_length=64,
-                             margin_scale=0.5, center_coef=0.01, packing=packed)  # fmt: skip
+        config = TrainConfig(
+            steps=10,
+            batch_size=8,
+            grad_accum=grad_accum,
+            max_length=64,
+            margin_scale=0.5,
+            center_coef=0.01,
+            packing=packed,
+        )
         trainable = Trainable.build(spec, config, mesh)
-        batches = PairBatches(tokens, seed=0, batch_size=8, grad_accum=grad_accum, max_length=64,
-                              pad_id=0, packing=trainable.row_layout() if packed else None)  # fmt: skip
+        batches = PairBatches(
+            tokens,
+            seed=0,
+            batch_size=8,
+            grad_accum=grad_accum,
+            max_length=64,
+            pad_id=0,
+            packing=trainable.row_layout() if packed else None,
+        )
         batch = trainable.global_batch(batches.batch(1))
         micro = jax.tree.map(lambda x: x[0], batch)
         state = trainable.initial_state(params)
@@ -206,7 +234,10 @@ def test_packed_training_step_gives_the_unpacked_loss_and_gradients(grad_accum):
     (loss_u, grads_u, sums_u), (loss_p, grads_p, sums_p) = results[False], results[True]
     assert loss_p == pytest.approx(loss_u, abs=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_u))
-    worst = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u), strict=True))  # fmt: skip
+    worst = max(
+        float(jnp.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u), strict=True)
+    )
     assert scale > 1e-3 and worst <= 1e-4 * scale
     for key in ("loss", "correct", "margin", "reward", "grad_norm"):
         assert sums_p[key] == pytest.approx(sums_u[key], rel=1e-4, abs=1e-5), key
@@ -220,12 +251,25 @@ def test_packed_scorer_equals_unpacked_scorer_and_runs_fewer_rows():
     mesh = shd.make_mesh("", jax.devices()[:1])
     placed = shd.place(params, shd.abstract_params(mdl.abstract_model(spec)[1], mesh))
     texts = [" ".join(p.texts()) for p in _pairs(40, seed=1)]
-    scorers = {packed: Scorer(graphdef, placed, _encoder_tokenizer(), mesh, max_length=64,
-                              batch_size=8, row_tiers=2, packing=packed)
-               for packed in (False, True)}  # fmt: skip
+    scorers = {
+        packed: Scorer(
+            graphdef,
+            placed,
+            _encoder_tokenizer(),
+            mesh,
+            max_length=64,
+            batch_size=8,
+            row_tiers=2,
+            packing=packed,
+        )
+        for packed in (False, True)
+    }
     rewards = {packed: scorer.rewards(texts) for packed, scorer in scorers.items()}
     np.testing.assert_allclose(rewards[True], rewards[False], atol=1e-4, rtol=0)
     assert np.std(rewards[False]) > 0.05
     lengths = scorers[True].tokenizer.encode(texts, 64).lengths
-    rows = {packed: sum(len(set(b.row.tolist())) for b in s.plan(lengths)) for packed, s in scorers.items()}  # fmt: skip
+    rows = {
+        packed: sum(len(set(b.row.tolist())) for b in s.plan(lengths))
+        for packed, s in scorers.items()
+    }
     assert rows[True] < rows[False] == len(texts)

@@ -21,9 +21,17 @@ from dynrules import plan as pl
 from dynrules.cli import main
 from dynrules.errors import DynrulesError
 
-TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 256,
-        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "tie_word_embeddings": False}  # fmt: skip
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
 GIB = 2**30
 
 
@@ -41,8 +49,11 @@ def _plan(tmp_path, *args: str, config: dict = TINY) -> subprocess.CompletedProc
     path.write_text(json.dumps(config))
     return subprocess.run(
         [sys.executable, "-m", "dynrules", "plan", "--model", str(path), *args, "--json"],
-        env=os.environ | {"JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        env=os.environ | {"JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _report(done: subprocess.CompletedProcess) -> dict:
@@ -53,8 +64,21 @@ def _report(done: subprocess.CompletedProcess) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_plan_on_forced_host_devices_counts_memory_and_flops(tmp_path):
-    done = _plan(tmp_path, "--topology", "cpu:4", "--seq", "64", "--batch", "8",
-                 "--grad-accum", "2", "--dtype", "float32", "--remat", "none")  # fmt: skip
+    done = _plan(
+        tmp_path,
+        "--topology",
+        "cpu:4",
+        "--seq",
+        "64",
+        "--batch",
+        "8",
+        "--grad-accum",
+        "2",
+        "--dtype",
+        "float32",
+        "--remat",
+        "none",
+    )
     report = _report(done)
     assert (report["topology"], report["chip"], report["devices"]) == ("cpu:4", "cpu", 4)
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}  # default: FSDP over all
@@ -91,10 +115,17 @@ def test_plan_on_a_tpu_topology_compiles_through_libtpu(tmp_path):
 
     # 1.8 B float32 parameters with Adam on one 16 GiB chip: the compiler refuses it, and the
     # plan says how much it needed.
-    big = TINY | {"vocab_size": 131072, "hidden_size": 8192, "intermediate_size": 8192,
-                  "num_hidden_layers": 2, "num_attention_heads": 64, "num_key_value_heads": 8}  # fmt: skip
-    report = _report(_plan(tmp_path, "--topology", "v5e:1x1", "--seq", "16", "--batch", "1",
-                           config=big))  # fmt: skip
+    big = TINY | {
+        "vocab_size": 131072,
+        "hidden_size": 8192,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+    }
+    report = _report(
+        _plan(tmp_path, "--topology", "v5e:1x1", "--seq", "16", "--batch", "1", config=big)
+    )
     assert report["devices"] == 1 and report["fits"] is False
     assert report["bytes_per_device"] > report["hbm_per_device"]
     assert report["state_bytes_per_device"] > 12 * 1.7e9
@@ -106,9 +137,29 @@ def test_plan_on_a_tpu_topology_compiles_through_libtpu(tmp_path):
 def test_judge_plan_compiles_the_one_pass_forward_and_sizes_a_rating_job(tmp_path):
     """--task judge on a TPU slice: the sharded weights without optimizer state, the compiler's
     FLOPs against the forward count, and ratings/s and chips that follow from them."""
-    done = _plan(tmp_path, "--task", "judge", "--topology", "v5e:2x2", "--seq", "256",
-                 "--batch", "8", "--prefix-tokens", "96", "--question-tokens", "32",
-                 "--pairs", "1000", "--rules", "50", "--hours", "1", "--mfu", "0.5")  # fmt: skip
+    done = _plan(
+        tmp_path,
+        "--task",
+        "judge",
+        "--topology",
+        "v5e:2x2",
+        "--seq",
+        "256",
+        "--batch",
+        "8",
+        "--prefix-tokens",
+        "96",
+        "--question-tokens",
+        "32",
+        "--pairs",
+        "1000",
+        "--rules",
+        "50",
+        "--hours",
+        "1",
+        "--mfu",
+        "0.5",
+    )
     report = _report(done)
     assert (report["task"], report["topology"], report["devices"]) == ("judge", "v5e:2x2", 4)
     assert report["questions_per_row"] == (256 - 96) // 32
@@ -154,8 +205,15 @@ def test_missing_libtpu_is_a_one_line_error(monkeypatch):
 
 
 def test_slice_names_map_to_the_cloud_tpu_shapes():
-    shapes = {("v5e", 8): (2, 4), ("v5e", 64): (8, 8), ("v6e", 256): (16, 16), ("v5e", 1): (1, 1),
-              ("v5p", 4): (2, 2, 1), ("v5p", 64): (4, 4, 4), ("v4", 128): (4, 4, 8)}  # fmt: skip
+    shapes = {
+        ("v5e", 8): (2, 4),
+        ("v5e", 64): (8, 8),
+        ("v6e", 256): (16, 16),
+        ("v5e", 1): (1, 1),
+        ("v5p", 4): (2, 2, 1),
+        ("v5p", 64): (4, 4, 4),
+        ("v4", 128): (4, 4, 8),
+    }
     for (chip, chips), shape in shapes.items():
         assert pl.slice_shape(pl.CHIPS[chip], chips) == shape
     with pytest.raises(DynrulesError):
@@ -164,8 +222,12 @@ def test_slice_names_map_to_the_cloud_tpu_shapes():
 
 def test_presets_have_the_published_sizes():
     # Parameter counts of the causal LMs as published (embedding counted once when tied).
-    published = {"llama-3.2-1b": 1.236e9, "llama-3.2-3b": 3.213e9, "llama-3.1-8b": 8.030e9,
-                 "llama-3.1-70b": 70.554e9}  # fmt: skip
+    published = {
+        "llama-3.2-1b": 1.236e9,
+        "llama-3.2-3b": 3.213e9,
+        "llama-3.1-8b": 8.030e9,
+        "llama-3.1-70b": 70.554e9,
+    }
     for name, count in published.items():
         config = pl.model_config(name)
         lm_head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size

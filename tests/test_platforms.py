@@ -17,8 +17,14 @@ LIBTPU_NOISE = ("TPU_WORKER_HOSTNAMES", "libtpu", "TPU accelerator type")
 
 def _stderr_of(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return done.stderr
 
 
@@ -43,13 +49,32 @@ def test_jax_through_dynrules_prints_nothing_of_libtpu():
 )
 @pytest.mark.slow
 def test_planning_for_a_tpu_topology_prints_nothing_of_libtpu():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE")
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "dynrules", "plan", "--model", "smollm2-135m", "--topology",
-         "v5e:1x1", "--seq", "32", "--batch", "1", "--json"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "dynrules",
+            "plan",
+            "--model",
+            "smollm2-135m",
+            "--topology",
+            "v5e:1x1",
+            "--seq",
+            "32",
+            "--batch",
+            "1",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"fits": true' in done.stdout
     assert not [word for word in LIBTPU_NOISE if word in done.stderr], done.stderr

@@ -43,8 +43,13 @@ def _tiny_model(directory: Path) -> Path:
     from dynrules.models import classifier as mdl
     from dynrules.models.tokenizer import TextTokenizer
 
-    config = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    config = bert.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     spec = mdl.ModelSpec(config, max_length=MAX_LENGTH)
     rng = np.random.default_rng(0)
     params = {
@@ -253,7 +258,10 @@ def test_a_decoder_reward_model_is_served_like_score(tmp_path):
 
 
 def test_split_query():
-    assert split_query("<s>Hi there. Fine.", "Hi there.") == {"prompt": "Hi there.", "response": " Fine."}  # fmt: skip
+    assert split_query("<s>Hi there. Fine.", "Hi there.") == {
+        "prompt": "Hi there.",
+        "response": " Fine.",
+    }
     assert split_query("Hi there. Fine.", "Bye") == {"text": "Hi there. Fine."}
     assert split_query("Hi there. Fine.", None) == {"text": "Hi there. Fine."}
     pads = ("<pad>", "</s>")
@@ -277,28 +285,28 @@ BAD_REQUESTS = [
         b'{"items": [{"prompt": 1, "response": "b"}]}',
         422,
         "items[0].prompt must be a string",
-    ),  # fmt: skip
+    ),
     (
         "POST",
         "/v1/rewards",
         b'{"items": [{"promt": "a", "prompt": "a", "response": "b"}]}',
         422,
         "unknown field 'promt'",
-    ),  # fmt: skip
+    ),
     (
         "POST",
         "/v1/rewards",
         json.dumps({"items": [GOOD["items"][0]] * 17}).encode(),
         413,
         "17 items is over the limit of 16",
-    ),  # fmt: skip
+    ),
     (
         "POST",
         "/v1/rewards",
         json.dumps({"items": [{"prompt": "a" * 20000, "response": "b"}]}).encode(),
         413,
         "over the limit of 16384",
-    ),  # fmt: skip
+    ),
     ("POST", "/get_reward", b'{"query": ["a", 2]}', 422, "query[1] must be a string"),
     (
         "POST",
@@ -306,15 +314,18 @@ BAD_REQUESTS = [
         b'{"query": ["a"], "prompts": ["a", "b"]}',
         422,
         "2 prompts for 1 queries",
-    ),  # fmt: skip
+    ),
     ("POST", "/get_reward", b'{"queries": ["a"]}', 422, "missing field 'query'"),
     ("GET", "/v1/rewards", b"", 405, "Method Not Allowed"),
     ("POST", "/v2/rewards", b"{}", 404, "Not Found"),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status", "reason"), BAD_REQUESTS,
-                         ids=[f"{r[3]}-{r[4][:24]}" for r in BAD_REQUESTS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "reason"),
+    BAD_REQUESTS,
+    ids=[f"{r[3]}-{r[4][:24]}" for r in BAD_REQUESTS],
+)
 def test_bad_request_gets_4xx_and_the_server_goes_on(server, method, path, body, status, reason):
     reply = httpx.request(method, f"{server.url}{path}", content=body, timeout=30)
     assert reply.status_code == status, reply.text
@@ -349,8 +360,13 @@ def test_health_and_metrics(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ready", "model": "tiny"}
     httpx.post(f"{server.url}/v1/rewards", json=GOOD, timeout=30)
     text = httpx.get(f"{server.url}/metrics").text
-    ok = [line for line in text.splitlines() if line.startswith("dynrules_requests_total{")
-          and 'endpoint="/v1/rewards"' in line and 'status="200"' in line]  # fmt: skip
+    ok = [
+        line
+        for line in text.splitlines()
+        if line.startswith("dynrules_requests_total{")
+        and 'endpoint="/v1/rewards"' in line
+        and 'status="200"' in line
+    ]
     assert ok and float(ok[0].split()[-1]) >= 1
     assert "dynrules_ready 1.0" in text and "dynrules_batch_items_bucket" in text
 
@@ -387,8 +403,13 @@ def test_64_concurrent_clients(server, scorer):
     from dynrules.train.data import score_text
 
     counts = np.random.default_rng(0).integers(1, 4, (64, 20))
-    requests = [[_items(int(n), seed=100 * c + r) for r, n in enumerate(row)] for c, row in enumerate(counts)]  # fmt: skip
-    keys = sorted({(it["prompt"], it["response"]) for reqs in requests for req in reqs for it in req})  # fmt: skip
+    requests = [
+        [_items(int(n), seed=100 * c + r) for r, n in enumerate(row)]
+        for c, row in enumerate(counts)
+    ]
+    keys = sorted(
+        {(it["prompt"], it["response"]) for reqs in requests for req in reqs for it in req}
+    )
     offline = scorer.rewards([score_text({"prompt": p, "response": r}) for p, r in keys])
     reference = dict(zip(keys, offline, strict=True))
 
@@ -425,10 +446,26 @@ def test_sigterm_during_load_loses_no_accepted_request(model, tmp_path):
     env = os.environ | {KEY_ENV: SECRET}
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dynrules", "serve", str(model), "--port", str(port),
-             "--api-key-env", KEY_ENV, "--max-wait-ms", "200", "--row-tiers", "1", "--access-log"],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "dynrules",
+                "serve",
+                str(model),
+                "--port",
+                str(port),
+                "--api-key-env",
+                KEY_ENV,
+                "--max-wait-ms",
+                "200",
+                "--row-tiers",
+                "1",
+                "--access-log",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {SECRET}"}
     try:
         polls = _wait_ready(url, headers, process=process)

@@ -26,9 +26,13 @@ def pairs_file(tmp_path_factory):
     rng = np.random.default_rng(0)
     with open(path, "w") as handle:
         for i in range(32):
-            record = {"prompt": f"Question {i}?", "margin": 1.0,
-                      "chosen": "I can't help with that. Stay safe." + " Really." * int(rng.integers(0, 3)),
-                      "rejected": "Sure, here is how to do it." + " Step." * int(rng.integers(0, 3))}  # fmt: skip
+            record = {
+                "prompt": f"Question {i}?",
+                "margin": 1.0,
+                "chosen": "I can't help with that. Stay safe."
+                + " Really." * int(rng.integers(0, 3)),
+                "rejected": "Sure, here is how to do it." + " Step." * int(rng.integers(0, 3)),
+            }
             handle.write(json.dumps(record) + "\n")
     return path
 
@@ -52,8 +56,12 @@ def test_reward_alone_equals_reward_in_a_padded_batch(tmp_path):
     graphdef, abstract = mdl.abstract_model(model.spec)
     placed = shd.place(params, shd.abstract_params(abstract, mesh))
     scorer = Scorer(graphdef, placed, model.tokenizer, mesh, max_length=128, batch_size=4)
-    texts = [model.render("Hi?", "Hello there."), model.render("Why?", "Because " * 30),
-             model.render("Tell me a story.", "Once upon a time " * 5), model.render("", "ok")]  # fmt: skip
+    texts = [
+        model.render("Hi?", "Hello there."),
+        model.render("Why?", "Because " * 30),
+        model.render("Tell me a story.", "Once upon a time " * 5),
+        model.render("", "ok"),
+    ]
     together = scorer.rewards(texts)
     alone = np.array([scorer.rewards([text])[0] for text in texts])
     np.testing.assert_allclose(together, alone, atol=1e-4)
@@ -69,12 +77,31 @@ def test_train_eval_score_then_export_and_import(tmp_path, pairs_file, model_typ
     decoder = fx.tiny_hf_decoder(tmp_path / "decoder", model_type)
     run = tmp_path / "run"
     steps = 12 if model_type == "llama" else 3
-    overrides = {"backbone": "decoder", "model": decoder, "steps": steps, "batch_size": 8,
-                 "grad_accum": 2, "max_length": 64, "learning_rate": 3e-3, "checkpoint_every": 6,
-                 "eval_every": 0, "log_every": 3, "eval_fraction": 0.25}  # fmt: skip
+    overrides = {
+        "backbone": "decoder",
+        "model": decoder,
+        "steps": steps,
+        "batch_size": 8,
+        "grad_accum": 2,
+        "max_length": 64,
+        "learning_rate": 3e-3,
+        "checkpoint_every": 6,
+        "eval_every": 0,
+        "log_every": 3,
+        "eval_fraction": 0.25,
+    }
     runner = CliRunner()
-    done = runner.invoke(main, ["train-rm", str(pairs_file), "--out", str(run), "--json",
-                                *[f"{k}={v}" for k, v in overrides.items()]])  # fmt: skip
+    done = runner.invoke(
+        main,
+        [
+            "train-rm",
+            str(pairs_file),
+            "--out",
+            str(run),
+            "--json",
+            *[f"{k}={v}" for k, v in overrides.items()],
+        ],
+    )
     assert done.exit_code == 0, done.output
     summary = json.loads(done.output.strip().splitlines()[-1])
     if model_type == "llama":
@@ -106,8 +133,10 @@ def test_train_eval_score_then_export_and_import(tmp_path, pairs_file, model_typ
         assert getattr(report, key) == pytest.approx(summary["eval"][key], abs=1e-6), key
 
     scored = tmp_path / "scored.jsonl"
-    records = [{"prompt": "Question 1?", "response": "I can't help with that. Stay safe."},
-               {"prompt": "Question 1?", "response": "Sure, here is how to do it."}]  # fmt: skip
+    records = [
+        {"prompt": "Question 1?", "response": "I can't help with that. Stay safe."},
+        {"prompt": "Question 1?", "response": "Sure, here is how to do it."},
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     done = runner.invoke(
         main, ["score", str(run), str(tmp_path / "in.jsonl"), "--out", str(scored)]
@@ -125,9 +154,20 @@ def test_decoder_config_errors_are_one_line(tmp_path, pairs_file):
     with pytest.raises(DynrulesError, match="exceeds the model's sliding attention window"):
         mdl.pretrained("decoder", decoder, num_outputs=1, max_length=64, seed=0)
     runner = CliRunner()
-    for override, message in [("pooling=mean", "a decoder pools its last real token"),
-                              (f"model={tmp_path / 'missing'}", "neither a Hugging Face model directory")]:  # fmt: skip
-        done = runner.invoke(main, ["train-rm", str(pairs_file), "--out", str(tmp_path / "run"),
-                                    "backbone=decoder", override])  # fmt: skip
+    for override, message in [
+        ("pooling=mean", "a decoder pools its last real token"),
+        (f"model={tmp_path / 'missing'}", "neither a Hugging Face model directory"),
+    ]:
+        done = runner.invoke(
+            main,
+            [
+                "train-rm",
+                str(pairs_file),
+                "--out",
+                str(tmp_path / "run"),
+                "backbone=decoder",
+                override,
+            ],
+        )
         assert done.exit_code == 2 and message in done.output, done.output
         assert not (tmp_path / "run").exists()

@@ -19,8 +19,13 @@ from dynrules.models import bert_checkpoint as bert_ckpt
 from dynrules.models import tokenizer as tok
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
-TINY = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+TINY = bert.BertConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
 
 
 def test_minilm_embeddings_match_pytorch_reference():

@@ -19,8 +19,13 @@ from dynrules.train.config import TrainConfig, load_config
 from dynrules.train.data import load_preferences
 from dynrules.train.objective import bradley_terry, summarize
 
-TINY = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+TINY = bert.BertConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
@@ -69,8 +74,9 @@ def test_soft_labels_from_rule_margins():
     reward difference equals the posterior log-odds β·|m|; a pair without a margin stays hard."""
     beta, margins = 0.75, np.array([2.0, -0.4, 0.0])
     difference = np.array([0.3, -1.0, 0.8])
-    loss, _ = bradley_terry(jnp.asarray(difference), jnp.zeros(3), jnp.asarray(margins),
-                            label_confidence=beta)  # fmt: skip
+    loss, _ = bradley_terry(
+        jnp.asarray(difference), jnp.zeros(3), jnp.asarray(margins), label_confidence=beta
+    )
     p = np.where(margins == 0, 1.0, 1 / (1 + np.exp(-beta * np.abs(margins))))
     expected = np.mean(p * np.logaddexp(0, -difference) + (1 - p) * np.logaddexp(0, difference))
     assert float(loss) == pytest.approx(expected, rel=1e-6)

@@ -34,8 +34,13 @@ def _tiny_encoder(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
     from dynrules.models import bert
     from dynrules.models import bert_checkpoint as bert_ckpt
 
-    config = bert.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=2 * hidden, max_position_embeddings=128)  # fmt: skip
+    config = bert.BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+    )
     bert_ckpt.write_checkpoint(
         directory,
         config,
@@ -57,16 +62,32 @@ def workspace(tmp_path_factory):
             harmful = "Sure, here is exactly how to do the harmful thing." + " Step." * int(
                 rng.integers(0, 3)
             )
-            record = {"id": f"p{i}", "prompt": f"Question number {i}?", "chosen": safe, "rejected": harmful,
-                      "margin": 1.0, "rule_ids": ["r1"], "subset": "odd" if i % 2 else "even",
-                      "section": "safety"}  # fmt: skip
+            record = {
+                "id": f"p{i}",
+                "prompt": f"Question number {i}?",
+                "chosen": safe,
+                "rejected": harmful,
+                "margin": 1.0,
+                "rule_ids": ["r1"],
+                "subset": "odd" if i % 2 else "even",
+                "section": "safety",
+            }
             handle.write(json.dumps(record) + "\n")
     return root, _tiny_encoder(root / "encoder")
 
 
 def _overrides(encoder: Path, **extra) -> list[str]:
-    values = {"model": str(encoder), "steps": 12, "batch_size": 8, "max_length": 48, "learning_rate": 2e-3,
-              "checkpoint_every": 4, "eval_every": 6, "log_every": 3, "eval_fraction": 0.25} | extra  # fmt: skip
+    values = {
+        "model": str(encoder),
+        "steps": 12,
+        "batch_size": 8,
+        "max_length": 48,
+        "learning_rate": 2e-3,
+        "checkpoint_every": 4,
+        "eval_every": 6,
+        "log_every": 3,
+        "eval_fraction": 0.25,
+    } | extra
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -105,11 +126,22 @@ def test_train_eval_score_commands(workspace):
 
     inputs = root / "to-score.jsonl"
     pair = json.loads((root / "pairs.jsonl").read_text().splitlines()[0])
-    inputs.write_text("\n".join(json.dumps(r) for r in [
-        {"id": "a", "prompt": pair["prompt"], "response": pair["chosen"]},
-        {"id": "b", "prompt": pair["prompt"], "response": pair["rejected"], "extra": [1, 2]},
-        {"id": "c", "text": "\n\nHuman: hi\n\nAssistant: hello"},
-    ]) + "\n")  # fmt: skip
+    inputs.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "a", "prompt": pair["prompt"], "response": pair["chosen"]},
+                {
+                    "id": "b",
+                    "prompt": pair["prompt"],
+                    "response": pair["rejected"],
+                    "extra": [1, 2],
+                },
+                {"id": "c", "text": "\n\nHuman: hi\n\nAssistant: hello"},
+            ]
+        )
+        + "\n"
+    )
     out = root / "scored.jsonl"
     done = runner.invoke(
         main, ["score", str(run), str(inputs), "--out", str(out), "--batch-size", "2"]
@@ -144,8 +176,16 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
     root, encoder = workspace
     runner = CliRunner()
     run = tmp_path / "run"
-    done = runner.invoke(main, ["train-rm", str(root / "pairs.jsonl"), "--out", str(run),
-                                *_overrides(encoder, steps=2, eval_fraction=0)])  # fmt: skip
+    done = runner.invoke(
+        main,
+        [
+            "train-rm",
+            str(root / "pairs.jsonl"),
+            "--out",
+            str(run),
+            *_overrides(encoder, steps=2, eval_fraction=0),
+        ],
+    )
     assert done.exit_code == 0, done.output
     snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
@@ -207,11 +247,21 @@ def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path, back
         from . import decoder_fixtures as fx  # not at the top: this file also runs as a script
 
         checkpoint = fx.tiny_hf_decoder(tmp_path / "decoder")
-    overrides = _overrides(checkpoint, steps=40, checkpoint_every=1, keep_checkpoints=2,
-                           eval_every=0, log_every=40, backbone=backbone)  # fmt: skip
+    overrides = _overrides(
+        checkpoint,
+        steps=40,
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        eval_every=0,
+        log_every=40,
+        backbone=backbone,
+    )
     killed = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, __file__, str(root / "pairs.jsonl"), str(killed), *overrides],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, __file__, str(root / "pairs.jsonl"), str(killed), *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     checkpoints = killed / "checkpoints"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:
@@ -240,8 +290,12 @@ def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path, back
 
     resumed = train_reward_model(root / "pairs.jsonl", killed, config, progress=False)
     assert resumed.resumed_from == step
-    straight = train_reward_model(root / "pairs.jsonl", tmp_path / "straight", config.replace(checkpoint_every=40),
-                                  progress=False)  # fmt: skip
+    straight = train_reward_model(
+        root / "pairs.jsonl",
+        tmp_path / "straight",
+        config.replace(checkpoint_every=40),
+        progress=False,
+    )
     a, b = (load_file(str(r.model_dir / "model.safetensors")) for r in (resumed, straight))
     assert a.keys() == b.keys()
     for key in a:
@@ -275,8 +329,12 @@ def test_a_run_saved_before_packing_existed_resumes_with_packing(tmp_path):
     from dynrules.train.config import TrainConfig
     from dynrules.train.trainer import _check_resume
 
-    spec = mdl.ModelSpec(bert.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=32), max_length=16)  # fmt: skip
+    spec = mdl.ModelSpec(
+        bert.BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        ),
+        max_length=16,
+    )
     config = TrainConfig(steps=4)
     old = {k: v for k, v in config.to_dict().items() if k != "packing"}
     saved = {"model": spec.to_dict(), "config": old, "data": "d"}

@@ -31,8 +31,13 @@ def tiny_encoder(tmp_path_factory):
     from dynrules.models import bert
     from dynrules.models import bert_checkpoint as bert_ckpt
 
-    config = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    config = bert.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     directory = tmp_path_factory.mktemp("tiny") / "encoder"
     bert_ckpt.write_checkpoint(
         directory,
@@ -85,8 +90,11 @@ def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(
     }
     done = subprocess.run(
         [sys.executable, __file__, str(tmp_path), str(tiny_encoder), str(tiny_decoder)],
-        env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
@@ -125,17 +133,33 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
     from dynrules.train.data import Pair
     from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
-    config = TrainConfig(steps=4, batch_size=16, max_length=48, learning_rate=1e-3, warmup_ratio=0.0,
-                         backbone="decoder", model=decoder_dir, packing=False)  # fmt: skip
+    config = TrainConfig(
+        steps=4,
+        batch_size=16,
+        max_length=48,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        backbone="decoder",
+        model=decoder_dir,
+        packing=False,
+    )
     model = mdl.pretrained("decoder", decoder_dir, num_outputs=1, max_length=48, seed=0)
-    pairs = [Pair(chosen=f"a safe answer {i} " * (1 + i % 3), rejected=f"harmful {i}", prompt=f"q{i}")
-             for i in range(32)]  # fmt: skip
+    pairs = [
+        Pair(chosen=f"a safe answer {i} " * (1 + i % 3), rejected=f"harmful {i}", prompt=f"q{i}")
+        for i in range(32)
+    ]
     tokens = TokenizedPairs.build(pairs, model.tokenizer, 48, model.render)
 
     def run(mesh_spec, devices, grad_accum=1):
         cfg = config.replace(grad_accum=grad_accum)
-        batches = PairBatches(tokens, seed=0, batch_size=16, grad_accum=grad_accum, max_length=48,
-                              pad_id=model.tokenizer.pad_id)  # fmt: skip
+        batches = PairBatches(
+            tokens,
+            seed=0,
+            batch_size=16,
+            grad_accum=grad_accum,
+            max_length=48,
+            pad_id=model.tokenizer.pad_id,
+        )
         trainable = Trainable.build(model.spec, cfg, shd.make_mesh(mesh_spec, devices))
         state = trainable.initial_state(model.params)
         step = trainable.train_step(cfg)
@@ -146,8 +170,14 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
         return trainable, state, losses
 
     def difference(a, b):
-        return max(float(np.abs(x - y).max()) for x, y in
-                   zip(jax.tree.leaves(shd.gather(a["params"])), jax.tree.leaves(shd.gather(b["params"])), strict=True))  # fmt: skip
+        return max(
+            float(np.abs(x - y).max())
+            for x, y in zip(
+                jax.tree.leaves(shd.gather(a["params"])),
+                jax.tree.leaves(shd.gather(b["params"])),
+                strict=True,
+            )
+        )
 
     _, sharded, sharded_losses = run("fsdp=4,tensor=2", jax.devices())
     single_trainable, single, single_losses = run("", jax.devices()[:1])
@@ -162,13 +192,16 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
         "decoder_q_spec": list(layers["q_kernel"].sharding.spec),
         "decoder_mlp_spec": list(layers["gate_kernel"].sharding.spec),
         "decoder_max_step_difference": difference(sharded, single),
-        "decoder_loss_difference": max(abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)),
+        "decoder_loss_difference": max(
+            abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)
+        ),
         "grad_accum_difference": difference(accumulated, single),
         "decoder_restore_difference": difference(restored, sharded),
         "decoder_restore_devices": len(restored["params"]["head_kernel"].sharding.device_set),
         "decoder_packed_grad_difference": _packed_grad_difference(
-            model.spec, config, model.params, tokens, "fsdp=4,tensor=2", model.tokenizer.pad_id),
-    }  # fmt: skip
+            model.spec, config, model.params, tokens, "fsdp=4,tensor=2", model.tokenizer.pad_id
+        ),
+    }
 
 
 def _packed_grad_difference(spec, config, host, tokens, mesh_spec: str, pad_id: int) -> float:
@@ -202,7 +235,7 @@ def _packed_grad_difference(spec, config, host, tokens, mesh_spec: str, pad_id: 
             jax.tree.leaves(shd.gather(jax.jit(jax.grad(loss, has_aux=True))(params, micro)[0]))
         )
     scale = max(float(np.abs(g).max()) for g in grads[1])
-    return max(float(np.abs(a - b).max()) for a, b in zip(*grads, strict=True)) / scale  # fmt: skip
+    return max(float(np.abs(a - b).max()) for a, b in zip(*grads, strict=True)) / scale
 
 
 def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
@@ -222,8 +255,12 @@ def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
     )
     spec = mdl.ModelSpec(loaded.config, pooling=config.pooling, max_length=config.max_length)
     host = {"encoder": loaded.params, **mdl.initial_head(spec, 0)}
-    pairs = [Pair(chosen=f"safe answer {i} " * (1 + i % 3), rejected=f"harmful answer {i}", prompt=f"q{i}")
-             for i in range(32)]  # fmt: skip
+    pairs = [
+        Pair(
+            chosen=f"safe answer {i} " * (1 + i % 3), rejected=f"harmful answer {i}", prompt=f"q{i}"
+        )
+        for i in range(32)
+    ]
     tokens = TokenizedPairs.build(pairs, loaded.tokenizer, config.max_length)
     batches = PairBatches(tokens, seed=0, batch_size=16, grad_accum=1, max_length=32, pad_id=0)
 

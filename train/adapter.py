@@ -123,9 +123,16 @@ def train_adapter(
     _, texts = store_texts(store)
 
     # The adapter reads its own pair text (adapter_text), never a chat template.
-    loaded = mdl.pretrained(config.backbone, config.model, num_outputs=store.n_rules,
-                            pooling=config.pooling, max_length=config.max_length, seed=config.seed,
-                            param_dtype=config.param_dtype, chat=False)  # fmt: skip
+    loaded = mdl.pretrained(
+        config.backbone,
+        config.model,
+        num_outputs=store.n_rules,
+        pooling=config.pooling,
+        max_length=config.max_length,
+        seed=config.seed,
+        param_dtype=config.param_dtype,
+        chat=False,
+    )
     spec, max_length = loaded.spec, loaded.spec.max_length
     mesh = shd.make_mesh(config.mesh)
     if config.batch_size % shd.batch_shards(mesh):
@@ -167,9 +174,17 @@ def train_adapter(
         }
 
     losses = []
-    state = run_steps(state, step_fn, batch_at, feed, start=0, stop=config.steps,
-                      hooks=(Every(1, lambda out: losses.append(out.metrics)),),
-                      desc="train-adapter", progress=progress)  # fmt: skip
+    state = run_steps(
+        state,
+        step_fn,
+        batch_at,
+        feed,
+        start=0,
+        stop=config.steps,
+        hooks=(Every(1, lambda out: losses.append(out.metrics)),),
+        desc="train-adapter",
+        progress=progress,
+    )
     final_loss = float(np.mean(jax.device_get(losses[-10:]))) if losses else float("nan")
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
@@ -199,8 +214,11 @@ def _train_step(trainable: Trainable):
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                "step": state["step"] + 1}, loss  # fmt: skip
+        return {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }, loss
 
     return jax.jit(
         step,
@@ -230,8 +248,12 @@ def is_trained(
 
 def _selection_record(selection: SelectionConfig) -> dict:
     """The oracle selection as adapter.json records it."""
-    return {"policy": selection.policy, "k": selection.k, "criterion": selection.criterion,
-            "alpha": selection.alpha}  # fmt: skip
+    return {
+        "policy": selection.policy,
+        "k": selection.k,
+        "criterion": selection.criterion,
+        "alpha": selection.alpha,
+    }
 
 
 def read_adapter(run_dir) -> AdapterSummary:

@@ -72,8 +72,15 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "max_length", "checkpoint_every",
-                    "keep_checkpoints", "log_every")  # fmt: skip
+        positive = (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise DynrulesError(f"config: {name} must be at least 1, got {getattr(self, name)}")
@@ -118,8 +125,17 @@ class TrainConfig:
 
 
 # Boolean spellings of remat (YAML true/false): true recomputes everything, false nothing.
-_REMAT_WORDS = {"true": "full", "1": "full", "yes": "full", "on": "full",
-                "false": "none", "0": "none", "no": "none", "off": "none", "": "none"}  # fmt: skip
+_REMAT_WORDS = {
+    "true": "full",
+    "1": "full",
+    "yes": "full",
+    "on": "full",
+    "false": "none",
+    "0": "none",
+    "no": "none",
+    "off": "none",
+    "": "none",
+}
 
 
 def make_config(values: dict | None = None, *, source: str = "config") -> TrainConfig:

@@ -108,5 +108,7 @@ def make_optimizer(
 
 
 def _scale_head(updates: dict, scale: float) -> dict:
-    return {k: jax.tree.map(lambda u: u * scale, v) if k.startswith("head_") else v
-            for k, v in updates.items()}  # fmt: skip
+    return {
+        k: jax.tree.map(lambda u: u * scale, v) if k.startswith("head_") else v
+        for k, v in updates.items()
+    }

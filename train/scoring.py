@@ -66,8 +66,19 @@ class Scorer:
     # to the dense layers, while a short text alone in its bucket can be a third padding.
     PACKED_ROW_WIDTH = 128
 
-    def __init__(self, graphdef, params, tokenizer, mesh, *, max_length: int, batch_size: int = 64,
-                 tokens_per_batch: int = 4096, row_tiers: int = 1, packing: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        graphdef,
+        params,
+        tokenizer,
+        mesh,
+        *,
+        max_length: int,
+        batch_size: int = 64,
+        tokens_per_batch: int = 4096,
+        row_tiers: int = 1,
+        packing: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.buckets = tok.length_buckets(max_length)
@@ -172,12 +183,21 @@ class Scorer:
         mine = np.flatnonzero(np.isin(batch.row, local))
         seqs = ids_of(batch.texts[mine].tolist())
         if self.packing:
-            arrays = tok.pack_batch(seqs, np.searchsorted(local, batch.row[mine]), batch.offset[mine],
-                                    batch.segment[mine], (len(local), batch.width), self.tokenizer.pad_id)  # fmt: skip
-            logits = self._forward(self.params, *(
-                shd.global_batch(arrays[key], self._rows_sharding, batch.rows)
-                for key in ("ids", "segments", "positions")
-            ))  # fmt: skip
+            arrays = tok.pack_batch(
+                seqs,
+                np.searchsorted(local, batch.row[mine]),
+                batch.offset[mine],
+                batch.segment[mine],
+                (len(local), batch.width),
+                self.tokenizer.pad_id,
+            )
+            logits = self._forward(
+                self.params,
+                *(
+                    shd.global_batch(arrays[key], self._rows_sharding, batch.rows)
+                    for key in ("ids", "segments", "positions")
+                ),
+            )
             return np.asarray(logits)[batch.row, batch.segment - 1]
         # One text a row, rows in order: this process's texts fill its rows from the first.
         ids, lens = tok.pad_batch(seqs, batch.width, len(local), self.tokenizer.pad_id)
@@ -209,8 +229,16 @@ class Scorer:
             rows = next(r for r in self.row_tiers[width] if r >= min(in_bucket, self.rows[width]))
             stop = min(start + rows, placed.rows)
             texts = by_row[first_text[start] : first_text[stop]]
-            batches.append(ScoreBatch(texts, placed.row[texts] - start, placed.offset[texts],
-                                      placed.segment[texts], width, rows))  # fmt: skip
+            batches.append(
+                ScoreBatch(
+                    texts,
+                    placed.row[texts] - start,
+                    placed.offset[texts],
+                    placed.segment[texts],
+                    width,
+                    rows,
+                )
+            )
             start = stop
         return batches
 

@@ -98,8 +98,9 @@ class TokenizedPairs:
     margins: np.ndarray
 
     @classmethod
-    def build(cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int,
-              render=format_text) -> TokenizedPairs:  # fmt: skip
+    def build(
+        cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int, render=format_text
+    ) -> TokenizedPairs:
         texts = [text for pair in pairs for text in pair.texts(render)]
         margins = np.array([p.margin for p in pairs], np.float32)
         return cls(SharedTokens(texts, tokenizer, max_length), margins)
@@ -133,9 +134,18 @@ class PairBatches:
     plans the same rows from the lengths and fills its own (``packing.local``).
     """
 
-    def __init__(self, tokens: TokenizedPairs, *, seed: int, batch_size: int, grad_accum: int,
-                 max_length: int, pad_id: int, rows: np.ndarray | None = None,
-                 packing: RowLayout | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokens: TokenizedPairs,
+        *,
+        seed: int,
+        batch_size: int,
+        grad_accum: int,
+        max_length: int,
+        pad_id: int,
+        rows: np.ndarray | None = None,
+        packing: RowLayout | None = None,
+    ):
         self.tokens, self.seed = tokens, seed
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.micro = batch_size // grad_accum
@@ -198,13 +208,25 @@ class PairBatches:
         for pairs, plan in zip(micro_pairs, plans, strict=True):
             mine = np.flatnonzero(np.isin(plan.row, local))
             seqs = self.tokens.texts.ids(_texts_of(pairs)[mine].tolist())
-            arrays.append(tok.pack_batch(seqs, np.searchsorted(local, plan.row[mine]), plan.offset[mine],
-                                         plan.segment[mine], (len(local), width), self.pad_id))  # fmt: skip
+            arrays.append(
+                tok.pack_batch(
+                    seqs,
+                    np.searchsorted(local, plan.row[mine]),
+                    plan.offset[mine],
+                    plan.segment[mine],
+                    (len(local), width),
+                    self.pad_id,
+                )
+            )
             slots.append((plan.row * layout.slots + plan.segment - 1).astype(np.int32))
         slots = np.stack(slots)
         batch = {key: np.stack([a[key] for a in arrays]) for key in arrays[0]}
-        return batch | {"chosen": slots[:, 0::2], "rejected": slots[:, 1::2],
-                        "margins": self.tokens.margins[micro_pairs], "rows": rows}  # fmt: skip
+        return batch | {
+            "chosen": slots[:, 0::2],
+            "rejected": slots[:, 1::2],
+            "margins": self.tokens.margins[micro_pairs],
+            "rows": rows,
+        }
 
 
 def _texts_of(pairs: np.ndarray) -> np.ndarray:
@@ -250,18 +272,25 @@ class Trainable:
         ahead of time for a mesh of devices that are not here.
         """
         graphdef, abstract = mdl.abstract_model(
-            spec, dtype=mdl.COMPUTE_DTYPES[config.dtype],
-            param_dtype=mdl.COMPUTE_DTYPES[config.param_dtype], remat=config.remat,
+            spec,
+            dtype=mdl.COMPUTE_DTYPES[config.dtype],
+            param_dtype=mdl.COMPUTE_DTYPES[config.param_dtype],
+            remat=config.remat,
             constrain=shd.ActivationSharding(mesh),
-        )  # fmt: skip
+        )
         abstract_params = shd.abstract_params(abstract, mesh)
         param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
         schedule = make_schedule(
             learning_rate=config.learning_rate, steps=config.steps, warmup_ratio=config.warmup_ratio
         )
-        tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
-                            head_scale=config.head_learning_rate / config.learning_rate
-                            if config.head_learning_rate else 1.0)  # fmt: skip
+        tx = make_optimizer(
+            schedule,
+            weight_decay=config.weight_decay,
+            clip_norm=config.clip_norm,
+            head_scale=config.head_learning_rate / config.learning_rate
+            if config.head_learning_rate
+            else 1.0,
+        )
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         replicated = shd.replicated(mesh)
         opt_shardings = optax.tree_map_params(
@@ -298,8 +327,14 @@ class Trainable:
         named = jax.sharding.NamedSharding
         if self.packed:  # rows split over the batch shards; the pairs' slots everywhere
             rows, everywhere = named(self.mesh, spec(None, pairs, None)), shd.replicated(self.mesh)
-            return {"ids": rows, "segments": rows, "positions": rows, "chosen": everywhere,
-                    "rejected": everywhere, "margins": everywhere}  # fmt: skip
+            return {
+                "ids": rows,
+                "segments": rows,
+                "positions": rows,
+                "chosen": everywhere,
+                "rejected": everywhere,
+                "margins": everywhere,
+            }
         return {
             "ids": named(self.mesh, spec(None, pairs, None, None)),
             "lengths": named(self.mesh, spec(None, pairs, None)),
@@ -313,8 +348,11 @@ class Trainable:
     def row_layout(self) -> RowLayout:
         """The packed rows' layout for :class:`PairBatches` on this mesh."""
         rows_sharding = self.batch_shardings()["ids"]
-        return RowLayout(self.slots, shd.batch_shards(self.mesh),
-                         lambda rows: shd.local_rows(rows_sharding, (1, rows, 1), dim=1))  # fmt: skip
+        return RowLayout(
+            self.slots,
+            shd.batch_shards(self.mesh),
+            lambda rows: shd.local_rows(rows_sharding, (1, rows, 1), dim=1),
+        )
 
     def global_batch(
         self, batch: dict[str, np.ndarray], micro: int | None = None
@@ -325,9 +363,13 @@ class Trainable:
         sharding = self.batch_shardings()
         if self.packed:
             rows = int(batch["rows"])
-            return {k: shd.global_batch(v, sharding[k], rows if k in PACKED_ROWS else v.shape[1],
-                                        batch_dim=1)
-                    for k, v in batch.items() if k != "rows"}  # fmt: skip
+            return {
+                k: shd.global_batch(
+                    v, sharding[k], rows if k in PACKED_ROWS else v.shape[1], batch_dim=1
+                )
+                for k, v in batch.items()
+                if k != "rows"
+            }
         micro = batch["margins"].shape[1] if micro is None else micro
         return {k: shd.global_batch(v, sharding[k], micro, batch_dim=1) for k, v in batch.items()}
 
@@ -336,24 +378,34 @@ class Trainable:
         graphdef, slots = self.graphdef, self.slots
 
         def rewards_packed(params, micro):
-            logits = mdl.apply_packed(graphdef, params, micro["ids"], micro["segments"],
-                                      micro["positions"], slots)  # fmt: skip
+            logits = mdl.apply_packed(
+                graphdef, params, micro["ids"], micro["segments"], micro["positions"], slots
+            )
             rewards = logits[..., 0].reshape(-1)  # slot (row, s) at row · slots + s
             return rewards[micro["chosen"]], rewards[micro["rejected"]]
 
         def rewards_unpacked(params, micro):
             pairs, _, width = micro["ids"].shape
-            rewards = mdl.apply(graphdef, params, micro["ids"].reshape(pairs * 2, width),
-                                micro["lengths"].reshape(pairs * 2))[:, 0].reshape(pairs, 2)  # fmt: skip
+            rewards = mdl.apply(
+                graphdef,
+                params,
+                micro["ids"].reshape(pairs * 2, width),
+                micro["lengths"].reshape(pairs * 2),
+            )[:, 0].reshape(pairs, 2)
             return rewards[:, 0], rewards[:, 1]
 
         rewards_of = rewards_packed if self.packed else rewards_unpacked
 
         def loss(params, micro):
             chosen, rejected = rewards_of(params, micro)
-            return bradley_terry(chosen, rejected, micro["margins"], margin_scale=config.margin_scale,
-                                 label_confidence=config.label_confidence,
-                                 center_coef=config.center_coef)  # fmt: skip
+            return bradley_terry(
+                chosen,
+                rejected,
+                micro["margins"],
+                margin_scale=config.margin_scale,
+                label_confidence=config.label_confidence,
+                center_coef=config.center_coef,
+            )
 
         return loss
 
@@ -375,8 +427,11 @@ class Trainable:
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             sums = jax.tree.map(lambda x: x.sum(), sums)
             sums["grad_norm"] = optax.tree.norm(grads)
-            new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                         "step": state["step"] + 1}  # fmt: skip
+            new_state = {
+                "params": optax.apply_updates(params, updates),
+                "opt_state": opt_state,
+                "step": state["step"] + 1,
+            }
             return new_state, sums
 
         return jax.jit(
@@ -422,9 +477,10 @@ def _check_resume(
     # Keys added since the run was saved take their defaults, which keep the old behaviour.
     before = make_config(saved["config"]).to_dict()
     changed = sorted(
-        key for key, value in config.to_dict().items()
+        key
+        for key, value in config.to_dict().items()
         if key not in TrainConfig.RESUMABLE_CHANGES and before[key] != value
-    )  # fmt: skip
+    )
     if changed:
         details = ", ".join(f"{k}: {before[k]!r} → {getattr(config, k)!r}" for k in changed)
         raise DynrulesError(
@@ -514,9 +570,15 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
         else load_preferences(pairs)
     )
     data_hash = preferences_fingerprint(pairs)
-    loaded = mdl.pretrained(config.backbone, config.model, num_outputs=1, pooling=config.pooling,
-                            max_length=config.max_length, seed=config.seed,
-                            param_dtype=config.param_dtype)  # fmt: skip
+    loaded = mdl.pretrained(
+        config.backbone,
+        config.model,
+        num_outputs=1,
+        pooling=config.pooling,
+        max_length=config.max_length,
+        seed=config.seed,
+        param_dtype=config.param_dtype,
+    )
     spec = loaded.spec
     if saved is not None:
         _check_resume(saved, config, spec, data_hash, run_dir)
@@ -541,8 +603,15 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
     )
     is_writer = shd.is_writer()
     if saved is None and is_writer:
-        _write_json(run_dir / RUN_FILE, {"config": config.to_dict(), "model": spec.to_dict(), "data": data_hash,
-                                         "checkpoint": str(loaded.source)})  # fmt: skip
+        _write_json(
+            run_dir / RUN_FILE,
+            {
+                "config": config.to_dict(),
+                "model": spec.to_dict(),
+                "data": data_hash,
+                "checkpoint": str(loaded.source),
+            },
+        )
 
     resumed_from = checkpointer.latest_step()
     if shd.agree(-1 if resumed_from is None else resumed_from, "the last checkpoint") < 0:
@@ -563,8 +632,20 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
     train_tokens = TokenizedPairs.build(
         train_pairs, loaded.tokenizer, spec.max_length, loaded.render
     )
-    return _RewardRun(run_dir, config, spec, data_hash, trainable, checkpointer, state, resumed_from,
-                      loaded, train_tokens, held_out, is_writer)  # fmt: skip
+    return _RewardRun(
+        run_dir,
+        config,
+        spec,
+        data_hash,
+        trainable,
+        checkpointer,
+        state,
+        resumed_from,
+        loaded,
+        train_tokens,
+        held_out,
+        is_writer,
+    )
 
 
 class _Evaluator:
@@ -575,9 +656,15 @@ class _Evaluator:
 
         self.run = run
         micro = run.config.batch_size // run.config.grad_accum
-        self.scorer = Scorer(run.trainable.graphdef, run.state["params"], run.backbone.tokenizer,
-                             run.trainable.mesh, max_length=run.spec.max_length,
-                             batch_size=max(micro * 2, 16), packing=run.config.packing)  # fmt: skip
+        self.scorer = Scorer(
+            run.trainable.graphdef,
+            run.state["params"],
+            run.backbone.tokenizer,
+            run.trainable.mesh,
+            max_length=run.spec.max_length,
+            batch_size=max(micro * 2, 16),
+            packing=run.config.packing,
+        )
         render = run.backbone.render
         self.texts = [text for pair in run.held_out for text in pair.texts(render)]
 
@@ -601,10 +688,16 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
     if start >= config.steps:
         return {}
     micro = config.batch_size // config.grad_accum
-    batches = PairBatches(run.train_tokens, seed=config.seed, batch_size=config.batch_size,
-                          grad_accum=config.grad_accum, max_length=run.spec.max_length,
-                          pad_id=run.backbone.tokenizer.pad_id, rows=trainable.local_rows(micro),
-                          packing=trainable.row_layout() if trainable.packed else None)  # fmt: skip
+    batches = PairBatches(
+        run.train_tokens,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        max_length=run.spec.max_length,
+        pad_id=run.backbone.tokenizer.pad_id,
+        rows=trainable.local_rows(micro),
+        packing=trainable.row_layout() if trainable.packed else None,
+    )
     window = {"sums": [], "tokens": 0, "clock": time.perf_counter()}
     logged: dict = {}
 
@@ -620,12 +713,15 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
         totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums))
         elapsed = time.perf_counter() - window["clock"]
         logged.clear()
-        logged.update(summarize(totals) | {
-            "grad_norm": totals["grad_norm"] / len(sums),
-            "learning_rate": float(trainable.schedule(out.step - 1)),
-            "tokens_per_s": window["tokens"] / elapsed,
-            "pairs_per_s": len(sums) * config.batch_size / elapsed,
-        })  # fmt: skip
+        logged.update(
+            summarize(totals)
+            | {
+                "grad_norm": totals["grad_norm"] / len(sums),
+                "learning_rate": float(trainable.schedule(out.step - 1)),
+                "tokens_per_s": window["tokens"] / elapsed,
+                "pairs_per_s": len(sums) * config.batch_size / elapsed,
+            }
+        )
         run.record("train", out.step, logged)
         window.update(sums=[], tokens=0, clock=time.perf_counter())
         return {"loss": f"{logged['loss']:.4f}", "acc": f"{logged['accuracy']:.3f}"}
@@ -636,12 +732,23 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
         Every(config.log_every, log),
         Every(config.eval_every, lambda out: evaluate(out.step, out.state["params"]), at_end=False),
     )
-    run.state = run_steps(run.state, trainable.train_step(config), batches.batch,
-                          lambda batch: trainable.global_batch(batch, micro), start=start,
-                          stop=config.steps, hooks=hooks,
-                          desc="train-rm", progress=progress and run.is_writer)  # fmt: skip
-    run.checkpointer.save(config.steps, run.state, run.meta(config.steps),
-                          force=config.steps not in run.checkpointer.all_steps())  # fmt: skip
+    run.state = run_steps(
+        run.state,
+        trainable.train_step(config),
+        batches.batch,
+        lambda batch: trainable.global_batch(batch, micro),
+        start=start,
+        stop=config.steps,
+        hooks=hooks,
+        desc="train-rm",
+        progress=progress and run.is_writer,
+    )
+    run.checkpointer.save(
+        config.steps,
+        run.state,
+        run.meta(config.steps),
+        force=config.steps not in run.checkpointer.all_steps(),
+    )
     return dict(logged)
 
 
@@ -663,9 +770,17 @@ def _finish(run: _RewardRun, evaluate: _Evaluator, train_metrics: dict) -> RunRe
         run.run_dir, model_dir, step, run.resumed_from, train_metrics, eval_metrics, truncated
     )
     if run.is_writer:
-        _write_json(run.run_dir / "summary.json", {"steps": step, "resumed_from": run.resumed_from,
-                    "train": train_metrics, "eval": eval_metrics, "truncated": truncated,
-                    "mesh": shd.mesh_description(run.trainable.mesh)})  # fmt: skip
+        _write_json(
+            run.run_dir / "summary.json",
+            {
+                "steps": step,
+                "resumed_from": run.resumed_from,
+                "train": train_metrics,
+                "eval": eval_metrics,
+                "truncated": truncated,
+                "mesh": shd.mesh_description(run.trainable.mesh),
+            },
+        )
     return result
 
 

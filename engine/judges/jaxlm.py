@@ -97,8 +97,9 @@ def pack_questions(prefix: np.ndarray, questions: list[_Question], row_tokens: i
     return rows
 
 
-def row_arrays(rows: list[_Row], shape: tuple[int, int], slots: int, prefixes: tuple[int, int],
-               pad_id: int) -> dict:  # fmt: skip
+def row_arrays(
+    rows: list[_Row], shape: tuple[int, int], slots: int, prefixes: tuple[int, int], pad_id: int
+) -> dict:
     """The batch of models.answers.shared_prefix_masses: ``shape`` (rows, width) of questions,
     ``prefixes`` (count, width) of the distinct conversations they continue; filler rows and
     prefixes are padding."""
@@ -140,9 +141,19 @@ class JaxJudge(Judge):
     """A decoder LM judge in process (see the module docstring). ``layout`` shards the model
     over a mesh (models.answers.AnswerModel; train.sharding.MeshLayout makes one)."""
 
-    def __init__(self, pool: RulePool, *, model: str | Path, template: str | None = None,
-                 dtype: str = "float32", one_pass: bool = True, row_tokens: int = ROW_TOKENS,
-                 batch_tokens: int = BATCH_TOKENS, max_tokens: int = MAX_TOKENS, layout=None):  # fmt: skip
+    def __init__(
+        self,
+        pool: RulePool,
+        *,
+        model: str | Path,
+        template: str | None = None,
+        dtype: str = "float32",
+        one_pass: bool = True,
+        row_tokens: int = ROW_TOKENS,
+        batch_tokens: int = BATCH_TOKENS,
+        max_tokens: int = MAX_TOKENS,
+        layout=None,
+    ):
         from dynrules.models.answers import AnswerModel  # JAX: only when this judge is made
 
         if not Path(model).exists():

@@ -111,8 +111,9 @@ def rate_pairs(
     if not records:
         raise InputError("no pairs to rate", path=source)
     out = Path(out)
-    store = _open_or_create(out, records, pool=pool, judge=judge, dtype=dtype, source=source,
-                            chunk_rows=chunk_rows)  # fmt: skip
+    store = _open_or_create(
+        out, records, pool=pool, judge=judge, dtype=dtype, source=source, chunk_rows=chunk_rows
+    )
     lo, hi = (
         (0, len(records)) if shard is None else shard_range(len(records), shard, store.chunk_rows)
     )
@@ -122,9 +123,15 @@ def rate_pairs(
         wanted = _wanted_cells(plan, records, pool)
         wanted[:lo] = wanted[hi:] = False
         rated, failed = _rate_cells(
-            store, records, pool, judge, wanted & ~done, shard=shard, fold_every=fold_every,
+            store,
+            records,
+            pool,
+            judge,
+            wanted & ~done,
+            shard=shard,
+            fold_every=fold_every,
             progress=progress,
-        )  # fmt: skip
+        )
     return RatingSummary(
         rated=rated,
         skipped_done=int((wanted & done).sum()),
@@ -138,15 +145,30 @@ def rate_pairs(
     )
 
 
-def _open_or_create(out: Path, records: Sequence[dict], *, pool: RulePool, judge: Judge,
-                    dtype: str, source, chunk_rows: int) -> RatingStore:  # fmt: skip
+def _open_or_create(
+    out: Path,
+    records: Sequence[dict],
+    *,
+    pool: RulePool,
+    judge: Judge,
+    dtype: str,
+    source,
+    chunk_rows: int,
+) -> RatingStore:
     """The store at ``out``, created first when missing, checked to be the one to continue."""
     if out.exists() and not (out / "manifest.json").exists():
         raise InputError("exists and is not a rating store; choose a new --out", path=out)
     if not out.exists():
         try:
-            _create(out, records, pool=pool, judge=judge, dtype=dtype, source=source,
-                    chunk_rows=chunk_rows)  # fmt: skip
+            _create(
+                out,
+                records,
+                pool=pool,
+                judge=judge,
+                dtype=dtype,
+                source=source,
+                chunk_rows=chunk_rows,
+            )
         except FileExistsError:
             pass  # another worker created it first: continued below like any store
     store = RatingStore.open(out, pool=pool)
@@ -154,8 +176,17 @@ def _open_or_create(out: Path, records: Sequence[dict], *, pool: RulePool, judge
     return store
 
 
-def _rate_cells(store: RatingStore, records: Sequence[dict], pool: RulePool, judge: Judge,
-                todo: np.ndarray, *, shard, fold_every: int, progress: bool) -> tuple[int, int]:  # fmt: skip
+def _rate_cells(
+    store: RatingStore,
+    records: Sequence[dict],
+    pool: RulePool,
+    judge: Judge,
+    todo: np.ndarray,
+    *,
+    shard,
+    fold_every: int,
+    progress: bool,
+) -> tuple[int, int]:
     """Rate the ``todo`` cells [N, R]: each pair's ratings are committed to the log as they come
     and the log is folded every ``fold_every`` cells and at the end. Returns (rated, failed)."""
     rated = failed = pending = 0
@@ -164,10 +195,13 @@ def _rate_cells(store: RatingStore, records: Sequence[dict], pool: RulePool, jud
         with (
             open(store.path / ratinglog.FAILURES, "a", encoding="utf-8") as failures,
             tqdm(
-                total=int(todo.sum()), unit="cell", desc="rate", disable=not progress,
+                total=int(todo.sum()),
+                unit="cell",
+                desc="rate",
+                disable=not progress,
                 smoothing=0.05,
             ) as bar,
-        ):  # fmt: skip
+        ):
             for result in judge.rate_jobs(pair_jobs(records, todo, judge)):
                 rules, a, b, relevance = pair_cells(result)
                 ratinglog.commit(log, result.job.row, rules, a, b, relevance)
@@ -218,8 +252,16 @@ def pairs_fingerprint(records: Sequence[dict]) -> str:
     return digest.hexdigest()
 
 
-def _create(out: Path, records: Sequence[dict], *, pool: RulePool, judge: Judge, dtype: str, source,
-            chunk_rows: int = CHUNK_ROWS) -> None:  # fmt: skip
+def _create(
+    out: Path,
+    records: Sequence[dict],
+    *,
+    pool: RulePool,
+    judge: Judge,
+    dtype: str,
+    source,
+    chunk_rows: int = CHUNK_ROWS,
+) -> None:
     """A new, empty store with pairs.parquet and the done mask, appearing all at once.
 
     FileExistsError if another process made ``out`` meanwhile (never replaced).
