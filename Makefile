@@ -27,7 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
-	$(PY) -m benchmarks.run_all
+	$(PY) -m dynrules.benchmarks.run_all
 
 # Real components outside `make test`: the judge client against llama.cpp's server (the first
 # install builds llama.cpp from source, ~7 min on 2 cores; pip keeps the wheel in its cache, and
@@ -36,8 +36,8 @@ bench: setup
 integration: setup
 	$(PY) -m pip install -q -e '.[integration]'
 	$(PY) -m pip install -q --no-deps 'openrlhf==0.11.2'
-	$(PY) -m benchmarks.llama_server
-	$(PY) -m benchmarks.openrlhf_remote_rm
+	$(PY) -m dynrules.benchmarks.llama_server
+	$(PY) -m dynrules.benchmarks.openrlhf_remote_rm
 
 lint: setup
 	$(VENV)/bin/ruff check .

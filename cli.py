@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from dynrules.benchmarks.paths import HH_TEST
 from dynrules.cliopts import (
     backbone_option,
     config_from,
@@ -144,7 +145,7 @@ def select(store_path, shard, pool_source, out, as_json, **fields):
 @json_option()
 def bench_selection(n_pairs, n_rules, k, as_json):
     """Selection throughput: pandas loop, NumPy, our kernel (memory, store) and the roofline."""
-    from dynrules.bench.selection import bench_selection as run
+    from dynrules.benchmarks.selection import bench_selection as run
 
     result = run(n_pairs, n_rules, k)
     if as_json:
@@ -798,7 +799,7 @@ def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resa
 @json_option()
 def bench_mi(n_pairs, n_rules, sklearn_pairs, as_json):
     """Per-rule MI: scikit-learn loop, our counting kernel and the read roofline; interval cost."""
-    from dynrules.bench.mi import bench_mi as run
+    from dynrules.benchmarks.mi import bench_mi as run
 
     result = run(n_pairs, n_rules, sklearn_pairs=sklearn_pairs)
     if as_json:
@@ -971,7 +972,7 @@ def bench_judge(
     embedded ratings/s."""
     import os
 
-    from dynrules.bench import judge as judge_bench
+    from dynrules.benchmarks import judge as judge_bench
 
     if base_url:
         if not model:
@@ -1033,7 +1034,7 @@ def bench_judge(
 def bench_judge_local(model, n_pairs, n_rules, judge_dtype, no_llamacpp, as_json):
     """The in-process JAX judge: one pass per response against a pass per rule and against
     llama.cpp's server on the same GGUF, ratings/s and score differences."""
-    from dynrules.bench.judge import bench_judge_local as run_bench
+    from dynrules.benchmarks.judge import bench_judge_local as run_bench
 
     result = run_bench(
         model, n_pairs=n_pairs, n_rules=n_rules, dtype=judge_dtype, llamacpp=not no_llamacpp
@@ -1052,7 +1053,7 @@ HH_DATA_OPTION = click.option(
     "--data",
     type=click.Path(dir_okay=False),
     default=None,
-    help="HH harmless-base test pairs (default: ../shared/data beside the repository).",
+    help=f"HH harmless-base test pairs [default: {HH_TEST}].",
 )
 
 
@@ -1076,7 +1077,7 @@ def _echo_reward_bench(result: dict) -> None:
 @json_option()
 def bench_train_rm(backbone, pairs_per_step, max_length, steps, seconds, data, as_json):
     """Reward-model training on HH pairs: JAX packed and unpacked vs PyTorch's padded batches."""
-    from dynrules.bench.rewardmodel import bench_train
+    from dynrules.benchmarks.rewardmodel import bench_train
 
     result = bench_train(
         backbone=backbone,
@@ -1101,7 +1102,7 @@ def bench_train_rm(backbone, pairs_per_step, max_length, steps, seconds, data, a
 @json_option()
 def bench_score_rm(backbone, n_pairs, batch_size, max_length, data, as_json):
     """Reward-model scoring on HH pairs: JAX packed and unpacked vs PyTorch's padded batches."""
-    from dynrules.bench.rewardmodel import bench_score
+    from dynrules.benchmarks.rewardmodel import bench_score
 
     result = bench_score(
         backbone=backbone, pairs=n_pairs, batch_size=batch_size, max_length=max_length, data=data
@@ -1122,7 +1123,7 @@ def bench_score_rm(backbone, n_pairs, batch_size, max_length, data, as_json):
 @json_option()
 def bench_serve(clients, requests, c1_requests, max_length, as_json):
     """Reward server pairs/s at 1 and many clients vs offline scoring of the same model."""
-    from dynrules.bench.serve import bench_serve as run
+    from dynrules.benchmarks.serve import bench_serve as run
 
     result = run(clients=clients, requests=requests, c1_requests=c1_requests, max_length=max_length)
     if as_json:
@@ -1145,7 +1146,7 @@ def bench_serve(clients, requests, c1_requests, max_length, as_json):
 @json_option()
 def bench_multihost_command(pairs_per_step, max_length, steps, log_every, model, repeats, as_json):
     """Training pairs/s: 1 process x 2 devices vs 2 processes x 1 device (dynrules launch)."""
-    from dynrules.bench.multihost import bench_multihost
+    from dynrules.benchmarks.multihost import bench_multihost
 
     result = bench_multihost(
         pairs_per_step=pairs_per_step,
@@ -1163,3 +1164,216 @@ def bench_multihost_command(pairs_per_step, max_length, steps, log_every, model,
             f"{name:>24}: {value:>10.2f} pairs/s (final loss {result['final_loss'][name]:.4f})"
         )
     click.echo(f"{'2 processes / 1':>24}: {result['ratios']['two_processes_over_one']:.2f}x")
+
+
+PRESET_OPTION_HELP = (
+    "A named decoder shape (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, smollm2-135m)."
+)
+
+
+@bench.command("mfu")
+@click.option("--preset", default="llama-3.2-1b", show_default=True, help=PRESET_OPTION_HELP)
+@click.option("--seq", default=2048, show_default=True, type=click.IntRange(min=1))
+@click.option("--pairs-per-step", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--dtype",
+    type=click.Choice(PLAN_DTYPES),
+    default="bfloat16",
+    show_default=True,
+    help="Compute dtype.",
+)
+@click.option(
+    "--param-dtype",
+    type=click.Choice(PLAN_DTYPES),
+    default="float32",
+    show_default=True,
+    help="Parameter and optimizer-state dtype.",
+)
+@click.option("--remat", type=click.Choice(REMAT_POLICIES), default="full", show_default=True)
+@click.option(
+    "--peak-tflops",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="The device's peak bf16 TFLOP/s [default: from its name, for known GPUs and TPUs].",
+)
+@click.option(
+    "--against-torch",
+    is_flag=True,
+    help="Also time transformers' LlamaForSequenceClassification of the same shape (CUDA).",
+)
+@json_option()
+def bench_mfu(
+    preset,
+    seq,
+    pairs_per_step,
+    steps,
+    dtype,
+    param_dtype,
+    remat,
+    peak_tflops,
+    against_torch,
+    as_json,
+):
+    """Training tokens/s and model FLOPs utilisation of a random decoder reward model of a named
+    shape on one device (a GPU or TPU; on a CPU MFU is not computed)."""
+    from dynrules.benchmarks.rewardmodel import bench_train_mfu
+
+    result = bench_train_mfu(
+        preset=preset,
+        seq=seq,
+        pairs_per_step=pairs_per_step,
+        steps=steps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=remat,
+        peak_tflops=peak_tflops,
+        against_torch=against_torch,
+    )
+    if as_json:
+        print_json(result)
+        return
+    for name, value in {**result["results"], **result.get("ratios", {})}.items():
+        click.echo(f"{name:>20}: {'-' if value is None else f'{value:,.4g}'}")
+    if "torch_error" in result:
+        click.echo(f"{'torch_error':>20}: {result['torch_error']}")
+
+
+@bench.command("numerics")
+@click.option("--preset", default="llama-3.2-1b", show_default=True, help=PRESET_OPTION_HELP)
+@click.option("--seq", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--pairs-per-step", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batches",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Distinct random batches, cycled.",
+)
+@json_option()
+def bench_numerics(preset, seq, pairs_per_step, steps, batches, as_json):
+    """bf16 against float32 compute from the same float32 master weights: rewards before
+    training, then the training loss step by step."""
+    from dynrules.benchmarks.rewardmodel import bench_bf16_numerics
+
+    result = bench_bf16_numerics(
+        preset=preset, seq=seq, pairs_per_step=pairs_per_step, steps=steps, batches=batches
+    )
+    if as_json:
+        print_json(result)
+        return
+    for name, value in result["results"].items():
+        click.echo(f"{name:>22}: {value}")
+
+
+@bench.command("profile-step")
+@backbone_option()
+@click.option(
+    "--packing/--no-packing", default=True, show_default=True, help="Packed rows or one text a row."
+)
+@click.option("--pairs-per-step", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=512, show_default=True, type=click.IntRange(min=1))
+@HH_DATA_OPTION
+@json_option()
+def bench_profile_step(backbone, packing, pairs_per_step, max_length, data, as_json):
+    """Where one reward-model training step on HH pairs spends its time, by kind of XLA
+    operation (a jax.profiler trace)."""
+    from dynrules.benchmarks.profile_step import profile
+
+    result = profile(backbone, packing, pairs_per_step, max_length, data)
+    if as_json:
+        print_json(result)
+        return
+    click.echo(
+        f"step {result['step_seconds']:.3f} s, batch {result['batch_shape']}, "
+        f"{result['real_over_computed_tokens']:.0%} of computed tokens real"
+    )
+    for name, share in result["share_of_operation_time"].items():
+        click.echo(f"{share:>7.1%}  {name}")
+
+
+@bench.command("hh-pipeline")
+@click.option("--out", default="out/hh-pipeline", show_default=True, type=click.Path())
+@click.option("--rm-steps", default=120, show_default=True, type=click.IntRange(min=1))
+@click.option("--adapter-steps", default=100, show_default=True, type=click.IntRange(min=1))
+@HH_DATA_OPTION
+@json_option()
+def bench_hh_pipeline_command(out, rm_steps, adapter_steps, data, as_json):
+    """The whole pipeline on the HH pairs, split in halves by prompt, scored against the human
+    labels; the summary also goes to benchmarks/results/hh_pipeline.json."""
+    from dynrules.benchmarks.hh_pipeline import bench_hh_pipeline
+
+    summary = bench_hh_pipeline(out, rm_steps=rm_steps, adapter_steps=adapter_steps, data=data)
+    if as_json:
+        print_json(summary)
+        return
+    click.echo(json.dumps(summary["reward_model"], indent=2))
+
+
+@bench.command("hh-decoder")
+@click.option("--out", default="out/hh-decoder", show_default=True, type=click.Path())
+@click.option("--steps", default=150, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=192, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--backbones",
+    default="encoder,decoder",
+    show_default=True,
+    help="Comma-separated backbones to train.",
+)
+@HH_DATA_OPTION
+@json_option()
+def bench_hh_decoder_command(out, steps, batch_size, max_length, backbones, data, as_json):
+    """Decoder against encoder reward model on HH pairs at the same step budget; resumes from
+    benchmarks/results/hh_decoder.json."""
+    from dynrules.benchmarks.hh_decoder import RECIPES, bench_hh_decoder
+
+    names = tuple(name.strip() for name in backbones.split(",") if name.strip())
+    if not names or set(names) - set(RECIPES):
+        raise DynrulesError(f"--backbones: a comma-separated list of {', '.join(RECIPES)}")
+    summary = bench_hh_decoder(
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        backbones=names,
+        data=data,
+    )
+    if as_json:
+        print_json(summary)
+        return
+    click.echo(json.dumps(summary, indent=2))
+
+
+@bench.command("judge-agreement")
+@click.option(
+    "--hh-pairs",
+    "hh_pairs_limit",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="First N HH test pairs (0: all 2,312).",
+)
+@HH_DATA_OPTION
+@json_option()
+def bench_judge_agreement_command(hh_pairs_limit, data, as_json):
+    """The embedded judge's adaptive top-5 labels against human labels (PyRIT held-out pairs and
+    the HH pairs, when there), with intervals."""
+    from dynrules.benchmarks.judge_agreement import bench_judge_agreement
+
+    result = bench_judge_agreement(hh_pairs_limit=hh_pairs_limit, data=data)
+    if as_json:
+        print_json(result)
+        return
+    click.echo(json.dumps(result, indent=2))
+
+
+@bench.command("plan-table")
+@click.option("--table", "table_only", is_flag=True, help="Only print the saved table.")
+def bench_plan_table(table_only):
+    """The planning table: `dynrules plan` for 1B-70B reward models on TPU slices, one fresh
+    process an entry, kept in benchmarks/results/plan.json (a rerun resumes); then the table."""
+    from dynrules.benchmarks.plan_table import plan_table
+
+    click.echo(plan_table(compile_missing=not table_only))

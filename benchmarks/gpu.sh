@@ -2,9 +2,10 @@
 # What only an accelerator can measure, on one GPU: training tokens/s and model FLOPs utilisation
 # of Llama-shaped decoder reward models in bf16 compute (float32 master weights), the same step
 # in PyTorch (transformers' LlamaForSequenceClassification, eager, autocast) as the baseline, and
-# bf16-vs-float32 numerics. Needs a CUDA build of JAX, flax/optax/orbax, and torch+transformers
-# for the baseline. The repository is used in place (no install). JSON lines go to stdout and to
-# $OUT/gpu.jsonl (default benchmarks/results/); record them in the README with the device named.
+# bf16-vs-float32 numerics: `dynrules bench mfu` and `dynrules bench numerics`. Needs dynrules'
+# dependencies with a CUDA build of JAX, and torch+transformers for the baseline. The repository
+# is used in place (no install). JSON lines go to stdout and to $OUT/gpu.jsonl (default
+# benchmarks/results/); record them in docs/performance.md with the device named.
 # Target: >= 40% MFU on an H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 bench() {  # one measurement, bounded in time, so that one failure leaves the others standing
   echo "== $*"
-  timeout "${LIMIT:-180}" "$PY" benchmarks/bench_train.py "$@" | tee -a "$RESULTS"
+  timeout "${LIMIT:-180}" "$PY" -m dynrules bench "$@" --json | tee -a "$RESULTS"
 }
 # Smoke test: a 135M model, seconds; if the environment is wrong, say so before the long runs.
 bench mfu --preset smollm2-135m --seq 256 --pairs-per-step 2 --steps 2 || exit 1

@@ -15,13 +15,13 @@ SmolLM2-135M-Instruct GGUF pinned in assets.txt on 127.0.0.1 (a free port), then
    is rated once more asking for the top 100 tokens and held to 0.05 there (this 135M model
    spreads its chat answer over more spellings than the top 20 hold; the defaults' distance is
    reported);
-2. bench (``--bench-pairs``, 0 to skip): :func:`~dynrules.bench.judge.server_ratings_per_s`
+2. bench (``--bench-pairs``, 0 to skip): :func:`~dynrules.benchmarks.judge.server_ratings_per_s`
    on the completions endpoint — conversation first, interleaved, published order — with the
    server's CPU seconds and prompt tokens evaluated (from its log) per rating beside ratings/s,
    which stay meaningful on a machine shared with other jobs.
 
 SmolLM2-135M is a protocol test, not a judge (its labels agree with humans about as often as a
-coin). Run: ``python -m benchmarks.llama_server [--pairs 4] [--bench-pairs 2] [--json]``.
+coin). Run: ``python -m dynrules.benchmarks.llama_server [--pairs 4] [--bench-pairs 2] [--json]``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynrules.bench.judge import server_ratings_per_s
-from dynrules.bench.llamacpp import ALIAS, LlamaServer
+from dynrules.benchmarks.judge import server_ratings_per_s
+from dynrules.benchmarks.llamacpp import ALIAS, LlamaServer
 from dynrules.engine.datasets import pyrit_pairs
 from dynrules.engine.judges.openai import DEFAULT_TOP_LOGPROBS
 from dynrules.engine.judges.templates import IRRELEVANT, NO, YES, answer_class, load_template

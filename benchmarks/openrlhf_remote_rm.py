@@ -72,7 +72,7 @@ def make_reward_model(directory: Path, max_length: int) -> None:
     """The bundled SmolLM2-135M-Instruct with a scalar head of std 1/√hidden, exported."""
     import jax
 
-    from dynrules.bench.rewardmodel import bundled_reward_model
+    from dynrules.benchmarks.rewardmodel import bundled_reward_model
     from dynrules.models import classifier as mdl
 
     model = bundled_reward_model("decoder", max_length, seed=0)

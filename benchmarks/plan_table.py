@@ -10,24 +10,24 @@ all chips, bf16 compute, float32 parameters and Adam state, full recomputation, 
 of one pair per chip (gradient accumulation makes up the 64): the least memory FSDP can do with
 at that batch.
 
-    python benchmarks/plan_table.py           # compile what is missing, then print the table
-    python benchmarks/plan_table.py --table   # only print the table from the saved results
+    dynrules bench plan-table           # compile what is missing, then print the table
+    dynrules bench plan-table --table   # only print the table from the saved results
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 from dynrules.atomic import atomic_path
+from dynrules.benchmarks.paths import RESULTS as RESULTS_DIR
+from dynrules.errors import DynrulesError
 
-RESULTS = Path(__file__).resolve().parent / "results" / "plan.json"
+RESULTS = RESULTS_DIR / "plan.json"
 MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b")
 TOPOLOGIES = {"v5e-8": 8, "v5e-64": 64, "v5p-8": 4, "v5p-128": 64}  # slice name → chips
 SEQ, BATCH = 2048, 64
@@ -119,19 +119,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="Only print the saved table.")
-    args = parser.parse_args()
+def plan_table(*, compile_missing: bool = True) -> str:
+    """The Markdown table of the saved plans, after planning the missing entries unless
+    ``compile_missing`` is false; an error naming the entries that failed (a rerun retries)."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"plans": {}}
     failed = []
-    if not args.table:
+    if compile_missing:
         results.setdefault("machine", _machine())
         failed = run(results)
-    print(table(results))
     if failed:
-        sys.exit(f"failed (rerun to retry): {', '.join(failed)}")
-
-
-if __name__ == "__main__":
-    main()
+        print(table(results), flush=True)
+        raise DynrulesError(f"failed (rerun to retry): {', '.join(failed)}")
+    return table(results)

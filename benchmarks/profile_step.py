@@ -8,13 +8,12 @@ inside the layers (norms, activations, residuals, copies), and everything outsid
 (embedding lookup and its gradient, pooling, loss, AdamW). Also prints how many of the
 computed tokens are real.
 
-Run: ``python -m benchmarks.profile_step --backbone encoder --packing [--pairs-per-step 8]``;
+Run: ``dynrules bench profile-step --backbone encoder [--no-packing] [--pairs-per-step 8] --json``;
 one JSON object on stdout.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dynrules.bench.rewardmodel import hh_pairs
+from dynrules.benchmarks.rewardmodel import hh_pairs
 from dynrules.models import classifier as mdl
 from dynrules.train import sharding as shd
 from dynrules.train.config import TrainConfig
@@ -119,22 +118,3 @@ def profile(backbone: str, packing: bool, pairs_per_step: int, max_length: int, 
         "step_seconds": step_seconds,
         "share_of_operation_time": {k: round(v / total, 3) for k, v in busy.most_common()},
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="encoder", choices=["encoder", "decoder"])
-    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--pairs-per-step", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--data", default=None, help="the HH harmless-base test file")
-    args = parser.parse_args()
-    print(
-        json.dumps(
-            profile(args.backbone, args.packing, args.pairs_per_step, args.max_length, args.data)
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

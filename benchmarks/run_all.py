@@ -2,7 +2,7 @@
 
 Each benchmark is a `dynrules bench …` command that measures its contenders in one process and
 prints one JSON object; this runner only sequences them and writes benchmarks/results/NAME.json.
-Pass names to run a subset: `python -m benchmarks.run_all selection mi`.
+Pass names to run a subset: `python -m dynrules.benchmarks.run_all selection mi`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from dynrules.benchmarks.paths import RESULTS
+
 BENCHMARKS = {
     "selection": ["selection", "--pairs", "1000000", "--rules", "100", "--k", "5"],
     "mi": ["mi", "--pairs", "1000000"],

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dynrules.bench.judge import judge_agreement, rate_in_memory
+from dynrules.benchmarks.judge import judge_agreement, rate_in_memory
 from dynrules.cli import main
 from dynrules.engine.datasets import OVER_REFUSAL_SUBSET, prompt_split, pyrit_pairs, safety_mix
 from dynrules.engine.judges import make_judge

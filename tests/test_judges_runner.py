@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from dynrules.benchmarks.paths import HH_TEST
 from dynrules.cli import main
 from dynrules.engine.judges.loopback import MALFORMED, Faults, LoopbackServer, synthetic_rating
 from dynrules.engine.judges.openai import OpenAIJudge
@@ -27,9 +28,6 @@ from dynrules.errors import DynrulesError, InputError
 
 from .conftest import write_jsonl
 
-HH_TEST = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-)
 FAST = dict(backoff=0.01, max_backoff=0.05, timeout=5.0)
 
 

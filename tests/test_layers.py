@@ -20,11 +20,13 @@ LAYERS = (
     ("models", ("models",)),
     ("engine", ("engine",)),
     ("train", ("train",)),
-    ("application", ("pipeline", "report", "bench", "serve", "client", "launch", "plan")),
+    ("application", ("pipeline", "report", "serve", "client", "launch", "plan")),
+    # Measures the application and everything below it; nothing but the CLI reaches up to it.
+    ("benchmarks", ("benchmarks",)),
     ("cli", ("cli", "cliopts", "__main__")),
 )
 RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
-NOT_PACKAGE = {"tests", "benchmarks", ".venv", "build", "out"}
+NOT_PACKAGE = {"tests", ".venv", "build", "out"}
 
 
 def _modules() -> list[Path]:
@@ -84,3 +86,10 @@ def test_the_checker_sees_a_violation(tmp_path):
     module.parent.mkdir()
     module.write_text("def f():\n    from dynrules.train import trainer\n")
     assert _imported_layers(module) == {"train"}
+
+
+def test_benchmarks_are_checked_and_only_the_cli_reaches_them():
+    """benchmarks/ is part of the package: its modules are read like any other, and it ranks
+    above every layer it measures and below the CLI that runs it."""
+    assert ROOT / "benchmarks" / "rewardmodel.py" in _modules()
+    assert RANK["serve"] < RANK["benchmarks"] < RANK["cli"]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynrules.bench.rewardmodel import synthetic_pairs
+from dynrules.benchmarks.rewardmodel import synthetic_pairs
 from dynrules.errors import DynrulesError
 from dynrules.launch import free_port
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dynrules.bench.rewardmodel import synthetic_pairs
+from dynrules.benchmarks.rewardmodel import synthetic_pairs
 from dynrules.errors import DynrulesError
 
 SIDES = {"1 process x 2 devices": (1, 2), "2 processes x 1 device": (2, 1)}

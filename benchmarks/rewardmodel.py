@@ -20,14 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dynrules.benchmarks.paths import hh_test
 from dynrules.errors import DynrulesError
 
-HH_DATA = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "hh-rlhf-harmless-base-test.jsonl.gz"
-)
 TORCH_HINT = "the PyTorch side needs torch and transformers: pip install torch==2.13.0 transformers"
 WORDS = (
     "the model should refuse harmful requests and help with safe ones while explaining why "
@@ -140,15 +135,10 @@ MODEL_NAMES = {
 
 def hh_pairs(path: str | Path | None = None) -> list:
     """The HH harmless-base test pairs (real, variable-length): ``path`` or the file beside the
-    repository (../shared/data), as benchmarks/hh_pipeline.py reads it."""
+    repository (:data:`dynrules.benchmarks.paths.HH_TEST`)."""
     from dynrules.train.data import load_preferences
 
-    path = Path(path) if path else HH_DATA
-    if not path.is_file():
-        raise DynrulesError(
-            f"{path}: the HH harmless-base test file is not there; pass --data PATH"
-        )
-    return load_preferences(path)
+    return load_preferences(hh_test(path))
 
 
 def _timed(run, batches: list, seconds: float) -> tuple[float, list[int]]:

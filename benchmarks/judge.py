@@ -445,7 +445,7 @@ def bench_judge_local(
     """
     import jax
 
-    from dynrules.bench.llamacpp import ALIAS, LlamaServer, installed
+    from dynrules.benchmarks.llamacpp import ALIAS, LlamaServer, installed
     from dynrules.engine.judges.jaxlm import JaxJudge
     from dynrules.engine.judges.openai import OpenAIJudge
     from dynrules.models.decoder_io import smollm2_gguf

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynrules.bench.selection import best_seconds
+from dynrules.benchmarks.selection import best_seconds
 from dynrules.engine.mi import bootstrap_interval, mutual_information
 from dynrules.kernels import contingency as C
 from dynrules.kernels import roofline
