@@ -23,7 +23,7 @@ A model directory (what training exports):
   chat template — what transformers and vLLM load as a reward model.
 
 Both add ``tokenizer.json`` and a ``dynrules`` section in config.json (outputs, pooling,
-max_length, template).
+max_length, template, truncation).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from dynrules.models.bert import BertConfig, BertEncoder
 from dynrules.models.llama import LlamaConfig, LlamaDecoder
 from dynrules.models.pooling import POOLING_MODES, pool, pool_segments
 from dynrules.models.templates import CHAT, TEMPLATE, ChatTemplate, format_text
-from dynrules.models.tokenizer import TextTokenizer
+from dynrules.models.tokenizer import TRUNCATIONS, TextTokenizer
 
 HEAD_STD = 1e-3
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -67,6 +67,7 @@ class ModelSpec:
     pooling: str = ""  # "" = the backbone's default (DEFAULT_POOLING)
     max_length: int = 256
     template: str = TEMPLATE  # hh-v1, or "chat" (a decoder's own chat template)
+    truncation: str = "left"  # how a text over max_length is cut (models.tokenizer.TRUNCATIONS)
 
     def __post_init__(self):
         if not self.pooling:  # the backbone's default
@@ -82,6 +83,8 @@ class ModelSpec:
             self.kind == "encoder" and self.template == CHAT
         ):
             raise DynrulesError(f"text template {self.template!r} unknown for a {self.kind}")
+        if self.truncation not in TRUNCATIONS:
+            raise DynrulesError(f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
 
     @property
     def kind(self) -> str:
@@ -99,6 +102,7 @@ class ModelSpec:
             "pooling": self.pooling,
             "max_length": self.max_length,
             "template": self.template,
+            "truncation": self.truncation,
         }
 
     @classmethod
@@ -114,6 +118,7 @@ class ModelSpec:
             pooling=raw["pooling"],
             max_length=int(raw["max_length"]),
             template=raw["template"],
+            truncation=raw.get("truncation", "left"),  # specs saved before the key cut left
         )
 
 
@@ -124,9 +129,9 @@ def _unconstrained(x, logical_axes):
 class Classifier(nnx.Module):
     """Backbone → pooled vector → ``num_outputs`` logits (float32).
 
-    ``remat`` is a models.llama policy name (none | full | dots); the encoder treats any
-    policy but ``none`` as full recomputation. ``constrain`` pins activation shardings in the
-    decoder (train.sharding supplies one).
+    ``remat`` is a policy name of models.choices.REMAT (none | full | dots), for the encoder
+    and the decoder alike. ``constrain`` pins activation shardings in the decoder
+    (train.sharding supplies one). ``attention`` is an implementation of models.attention.
     """
 
     def __init__(
@@ -138,10 +143,18 @@ class Classifier(nnx.Module):
         param_dtype=jnp.float32,
         remat: str = "none",
         constrain=_unconstrained,
+        attention: str = "auto",
     ):
         self.pooling = spec.pooling
         if spec.kind == "encoder":
-            self.encoder = BertEncoder(spec.backbone, rngs=rngs, dtype=dtype, remat=remat != "none")
+            self.encoder = BertEncoder(
+                spec.backbone,
+                rngs=rngs,
+                dtype=dtype,
+                remat=remat,
+                attention=attention,
+                constrain=constrain,
+            )
         else:
             self.decoder = LlamaDecoder(
                 spec.backbone,
@@ -150,6 +163,7 @@ class Classifier(nnx.Module):
                 param_dtype=param_dtype,
                 remat=remat,
                 constrain=constrain,
+                attention=attention,
             )
         kernel = HEAD_STD * jax.random.normal(rngs.params(), (spec.hidden_size, spec.num_outputs))
         head_dtype = jnp.float32 if spec.kind == "encoder" else param_dtype
@@ -183,7 +197,8 @@ class Classifier(nnx.Module):
 def abstract_model(spec: ModelSpec, **options):
     """(graphdef, abstract nnx.State) without allocating any weights.
 
-    ``options`` are :class:`Classifier`'s keywords (dtype, param_dtype, remat, constrain).
+    ``options`` are :class:`Classifier`'s keywords (dtype, param_dtype, remat, constrain,
+    attention).
     """
     model = nnx.eval_shape(lambda: Classifier(spec, rngs=nnx.Rngs(0), **options))
     return nnx.split(model)
@@ -253,6 +268,7 @@ def pretrained(
     seed: int,
     param_dtype: str = "float32",
     chat: bool = True,
+    truncation: str = "left",
 ) -> Pretrained:
     """A backbone checkpoint plus a fresh head: what training starts from.
 
@@ -260,14 +276,16 @@ def pretrained(
     ``backbone="decoder"``: a Hugging Face directory or a .gguf file (None/"" = the bundled
     SmolLM2-135M-Instruct); its weights stay lazy views until placed on a mesh, and it reads
     texts through its chat template when it has one and ``chat`` is true.
-    ``pooling=""`` is the backbone's default; ``max_length`` is capped by the position limit.
+    ``pooling=""`` is the backbone's default; ``max_length`` is capped by the position limit;
+    ``truncation`` says how longer texts are cut (:data:`~dynrules.models.tokenizer.TRUNCATIONS`).
     """
     if backbone not in DEFAULT_POOLING:
         raise DynrulesError(f"backbone must be encoder or decoder, got {backbone!r}")
     if backbone == "encoder":
         loaded = bert_ckpt.read_checkpoint(path or None)
         length = min(max_length, loaded.config.max_position_embeddings)
-        spec = ModelSpec(loaded.config, num_outputs, pooling, length)
+        spec = ModelSpec(loaded.config, num_outputs, pooling, length, truncation=truncation)
+        loaded.tokenizer.truncation = truncation
         params = {"encoder": loaded.params, **initial_head(spec, seed)}
         return Pretrained(loaded.directory, spec, params, loaded.tokenizer, None)
     source = Path(path) if path else decoder_io.smollm2_gguf()
@@ -281,8 +299,9 @@ def pretrained(
             f"({config.sliding_window}), which dynrules does not implement; lower max_length"
         )
     template = CHAT if chat and loaded.chat_template is not None else TEMPLATE
-    spec = ModelSpec(config, num_outputs, pooling, length, template)
+    spec = ModelSpec(config, num_outputs, pooling, length, template, truncation)
     loaded.tokenizer.add_special_tokens = template != CHAT  # a chat text carries its own
+    loaded.tokenizer.truncation = truncation
     head = {k: v.astype(dtype) for k, v in initial_head(spec, seed).items()}
     params = {"decoder": loaded.params, **head}
     return Pretrained(source, spec, params, loaded.tokenizer, loaded.chat_template)
@@ -323,6 +342,7 @@ def read_model(directory: str | Path) -> LoadedModel:
             "pooling": extra["pooling"],
             "max_length": int(extra["max_length"]),
             "template": extra["template"],
+            "truncation": extra.get("truncation", "left"),  # exported before the key: left
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise DynrulesError(f"{directory}/config.json: bad 'dynrules' section ({exc})") from exc
@@ -353,7 +373,8 @@ def _read_encoder_model(directory: Path, fields: dict) -> LoadedModel:
         )
     params["head_kernel"] = np.ascontiguousarray(kernel, np.float32)
     params["head_bias"] = np.asarray(bias, np.float32)
-    return LoadedModel(directory, spec, params, TextTokenizer(directory / "tokenizer.json"))
+    tokenizer = TextTokenizer(directory / "tokenizer.json", truncation=spec.truncation)
+    return LoadedModel(directory, spec, params, tokenizer)
 
 
 def _read_decoder_model(directory: Path, fields: dict) -> LoadedModel:
@@ -371,6 +392,7 @@ def _read_decoder_model(directory: Path, fields: dict) -> LoadedModel:
     kernel = loaded.source.read(key, (slice(None), slice(None))).T
     params = {"decoder": loaded.params, "head_kernel": np.ascontiguousarray(kernel, np.float32)}
     loaded.tokenizer.add_special_tokens = spec.template != CHAT
+    loaded.tokenizer.truncation = spec.truncation
     return LoadedModel(directory, spec, params, loaded.tokenizer, loaded.chat_template)
 
 
@@ -394,6 +416,7 @@ def export_model(
         "pooling": spec.pooling,
         "max_length": spec.max_length,
         "template": spec.template,
+        "truncation": spec.truncation,
     }
     kernel = np.asarray(host_params["head_kernel"], np.float32)
     if spec.kind == "encoder":
@@ -434,7 +457,9 @@ def _tokenizer_config(tokenizer: TextTokenizer, chat: ChatTemplate | None, spec:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": spec.max_length,
-        "truncation_side": "left",  # keep the end, where a pair's two texts differ
+        # Keep the end, where a pair's two texts differ. transformers has no middle truncation:
+        # a `middle` model's config.json (dynrules.truncation) says to cut that way yourself.
+        "truncation_side": "left",
         "padding_side": "right",
         "pad_token": tokenizer.id_to_token(tokenizer.pad_id),
     }

@@ -1,8 +1,14 @@
 """Tokenizers and length buckets.
 
-Texts are truncated from the START (the end is kept), because a preference pair shares its
+A text longer than ``max_length`` always keeps its END, because a preference pair shares its
 conversation and differs at the end; right truncation can make chosen and rejected identical
-(design.md, pitfalls).
+(design.md, pitfalls). Two truncations (:data:`TRUNCATIONS`):
+
+- ``left``: drop tokens from the start (only the end survives);
+- ``middle``: keep the first half and the last half and drop the middle, so a long response
+  still shows the request and its own opening (where a refusal or compliance is said) as well
+  as its end. A reward model that sees a long answer's end only can not tell whether the
+  request was benign or harmful.
 """
 
 from __future__ import annotations
@@ -28,15 +34,27 @@ class TokenizedTexts:
         return np.array([len(x) for x in self.ids], np.int32)
 
 
-class TextTokenizer:
-    """``tokenizers.Tokenizer`` (a tokenizer.json, or one built in memory), truncating from the left.
+TRUNCATIONS = ("left", "middle")
 
+
+class TextTokenizer:
+    """``tokenizers.Tokenizer`` (a tokenizer.json, or one built in memory) with our truncation.
+
+    ``truncation`` is one of :data:`TRUNCATIONS` (see the module doc); a model's loader sets it
+    from the model's spec, so training, scoring and serving cut texts the same way.
     ``add_special_tokens`` applies the tokenizer's post-processor ([CLS] … [SEP] for BERT, a
     BOS for Llama 3); texts rendered by a chat template already carry their special tokens,
     so their tokenizer turns it off.
     """
 
-    def __init__(self, source, *, pad_id: int | None = None, add_special_tokens: bool = True):
+    def __init__(
+        self,
+        source,
+        *,
+        pad_id: int | None = None,
+        add_special_tokens: bool = True,
+        truncation: str = "left",
+    ):
         from tokenizers import Tokenizer
 
         if isinstance(source, str | Path):
@@ -48,6 +66,7 @@ class TextTokenizer:
         self._tokenizer.no_truncation()
         self._max_length = None
         self.add_special_tokens = add_special_tokens
+        self.truncation = truncation
         if pad_id is None:
             pad_id = self._tokenizer.token_to_id("[PAD]")
         self.pad_id = 0 if pad_id is None else pad_id
@@ -67,15 +86,34 @@ class TextTokenizer:
     def encode(self, texts: list[str], max_length: int) -> TokenizedTexts:
         if max_length < 3:
             raise DynrulesError(f"max_length must be at least 3, got {max_length}")
+        if self.truncation not in TRUNCATIONS:
+            raise DynrulesError(f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
+        texts = list(texts)
+        if self.truncation == "middle":
+            return self._encode_middle(texts, max_length)
         if self._max_length != max_length:
             # direction="left" drops tokens from the start; special tokens are kept.
             self._tokenizer.enable_truncation(max_length, direction="left")
             self._max_length = max_length
-        encodings = self._tokenizer.encode_batch(
-            list(texts), add_special_tokens=self.add_special_tokens
-        )
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=self.add_special_tokens)
         ids = [np.asarray(e.ids, np.int32) for e in encodings]
         return TokenizedTexts(ids=ids, truncated=sum(1 for e in encodings if e.overflowing))
+
+    def _encode_middle(self, texts: list[str], max_length: int) -> TokenizedTexts:
+        if self._max_length is not None:
+            self._tokenizer.no_truncation()
+            self._max_length = None
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+        # Special tokens sit at the ends ([CLS] … [SEP], a BOS), so both halves keep them.
+        head = max_length // 2
+        ids, truncated = [], 0
+        for encoding in encodings:
+            text_ids = np.asarray(encoding.ids, np.int32)
+            if len(text_ids) > max_length:
+                text_ids = np.concatenate([text_ids[:head], text_ids[head - max_length :]])
+                truncated += 1
+            ids.append(text_ids)
+        return TokenizedTexts(ids=ids, truncated=truncated)
 
 
 def length_buckets(max_length: int, smallest: int = 16) -> list[int]:

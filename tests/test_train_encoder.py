@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dynrules.errors import DynrulesError
 from dynrules.models import bert, embedder
@@ -56,6 +58,43 @@ def test_truncation_keeps_the_end_and_counts_texts():
     # [CLS] + the LAST 14 text tokens + [SEP]
     assert kept[0] == full[0] and kept[-1] == full[-1]
     np.testing.assert_array_equal(kept[1:-1], full[-15:-1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(words=st.integers(0, 120), max_length=st.integers(3, 64))
+def test_middle_truncation_keeps_both_halves(words, max_length):
+    """Twin: the full ids' first max_length//2 and last max_length − max_length//2 tokens."""
+    path = bert_ckpt.default_checkpoint_dir() / "tokenizer.json"
+    text = " ".join(f"w{i}" for i in range(words))
+    full = tok.TextTokenizer(path).encode([text], max_length=100_000).ids[0]
+    middle = tok.TextTokenizer(path, truncation="middle").encode([text], max_length)
+    head = max_length // 2
+    expected = (
+        full if len(full) <= max_length else [*full[:head], *full[len(full) - max_length + head :]]
+    )
+    np.testing.assert_array_equal(middle.ids[0], expected)
+    assert middle.truncated == int(len(full) > max_length)
+    assert middle.ids[0][0] == full[0] and middle.ids[0][-1] == full[-1]  # [CLS] … [SEP] kept
+
+
+def test_a_model_cuts_texts_the_way_its_spec_says(tmp_path):
+    """The spec's truncation survives export and read_model; old specs read as left."""
+    from dynrules.models import classifier as mdl
+
+    spec = mdl.ModelSpec(TINY, max_length=16, truncation="middle")
+    params = {
+        "encoder": bert.random_params(TINY, 0),
+        "head_kernel": np.zeros((32, 1), np.float32),
+        "head_bias": np.zeros((1,), np.float32),
+    }
+    tokenizer = tok.TextTokenizer(bert_ckpt.default_checkpoint_dir() / "tokenizer.json")
+    mdl.export_model(params, spec, tokenizer, tmp_path / "rm")
+    loaded = mdl.read_model(tmp_path / "rm")
+    assert loaded.spec.truncation == "middle" and loaded.tokenizer.truncation == "middle"
+    old = {k: v for k, v in spec.to_dict().items() if k != "truncation"}
+    assert mdl.ModelSpec.from_dict(old).truncation == "left"
+    with pytest.raises(DynrulesError, match="truncation must be one of"):
+        mdl.ModelSpec(TINY, truncation="right")
 
 
 def test_missing_weights_name_the_setup_command(monkeypatch, tmp_path):
