@@ -15,31 +15,57 @@ import click
 
 from dynrules.benchmarks.paths import HH_TEST
 from dynrules.cliopts import (
+    ALL,
+    CommandTree,
     backbone_option,
-    config_from,
-    config_options,
     criterion_option,
-    distributed_option,
     dtype_option,
     estimator_option,
+    field_option,
     json_option,
-    mesh_option,
+    load_tree,
+    overrides_argument,
     pool_option,
     shard_option,
+    split_overrides,
+    tree_flags,
+    tree_options,
 )
 from dynrules.engine.ablate import ABLATION_POLICIES
-from dynrules.engine.judges import JUDGES
-from dynrules.engine.judges.openai import ENDPOINTS
 from dynrules.engine.mi import LABEL_POLICIES
 from dynrules.engine.select import SelectionConfig
-from dynrules.engine.simulate import SimulationModel
 from dynrules.engine.store import CHUNK_ROWS
 from dynrules.errors import DynrulesError
-from dynrules.pipeline import PipelineConfig
 from dynrules.plan import DTYPES as PLAN_DTYPES
+from dynrules.plan import TASKS as PLAN_TASKS
 from dynrules.plan import TOPOLOGY_HELP
-from dynrules.serve import ServeConfig
 from dynrules.train.config import REMAT_POLICIES
+
+# What each command reads from the configuration tree (docs/configuration.md): its sections,
+# which of their fields get flags, and the section whose keys may be written bare.
+SELECT = CommandTree("select", {"selection": ALL}, primary="selection")
+RATE = CommandTree("rate", {"judge": ALL}, primary="judge")
+SIMULATE = CommandTree("simulate", {"simulate": ALL}, primary="simulate")
+TRAIN_RM = CommandTree("train-rm", {"train": ALL}, primary="train")
+TRAIN_ADAPTER = CommandTree(
+    "train-adapter", {"train": ALL, "selection": ("k", "criterion")}, primary="train"
+)
+SCORE = CommandTree("score", {"scoring": ALL}, primary="scoring")
+EVAL = CommandTree("eval", {"scoring": ALL}, primary="scoring")
+SERVE = CommandTree("serve", {"serve": ALL}, primary="serve")
+PIPELINE = CommandTree(
+    "pipeline",
+    {
+        "judge": ALL,
+        "selection": ("k", "policy", "criterion", "alpha", "ties"),
+        "pipeline": ALL,
+    },
+    primary="pipeline",
+)
+COMMAND_TREES = {
+    spec.command: spec
+    for spec in (SELECT, RATE, SIMULATE, TRAIN_RM, TRAIN_ADAPTER, SCORE, EVAL, SERVE, PIPELINE)
+}
 
 
 class _Group(click.Group):
@@ -77,6 +103,21 @@ def print_json(result) -> None:
     click.echo(json.dumps(result))
 
 
+@main.command("config")
+@click.argument("command", required=False, type=click.Choice(sorted(COMMAND_TREES)))
+@click.option(
+    "--markdown", is_flag=True, help="Print the reference of every key (docs/configuration.md)."
+)
+def config_command(command, markdown):
+    """Print the configuration tree at its defaults, as YAML with each key's help: for COMMAND,
+    the sections it reads (a file for its --config); without, every section."""
+    from dynrules.cliopts import TREE
+    from dynrules.settings import defaults_yaml, reference_markdown
+
+    sections = TREE if command is None else COMMAND_TREES[command].tree.sections
+    click.echo(reference_markdown(sections) if markdown else defaults_yaml(sections), nl=False)
+
+
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
 @click.option(
@@ -103,7 +144,8 @@ def ingest(input_path, out, pool_source, dtype, as_json):
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@config_options(SelectionConfig)
+@overrides_argument
+@tree_options(SELECT)
 @shard_option("Select only worker I's share of N (chunk-aligned rows; outputs concatenate).")
 @click.option("--pool", "pool_source", default=None, help="Check the store against this rule pool.")
 @click.option(
@@ -112,14 +154,14 @@ def ingest(input_path, out, pool_source, dtype, as_json):
     help="Labelled pairs JSONL (prompt, chosen, rejected, margin).",
 )
 @json_option()
-def select(store_path, shard, pool_source, out, as_json, **fields):
+def select(store_path, overrides, shard, pool_source, out, as_json, **params):
     """Select rules per pair, label the pairs and write them for reward-model training."""
     from dynrules.engine.pool import load_pool
     from dynrules.engine.select import run_selection
     from dynrules.engine.store import RatingStore
 
     store = RatingStore.open(store_path, pool=load_pool(pool_source) if pool_source else None)
-    config = config_from(SelectionConfig, fields)
+    config = load_tree(SELECT, params, overrides)["selection"]
     summary = run_selection(store, config, out, shard=shard, progress=not as_json)
     if summary.rated_cells < summary.cells:
         click.echo(
@@ -168,20 +210,19 @@ def bench_selection(n_pairs, n_rules, k, as_json):
     type=click.Path(file_okay=False),
     help="Run directory; an existing run resumes from its last checkpoint.",
 )
-@click.option(
-    "--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config keys."
-)
-@distributed_option
+@tree_options(TRAIN_RM)
 @json_option()
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
-    """Train a Bradley-Terry reward model on preference pairs (JSONL/Parquet, HH transcripts too)."""
+@overrides_argument
+def train_rm(pairs, out_dir, as_json, overrides, **params):
+    """Train a Bradley-Terry reward model on preference pairs (JSONL/Parquet, HH transcripts too).
+
+    Settings: the train section (docs/training.md), from --config, KEY=VALUE and the flags; a
+    resumed run starts from its saved config."""
     from dynrules.train.sharding import is_writer
     from dynrules.train.trainer import resolve_config, train_reward_model
 
-    config = resolve_config(
-        out_dir, config_file, overrides + (("distributed=true",) if distributed else ())
-    )
+    config_file, flags = tree_flags(TRAIN_RM, params)
+    config = resolve_config(out_dir, config_file, [*overrides, *flags])
     result = train_reward_model(pairs, out_dir, config, progress=not as_json)
     if not is_writer():  # in a multi-process job process 0 speaks for all
         return
@@ -205,17 +246,22 @@ def train_rm(pairs, out_dir, config_file, distributed, as_json, overrides):
     type=click.Path(dir_okay=False),
     help="Scored JSONL to write.",
 )
-@click.option("--batch-size", default=64, show_default=True)
-@mesh_option
-@distributed_option
+@overrides_argument
+@tree_options(SCORE)
 @json_option()
-def score(run, input_path, out_path, batch_size, mesh, distributed, as_json):
+def score(run, input_path, out_path, overrides, as_json, **params):
     """Add a "reward" to every prompt/response (or text) record of INPUT with RUN's reward model."""
     from dynrules.train.scoring import score_file
     from dynrules.train.sharding import is_writer
 
+    config = load_tree(SCORE, params, overrides)["scoring"]
     summary = score_file(
-        run, input_path, out_path, batch_size=batch_size, mesh=mesh, distributed=distributed
+        run,
+        input_path,
+        out_path,
+        batch_size=config.batch_size,
+        mesh=config.mesh,
+        distributed=config.distributed,
     )
     if not is_writer():
         return
@@ -227,32 +273,33 @@ def score(run, input_path, out_path, batch_size, mesh, distributed, as_json):
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@config_options(ServeConfig)
-@mesh_option
-@click.option("--access-log", is_flag=True, help="Log every request line (never its headers).")
-def serve(run, **fields):
+@overrides_argument
+@tree_options(SERVE)
+def serve(run, overrides, **params):
     """Serve RUN's reward model over HTTP for RL loops (/v1/rewards, OpenRLHF's /get_reward).
 
     Binds 127.0.0.1 unless --host says otherwise; stops cleanly on SIGTERM.
     """
     from dynrules.serve import serve as run_server
 
-    run_server(run, config_from(ServeConfig, fields))
+    run_server(run, load_tree(SERVE, params, overrides)["serve"])
 
 
 @main.command("eval")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("data", type=click.Path(dir_okay=False))
-@click.option("--batch-size", default=64, show_default=True)
-@mesh_option
-@distributed_option
+@overrides_argument
+@tree_options(EVAL)
 @json_option("Print the machine-readable report.")
-def eval_rm(run, data, batch_size, mesh, distributed, as_json):
+def eval_rm(run, data, overrides, as_json, **params):
     """Pairwise accuracy of RUN's reward model on DATA (ties wrong), per subset and section."""
     from dynrules.train.evaluate import evaluate
     from dynrules.train.sharding import is_writer
 
-    report = evaluate(run, data, batch_size=batch_size, mesh=mesh, distributed=distributed)
+    config = load_tree(EVAL, params, overrides)["scoring"]
+    report = evaluate(
+        run, data, batch_size=config.batch_size, mesh=config.mesh, distributed=config.distributed
+    )
     if not is_writer():
         return
     if as_json:
@@ -280,8 +327,8 @@ def eval_rm(run, data, batch_size, mesh, distributed, as_json):
 )
 @click.option(
     "--task",
-    type=click.Choice(("train", "judge")),
-    default="train",
+    type=click.Choice(PLAN_TASKS),
+    default=PLAN_TASKS[0],
     show_default=True,
     help="train: the reward model's training step; judge: the in-process judge's "
     "one-pass forward (rows of a conversation and its rule questions).",
@@ -455,86 +502,9 @@ def launch(processes, devices_per_process, command):
 
 @main.command()
 @click.argument("pairs_path", metavar="PAIRS", type=click.Path(dir_okay=False))
+@overrides_argument
 @pool_option
-@click.option(
-    "--judge",
-    "judge_kind",
-    type=click.Choice(JUDGES),
-    default="embedded",
-    show_default=True,
-    help="Offline embedded judge, an LLM behind an OpenAI-compatible API, or an LLM in process "
-    "on JAX (a Llama-family instruct model).",
-)
-@click.option("--base-url", help="API root of the openai judge, e.g. http://localhost:8000/v1.")
-@click.option(
-    "--model",
-    help="openai judge: the model name served at --base-url; jax judge: a .gguf file or a "
-    "Hugging Face model directory.",
-)
-@click.option(
-    "--api-key-env",
-    default="OPENAI_API_KEY",
-    show_default=True,
-    help="Environment variable holding the API key (unset is fine for local servers; never printed or stored).",
-)
-@click.option(
-    "--endpoint",
-    type=click.Choice(tuple(ENDPOINTS)),
-    default="completions",
-    show_default=True,
-    help="completions batches several rule questions per request; chat sends one per request "
-    "and renders the model's chat template (the one for an instruct judge).",
-)
-@click.option(
-    "--prompts-per-request",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Questions per completions request [default: 64, or 1 once the server refuses lists].",
-)
-@click.option(
-    "--top-logprobs",
-    type=click.IntRange(min=1),
-    default=20,
-    show_default=True,
-    help="Top answer tokens asked for (vLLM and OpenAI allow at most 20).",
-)
-@click.option(
-    "--template",
-    default="default",
-    show_default=True,
-    help="'default' (conversation first, rule last), 'question-last' (the instructions after "
-    "the rule: the default before 2026-12), 'published-order' (rule first) or a file with "
-    "{prompt}, {response}, {rule}.",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Requests in flight (openai judge) [default: 16, or 1 once the server is found to take "
-    "one prompt per request]; with one question a request, each stream rates a pair at a time.",
-)
-@click.option(
-    "--timeout",
-    default=60.0,
-    show_default=True,
-    help="Seconds per request before a retry (openai judge).",
-)
-@click.option(
-    "--max-retries", default=5, show_default=True, help="Retries per request on 429/5xx/timeouts."
-)
-@click.option(
-    "--judge-dtype",
-    type=click.Choice(("float32", "bfloat16")),
-    default="float32",
-    show_default=True,
-    help="Compute dtype of the jax judge.",
-)
-@click.option(
-    "--judge-mesh",
-    default=None,
-    help="Spread the jax judge over the devices: axis sizes like fsdp=4,tensor=2 (data takes "
-    "the rest), by the reward model's sharding rules [default: one device].",
-)
+@tree_options(RATE)
 @click.option(
     "--plan",
     type=click.Path(dir_okay=False),
@@ -557,60 +527,18 @@ def launch(processes, devices_per_process, command):
 )
 @json_option('Print {"rated", "skipped_done", "failed", "seconds"}.')
 def rate(
-    pairs_path,
-    pool_source,
-    judge_kind,
-    base_url,
-    model,
-    api_key_env,
-    endpoint,
-    prompts_per_request,
-    top_logprobs,
-    template,
-    concurrency,
-    timeout,
-    max_retries,
-    judge_dtype,
-    judge_mesh,
-    plan,
-    dtype,
-    out,
-    shard,
-    chunk_rows,
-    as_json,
+    pairs_path, overrides, pool_source, plan, dtype, out, shard, chunk_rows, as_json, **params
 ):
-    """Rate pairs (JSONL/Parquet, or HH transcripts) on every rule, resumably, into a rating store."""
-    from dynrules.engine.judges import make_judge
+    """Rate pairs (JSONL/Parquet, or HH transcripts) on every rule, resumably, into a rating store.
+
+    Settings: the judge section (docs/judges.md), from --config, KEY=VALUE and the flags."""
     from dynrules.engine.judges.runner import rate_pairs
     from dynrules.engine.pool import load_pool
+    from dynrules.pipeline import open_judge
 
+    judge_config = load_tree(RATE, params, overrides)["judge"]
     pool = load_pool(pool_source)
-    explicit_key = click.get_current_context().get_parameter_source("api_key_env").name != "DEFAULT"
-    options = {
-        "openai": dict(
-            endpoint=endpoint,
-            prompts_per_request=prompts_per_request,
-            top_logprobs=top_logprobs,
-            template=template,
-            concurrency=concurrency,
-            timeout=timeout,
-            max_retries=max_retries,
-        ),
-        "jax": dict(template=template, dtype=judge_dtype),
-    }.get(judge_kind, {})
-    if judge_mesh and judge_kind == "jax":
-        from dynrules.train import sharding as shd
-
-        options["layout"] = shd.MeshLayout(shd.make_mesh(judge_mesh))
-    with make_judge(
-        judge_kind,
-        pool,
-        base_url=base_url,
-        model=model,
-        api_key_env=api_key_env,
-        require_key=explicit_key,
-        **options,
-    ) as judge:
+    with open_judge(judge_config, pool) as judge:
         summary = rate_pairs(
             pairs_path,
             out,
@@ -649,14 +577,15 @@ def rate(
     help="Rating store directory to create.",
 )
 @click.option("--seed", default=0, show_default=True)
-@config_options(SimulationModel)
+@overrides_argument
+@tree_options(SIMULATE)
 @dtype_option("Stored dtype.")
 @json_option()
-def simulate(n_pairs, out, seed, dtype, as_json, **fields):
+def simulate(n_pairs, out, seed, overrides, dtype, as_json, **params):
     """Draw a rating store from the generative model (truth stored as the pair field 'truth')."""
     from dynrules.engine.simulate import simulate as run_simulate
 
-    model = config_from(SimulationModel, fields)
+    model = load_tree(SIMULATE, params, overrides)["simulate"]
     summary = run_simulate(out, n_pairs, model, seed=seed, dtype=dtype)
     print_json(summary) if as_json else click.echo(
         f"simulated {summary.pairs:,} pairs x {summary.rules} rules ({summary.a_better:,} with A better, "
@@ -676,9 +605,9 @@ def simulate(n_pairs, out, seed, dtype, as_json, **fields):
     show_default=True,
     help="Policy whose label MI is reported.",
 )
-@click.option("--k", default=5, show_default=True)
+@field_option(SelectionConfig, "k")
 @criterion_option
-@click.option("--alpha", default=0.5, show_default=True)
+@field_option(SelectionConfig, "alpha")
 @click.option(
     "--seed", default=0, show_default=True, help="Seed of the random policy and of the resampling."
 )
@@ -744,7 +673,7 @@ def mi_command(
     show_default=True,
     help="Comma-separated policies.",
 )
-@click.option("--alpha", default=0.5, show_default=True)
+@field_option(SelectionConfig, "alpha")
 @click.option(
     "--discount",
     default=1.0,
@@ -817,27 +746,18 @@ def bench_mi(n_pairs, n_rules, sklearn_pairs, as_json):
 
 @main.command("train-adapter")
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
-@click.argument("overrides", nargs=-1)
+@overrides_argument
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Adapter run directory."
 )
-@click.option(
-    "--k", default=5, show_default=True, help="Size of the oracle's selected set (the targets)."
-)
-@criterion_option
-@click.option(
-    "--config", "config_file", type=click.Path(dir_okay=False), help="YAML training config."
-)
-def train_adapter_command(store_path, overrides, out, k, criterion, config_file):
-    """Train the rule adapter on a fully rated STORE (key=value overrides as in train-rm)."""
-    from dynrules.engine.select import SelectionConfig
+@tree_options(TRAIN_ADAPTER)
+def train_adapter_command(store_path, overrides, out, **params):
+    """Train the rule adapter on a fully rated STORE (the train section as in train-rm; the
+    selection's k and criterion pick the oracle's rules, its targets)."""
     from dynrules.train.adapter import train_adapter
-    from dynrules.train.config import load_config
 
-    config = load_config(config_file, overrides)
-    info = train_adapter(
-        store_path, out, config, selection=SelectionConfig(k=k, criterion=criterion)
-    )
+    tree = load_tree(TRAIN_ADAPTER, params, overrides)
+    info = train_adapter(store_path, out, tree["train"], selection=tree["selection"])
     click.echo(
         f"adapter trained on {info.train_pairs} pairs, {info.steps} steps, final BCE "
         f"{info.final_loss:.4f}; written to {out}"
@@ -868,33 +788,24 @@ def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
 
 
 @main.command()
-@click.argument(
-    "pairs_path", metavar="[PAIRS]", required=False, type=click.Path(dir_okay=False, exists=True)
-)
+@click.argument("args", nargs=-1, metavar="[PAIRS] [KEY=VALUE]...")
 @click.option(
     "--out", "out_dir", default="out/pipeline", show_default=True, type=click.Path(file_okay=False)
 )
-@config_options(PipelineConfig)
-@click.option("--base-url", default=None, help="OpenAI-compatible server (openai judge).")
-@click.option(
-    "--model",
-    default=None,
-    help="Model name on that server (openai judge), or a .gguf file / model directory (jax judge).",
-)
-@click.option("--api-key-env", default=None, help="Environment variable holding the API key.")
-def pipeline(pairs_path, out_dir, base_url, model, api_key_env, **fields):
+@tree_options(PIPELINE)
+def pipeline(args, out_dir, **params):
     """The main job: rate -> select -> ablate -> adapter -> reward model -> evaluate -> report.
 
-    PAIRS defaults to the embedded PyRIT pairs (real responses, human harm scores).
+    PAIRS defaults to the embedded PyRIT pairs (real responses, human harm scores). Settings:
+    the pipeline, judge and selection sections, from --config, KEY=VALUE and the flags.
     """
     from dynrules.pipeline import run_pipeline
 
-    options = {
-        k_: v
-        for k_, v in (("base_url", base_url), ("model", model), ("api_key_env", api_key_env))
-        if v
-    }
-    config = config_from(PipelineConfig, fields | {"judge_options": options})
+    paths, overrides = split_overrides(args, inputs=1)
+    pairs_path = paths[0] if paths else None
+    if pairs_path is not None and not Path(pairs_path).is_file():
+        raise click.BadParameter(f"{pairs_path!r} is not a file", param_hint="PAIRS")
+    config = load_tree(PIPELINE, params, overrides)["pipeline"]
     report = run_pipeline(out_dir, pairs_path, config)
     rm = report.reward_model
     if "accuracy" in rm:

@@ -1,23 +1,165 @@
-"""Command-line options declared once: shared option decorators and options made from config fields.
+"""Command-line options declared once: the configuration tree's flags, and shared options.
 
-A config dataclass (SelectionConfig, SimulationModel, PipelineConfig) is the one typed source
-of its command's options, the way TRL builds its parser from dataclasses: each field becomes
-``--field-name`` with the field's default, and its metadata gives the help, the choices and,
-where the flag differs from the field name, the flag (``{"flag": "rules"}``). Tuple fields are
-given comma-separated. Choices come from the library's own constants, never from literal lists.
+The configuration tree (:data:`TREE`) is the one typed source of every setting: its sections
+are the :func:`dynrules.settings.section` dataclasses beside the code they configure. A command
+that reads sections is decorated with :func:`tree_options`, which adds ``--config FILE`` and one
+flag per field (``--top-logprobs``; the field's metadata may name it otherwise, ``--judge`` for
+``judge.kind``), with the field's help, its default shown, and ``click.Choice`` for a
+``Literal``. A flag's click default is None, so :func:`load_tree` knows which flags were given
+and applies them last: defaults < ``--config`` YAML < ``KEY=VALUE`` overrides < flags.
+Inputs and outputs (paths, ``--out``, ``--json``, ``--shard``) stay plain click options.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
+from collections.abc import Iterable
 
 import click
 
+from dynrules.engine.judges.config import JudgeConfig
 from dynrules.engine.mi import ESTIMATORS
+from dynrules.engine.select import SelectionConfig
+from dynrules.engine.simulate import SimulationModel
 from dynrules.engine.store import DTYPES
-from dynrules.kernels.selection import CRITERIA
-from dynrules.train.config import BACKBONES
+from dynrules.pipeline import PipelineConfig
+from dynrules.serve import ServeConfig
+from dynrules.settings import Tree, fields, load
+from dynrules.train.config import ScoringConfig, TrainConfig, train_tree
+
+# The whole tree: section name → section. A YAML file may hold any of them; a command reads some.
+TREE = {
+    "judge": JudgeConfig,
+    "selection": SelectionConfig,
+    "train": TrainConfig,
+    "scoring": ScoringConfig,
+    "pipeline": PipelineConfig,
+    "serve": ServeConfig,
+    "simulate": SimulationModel,
+}
+ALL = None  # every field of a section gets a flag
+_PREFIX = "cfg__"
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandTree:
+    """A command's sections, which of their fields get flags (ALL or names), and its primary
+    section (whose keys may be written bare)."""
+
+    command: str
+    flags: dict[str, tuple[str, ...] | None]
+    primary: str | None = None
+
+    @property
+    def tree(self) -> Tree:
+        sections = {name: TREE[name] for name in self.flags}
+        if self.primary == "train":
+            return dataclasses.replace(
+                train_tree(self.command, **{n: c for n, c in sections.items() if n != "train"}),
+                known=TREE,
+            )
+        return Tree(sections, self.primary, f"`dynrules {self.command}`", known=TREE)
+
+    def flagged(self) -> Iterable[tuple[str, str]]:
+        """(section, field) of every flag, in declaration order."""
+        for name, chosen in self.flags.items():
+            for field in fields(TREE[name]):
+                if chosen is ALL or field in chosen:
+                    yield name, field
+
+
+def tree_options(spec: CommandTree):
+    """Decorator: ``--config FILE`` and the flags of ``spec``'s sections (see the module doc)."""
+
+    def decorate(command):
+        seen: dict[str, str] = {}
+        for name, field in reversed(list(spec.flagged())):
+            info = fields(TREE[name])[field]
+            flag = "--" + info.flag
+            if flag in seen:
+                raise AssertionError(f"{spec.command}: {flag} for {name}.{field} and {seen[flag]}")
+            seen[flag] = f"{name}.{field}"
+            command = _field_option(info, f"{_PREFIX}{name}__{field}", default=None)(command)
+        return click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False, exists=True),
+            help="YAML file of configuration sections (see docs/configuration.md).",
+        )(command)
+
+    return decorate
+
+
+def _field_option(info, param: str, *, default=dataclasses.MISSING, **extra):
+    """A click option for one field; ``default`` None makes it a flag that only says 'given'."""
+    shown = info.default
+    if isinstance(shown, tuple):
+        shown = ",".join(map(str, shown))
+    kwargs: dict = {"help": info.help}
+    if default is None and shown is not None and shown != "" and shown is not dataclasses.MISSING:
+        shown = str(shown).lower() if isinstance(shown, bool) else shown
+        kwargs["help"] = f"{info.help}  [default: {shown}]".strip()
+    elif default is not None:
+        kwargs["show_default"] = shown is not None and shown != ""
+    if info.choices:
+        kwargs["type"] = click.Choice([str(c) for c in info.choices])
+    elif info.kind is tuple:
+        kwargs["type"] = str
+        kwargs["metavar"] = f"{info.item_type.__name__.upper()},…"
+    elif info.kind in (int, float, str):
+        kwargs["type"] = info.kind
+    if default is dataclasses.MISSING:
+        default = ",".join(map(str, info.default)) if info.kind is tuple else info.default
+    kwargs.update(default=default, **extra)
+    decls = ["--" + info.flag]
+    if info.kind is bool:
+        decls = [f"--{info.flag}/--no-{info.flag}"]
+    return click.option(*decls, param, **kwargs)
+
+
+def field_option(cls, field: str, **extra):
+    """A plain click option (its real default) for one field of a section: for a command that
+    takes a setting without reading the whole section (``mi --criterion``)."""
+    info = fields(cls)[field]
+    return _field_option(info, field, **extra)
+
+
+def tree_flags(spec: CommandTree, params: dict) -> tuple[str | None, list[tuple[str, object, str]]]:
+    """(``--config`` file, the flags given as (dotted key, value, '--flag')), popped from
+    ``params``, the command's keyword arguments."""
+    config_file = params.pop("config_file", None)
+    flags = []
+    for key in [k for k in params if k.startswith(_PREFIX)]:
+        value = params.pop(key)
+        name, field = key.removeprefix(_PREFIX).split("__")
+        if value is not None:
+            flags.append((f"{name}.{field}", value, "--" + fields(TREE[name])[field].flag))
+    return config_file, flags
+
+
+def load_tree(spec: CommandTree, params: dict, overrides=(), *, base=None) -> dict:
+    """The command's sections, section name → instance: defaults < ``base`` < the ``--config``
+    YAML < ``overrides`` < the flags given (both popped from ``params``)."""
+    config_file, flags = tree_flags(spec, params)
+    return load(spec.tree, path=config_file, overrides=[*overrides, *flags], base=base)
+
+
+def split_overrides(args: tuple[str, ...], inputs: int) -> tuple[list[str], list[str]]:
+    """Positional arguments split into up to ``inputs`` inputs (paths) and KEY=VALUE overrides:
+    an argument is an override when the part before its first '=' is a dotted name."""
+    paths, overrides = [], []
+    for arg in args:
+        key = arg.partition("=")[0]
+        if "=" in arg and all(part.isidentifier() for part in key.split(".")):
+            overrides.append(arg)
+        else:
+            paths.append(arg)
+    if len(paths) > inputs:
+        raise click.UsageError(f"unexpected argument {paths[inputs]!r} (overrides are KEY=VALUE)")
+    return paths, overrides
+
+
+overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 
 
 def json_option(help: str = "Print a machine-readable summary."):
@@ -30,41 +172,21 @@ def dtype_option(help: str = "Stored dtype of a new store."):
     )
 
 
-def backbone_option(
-    help: str = "Reward-model backbone: MiniLM (encoder) or SmolLM2-135M (decoder).",
-):
-    return click.option(
-        "--backbone",
-        type=click.Choice(BACKBONES),
-        default=BACKBONES[0],
-        show_default=True,
-        help=help,
-    )
+def backbone_option(help: str | None = None):
+    """``--backbone`` of the train section (its choices and default), with its own help."""
+    return field_option(TrainConfig, "backbone", **({"help": help} if help else {}))
 
 
-mesh_option = click.option(
-    "--mesh", default="", help="Device mesh, e.g. data=8 (default: all devices on data)."
-)
-distributed_option = click.option(
-    "--distributed",
-    is_flag=True,
-    help="Join a multi-process job (TPU pod, SLURM, MPI; `dynrules launch` sets it up locally).",
-)
-criterion_option = click.option(
-    "--criterion",
-    type=click.Choice(tuple(CRITERIA)),
-    default=None,
-    help="Adaptive criterion [default: additive with relevance, else absolute].",
-)
+criterion_option = field_option(SelectionConfig, "criterion")
 estimator_option = click.option(
     "--estimator", type=click.Choice(ESTIMATORS), default=ESTIMATORS[0], show_default=True
 )
 pool_option = click.option(
     "--pool",
     "pool_source",
-    default="default",
+    default=fields(PipelineConfig)["pool"].default,
     show_default=True,
-    help="Rule pool: 'default' or a file.",
+    help=fields(PipelineConfig)["pool"].help,
 )
 
 
@@ -83,48 +205,3 @@ def shard_option(help: str):
     return click.option(
         "--shard", default="0/1", show_default=True, callback=_parse_shard, help=help
     )
-
-
-def _split_commas(item_type):
-    def parse(ctx, param, value):
-        if isinstance(value, tuple):
-            return value
-        try:
-            return tuple(item_type(part.strip()) for part in value.split(",") if part.strip())
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated {item_type.__name__}s") from None
-
-    return parse
-
-
-def config_options(cls, *, skip: tuple[str, ...] = ()):
-    """Decorator: one option per field of the dataclass ``cls`` (see the module doc)."""
-    hints = typing.get_type_hints(cls)
-
-    def decorate(command):
-        for field in reversed(dataclasses.fields(cls)):
-            if field.name in skip or "help" not in field.metadata:
-                continue
-            meta, default = field.metadata, field.default
-            flag = "--" + meta.get("flag", field.name).replace("_", "-")
-            kwargs = {"help": meta["help"], "default": default, "show_default": default is not None}
-            if "choices" in meta:
-                kwargs["type"] = click.Choice(meta["choices"])
-            elif isinstance(default, tuple):
-                item_type = typing.get_args(hints[field.name])[0]
-                kwargs.update(
-                    default=",".join(map(str, default)), type=str, callback=_split_commas(item_type)
-                )
-                kwargs["show_default"] = bool(default)
-            elif default is not None:
-                kwargs["type"] = type(default)
-            command = click.option(flag, field.name, **kwargs)(command)
-        return command
-
-    return decorate
-
-
-def config_from(cls, values: dict):
-    """An instance of ``cls`` from the command's keyword arguments (its own fields only)."""
-    names = {field.name for field in dataclasses.fields(cls)}
-    return cls(**{name: value for name, value in values.items() if name in names})

@@ -24,75 +24,60 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from dynrules.atomic import atomic_path
-from dynrules.engine.judges import JUDGES
+from dynrules.engine.judges.config import JudgeConfig
 from dynrules.engine.judges.runner import RatingSummary
 from dynrules.engine.mi import PolicyLabel
 from dynrules.engine.pool import RulePool
-from dynrules.engine.select import POLICIES
+from dynrules.engine.select import SelectionConfig
 from dynrules.errors import DynrulesError
-from dynrules.kernels.selection import CRITERIA
 from dynrules.report import write_ablation_report, write_pipeline_report
+from dynrules.settings import option, section
 from dynrules.train.config import BACKBONES
 from dynrules.train.evaluate import Evaluation
 
 
-def _option(default, help: str, **extra):
-    """A config field whose metadata carries its command-line help (and choices)."""
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
-
-
-@dataclasses.dataclass
+@section
 class PipelineConfig:
-    """The main job's settings; each field's metadata carries its command-line help."""
+    """The main job's settings: the ``pipeline`` section of the configuration tree, with the
+    ``judge`` and ``selection`` sections it reads (filled from the tree's own sections)."""
 
-    k: int = _option(5, "Rules selected per pair.")
-    policy: str = _option("adaptive", "Selection policy of the training labels.", choices=POLICIES)
-    criterion: str | None = _option(
-        None,
-        "Adaptive criterion [default: additive with relevance, else absolute].",
-        choices=tuple(CRITERIA),
-    )
-    ablate_ks: tuple[int, ...] = _option((1, 3, 5, 10), "ks compared in the ablation.")
-    judge: str = _option(
-        "embedded",
-        "Offline embedded judge, an LLM behind an OpenAI-compatible "
-        "API, or an LLM in process on JAX (--model PATH).",
-        choices=JUDGES,
-    )
-    judge_options: dict = dataclasses.field(default_factory=dict)  # base_url, model, api_key_env
-    pool: str = _option("default", "Rule pool: 'default' or a file.")
-    rm_steps: int = _option(60, "Reward-model training steps (each model).")
-    adapter_steps: int = _option(60, "Rule-adapter training steps.")
-    batch_size: int = _option(16, "Pairs per training step.")
-    max_length: int = _option(192, "Tokens per text.")
-    learning_rate: float = _option(1e-4, "Reward-model learning rate of the backbone.")
-    head_learning_rate: float = _option(3e-3, "Reward-model learning rate of the reward head.")
-    label_confidence: float = _option(
+    judge: JudgeConfig = option(default_factory=JudgeConfig)
+    selection: SelectionConfig = option(default_factory=SelectionConfig)
+    ablate_ks: tuple[int, ...] = option((1, 3, 5, 10), "ks compared in the ablation.")
+    pool: str = option("default", "Rule pool: 'default' or a file.")
+    rm_steps: int = option(60, "Reward-model training steps (each model).")
+    adapter_steps: int = option(60, "Rule-adapter training steps.")
+    batch_size: int = option(16, "Pairs per training step.")
+    max_length: int = option(192, "Tokens per text.")
+    learning_rate: float = option(1e-4, "Reward-model learning rate of the backbone.")
+    head_learning_rate: float = option(3e-3, "Reward-model learning rate of the reward head.")
+    label_confidence: float = option(
         0.75,
         "β of the soft rule labels: a pair with rule margin m "
         "is preferred with probability σ(β·m); 0 = hard labels.",
     )
-    validation_fraction: float = _option(
+    validation_fraction: float = option(
         0.15,
         "Share of train prompts kept out of reward-model "
         "training to draw its validation curves (needs truth).",
     )
-    eval_every: int = _option(10, "Reward-model steps between validation evaluations.")
-    adapter_learning_rate: float = _option(3e-4, "Rule-adapter learning rate.")
-    seed: int = _option(0, "Seed of data order, initialisation and sampling.")
-    backbone: str = _option(
-        "encoder", "Backbone of the reward models and the rule adapter.", choices=BACKBONES
+    eval_every: int = option(10, "Reward-model steps between validation evaluations.")
+    adapter_learning_rate: float = option(3e-4, "Rule-adapter learning rate.")
+    seed: int = option(0, "Seed of data order, initialisation and sampling.")
+    backbone: Literal[BACKBONES] = option(
+        "encoder", "Backbone of the reward models and the rule adapter."
     )
-    rm_model: str = _option(
+    rm_model: str = option(
         "",
         "Their checkpoint: a BERT directory (encoder), a Hugging Face "
         "directory or .gguf (decoder) [default: the bundled one].",
     )
-    heldout_fraction: float = _option(0.4, "Share of prompts held out when splitting a pairs file.")
+    heldout_fraction: float = option(0.4, "Share of prompts held out when splitting a pairs file.")
 
 
 def load_data(pairs_path, config: PipelineConfig) -> tuple[list[dict], list[dict], str]:
@@ -265,14 +250,13 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
     Started again on the same ``out_dir`` after a kill, it keeps what was finished: rating skips
     rated cells, a trained adapter is reused, reward models resume from their checkpoints.
     """
-    from dynrules.engine.select import SelectionConfig
     from dynrules.engine.store import RatingStore
 
     job = _Job.start(out_dir, pairs_path, config or PipelineConfig())
     config = job.config
     judge = _rate(job)
     stores = {split: RatingStore.open(job.store(split), pool=job.pool) for split, _ in job.splits()}
-    selection = SelectionConfig(policy=config.policy, k=config.k, criterion=config.criterion)
+    selection = config.selection
     labels = _select(job, stores["train"], selection)
     policies = _ablate(job, stores["train"]) if job.has_truth else []
     adapter = _adapter(job, stores, selection)
@@ -292,20 +276,34 @@ def run_pipeline(out_dir, pairs_path=None, config: PipelineConfig | None = None)
     return report
 
 
+def open_judge(config: JudgeConfig, pool: RulePool):
+    """The judge ``config`` describes, over ``pool``; a jax judge with a ``mesh`` is spread over
+    the devices by the reward model's sharding rules (train.sharding)."""
+    from dynrules.engine.judges import make_judge
+
+    options = config.judge_options()
+    if config.kind == "jax" and config.mesh:
+        from dynrules.train import sharding as shd
+
+        options["layout"] = shd.MeshLayout(shd.make_mesh(config.mesh))
+    return make_judge(config.kind, pool, **options)
+
+
 def _rate(job: _Job) -> JudgeSummary:
     """Both splits rated into their stores (only the cells not yet rated)."""
-    from dynrules.engine.judges import make_judge
     from dynrules.engine.judges.runner import rate_pairs
 
     rated = {}
-    with make_judge(job.config.judge, job.pool, **job.config.judge_options) as judge:
+    with open_judge(job.config.judge, job.pool) as judge:
         for split, records in job.splits():
             rated[split] = job.stages.run(
                 f"rate_{split}",
                 lambda r=records, s=split: rate_pairs(r, job.store(s), pool=job.pool, judge=judge),
                 items=len(records) * len(job.pool),
             )
-    return JudgeSummary(job.config.judge, judge.identity["judge"], rated["train"], rated["heldout"])
+    return JudgeSummary(
+        job.config.judge.kind, judge.identity["judge"], rated["train"], rated["heldout"]
+    )
 
 
 def _select(job: _Job, store, selection) -> TrainingLabels:
@@ -318,8 +316,8 @@ def _select(job: _Job, store, selection) -> TrainingLabels:
         items=len(job.train),
     )
     return TrainingLabels(
-        job.config.policy,
-        job.config.k,
+        selection.policy,
+        selection.k,
         selection.resolved(store).criterion,
         selected.labelled,
         selected.ties,

@@ -73,6 +73,7 @@ CHIPS = {
 }
 
 DTYPES = ("float32", "bfloat16")
+TASKS = ("train", "judge")  # what `dynrules plan --task` compiles
 TOPOLOGY_HELP = (
     "a TPU topology (v5e:2x4, v5p:4x4x4, v4:2x2x1, v6e:8x8), a slice name (v5e-8, v5p-128, "
     "v4-32, v6e-64) or cpu:N (N host devices of this machine)"

@@ -59,6 +59,8 @@ import numpy as np
 
 from dynrules.errors import DynrulesError
 from dynrules.models.templates import ChatTemplate
+from dynrules.settings import MeshText, section
+from dynrules.train.config import MESH_HELP
 
 log = logging.getLogger("dynrules.serve")
 
@@ -71,9 +73,9 @@ GRACEFUL_SHUTDOWN_S = 60
 KEEP_ALIVE_S = 75
 
 
-@dataclasses.dataclass(frozen=True)
+@section(frozen=True)
 class ServeConfig:
-    """Options of ``dynrules serve``; each field's metadata carries its command-line help."""
+    """Options of ``dynrules serve``: the ``serve`` section of the configuration tree."""
 
     host: str = field(
         default="127.0.0.1", metadata={"help": "Address to bind (loopback by default)."}
@@ -106,7 +108,7 @@ class ServeConfig:
             "at start-up and pad small batches less."
         },
     )
-    mesh: str = ""
+    mesh: MeshText = field(default="", metadata={"help": MESH_HELP})
     model_name: str | None = field(
         default=None,
         metadata={"help": "Name given in replies [default: the RUN directory's name]."},
@@ -117,7 +119,9 @@ class ServeConfig:
             "help": "Comma-separated policy pad/eos tokens stripped from both ends of OpenRLHF queries."
         },
     )
-    access_log: bool = False
+    access_log: bool = field(
+        default=False, metadata={"help": "Log every request line (never its headers)."}
+    )
 
     def __post_init__(self):
         for name in ("max_batch", "max_items", "max_body_bytes", "batch_size", "row_tiers"):

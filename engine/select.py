@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -32,37 +33,29 @@ from dynrules.engine.store import (
 )
 from dynrules.errors import DynrulesError
 from dynrules.kernels import selection as K
+from dynrules.settings import option, section
 
 POLICIES = ("adaptive", "all", "random", "fixed")
 TIES = ("drop", "a", "b")
 
 
-@dataclass(frozen=True)
+@section(frozen=True)
 class SelectionConfig:
-    """How pairs are labelled; each field's metadata carries its command-line help."""
+    """How pairs are labelled: the ``selection`` section of the configuration tree."""
 
-    policy: str = field(
-        default="adaptive", metadata={"choices": POLICIES, "help": "Selection policy."}
+    policy: Literal[POLICIES] = option(
+        "adaptive",
+        "Selection policy (the ablation-only policies zscore and greedy are `dynrules ablate`'s).",
     )
-    k: int = field(default=5, metadata={"help": "Rules selected per pair."})
-    criterion: str | None = field(
-        default=None,
-        metadata={
-            "choices": tuple(K.CRITERIA),
-            "help": "Adaptive criterion [default: additive with relevance, else absolute].",
-        },
+    k: int = option(5, "Rules selected per pair.")
+    criterion: Literal[tuple(K.CRITERIA)] | None = option(
+        None, "Adaptive criterion [default: additive with relevance, else absolute]."
     )
-    alpha: float = field(default=0.5, metadata={"help": "Weight of |d| in the additive criterion."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random policy."})
-    rules: tuple[str, ...] = field(
-        default=(), metadata={"help": "Comma-separated rule ids for the fixed policy."}
-    )
-    ties: str = field(
-        default="drop",
-        metadata={
-            "choices": TIES,
-            "help": "Exact ties: leave out, or give to A or to B (the published behaviour).",
-        },
+    alpha: float = option(0.5, "Weight of |d| in the additive criterion.")
+    seed: int = option(0, "Seed of the random policy.")
+    rules: tuple[str, ...] = option((), "Comma-separated rule ids for the fixed policy.")
+    ties: Literal[TIES] = option(
+        "drop", "Exact ties: leave out, or give to A or to B (the published behaviour)."
     )
 
     def resolved(self, store: RatingStore) -> SelectionConfig:

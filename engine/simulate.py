@@ -45,15 +45,16 @@ from dynrules.atomic import atomic_path
 from dynrules.engine.pool import Rule, RulePool
 from dynrules.engine.store import PairTableWriter, RatingStore
 from dynrules.errors import DynrulesError
+from dynrules.settings import section
 
 BLOCK_ROWS = 8192
 MAX_DISCREPANCY = 2.0
 PARAMETERS_FILE = "simulation.json"
 
 
-@dataclass(frozen=True)
+@section(frozen=True)
 class SimulationModel:
-    """The generative model's parameters; each field's metadata carries its command-line help."""
+    """The generative model's parameters: the ``simulate`` section of the configuration tree."""
 
     n_rules: int = field(default=100, metadata={"flag": "rules", "help": "Rules R."})
     relevance_rate: float = field(default=0.1, metadata={"help": "Mean per-rule relevance rate μ."})
@@ -175,12 +176,14 @@ class SimulationSummary:
 def simulate(
     out,
     n_pairs: int,
-    model: SimulationModel = SimulationModel(),
+    model: SimulationModel | None = None,
     *,
     seed: int = 0,
     dtype: str = "float32",
 ) -> SimulationSummary:
-    """Write a simulated store (with the pair field ``truth`` and simulation.json) at ``out``."""
+    """Write a simulated store (with the pair field ``truth`` and simulation.json) at ``out``
+    (``model`` None: the default model)."""
+    model = model or SimulationModel()
     model.check()
     if n_pairs < 1:
         raise DynrulesError("pairs must be at least 1")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynrules.errors import DynrulesError
+from dynrules.models.choices import REMAT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +152,19 @@ class BertEncoder(nnx.Module):
     """
 
     def __init__(
-        self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False
+        self,
+        config: BertConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        remat: bool | str = False,
     ):
         self.config = config
         self.dtype = dtype
-        self.remat = remat
+        # A policy name (models.choices.REMAT), or a bool: True recomputes whole layers.
+        self.remat = {True: "full", False: "none"}.get(remat, remat)
+        if self.remat not in REMAT:
+            raise DynrulesError(f"remat must be one of {', '.join(REMAT)}, got {remat!r}")
         for name, shape in param_shapes(config).items():
             if name != "layers":
                 value = _initial_value(name, shape, rngs.params())
@@ -191,8 +200,12 @@ class BertEncoder(nnx.Module):
         )
         layer_params = {name: getattr(self.layers, name)[...] for name in _LAYER_AXES}
         step = functools.partial(_layer, config=config, mask=mask, dtype=self.dtype)
-        if self.remat:
-            step = jax.checkpoint(step)
+        if self.remat == "full":
+            step = jax.checkpoint(step)  # keep nothing: recompute the whole layer
+        elif self.remat == "dots":  # keep the matmul outputs, recompute the rest
+            step = jax.checkpoint(
+                step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            )
         hidden, _ = jax.lax.scan(lambda h, p: (step(h, p), None), hidden, layer_params)
         return hidden
 

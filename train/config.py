@@ -1,7 +1,11 @@
-"""Typed training configuration: a dataclass read from YAML, then ``key=value`` overrides.
+"""The reward model's and the adapter's training configuration: the ``train`` section of the tree.
 
-Unknown keys are errors (a typo must not silently train with a default). Values given on
-the command line are parsed by the field's type.
+A section (:mod:`dynrules.settings`): each key declared once with its type, default and help;
+choices are ``Literal`` types over the library's constants. ``load_config`` reads YAML and
+``key=value`` overrides through :func:`dynrules.settings.load` (unknown keys are errors: a typo
+must not silently train with a default). The keys stay flat — a run's saved ``run.json``
+holds them as they are — and are grouped for reading into the model, optimisation and run keys
+of :data:`GROUPS`; a group name is also accepted as a prefix (``optim.learning_rate=3e-5``).
 """
 
 from __future__ import annotations
@@ -9,48 +13,84 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
+from typing import Annotated, Literal
 
-import yaml
+import pydantic
+from pydantic import Field
 
 from dynrules.errors import DynrulesError
+from dynrules.models.choices import DTYPES, POOLINGS, REMAT
+from dynrules.models.tokenizer import TRUNCATIONS
+from dynrules.settings import MeshText, Tree, load, option, section
 
 BACKBONES = ("encoder", "decoder")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = REMAT
+POOLING_CHOICES = ("", *POOLINGS)  # "" = the backbone's default
+SCORE_BATCH_SIZE = 64  # texts per scoring batch (score, eval)
+MESH_HELP = "Device mesh, e.g. data=4,fsdp=2 [default: every device on the data axis]."
+DISTRIBUTED_HELP = (
+    "Join a multi-process job (TPU pod, SLURM, MPI; `dynrules launch` sets it up locally)."
+)
 
 
-@dataclasses.dataclass
+@section
 class TrainConfig:
-    """Everything a reward-model run depends on. Field comments say what each key does."""
+    """Everything a reward-model (or adapter) run depends on; each key's help says what it does."""
 
-    steps: int = 1000  # optimizer updates
-    batch_size: int = 32  # preference pairs per optimizer update (global, all devices)
-    grad_accum: int = 1  # micro-batches per update (batch_size must be a multiple)
-    max_length: int = 256  # tokens per prompt+response text; longer texts keep their end
-    learning_rate: float = 2e-5  # peak rate of the backbone
-    head_learning_rate: float = 0.0  # peak rate of the reward head; 0 = learning_rate
-    warmup_ratio: float = 0.05  # fraction of steps with linear warmup, then cosine decay to 0
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases / LayerNorm)
-    clip_norm: float = 1.0  # global gradient-norm clipping
-    seed: int = 0  # head init and data order
-    pooling: str = ""  # mean | last | cls (models.pooling); "" = mean (encoder), last (decoder)
-    margin_scale: float = 0.0  # m = margin_scale · pair margin in −log σ(r_c − r_r − m); 0 = off
-    label_confidence: float = 0.0  # β: a pair with rule margin m is a soft label σ(β·|m|); 0 = hard
-    center_coef: float = 0.0  # reward centering weight, e.g. 0.01·mean((r_c + r_r)²); 0 = off
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    param_dtype: str = "float32"  # storage of parameters and optimizer state: float32 | bfloat16
-    remat: str = "none"  # recompute activations in the backward pass: none | full | dots
-    packing: bool = True  # pack several texts a row (no padding compute); false: one text a row
-    backbone: str = "encoder"  # encoder (BERT) | decoder (Llama family)
-    model: str = ""  # checkpoint: a BERT directory (encoder), a HF directory or .gguf (decoder);
-    #                  "" = the bundled all-MiniLM-L6-v2 / SmolLM2-135M-Instruct
-    checkpoint_every: int = 200  # steps between (async) checkpoints
-    keep_checkpoints: int = 3  # how many recent checkpoints to keep
-    eval_every: int = 200  # steps between held-out evaluations; 0 = only at the end
-    eval_fraction: float = 0.05  # share of pairs held out when eval_data is not given
-    eval_data: str = ""  # separate held-out pairs file (then eval_fraction is ignored)
-    log_every: int = 10  # steps between metrics records
-    mesh: str = ""  # e.g. "data=4,fsdp=2"; "" = every device on the data axis
-    distributed: bool = False  # call jax.distributed.initialize() first (multi-host)
+    # Field order is the saved order of run.json; GROUPS sorts the keys for reading.
+    steps: int = option(1000, "Optimizer updates.")
+    batch_size: int = option(32, "Preference pairs per optimizer update (global, all devices).")
+    grad_accum: int = option(1, "Micro-batches per update (batch_size must be a multiple).")
+    max_length: int = option(256, "Tokens per prompt+response text; longer texts keep their end.")
+    truncation: Literal[TRUNCATIONS] = option(
+        "left",
+        "How a text over max_length is cut: left keeps its end; middle keeps its first and "
+        "last halves (the request and the response's opening survive).",
+    )
+    learning_rate: float = option(2e-5, "Peak rate of the backbone.")
+    head_learning_rate: float = option(0.0, "Peak rate of the reward head; 0 = learning_rate.")
+    warmup_ratio: float = option(
+        0.05, "Fraction of steps with linear warmup, then cosine decay to 0."
+    )
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay (not on biases / LayerNorm).")
+    clip_norm: float = option(1.0, "Global gradient-norm clipping.")
+    seed: int = option(0, "Head init and data order.")
+    pooling: Literal[POOLING_CHOICES] = option(
+        "", 'mean | last | cls (models.pooling); "" = mean (encoder), last (decoder).'
+    )
+    margin_scale: float = option(
+        0.0, "m = margin_scale · pair margin in −log σ(r_c − r_r − m); 0 = off."
+    )
+    label_confidence: float = option(
+        0.0, "β: a pair with rule margin m is a soft label σ(β·|m|); 0 = hard."
+    )
+    center_coef: float = option(
+        0.0, "Reward centering weight, e.g. 0.01·mean((r_c + r_r)²); 0 = off."
+    )
+    dtype: Literal[DTYPES] = option("float32", "Compute dtype.")
+    param_dtype: Literal[DTYPES] = option("float32", "Storage of parameters and optimizer state.")
+    remat: Literal[REMAT] = option(
+        "none",
+        "Recompute activations in the backward pass: none, full (whole layers) or dots (keep "
+        "matmul outputs); true/false mean full/none.",
+    )
+    packing: bool = option(
+        True, "Pack several texts a row (no padding compute); false: one text a row."
+    )
+    backbone: Literal[BACKBONES] = option("encoder", "encoder (BERT) | decoder (Llama family).")
+    model: str = option(
+        "",
+        "Checkpoint: a BERT directory (encoder), a HF directory or .gguf (decoder); "
+        '"" = the bundled all-MiniLM-L6-v2 / SmolLM2-135M-Instruct.',
+    )
+    checkpoint_every: int = option(200, "Steps between (async) checkpoints.")
+    keep_checkpoints: int = option(3, "How many recent checkpoints to keep.")
+    eval_every: int = option(200, "Steps between held-out evaluations; 0 = only at the end.")
+    eval_fraction: float = option(0.05, "Share of pairs held out when eval_data is not given.")
+    eval_data: str = option("", "Separate held-out pairs file (then eval_fraction is ignored).")
+    log_every: int = option(10, "Steps between metrics records.")
+    mesh: MeshText = option("", MESH_HELP)
+    distributed: bool = option(False, DISTRIBUTED_HELP)
 
     # Keys that may differ when a run is resumed: they change how long or how visibly it
     # runs, or how its batches are laid out on devices, never which pairs a step sees or what
@@ -68,10 +108,18 @@ class TrainConfig:
         }
     )
 
+    @pydantic.field_validator("remat", mode="before")
+    @classmethod
+    def _remat_words(cls, value):
+        """Boolean spellings (YAML true/false): true recomputes everything, false nothing."""
+        text = str(value).lower()
+        return _REMAT_WORDS.get(text, text)
+
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
+        """The checks between keys and of ranges (types and choices are the fields' own)."""
         positive = (
             "steps",
             "batch_size",
@@ -87,22 +135,6 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise DynrulesError(
                 f"config: batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"
-            )
-        if self.pooling not in ("", "mean", "last", "cls"):
-            raise DynrulesError(f"config: pooling must be mean, last or cls, got {self.pooling!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16"):
-                raise DynrulesError(
-                    f"config: {name} must be float32 or bfloat16, got {getattr(self, name)!r}"
-                )
-        self.remat = _REMAT_WORDS.get(str(self.remat).lower(), str(self.remat).lower())
-        if self.remat not in REMAT_POLICIES:
-            raise DynrulesError(
-                f"config: remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}"
-            )
-        if self.backbone not in BACKBONES:
-            raise DynrulesError(
-                f"config: backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}"
             )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DynrulesError(
@@ -124,7 +156,18 @@ class TrainConfig:
         return make_config(self.to_dict() | changes)
 
 
-# Boolean spellings of remat (YAML true/false): true recomputes everything, false nothing.
+@section(frozen=True)
+class ScoringConfig:
+    """Scoring texts with a trained reward model: the ``scoring`` section (score, eval)."""
+
+    batch_size: Annotated[int, Field(ge=1)] = option(
+        SCORE_BATCH_SIZE, "Texts per scoring batch (long texts: fewer, by a token budget)."
+    )
+    mesh: MeshText = option("", MESH_HELP)
+    distributed: bool = option(False, DISTRIBUTED_HELP)
+
+
+# Boolean spellings of remat: true recomputes everything, false nothing.
 _REMAT_WORDS = {
     "true": "full",
     "1": "full",
@@ -137,77 +180,71 @@ _REMAT_WORDS = {
     "": "none",
 }
 
+# The keys by what they set: the model, its optimisation, the run around it. A group name may
+# prefix a key (``optim.learning_rate=3e-5``, or a YAML mapping ``optim: {...}``) as well as
+# ``train.``; run.json keeps the keys flat.
+GROUPS = {
+    "model": (
+        "backbone",
+        "model",
+        "pooling",
+        "max_length",
+        "truncation",
+        "dtype",
+        "param_dtype",
+        "remat",
+        "packing",
+    ),
+    "optim": (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "learning_rate",
+        "head_learning_rate",
+        "warmup_ratio",
+        "weight_decay",
+        "clip_norm",
+        "seed",
+        "margin_scale",
+        "label_confidence",
+        "center_coef",
+    ),
+    "run": (
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_every",
+        "eval_fraction",
+        "eval_data",
+        "log_every",
+        "mesh",
+        "distributed",
+    ),
+}
+ALIASES = {f"{group}.{key}": f"train.{key}" for group, keys in GROUPS.items() for key in keys}
+
+
+def train_tree(command: str = "train-rm", **sections) -> Tree:
+    """The tree of a training command: the ``train`` section (bare keys are its own), and others."""
+    return Tree(
+        sections={"train": TrainConfig, **sections},
+        primary="train",
+        command=f"`dynrules {command}`",
+        aliases=ALIASES,
+    )
+
 
 def make_config(values: dict | None = None, *, source: str = "config") -> TrainConfig:
     """A TrainConfig from a mapping, rejecting unknown keys and wrongly typed values."""
-    values = dict(values or {})
-    known = set(TrainConfig.keys())
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise DynrulesError(
-            f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(TrainConfig.keys())}"
-        )
-    hints = typing.get_type_hints(TrainConfig)
-    typed = {key: _coerce(key, value, hints[key], source) for key, value in values.items()}
-    return TrainConfig(**typed)
+    given = [(key, value, source) for key, value in (values or {}).items()]
+    return load(train_tree(), overrides=given)["train"]
 
 
 def load_config(
     path: str | Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: list | tuple = (),
     *,
     base: dict | None = None,
 ) -> TrainConfig:
-    """``base`` values (e.g. a run's saved config), then the YAML file, then ``key=value`` overrides."""
-    values: dict = dict(base or {})
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise DynrulesError(f"cannot read config {path}: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise DynrulesError(
-                f"{path}: expected a mapping of config keys, got {type(loaded).__name__}"
-            )
-        make_config(loaded, source=str(path))  # name the file in errors about its own keys
-        values.update(loaded or {})
-    values.update(parse_overrides(overrides))
-    return make_config(values, source=str(path) if path else "config")
-
-
-def parse_overrides(overrides) -> dict[str, str]:
-    parsed = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DynrulesError(f"override {item!r}: expected key=value")
-        parsed[key.strip()] = value.strip()
-    return parsed
-
-
-def _coerce(key: str, value, hint, source: str):
-    try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(value)
-        if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return (
-                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-            )
-        if hint is float:
-            return float(value)
-        if hint is str:
-            if isinstance(value, dict):  # YAML mesh: {data: 4, fsdp: 2}
-                return ",".join(f"{k}={v}" for k, v in value.items())
-            return "" if value is None else str(value)
-    except (TypeError, ValueError):
-        raise DynrulesError(f"{source}: {key} must be {hint.__name__}, got {value!r}") from None
-    raise DynrulesError(f"{source}: {key}: unsupported type {hint}")
+    """``base`` values (e.g. a run's saved config), then the YAML file, then ``key=value``
+    overrides (or ``(key, value, origin)`` items: the command's flags, last)."""
+    return load(train_tree(), path=path, overrides=overrides, base={"train": base or {}})["train"]

@@ -85,6 +85,10 @@ TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
 DEFAULT_PROMPTS_PER_REQUEST = 64
 DEFAULT_CONCURRENCY = 16
 DEFAULT_TOP_LOGPROBS = 20
+DEFAULT_ENDPOINT = "completions"
+DEFAULT_TIMEOUT = 60.0  # seconds per request before a retry
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 _FINISHED = object()
 
 Answer = tuple[float, float] | str  # (s, relevance), or the reason there is none
@@ -242,13 +246,13 @@ class OpenAIJudge(Judge):
         base_url: str,
         model: str,
         api_key: str | None = None,
-        endpoint: str = "completions",
+        endpoint: str = DEFAULT_ENDPOINT,
         template: Template | str | None = None,
         concurrency: int | None = None,
         prompts_per_request: int | None = None,
         top_logprobs: int = DEFAULT_TOP_LOGPROBS,
-        timeout: float = 60.0,
-        max_retries: int = 5,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         backoff: float = 0.5,
         max_backoff: float = 60.0,
         max_consecutive_failures: int = 20,

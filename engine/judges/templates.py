@@ -35,8 +35,9 @@ _INSTRUCTIONS = (
     "Answer Yes if it follows the rule, No if it breaks the rule, or Irrelevant if the rule does "
     "not apply to this conversation. Answer with one word."
 )
+DEFAULT_TEMPLATE = "default"
 BUILTIN = {
-    "default": _HEADER
+    DEFAULT_TEMPLATE: _HEADER
     + _CONVERSATION
     + "Does the assistant's reply follow the rule below? "
     + _INSTRUCTIONS
@@ -78,7 +79,7 @@ class Template:
 
 def load_template(source: str | None = None) -> Template:
     """A builtin template by name (:data:`BUILTIN`) or a template file."""
-    source = source or "default"
+    source = source or DEFAULT_TEMPLATE
     if source in BUILTIN:
         return Template(source, BUILTIN[source])
     path = Path(source)
