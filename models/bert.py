@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynrules.errors import DynrulesError
-from dynrules.models.choices import REMAT
+from dynrules.models.attention import attend
+from dynrules.models.choices import ATTENTION, REMAT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +150,10 @@ class BertEncoder(nnx.Module):
     (models.tokenizer.pack_batch): a token attends only to its own segment (a block-diagonal
     mask) and takes the position embedding of its place in its own text, so each text's
     hidden states are those it has alone.
+
+    ``attention`` names the implementation (models.choices.ATTENTION, see models.attention).
+    ``constrain`` is the activation sharding (train.sharding.ActivationSharding): the encoder
+    uses its mesh only to run the attention kernels shard by shard.
     """
 
     def __init__(
@@ -158,9 +163,17 @@ class BertEncoder(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         remat: bool | str = False,
+        attention: str = "auto",
+        constrain=None,
     ):
+        if attention not in ATTENTION:
+            raise DynrulesError(
+                f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}"
+            )
         self.config = config
         self.dtype = dtype
+        self.attention = attention
+        self.constrain = constrain
         # A policy name (models.choices.REMAT), or a bool: True recomputes whole layers.
         self.remat = {True: "full", False: "none"}.get(remat, remat)
         if self.remat not in REMAT:
@@ -181,12 +194,18 @@ class BertEncoder(nnx.Module):
     ) -> jax.Array:
         config = self.config
         time = input_ids.shape[1]
-        if segments is None:  # one text a row: mask padded keys [batch, 1, 1, time]
-            mask = (jnp.arange(time)[None, :] < lengths[:, None])[:, None, None, :]
+        if segments is None:  # one text a row: padded keys are masked
             position_embeddings = self.position_embeddings[...][:time][None]
-        else:  # packed rows: block-diagonal [batch, 1, time, time]
-            mask = (segments[:, :, None] == segments[:, None, :])[:, None]
+        else:  # packed rows: a token sees its own segment only
             position_embeddings = jnp.take(self.position_embeddings[...], positions, axis=0)
+        attention = functools.partial(
+            attend,
+            causal=False,
+            segment_ids=segments,
+            lengths=None if segments is not None else lengths,
+            implementation=self.attention,
+            sharding=self.constrain,
+        )
         hidden = (
             jnp.take(self.word_embeddings[...], input_ids, axis=0)
             + position_embeddings
@@ -199,7 +218,7 @@ class BertEncoder(nnx.Module):
             config.layer_norm_eps,
         )
         layer_params = {name: getattr(self.layers, name)[...] for name in _LAYER_AXES}
-        step = functools.partial(_layer, config=config, mask=mask, dtype=self.dtype)
+        step = functools.partial(_layer, config=config, attention=attention, dtype=self.dtype)
         if self.remat == "full":
             step = jax.checkpoint(step)  # keep nothing: recompute the whole layer
         elif self.remat == "dots":  # keep the matmul outputs, recompute the rest
@@ -221,7 +240,7 @@ def _dense(x, kernel, bias, dtype):
     return (x.astype(dtype) @ kernel.astype(dtype)).astype(jnp.float32) + bias
 
 
-def _layer(hidden, p, *, config: BertConfig, mask, dtype):
+def _layer(hidden, p, *, config: BertConfig, attention, dtype):
     batch, time, width = hidden.shape
     heads = config.num_attention_heads
 
@@ -231,7 +250,7 @@ def _layer(hidden, p, *, config: BertConfig, mask, dtype):
     q = split_heads(_dense(hidden, p["query_kernel"], p["query_bias"], dtype))
     k = split_heads(_dense(hidden, p["key_kernel"], p["key_bias"], dtype))
     v = split_heads(_dense(hidden, p["value_kernel"], p["value_bias"], dtype))
-    attended = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    attended = attention(q, k, v)
     attended = attended.reshape(batch, time, width)
     hidden = _layer_norm(
         hidden + _dense(attended, p["attn_out_kernel"], p["attn_out_bias"], dtype),

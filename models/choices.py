@@ -9,3 +9,4 @@ from __future__ import annotations
 DTYPES = ("float32", "bfloat16")  # compute (and parameter) dtypes
 REMAT = ("none", "full", "dots")  # none; whole layers; keep matmul outputs
 POOLINGS = ("mean", "last", "cls")
+ATTENTION = ("auto", "xla", "splash", "pallas_gpu", "cudnn")  # models.attention's implementations

@@ -18,10 +18,10 @@ real token never sees the padding, and padded keys are masked as well, so a text
 states do not depend on what else is in the batch. Packed rows (several texts a row,
 models.tokenizer.pack_batch) pass ``segments`` and ``positions`` instead: attention is causal
 within a segment and blind to the others (a block-diagonal mask), and each token is rotated
-by its position in its own text. :meth:`LlamaDecoder.after_prefixes` runs packed rows that
-continue shared prefixes (one conversation, many questions about it: models.answers). That mask goes through XLA's attention everywhere: jax 0.10's
-``dot_product_attention`` gives cuDNN lengths but no segment ids, so on a GPU only unpacked
-batches use cuDNN's flash attention.
+by its position in its own text. Attention goes through models.attention (``attention``: XLA,
+splash on TPU, Pallas or cuDNN on a GPU). :meth:`LlamaDecoder.after_prefixes` runs packed rows
+that continue shared prefixes (one conversation, many questions about it: models.answers); its
+mask, prefix keys that every segment of a row sees, is not a segment-id mask and runs on XLA.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import numpy as np
 from flax import nnx
 
 from dynrules.errors import DynrulesError
+from dynrules.models.attention import attend
+from dynrules.models.choices import ATTENTION
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "llama3", "linear")
@@ -330,6 +332,8 @@ class LlamaDecoder(nnx.Module):
     output projection for next-token logits (:meth:`logits`; tied models reuse the embedding);
     a reward model does not need it. ``constrain(x, logical_axes)`` may pin activation
     shardings (train.sharding supplies one); the default leaves them to the compiler.
+    ``attention`` names the implementation (models.choices.ATTENTION, see models.attention);
+    a ``constrain`` with a ``mesh`` also runs the attention kernels shard by shard.
     """
 
     def __init__(
@@ -342,12 +346,18 @@ class LlamaDecoder(nnx.Module):
         remat: str = "none",
         lm_head: bool = False,
         constrain: Callable[[jax.Array, tuple], jax.Array] = _no_constraint,
+        attention: str = "auto",
     ):
         if remat not in REMAT_POLICIES:
             raise DynrulesError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+        if attention not in ATTENTION:
+            raise DynrulesError(
+                f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}"
+            )
         self.config = config
         self.dtype = dtype
         self.remat = remat
+        self.attention = attention
         self.constrain = constrain
         for name, shape in param_shapes(config, lm_head=lm_head).items():
             if name != "layers":
@@ -369,24 +379,16 @@ class LlamaDecoder(nnx.Module):
         hidden = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         hidden = self.constrain(hidden, ("batch", "length", "embed"))
         rope = _rope_tables(config, time)  # [time, head_dim/2]
-        mask = None
         if segments is None:
             lengths = lengths.astype(jnp.int32)
         else:  # each token's own position's rotation: [batch, time, head_dim/2]
             rope = tuple(jnp.take(table, positions, axis=0) for table in rope)
-            mask = _segment_mask(segments)
+        rows = {"segment_ids": segments, "lengths": lengths}
         layer_params = self._layer_params()
 
         def step(hidden, params):
             hidden, _ = _layer(
-                hidden,
-                params,
-                config=config,
-                lengths=lengths,
-                mask=mask,
-                rope=rope,
-                dtype=self.dtype,
-                constrain=self.constrain,
+                hidden, params, config=config, rows=rows, rope=rope, **self._layer_options()
             )
             return hidden, None
 
@@ -427,24 +429,28 @@ class LlamaDecoder(nnx.Module):
         own = _segment_mask(segments)
         mask = jnp.concatenate([jnp.broadcast_to(seen[:, None], (*own.shape[:2], span)), own], -1)
         layer_params = self._layer_params()
-        options = {"config": config, "dtype": self.dtype, "constrain": self.constrain}
+        options = {"config": config, **self._layer_options()}
 
         def step(carry, params):
             prefixes, hidden = carry
             prefixes, (keys, values) = _layer(
-                prefixes, params, lengths=lengths, mask=None, rope=prefix_rope, **options
+                prefixes, params, rows={"lengths": lengths}, rope=prefix_rope, **options
             )
             before = (
                 jnp.take(keys, prefix_of_row, axis=0),
                 jnp.take(values, prefix_of_row, axis=0),
             )
             hidden, _ = _layer(
-                hidden, params, lengths=None, mask=mask, rope=rope, before=before, **options
+                hidden, params, rows={"mask": mask}, rope=rope, before=before, **options
             )
             return (prefixes, hidden), None
 
         (_, hidden), _ = jax.lax.scan(step, (prefixes, hidden), layer_params)
         return _rms_norm(hidden, self.final_norm[...], config.rms_norm_eps)
+
+    def _layer_options(self) -> dict:
+        """The layer's keywords that come from the module's settings."""
+        return {"dtype": self.dtype, "constrain": self.constrain, "attention": self.attention}
 
     def _layer_params(self) -> dict:
         """The stacked layer weights, as the layer scan takes them."""
@@ -508,26 +514,11 @@ def _project(x, kernel, bias, spec, dtype):
     return out if bias is None else out + bias.astype(dtype)
 
 
-def _attention(dtype) -> str:
-    """cuDNN's fused flash attention on a GPU under 16-bit compute; XLA's otherwise (which
-    materialises the score matrix: fine on CPU, and TPU has no cuDNN)."""
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
-
-
-def _attend(q, k, v, lengths, mask, dtype):
-    """Causal attention over one text a row (``lengths``) or packed rows (``mask``)."""
-    if mask is None:
-        return jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=_attention(dtype)
-        )
-    # Causality and segments are both in the boolean mask [batch, time, time].
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
-
-
-def _layer(hidden, p, *, config: LlamaConfig, lengths, mask, rope, dtype, constrain, before=None):
-    """One decoder layer: (hidden, (keys, values)). ``before``: keys and values [batch, time',
-    kv_heads, head_dim] placed ahead of this row's own (a cached prefix; ``mask`` covers both)."""
+def _layer(hidden, p, *, config: LlamaConfig, rows, rope, dtype, constrain, attention, before=None):
+    """One decoder layer: (hidden, (keys, values)). ``rows``: what :func:`attend` knows of the
+    rows (``lengths``, ``segment_ids`` or an explicit ``mask``). ``before``: keys and values
+    [batch, time', kv_heads, head_dim] placed ahead of this row's own (a cached prefix; the
+    mask covers both)."""
     x = _rms_norm(hidden, p["attn_norm"], config.rms_norm_eps)
     q = _rotate(_project(x, p["q_kernel"], p.get("q_bias"), "btd,dhe->bthe", dtype), rope)
     k = _rotate(_project(x, p["k_kernel"], p.get("k_bias"), "btd,dhe->bthe", dtype), rope)
@@ -535,7 +526,7 @@ def _layer(hidden, p, *, config: LlamaConfig, lengths, mask, rope, dtype, constr
     own = (k, v)
     if before is not None:
         k, v = (jnp.concatenate([b, o], axis=1) for b, o in zip(before, own, strict=True))
-    attended = _attend(q, k, v, lengths, mask, dtype)
+    attended = attend(q, k, v, causal=True, implementation=attention, sharding=constrain, **rows)
     hidden = hidden + _project(attended, p["o_kernel"], p.get("o_bias"), "bthe,hed->btd", dtype)
     hidden = constrain(hidden, ("batch", "length", "embed"))
     x = _rms_norm(hidden, p["mlp_norm"], config.rms_norm_eps)

@@ -19,7 +19,7 @@ import pydantic
 from pydantic import Field
 
 from dynrules.errors import DynrulesError
-from dynrules.models.choices import DTYPES, POOLINGS, REMAT
+from dynrules.models.choices import ATTENTION, DTYPES, POOLINGS, REMAT
 from dynrules.models.tokenizer import TRUNCATIONS
 from dynrules.settings import MeshText, Tree, load, option, section
 
@@ -77,6 +77,11 @@ class TrainConfig:
     packing: bool = option(
         True, "Pack several texts a row (no padding compute); false: one text a row."
     )
+    attention: Literal[ATTENTION] = option(
+        "auto",
+        "Attention implementation (models.attention): auto = splash on TPU, Pallas or cuDNN on "
+        "a GPU under bf16, xla otherwise.",
+    )
     backbone: Literal[BACKBONES] = option("encoder", "encoder (BERT) | decoder (Llama family).")
     model: str = option(
         "",
@@ -98,6 +103,7 @@ class TrainConfig:
     RESUMABLE_CHANGES: typing.ClassVar[frozenset] = frozenset(
         {
             "packing",
+            "attention",
             "steps",
             "checkpoint_every",
             "keep_checkpoints",
@@ -194,6 +200,7 @@ GROUPS = {
         "param_dtype",
         "remat",
         "packing",
+        "attention",
     ),
     "optim": (
         "steps",

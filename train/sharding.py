@@ -318,8 +318,14 @@ class ActivationSharding:
     mesh: Mesh
 
     def __call__(self, x: jax.Array, logical_axes: tuple) -> jax.Array:
-        spec = logical_to_spec(logical_axes, x.shape, self.mesh)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.mesh, self.spec(logical_axes, x.shape))
+        )
+
+    def spec(self, logical_axes: tuple, shape: tuple) -> PartitionSpec:
+        """The layout of an activation of ``shape`` (models.attention's kernels run per shard
+        of it)."""
+        return logical_to_spec(logical_axes, shape, self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -277,6 +277,7 @@ class Trainable:
             param_dtype=mdl.COMPUTE_DTYPES[config.param_dtype],
             remat=config.remat,
             constrain=shd.ActivationSharding(mesh),
+            attention=config.attention,
         )
         abstract_params = shd.abstract_params(abstract, mesh)
         param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
