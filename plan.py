@@ -23,6 +23,12 @@ What the compiled executable tells:
   undercounting again. Why a host device: its probe compiles without fitting anywhere. It
   counts the optimizer update ``batch`` times instead of once — ~15 FLOPs per parameter
   against ~12 · seq per parameter for each pair, well under 0.1% at seq 2048.
+- **attention**: the implementation the step is compiled with (models.attention): by default
+  what training would pick on the target, splash attention on a TPU (libtpu compiles its Mosaic
+  kernel like any other op) and XLA's on host devices. The FLOP probes always use XLA's: a
+  Pallas kernel is a custom call the compiler counts no FLOPs for, and on a host device it
+  would run interpreted. So the count includes the score tiles splash skips under the causal
+  mask (about half of the attention's).
 - **step time at peak**: FLOPs per device / the chip's peak bf16 FLOP/s — a lower bound that
   ignores communication and memory bandwidth; divide by an MFU you believe (MaxText reports
   ~45% for Llama-3.1-8B on v6e-256) for an estimate.
@@ -103,6 +109,7 @@ class TrainingPlan:
     dtype: str
     param_dtype: str
     remat: str
+    attention: str  # the implementation the compiled step uses (models.attention)
     state_bytes_per_device: int  # parameters + optimizer state, from their shardings
     bytes_per_device: int | None  # everything the step needs on one device (compiler)
     hbm_per_device: int
@@ -269,16 +276,27 @@ def plan_training(
     dtype: str = "bfloat16",
     param_dtype: str = "float32",
     remat: str = "full",
+    attention: str = "auto",
 ) -> TrainingPlan:
     """Compile the reward-model training step for ``topology`` and report what it needs.
 
     ``model``: a preset (models.presets) or a config.json. ``batch``: preference pairs per optimizer
     step (2 × batch texts of ``seq`` tokens), split into ``grad_accum`` micro-batches.
     ``mesh``: axis sizes like ``fsdp=4,tensor=2`` (``data`` takes what is left); default: FSDP
-    over every device. ``dtype`` / ``param_dtype`` / ``remat`` as in the training config.
+    over every device. ``dtype`` / ``param_dtype`` / ``remat`` / ``attention`` as in the
+    training config (``auto``: splash on a TPU topology, XLA on host devices).
     """
+    from dynrules.models.attention import resolve
+    from dynrules.models.classifier import COMPUTE_DTYPES
+
     target = resolve_topology(topology)
     config = model_config(model)
+    attention = resolve(
+        attention,
+        packed=False,  # the plan's rows are full-length, one text each
+        dtype=COMPUTE_DTYPES[dtype],
+        platform=target.devices[0].platform,
+    )
     if seq > config.max_position_embeddings:
         raise DynrulesError(
             f"seq {seq} exceeds the model's {config.max_position_embeddings} positions"
@@ -293,11 +311,12 @@ def plan_training(
         "dtype": dtype,
         "param_dtype": param_dtype,
         "remat": remat,
+        "attention": attention,
     }
 
     started = time.perf_counter()
     full = _compile_step(config, target, **options)
-    probe = options | {"batch": 1, "grad_accum": 1, "mesh": ""}
+    probe = options | {"batch": 1, "grad_accum": 1, "mesh": "", "attention": "xla"}
     flops_per_step, probe_note = _step_flops(_compile_step, config, batch, probe)
     flops_per_device = None if flops_per_step is None else flops_per_step / devices
     note = full.note or probe_note
@@ -318,6 +337,7 @@ def plan_training(
         dtype=dtype,
         param_dtype=param_dtype,
         remat=remat,
+        attention=attention,
         state_bytes_per_device=full.state_bytes,
         bytes_per_device=full.bytes,
         hbm_per_device=target.hbm_per_device,
@@ -345,7 +365,7 @@ class _Compiled:
 
 
 def _compile_step(
-    config, target: Target, *, seq, batch, grad_accum, mesh, dtype, param_dtype, remat
+    config, target: Target, *, seq, batch, grad_accum, mesh, dtype, param_dtype, remat, attention
 ) -> _Compiled:
     """Lower and compile train-rm's step for ``config`` on the target's devices."""
     import jax
@@ -364,6 +384,7 @@ def _compile_step(
             "dtype": dtype,
             "param_dtype": param_dtype,
             "remat": remat,
+            "attention": attention,
             "backbone": "decoder",
             "mesh": mesh,
             "packing": False,
@@ -725,7 +746,7 @@ def render_plan(plan: TrainingPlan | JudgePlan) -> str:
                 "step",
                 f"{plan.batch} pairs × 2 texts × {plan.seq} tokens, {plan.grad_accum} "
                 f"micro-batch(es); {plan.dtype} compute, {plan.param_dtype} params, "
-                f"remat {plan.remat}",
+                f"remat {plan.remat}, {plan.attention} attention",
             ),
             ("params+optimizer", f"{_size(plan.state_bytes_per_device)} per device"),
         ]

@@ -83,6 +83,7 @@ def test_plan_on_forced_host_devices_counts_memory_and_flops(tmp_path):
     assert (report["topology"], report["chip"], report["devices"]) == ("cpu:4", "cpu", 4)
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}  # default: FSDP over all
     assert report["params"] == _tiny_params()
+    assert report["attention"] == "xla"  # what training picks on host devices
     # Every weight splits 4 ways on its embed axis: params, Adam's mu and nu in float32.
     assert report["state_bytes_per_device"] == pytest.approx(3 * 4 * _tiny_params() / 4, abs=64)
     assert report["bytes_per_device"] > report["state_bytes_per_device"]
@@ -107,6 +108,7 @@ def test_plan_on_a_tpu_topology_compiles_through_libtpu(tmp_path):
     assert report["hbm_per_device"] == int(15.75 * GIB)
     assert report["fits"] is True
     assert report["dtype"] == "bfloat16" and report["remat"] == "full"
+    assert report["attention"] == "splash"  # libtpu compiled the Pallas kernel
     # Full recomputation runs the forward pass twice: 4/3 of the model count, give or take
     # the elementwise work the analytic count leaves out.
     ratio = report["flops_per_step"] / report["model_flops_per_step"]
