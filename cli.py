@@ -18,9 +18,7 @@ from dynrules.cliopts import (
     ALL,
     CommandTree,
     backbone_option,
-    criterion_option,
     dtype_option,
-    estimator_option,
     field_option,
     json_option,
     load_tree,
@@ -31,15 +29,14 @@ from dynrules.cliopts import (
     tree_flags,
     tree_options,
 )
-from dynrules.engine.ablate import ABLATION_POLICIES
-from dynrules.engine.mi import LABEL_POLICIES
+from dynrules.engine.judges.config import JudgeConfig
 from dynrules.engine.select import SelectionConfig
 from dynrules.engine.store import CHUNK_ROWS
 from dynrules.errors import DynrulesError
 from dynrules.plan import DTYPES as PLAN_DTYPES
 from dynrules.plan import TASKS as PLAN_TASKS
 from dynrules.plan import TOPOLOGY_HELP
-from dynrules.train.config import REMAT_POLICIES
+from dynrules.train.config import REMAT_POLICIES, ScoringConfig, TrainConfig
 
 # What each command reads from the configuration tree (docs/configuration.md): its sections,
 # which of their fields get flags, and the section whose keys may be written bare.
@@ -53,6 +50,22 @@ TRAIN_ADAPTER = CommandTree(
 SCORE = CommandTree("score", {"scoring": ALL}, primary="scoring")
 EVAL = CommandTree("eval", {"scoring": ALL}, primary="scoring")
 SERVE = CommandTree("serve", {"serve": ALL}, primary="serve")
+MI = CommandTree(
+    "mi",
+    {"selection": ("policy", "k", "criterion", "alpha", "rules"), "mi": ALL},
+    primary="mi",
+    flags_only=True,
+)
+ABLATE = CommandTree(
+    "ablate",
+    {
+        "selection": ("alpha",),
+        "mi": ("estimator", "resamples", "seed", "redundancy_pairs"),
+        "ablate": ALL,
+    },
+    primary="ablate",
+    flags_only=True,
+)
 PIPELINE = CommandTree(
     "pipeline",
     {
@@ -64,7 +77,19 @@ PIPELINE = CommandTree(
 )
 COMMAND_TREES = {
     spec.command: spec
-    for spec in (SELECT, RATE, SIMULATE, TRAIN_RM, TRAIN_ADAPTER, SCORE, EVAL, SERVE, PIPELINE)
+    for spec in (
+        SELECT,
+        RATE,
+        SIMULATE,
+        TRAIN_RM,
+        TRAIN_ADAPTER,
+        SCORE,
+        EVAL,
+        SERVE,
+        PIPELINE,
+        MI,
+        ABLATE,
+    )
 }
 
 
@@ -183,7 +208,7 @@ def select(store_path, overrides, shard, pool_source, out, as_json, **params):
 @bench.command("selection")
 @click.option("--pairs", "n_pairs", default=1_000_000, show_default=True)
 @click.option("--rules", "n_rules", default=100, show_default=True)
-@click.option("--k", default=5, show_default=True)
+@field_option(SelectionConfig, "k")
 @json_option()
 def bench_selection(n_pairs, n_rules, k, as_json):
     """Selection throughput: pandas loop, NumPy, our kernel (memory, store) and the roofline."""
@@ -595,50 +620,26 @@ def simulate(n_pairs, out, seed, overrides, dtype, as_json, **params):
 
 @main.command("mi")
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@overrides_argument
 @click.option(
     "--truth", required=True, help="Pair field holding the truth: 1 when A is better, 0 when B is."
 )
-@click.option(
-    "--policy",
-    type=click.Choice(LABEL_POLICIES),
-    default="adaptive",
-    show_default=True,
-    help="Policy whose label MI is reported.",
-)
-@field_option(SelectionConfig, "k")
-@criterion_option
-@field_option(SelectionConfig, "alpha")
-@click.option(
-    "--seed", default=0, show_default=True, help="Seed of the random policy and of the resampling."
-)
-@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(min=10))
-@estimator_option
-@click.option(
-    "--top", default=10, show_default=True, help="Rules shown at the top and at the bottom."
-)
+@tree_options(MI)
 @json_option()
-def mi_command(
-    store_path, truth, policy, k, criterion, alpha, seed, resamples, estimator, top, as_json
-):
-    """Mutual information between rule votes / a policy's label and the truth, in bits."""
+def mi_command(store_path, overrides, truth, as_json, **params):
+    """Mutual information between rule votes / a policy's label and the truth, in bits (the mi
+    section; the selection section's policy, k, criterion, alpha and rules pick the label)."""
     from dynrules.engine.mi import mi_report
 
-    report = mi_report(
-        store_path,
-        truth,
-        policy=policy,
-        k=k,
-        criterion=criterion,
-        alpha=alpha,
-        seed=seed,
-        resamples=resamples,
-        estimator=estimator,
-    )
+    tree = load_tree(MI, params, overrides)
+    config = tree["mi"]
+    report = mi_report(store_path, truth, tree["selection"], config)
     if as_json:
         print_json(report)
         return
     rules = report.rules
-    click.echo(f"{report.pairs:,} pairs; per-rule I(vote; {truth}) in bits ({estimator}):")
+    click.echo(f"{report.pairs:,} pairs; per-rule I(vote; {truth}) in bits ({report.estimator}):")
+    top = config.top
     shown = rules if len(rules) <= 2 * top else rules[:top] + [None] + rules[-top:]
     for rule in shown:
         if rule is None:
@@ -647,7 +648,7 @@ def mi_command(
         click.echo(f"  {rule.id:>24}  {rule.mi_bits:9.5f}  p = {rule.p_value:.3g}")
     label = report.label
     click.echo(
-        f"label of {policy}"
+        f"label of {label.policy}"
         + (f" ({label.criterion})" if label.criterion else "")
         + f", k = {label.k}: I = {label.mi_bits:.4f} bits [{label.ci_low:.4f}, {label.ci_high:.4f}]"
         + f", agreement {_or_nan(label.agreement):.4f}, ties {label.ties:,}"
@@ -658,49 +659,23 @@ def mi_command(
 
 @main.command()
 @click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False))
+@overrides_argument
 @click.option(
     "--truth", required=True, help="Pair field holding the truth: 1 when A is better, 0 when B is."
 )
 @click.option(
-    "--k", "k_list", default="1,3,5,10", show_default=True, help="ks to compare: 1,3,5,10 or 1-10."
-)
-@click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Directory for table and plots."
 )
-@click.option(
-    "--policies",
-    default=",".join(ABLATION_POLICIES),
-    show_default=True,
-    help="Comma-separated policies.",
-)
-@field_option(SelectionConfig, "alpha")
-@click.option(
-    "--discount",
-    default=1.0,
-    show_default=True,
-    help="Greedy policy's redundancy discount in [0, 1].",
-)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(min=10))
+@tree_options(ABLATE)
 @json_option("Print the rows as JSON.")
-def ablate(store_path, truth, k_list, out, policies, alpha, discount, seed, resamples, as_json):
-    """Compare selection policies x k against the truth: Markdown, JSON and PNG plots in --out."""
-    from dynrules.engine.ablate import ablate as run_ablate
-    from dynrules.engine.ablate import parse_ks
-    from dynrules.engine.mi import open_store
+def ablate(store_path, overrides, truth, out, as_json, **params):
+    """Compare selection policies x k against the truth: Markdown, JSON and PNG plots in --out
+    (the ablate section; the mi section's estimator and intervals, the selection's alpha)."""
+    from dynrules.engine.ablate import ablate_with
     from dynrules.report import write_ablation_report
 
-    store = open_store(store_path)
-    result = run_ablate(
-        store,
-        truth,
-        parse_ks(k_list, store.n_rules),
-        alpha=alpha,
-        discount=discount,
-        seed=seed,
-        resamples=resamples,
-        policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
-    )
+    tree = load_tree(ABLATE, params, overrides)
+    result = ablate_with(store_path, truth, tree["ablate"], tree["mi"], tree["selection"])
     written = write_ablation_report(result, out)
     if as_json:
         print_json(result)
@@ -824,12 +799,7 @@ def pipeline(args, out_dir, **params):
     help="Measure against this OpenAI-compatible server instead of the loopback one.",
 )
 @click.option("--model", default=None, help="Model name served at --base-url.")
-@click.option(
-    "--endpoint",
-    type=click.Choice(["completions", "chat"]),
-    default="completions",
-    show_default=True,
-)
+@field_option(JudgeConfig, "endpoint")
 @click.option(
     "--api-key-env",
     default="OPENAI_API_KEY",
@@ -933,22 +903,16 @@ def bench_judge(
     default=None,
     help="First rules of the default pool [default: all].",
 )
-@click.option(
-    "--judge-dtype",
-    type=click.Choice(("float32", "bfloat16")),
-    default="float32",
-    show_default=True,
-    help="Compute dtype of the jax judge.",
-)
+@field_option(JudgeConfig, "dtype")
 @click.option("--no-llamacpp", is_flag=True, help="Skip llama.cpp's server even if installed.")
 @json_option()
-def bench_judge_local(model, n_pairs, n_rules, judge_dtype, no_llamacpp, as_json):
+def bench_judge_local(model, n_pairs, n_rules, dtype, no_llamacpp, as_json):
     """The in-process JAX judge: one pass per response against a pass per rule and against
     llama.cpp's server on the same GGUF, ratings/s and score differences."""
     from dynrules.benchmarks.judge import bench_judge_local as run_bench
 
     result = run_bench(
-        model, n_pairs=n_pairs, n_rules=n_rules, dtype=judge_dtype, llamacpp=not no_llamacpp
+        model, n_pairs=n_pairs, n_rules=n_rules, dtype=dtype, llamacpp=not no_llamacpp
     )
     if as_json:
         print_json(result)
@@ -981,7 +945,7 @@ def _echo_reward_bench(result: dict) -> None:
 @bench.command("train")
 @backbone_option()
 @click.option("--pairs-per-step", default=8, show_default=True)
-@click.option("--max-length", default=512, show_default=True)
+@field_option(TrainConfig, "max_length", default=512)
 @click.option("--steps", default=6, show_default=True, help="Distinct steps of pairs, cycled.")
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per side.")
 @HH_DATA_OPTION
@@ -1007,8 +971,8 @@ def bench_train_rm(backbone, pairs_per_step, max_length, steps, seconds, data, a
 @bench.command("score")
 @backbone_option()
 @click.option("--pairs", "n_pairs", default=256, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--max-length", default=512, show_default=True)
+@field_option(ScoringConfig, "batch_size")
+@field_option(TrainConfig, "max_length", default=512)
 @HH_DATA_OPTION
 @json_option()
 def bench_score_rm(backbone, n_pairs, batch_size, max_length, data, as_json):
@@ -1030,7 +994,7 @@ def bench_score_rm(backbone, n_pairs, batch_size, max_length, data, as_json):
     "--requests", default=20, show_default=True, help="Requests (one pair each) a client."
 )
 @click.option("--c1-requests", default=64, show_default=True, help="Requests of the lone client.")
-@click.option("--max-length", default=256, show_default=True)
+@field_option(TrainConfig, "max_length", default=256)
 @json_option()
 def bench_serve(clients, requests, c1_requests, max_length, as_json):
     """Reward server pairs/s at 1 and many clients vs offline scoring of the same model."""
@@ -1049,10 +1013,10 @@ def bench_serve(clients, requests, c1_requests, max_length, as_json):
 
 @bench.command("multihost")
 @click.option("--pairs-per-step", default=8, show_default=True)
-@click.option("--max-length", default=128, show_default=True)
-@click.option("--steps", default=20, show_default=True)
-@click.option("--log-every", default=5, show_default=True, help="Steps per measured window.")
-@click.option("--model", default="", help="Encoder checkpoint directory (default: MiniLM).")
+@field_option(TrainConfig, "max_length", default=128)
+@field_option(TrainConfig, "steps", default=20)
+@field_option(TrainConfig, "log_every", default=5, help="Steps per measured window.")
+@field_option(TrainConfig, "model", help="Encoder checkpoint directory [default: MiniLM].")
 @click.option("--repeats", default=2, show_default=True, help="Runs per side, in turn; best kept.")
 @json_option()
 def bench_multihost_command(pairs_per_step, max_length, steps, log_every, model, repeats, as_json):
@@ -1087,21 +1051,9 @@ PRESET_OPTION_HELP = (
 @click.option("--seq", default=2048, show_default=True, type=click.IntRange(min=1))
 @click.option("--pairs-per-step", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--dtype",
-    type=click.Choice(PLAN_DTYPES),
-    default="bfloat16",
-    show_default=True,
-    help="Compute dtype.",
-)
-@click.option(
-    "--param-dtype",
-    type=click.Choice(PLAN_DTYPES),
-    default="float32",
-    show_default=True,
-    help="Parameter and optimizer-state dtype.",
-)
-@click.option("--remat", type=click.Choice(REMAT_POLICIES), default="full", show_default=True)
+@field_option(TrainConfig, "dtype", default="bfloat16")
+@field_option(TrainConfig, "param_dtype")
+@field_option(TrainConfig, "remat", default="full")
 @click.option(
     "--peak-tflops",
     type=click.FloatRange(min=0, min_open=True),
@@ -1180,11 +1132,9 @@ def bench_numerics(preset, seq, pairs_per_step, steps, batches, as_json):
 
 @bench.command("profile-step")
 @backbone_option()
-@click.option(
-    "--packing/--no-packing", default=True, show_default=True, help="Packed rows or one text a row."
-)
+@field_option(TrainConfig, "packing")
 @click.option("--pairs-per-step", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-length", default=512, show_default=True, type=click.IntRange(min=1))
+@field_option(TrainConfig, "max_length", default=512, type=click.IntRange(min=1))
 @HH_DATA_OPTION
 @json_option()
 def bench_profile_step(backbone, packing, pairs_per_step, max_length, data, as_json):
@@ -1225,8 +1175,8 @@ def bench_hh_pipeline_command(out, rm_steps, adapter_steps, data, as_json):
 @bench.command("hh-decoder")
 @click.option("--out", default="out/hh-decoder", show_default=True, type=click.Path())
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-length", default=192, show_default=True, type=click.IntRange(min=1))
+@field_option(TrainConfig, "batch_size", default=8, type=click.IntRange(min=1))
+@field_option(TrainConfig, "max_length", default=192, type=click.IntRange(min=1))
 @click.option(
     "--backbones",
     default="encoder,decoder",

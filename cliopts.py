@@ -17,8 +17,9 @@ from collections.abc import Iterable
 
 import click
 
+from dynrules.engine.ablate import AblationConfig
 from dynrules.engine.judges.config import JudgeConfig
-from dynrules.engine.mi import ESTIMATORS
+from dynrules.engine.mi import MIConfig
 from dynrules.engine.select import SelectionConfig
 from dynrules.engine.simulate import SimulationModel
 from dynrules.engine.store import DTYPES
@@ -36,6 +37,8 @@ TREE = {
     "pipeline": PipelineConfig,
     "serve": ServeConfig,
     "simulate": SimulationModel,
+    "mi": MIConfig,
+    "ablate": AblationConfig,
 }
 ALL = None  # every field of a section gets a flag
 _PREFIX = "cfg__"
@@ -44,11 +47,13 @@ _PREFIX = "cfg__"
 @dataclasses.dataclass(frozen=True)
 class CommandTree:
     """A command's sections, which of their fields get flags (ALL or names), and its primary
-    section (whose keys may be written bare)."""
+    section (whose keys may be written bare). ``flags_only``: the command reads only the
+    flagged fields of a section named with names (the others are unused keys there)."""
 
     command: str
     flags: dict[str, tuple[str, ...] | None]
     primary: str | None = None
+    flags_only: bool = False
 
     @property
     def tree(self) -> Tree:
@@ -58,7 +63,10 @@ class CommandTree:
                 train_tree(self.command, **{n: c for n, c in sections.items() if n != "train"}),
                 known=TREE,
             )
-        return Tree(sections, self.primary, f"`dynrules {self.command}`", known=TREE)
+        reads = {}
+        if self.flags_only:
+            reads = {name: chosen for name, chosen in self.flags.items() if chosen is not ALL}
+        return Tree(sections, self.primary, f"`dynrules {self.command}`", known=TREE, reads=reads)
 
     def flagged(self) -> Iterable[tuple[str, str]]:
         """(section, field) of every flag, in declaration order."""
@@ -177,10 +185,6 @@ def backbone_option(help: str | None = None):
     return field_option(TrainConfig, "backbone", **({"help": help} if help else {}))
 
 
-criterion_option = field_option(SelectionConfig, "criterion")
-estimator_option = click.option(
-    "--estimator", type=click.Choice(ESTIMATORS), default=ESTIMATORS[0], show_default=True
-)
 pool_option = click.option(
     "--pool",
     "pool_source",

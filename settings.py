@@ -1,7 +1,7 @@
 """Typed configuration: every setting declared once, every command loading it the same way.
 
 A *section* is a dataclass made by :func:`section` (judge, selection, train, scoring, pipeline,
-serve, simulate; each lives beside the code it configures). Each field is declared once, with
+serve, simulate, mi, ablate; each lives beside the code it configures). Each field is declared once, with
 
 - its type: ``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``, or a
   ``Literal`` of the library's own constants (``Literal[POLICIES]``), so a choice is a type;
@@ -18,10 +18,12 @@ serve, simulate; each lives beside the code it configures). Each field is declar
    section),
 4. the command-line flags generated from the fields (``cliopts.tree_options``).
 
-An unknown key, a key of a section the command does not read, and a setting given, other than
-its default, for a variant it does not apply to (``judge.top_logprobs=5`` with the embedded
-judge) are errors that name the key and where it came from (the file and line, the override, or the flag); so is a value of the wrong
-type or outside its choices (``train.remat must be one of none, full, dots, got 'some'``).
+An unknown key, a key of a section the command does not read, a setting given, other than its
+default, for a variant it does not apply to (``judge.top_logprobs=5`` with the embedded judge),
+and one, other than its default, outside the fields a command reads of a section
+(``Tree.reads``: ``selection.k=3`` for ``ablate``) are errors that name the key and where it
+came from (the file and line, the override, or the flag); so is a value of the wrong type or
+outside its choices (``train.remat must be one of none, full, dots, got 'some'``).
 
 Why pydantic 2 (its dataclasses): validation of ``Literal`` choices, numbers, optionals and
 nested sections, lax conversion of the strings that overrides and flags give, and unknown keys
@@ -146,9 +148,18 @@ class FieldInfo:
 
     @property
     def item_type(self) -> type:
-        """The item type of a tuple field."""
+        """The item type of a tuple field (that of its choices for a tuple of a ``Literal``)."""
         args = typing.get_args(_strip_optional(self.annotation))
-        return args[0] if args else str
+        item = args[0] if args else str
+        if typing.get_origin(item) is typing.Literal:
+            return type(typing.get_args(item)[0])
+        return item if isinstance(item, type) else str
+
+    @property
+    def item_choices(self) -> tuple | None:
+        """The choices of each item of a tuple field (``tuple[Literal[POLICIES], ...]``)."""
+        args = typing.get_args(_strip_optional(self.annotation))
+        return literal_choices(args[0]) if self.kind is tuple and args else None
 
 
 def is_section(tp) -> bool:
@@ -227,6 +238,10 @@ class Tree:
     aliases: dict[str, str] = dataclasses.field(
         default_factory=dict
     )  # "optim.steps": "train.steps"
+    # Sections the command reads only some fields of: section → those fields. Another field of
+    # such a section, given other than its default, is an unused key (``ablate`` reads
+    # ``selection.alpha``, so ``selection.k=3`` is an error there).
+    reads: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def groups(self) -> set[str]:
@@ -289,6 +304,7 @@ def load(
         except pydantic.ValidationError as exc:
             raise ConfigError(_describe(exc, cls, name=name, origins=origins)) from None
         _check_applies(name, cls, built[name], origins)
+        _check_reads(tree, name, cls, built[name], origins)
     for name, instance in list(built.items()):
         links = {
             field: built[field]
@@ -416,6 +432,9 @@ def _describe(exc: pydantic.ValidationError, cls, *, name: str | None, origins: 
     if kind == "literal_error" and info is not None and info.choices:
         choices = ", ".join(str(c) for c in info.choices)
         return f"{where}{key} must be one of {choices}, got {value!r}"
+    if kind == "literal_error" and info is not None and info.item_choices:
+        choices = ", ".join(str(c) for c in info.item_choices)
+        return f"{where}{key}: each item must be one of {choices}, got {value!r}"
     if kind == "unexpected_keyword_argument":
         return f"{where}unknown key {key!r}" + _suggest(field, fields(cls), "")
     if kind.startswith(("int_", "float_", "bool_", "string_")) and info is not None:
@@ -441,6 +460,19 @@ def _check_applies(name: str, cls, instance, origins: dict) -> None:
             )
 
 
+def _check_reads(tree: Tree, name: str, cls, instance, origins: dict) -> None:
+    if name not in tree.reads:
+        return
+    for field, item in origins.items():
+        if field in tree.reads[name] or getattr(instance, field) == fields(cls)[field].default:
+            continue
+        reads = ", ".join(f"{name}.{f}" for f in tree.reads[name])
+        raise ConfigError(
+            f"{item.origin}: key {item.spelled!r} is not used by {tree.command} "
+            f"(of {name} it reads {reads})"
+        )
+
+
 def to_dict(instance) -> dict:
     """A section's values as plain data (tuples as lists), e.g. for a YAML file or a report."""
     return json_ready(dataclasses.asdict(instance))
@@ -460,6 +492,8 @@ def json_ready(value):
 def _type_text(info: FieldInfo) -> str:
     if info.choices:
         text = " \\| ".join(f"`{c}`" for c in info.choices)
+    elif info.item_choices:
+        text = "list of " + " \\| ".join(f"`{c}`" for c in info.item_choices)
     elif info.kind is tuple:
         text = f"list of {info.item_type.__name__}"
     else:

@@ -24,12 +24,15 @@ multinomial-resampling interval, ties and coverage (the fraction of pairs labell
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from dynrules.engine.mi import (
-    REDUNDANCY_PAIRS,
+    MIConfig,
     PolicyLabel,
     RedundantPair,
     RuleMI,
@@ -46,8 +49,49 @@ from dynrules.errors import DynrulesError
 from dynrules.kernels import contingency as C
 from dynrules.kernels import policies as P
 from dynrules.kernels import selection as K
+from dynrules.settings import option, section
 
 ABLATION_POLICIES = ("adaptive", "zscore", "greedy", "all", "random", "fixed")
+_KS = re.compile(r"\s*(\d+|R)\s*(-\s*(\d+|R)\s*)?", re.IGNORECASE)
+
+
+def _ks_text(value):
+    """A k list written in YAML as a number or a list ([1, 3, "5-10"]) in its text form."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def _check_ks(text: str) -> str:
+    if not all(_KS.fullmatch(part) for part in text.split(",")):
+        raise ValueError(f"bad k list {text!r}: expected numbers like 1,3,5,10 or 1-10 (R: all)")
+    return text
+
+
+KsText = Annotated[str, BeforeValidator(_ks_text), AfterValidator(_check_ks)]
+
+
+@section(frozen=True)
+class AblationConfig:
+    """The policy ablation of ``dynrules ablate`` (which reads mi and selection.alpha too)."""
+
+    ks: KsText = option(
+        "1,3,5,10",
+        "ks compared: a list (1,3,5,10), ranges (1-10), R for the pool size (1-R: every k).",
+        flag="k",
+    )
+    policies: tuple[Literal[ABLATION_POLICIES], ...] = option(
+        ABLATION_POLICIES, "Policies compared, comma-separated."
+    )
+    discount: Annotated[float, Field(ge=0, le=1)] = option(
+        1.0, "Greedy policy's redundancy discount in [0, 1]."
+    )
+
+
+# The library's defaults are the sections' defaults.
+_MI, _ABLATE, _SELECTION = MIConfig(), AblationConfig(), SelectionConfig()
 
 
 class _Contender:
@@ -125,15 +169,17 @@ def ablate(
     truth,
     ks,
     *,
-    policies=ABLATION_POLICIES,
-    alpha: float = 0.5,
-    seed: int = 0,
-    resamples: int = 1000,
-    discount: float = 1.0,
-    estimator: str = "miller-madow",
-    redundancy_pairs: int = REDUNDANCY_PAIRS,
+    policies=_ABLATE.policies,
+    alpha: float = _SELECTION.alpha,
+    seed: int = _MI.seed,
+    resamples: int = _MI.resamples,
+    discount: float = _ABLATE.discount,
+    estimator: str = _MI.estimator,
+    redundancy_pairs: int = _MI.redundancy_pairs,
 ) -> Ablation:
-    """Compare selection policies on ``store`` against ``truth`` (a pair field name or an array)."""
+    """Compare selection policies on ``store`` against ``truth`` (a pair field name or an array)
+    at every k of ``ks``; the keywords are those of the ablate, mi and selection sections (see
+    :func:`ablate_with`)."""
     store = open_store(store)
     truth_values = truth_labels(store, truth)
     unknown = [p for p in policies if p not in ABLATION_POLICIES]
@@ -174,6 +220,25 @@ def ablate(
         rows=rows,
         rule_mi=rules,
         redundant=redundant_pairs(stats, store.rule_ids),
+    )
+
+
+def ablate_with(
+    store, truth, config: AblationConfig, mi: MIConfig, selection: SelectionConfig
+) -> Ablation:
+    """:func:`ablate` with the sections `dynrules ablate` loads (ks resolved on the store)."""
+    store = open_store(store)
+    return ablate(
+        store,
+        truth,
+        parse_ks(config.ks, store.n_rules),
+        policies=config.policies,
+        alpha=selection.alpha,
+        seed=mi.seed,
+        resamples=mi.resamples,
+        discount=config.discount,
+        estimator=mi.estimator,
+        redundancy_pairs=mi.redundancy_pairs,
     )
 
 

@@ -23,20 +23,45 @@ subsample of the pairs, without the truth.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 
 from dynrules.engine.store import RatingStore, to_kernel_dtype
 from dynrules.errors import InputError
 from dynrules.kernels import contingency as C
+from dynrules.settings import option, section
+
+if TYPE_CHECKING:
+    from dynrules.engine.select import SelectionConfig
 
 ESTIMATORS = ("miller-madow", "plug-in")
-LABEL_POLICIES = ("adaptive", "all", "random")  # the policies whose label `dynrules mi` reports
 LN2 = math.log(2.0)
 REDUNDANCY_PAIRS = 20_000
+
+
+@section(frozen=True)
+class MIConfig:
+    """How information is measured (``dynrules mi``, ``dynrules ablate``): the ``mi`` section."""
+
+    estimator: Literal[ESTIMATORS] = option(
+        "miller-madow", "MI estimator: miller-madow (bias-corrected plug-in) or plug-in."
+    )
+    resamples: Annotated[int, Field(ge=10)] = option(
+        1000, "Multinomial resamples of a label's table for its interval."
+    )
+    seed: int = option(0, "Seed of the resampling, and of the random policy's rules.")
+    redundancy_pairs: Annotated[int, Field(ge=1)] = option(
+        REDUNDANCY_PAIRS, "Pairs (evenly spread) on which the redundancy of two rules is measured."
+    )
+    top: Annotated[int, Field(ge=1)] = option(
+        10, "Rules `dynrules mi` prints at the top and at the bottom (all with --json)."
+    )
 
 
 # -- estimators over tables [..., Kx, Ky] --------------------------------------------------------
@@ -392,38 +417,37 @@ class MIReport:
 
 
 def mi_report(
-    store,
-    truth,
-    *,
-    policy: str = "adaptive",
-    k: int = 5,
-    criterion: str | None = None,
-    alpha: float = 0.5,
-    seed: int = 0,
-    resamples: int = 1000,
-    estimator: str = "miller-madow",
-    redundancy_pairs: int = REDUNDANCY_PAIRS,
+    store, truth, selection: SelectionConfig | None = None, config: MIConfig | None = None
 ) -> MIReport:
-    """Per-rule MI, the MI of one policy's label, and the most redundant rule pairs, in one pass."""
+    """Per-rule MI, the MI of the label of the ``selection`` policy (any: adaptive, all, random
+    with ``config.seed``, fixed), and the most redundant rule pairs, in one pass."""
     from dynrules.engine.select import SelectionConfig, select_chunk
 
+    config = config or MIConfig()
     store = open_store(store)
     truth = truth_labels(store, truth)
-    config = SelectionConfig(
-        policy=policy, k=k, criterion=criterion, alpha=alpha, seed=seed
-    ).resolved(store)
+    selection = dataclasses.replace(selection or SelectionConfig(), seed=config.seed)
+    selection = selection.resolved(store)
+    rule_index = None
+    if selection.policy == "fixed":
+        rule_index = np.asarray([store.rule_ids.index(r) for r in selection.rules], np.int64)
     label_table = np.zeros((3, 2), np.int64)
 
     def count_label(chunk, chunk_truth):
-        _, _, label = select_chunk(chunk, config, store.scale)
+        _, _, label = select_chunk(chunk, selection, store.scale, rule_index)
         C.label_counts(label, chunk_truth, label_table)
 
-    stats = rule_statistics(store, truth, redundancy_pairs=redundancy_pairs, on_chunk=count_label)
+    stats = rule_statistics(
+        store, truth, redundancy_pairs=config.redundancy_pairs, on_chunk=count_label
+    )
+    estimator = config.estimator
     label = PolicyLabel.of(
-        policy,
-        config.criterion if policy == "adaptive" else None,
-        config.k,
-        label_summary(label_table, resamples=resamples, seed=seed, estimator=estimator),
+        selection.policy,
+        selection.criterion if selection.policy == "adaptive" else None,
+        selection.k,
+        label_summary(
+            label_table, resamples=config.resamples, seed=config.seed, estimator=estimator
+        ),
     )
     return MIReport(
         pairs=store.n_pairs,

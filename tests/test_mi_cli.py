@@ -1,6 +1,7 @@
 """`dynrules simulate`, `mi`, `ablate` and `bench mi` through click's test runner."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -119,7 +120,15 @@ def test_ablate_json_and_files(simulated, tmp_path):
         (["--truth", "human"], "no pair field 'human'"),
         (["--truth", "truth", "--k", "0,40"], "between 1 and R = 12"),
         (["--truth", "truth", "--k", "a"], "bad k list"),
-        (["--truth", "truth", "--policies", "adaptive,oracle"], "unknown policies oracle"),
+        (
+            ["--truth", "truth", "--policies", "adaptive,oracle"],
+            "--policies: ablate.policies: each item must be one of adaptive, zscore, greedy, all, "
+            "random, fixed, got 'oracle'",
+        ),
+        (
+            ["--truth", "truth", "discount=2"],
+            "override 'discount=2': discount: input should be less than or equal to 1",
+        ),
     ],
 )
 def test_ablate_errors(simulated, tmp_path, args, message):
@@ -189,3 +198,146 @@ def test_int8_store_from_simulate_to_ablate(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert sorted({r["k"] for r in json.loads(result.output)["rows"]}) == [1, 2, 3, 4, 5, 6]
+
+
+def _mi_arguments(monkeypatch, *args):
+    """(selection, mi config) `dynrules mi STORE ARGS` would run with (the report stubbed)."""
+    seen = {}
+
+    def fake_report(store, truth, selection, config):
+        seen.update(selection=selection, config=config, truth=truth)
+        return SimpleNamespace()
+
+    monkeypatch.setattr("dynrules.engine.mi.mi_report", fake_report)
+    monkeypatch.setattr("dynrules.cli.print_json", lambda result: None)
+    result = CliRunner().invoke(main, ["mi", "store", "--truth", "t", "--json", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return seen["selection"], seen["config"]
+
+
+def test_mi_precedence_defaults_yaml_overrides_flags(tmp_path, monkeypatch):
+    config_file = tmp_path / "mi.yaml"
+    config_file.write_text(
+        "mi:\n  estimator: plug-in\n  resamples: 50\n  seed: 4\n"
+        "selection: {k: 3, policy: random, alpha: 0.25}\n"
+        "top: 2\n"  # bare: a key of the primary section, mi
+    )
+    selection, config = _mi_arguments(
+        monkeypatch,
+        "--config",
+        config_file,
+        "resamples=60",
+        "selection.k=4",
+        "mi.seed=5",
+        "--k",
+        "2",
+        "--seed",
+        "6",
+    )
+    assert config.redundancy_pairs == 20_000  # default
+    assert (config.estimator, config.top, selection.policy, selection.alpha) == (
+        "plug-in",
+        2,
+        "random",
+        0.25,
+    )  # YAML
+    assert config.resamples == 60  # override over YAML
+    assert (selection.k, config.seed) == (2, 6)  # flag over override over YAML
+    selection, config = _mi_arguments(monkeypatch)  # the old flags' defaults, from the tree
+    assert (selection.policy, selection.k, selection.criterion, selection.alpha) == (
+        "adaptive",
+        5,
+        None,
+        0.5,
+    )
+    assert (config.estimator, config.resamples, config.seed, config.top) == (
+        "miller-madow",
+        1000,
+        0,
+        10,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["mi.resampels=50"], "override 'mi.resampels=50': unknown key 'mi.resampels'; did you"),
+        (["estimater=plug-in"], "unknown key 'estimater'; did you mean 'estimator'?"),
+        (["mi.estimator=exact"], "mi.estimator must be one of miller-madow, plug-in, got 'exact'"),
+        (["--resamples", "5"], "--resamples: mi.resamples: input should be greater than or"),
+        (["selection.ties=a"], "key 'selection.ties' is not used by `dynrules mi`"),
+        (["judge.kind=openai"], "key 'judge.kind' is not used by `dynrules mi`"),
+    ],
+)
+def test_mi_refuses_bad_keys_naming_them(simulated, args, message):
+    result = CliRunner().invoke(main, ["mi", str(simulated), "--truth", "truth", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_mi_config_file_names_the_line_of_an_unknown_key(simulated, tmp_path):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("selection:\n  k: 3\nmi:\n  resampels: 50\n")
+    result = CliRunner().invoke(
+        main, ["mi", str(simulated), "--truth", "truth", "--config", str(config_file)]
+    )
+    assert result.exit_code == 2
+    assert f"{config_file} line 4: unknown key 'mi.resampels'" in result.output
+
+
+def test_mi_reports_the_fixed_policy(simulated):
+    rules = RatingStore.open(simulated).rule_ids[:3]
+    result = CliRunner().invoke(
+        main,
+        ["mi", str(simulated), "--truth", "truth", "--json", "resamples=50", "policy=fixed"]
+        + ["--policy", "fixed", "--rules", ",".join(rules)],
+    )
+    assert result.exit_code == 2 and "unknown key 'policy'" in result.output  # not mi's key
+    result = CliRunner().invoke(
+        main,
+        ["mi", str(simulated), "--truth", "truth", "--json", "resamples=50"]
+        + ["--policy", "fixed", "--rules", ",".join(rules)],
+    )
+    assert result.exit_code == 0, result.output
+    label = json.loads(result.output)["label"]
+    assert (label["policy"], label["k"], label["criterion"]) == ("fixed", 3, None)
+
+
+def test_ablate_takes_config_overrides_and_flags(simulated, tmp_path):
+    config_file = tmp_path / "ablate.yaml"
+    config_file.write_text(
+        "ablate:\n  ks: [1, 2]\n  policies: [adaptive, all, random]\n"
+        "mi: {resamples: 50, estimator: plug-in}\nselection: {alpha: 0.25}\n"
+    )
+    args = ["ablate", str(simulated), "--truth", "truth", "--out", str(tmp_path / "a"), "--json"]
+    result = CliRunner().invoke(
+        main, [*args, "--config", str(config_file), "policies=adaptive,random", "--k", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    assert {(row["policy"], row["k"]) for row in rows} == {("adaptive", 3), ("random", 3)}
+    saved = json.loads((tmp_path / "a" / "ablation.json").read_text())
+    assert (saved["estimator"], saved["resamples"]) == ("plug-in", 50)
+    for extra, message in [
+        ("selection.k=3", "key 'selection.k' is not used by `dynrules ablate` (of selection it "),
+        ("mi.top=3", "key 'mi.top' is not used by `dynrules ablate`"),
+        ("ablate.discout=0.5", "unknown key 'ablate.discout'; did you mean 'ablate.discount'?"),
+        ("serve.port=9", "key 'serve.port' is not used by `dynrules ablate`"),
+    ]:
+        result = CliRunner().invoke(main, [*args, extra])
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+
+
+def test_config_of_mi_and_ablate_loads_back(simulated, tmp_path):
+    """`dynrules config COMMAND` writes a file the command takes (unread keys at defaults)."""
+    for command, extra in (("mi", []), ("ablate", ["--out", str(tmp_path / "o")])):
+        text = CliRunner().invoke(main, ["config", command]).output
+        assert "selection:" in text and "mi:" in text
+        path = tmp_path / f"{command}.yaml"
+        path.write_text(text.replace("resamples: 1000", "resamples: 20"))
+        result = CliRunner().invoke(
+            main,
+            [command, str(simulated), "--truth", "truth", "--config", str(path), "--json"]
+            + extra
+            + (["--k", "1", "--policies", "adaptive"] if command == "ablate" else []),
+        )
+        assert result.exit_code == 0, (command, result.output)

@@ -360,8 +360,54 @@ def test_docs_reference_is_the_tree():
 
 
 def test_every_tree_command_takes_config_and_overrides():
-    for spec in (cli.SELECT, cli.RATE, cli.SIMULATE, cli.TRAIN_RM, cli.TRAIN_ADAPTER):
+    for spec in (
+        cli.SELECT,
+        cli.RATE,
+        cli.SIMULATE,
+        cli.TRAIN_RM,
+        cli.TRAIN_ADAPTER,
+        cli.MI,
+        cli.ABLATE,
+    ):
         command = main.commands[spec.command]
         names = {p.name for p in command.params}
         assert {"config_file", "overrides"} <= names, spec.command
     assert dataclasses.is_dataclass(PipelineConfig)
+
+
+def test_a_command_reading_some_fields_refuses_the_others_unless_at_default():
+    tree = cli.ABLATE.tree
+    assert tree.reads["selection"] == ("alpha",)
+    built = settings.load(tree, overrides=["selection.alpha=0.25", "selection.k=5", "ks=1-R"])
+    assert (built["selection"].alpha, built["ablate"].ks) == (0.25, "1-R")  # k=5: its default
+    with pytest.raises(ConfigError, match=r"'selection.k=3': key 'selection.k' is not used by"):
+        settings.load(tree, overrides=["selection.k=3"])
+    built = settings.load(tree, overrides=["policies=greedy, all", "ablate.ks=1"])
+    assert built["ablate"].policies == ("greedy", "all")
+    with pytest.raises(ConfigError, match="ablate.ks: bad k list '1,x'"):
+        settings.load(tree, overrides=["ablate.ks=1,x"])
+
+
+def test_tuple_of_choices_is_documented_with_its_choices():
+    from dynrules.engine.ablate import ABLATION_POLICIES, AblationConfig
+
+    info = settings.fields(AblationConfig)["policies"]
+    assert info.item_choices == ABLATION_POLICIES and info.item_type is str
+    assert "| `policies` | `--policies` | list of `adaptive` \\| `zscore`" in (
+        settings.reference_markdown({"ablate": AblationConfig})
+    )
+
+
+def test_bench_options_take_the_trees_fields():
+    """A bench option that is a tree setting takes its type, choices and help from the field."""
+    from dynrules.models.choices import DTYPES, REMAT
+    from dynrules.train.config import SCORE_BATCH_SIZE
+
+    def option(command, name):
+        return next(p for p in main.commands["bench"].commands[command].params if p.name == name)
+
+    assert option("score", "batch_size").default == SCORE_BATCH_SIZE
+    assert option("selection", "k").default == SelectionConfig().k
+    assert tuple(option("mfu", "dtype").type.choices) == DTYPES
+    assert tuple(option("mfu", "remat").type.choices) == REMAT
+    assert option("judge-local", "dtype").opts == ["--judge-dtype"]
