@@ -8,8 +8,19 @@ LLVM vectorise comparisons without changing any result.
 """
 
 import os
+from typing import Literal, TypedDict
 
 FINITE_ONLY = {"nnan", "ninf", "nsz"}
+
+
+class JitOptions(TypedDict, total=False):
+    """The keyword arguments of ``numba.njit`` that the kernels set."""
+
+    nogil: bool
+    cache: bool
+    error_model: Literal["python", "numpy"]
+    fastmath: set[str]
+    parallel: bool
 
 
 def _cache_writable() -> bool:
@@ -31,10 +42,13 @@ _CACHE = _cache_writable()
 # (it cost a third more CPU per pair). Read when the OpenMP runtime loads, at the first kernel.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-EXACT = dict(nogil=True, cache=_CACHE, error_model="numpy", fastmath=FINITE_ONLY)
-PARALLEL_EXACT = dict(EXACT, parallel=True)
+EXACT: JitOptions = dict(nogil=True, cache=_CACHE, error_model="numpy", fastmath=FINITE_ONLY)
+PARALLEL_EXACT: JitOptions = {**EXACT, "parallel": True}
 # Only for the roofline read pass, whose sum is a sink for loads, not a result anyone reads.
-PARALLEL_REASSOC = dict(PARALLEL_EXACT, fastmath=FINITE_ONLY | {"reassoc", "contract", "arcp"})
+PARALLEL_REASSOC: JitOptions = {
+    **PARALLEL_EXACT,
+    "fastmath": FINITE_ONLY | {"reassoc", "contract", "arcp"},
+}
 
 # Rows per parallel work item: large enough to amortise scheduling and per-block scratch buffers,
 # small enough to balance across threads.

@@ -36,10 +36,10 @@ def vote_counts(a, b, truth, out):
     rows_of = np.zeros((n_blocks, 2), np.int64)
     for block in numba.prange(n_blocks):
         for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
-            t = np.int64(truth[row])
-            rows_of[block, t] += 1
-            pos = positive[block, t]
-            neg = negative[block, t]
+            value = np.int64(truth[row])
+            rows_of[block, value] += 1
+            pos = positive[block, value]
+            neg = negative[block, value]
             for i in range(n_rules):
                 pos[i] += np.int64(a[row, i] > b[row, i])
                 neg[i] += np.int64(a[row, i] < b[row, i])
@@ -200,10 +200,11 @@ def resampled_mutual_information(tables, resamples, seed, miller_madow, out):
             mass = 1.0
             for j in range(flat.shape[0]):
                 p = flat[j] / n if n > 0 else 0.0
+                count: int | np.int64
                 if j == flat.shape[0] - 1 or left == 0:
                     count = left
                 else:
-                    count = np.random.binomial(left, min(1.0, p / mass)) if mass > 0 else 0
+                    count = np.random.binomial(int(left), min(1.0, p / mass)) if mass > 0 else 0
                 cells[j] = count
                 left -= count
                 mass -= p

@@ -87,7 +87,12 @@ def pack(lengths: np.ndarray, widths: np.ndarray | int, max_segments: int) -> Pa
         segment,
         row_width,
     )
-    placed = Packing(*(np.empty(n, np.int64) for _ in range(3)), widths=row_width[:rows].copy())
+    placed = Packing(
+        row=np.empty(n, np.int64),
+        offset=np.empty(n, np.int64),
+        segment=np.empty(n, np.int64),
+        widths=row_width[:rows].copy(),
+    )
     for out, sorted_values in zip(
         (placed.row, placed.offset, placed.segment), (row, offset, segment), strict=True
     ):

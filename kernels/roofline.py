@@ -29,11 +29,11 @@ def read_sum(a, b, relevance, use_relevance):
                 total += acc
             partial[block] = total
         else:
-            acc = np.float32(0.0)
+            acc_float = np.float32(0.0)
             for row in range(block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)):
                 for i in range(n_rules):
-                    acc += np.float32(a[row, i]) + np.float32(b[row, i])
+                    acc_float += np.float32(a[row, i]) + np.float32(b[row, i])
                     if use_relevance:
-                        acc += np.float32(relevance[row, i])
-            partial[block] = acc
+                        acc_float += np.float32(relevance[row, i])
+            partial[block] = acc_float
     return partial.sum()

@@ -38,6 +38,7 @@ there is no padding.
 """
 
 import functools
+from typing import Any
 
 import numba
 import numpy as np
@@ -237,7 +238,7 @@ def _select_integer_keys(criterion, p, q):
                 keep[i] = ~key_type(0)
             spare = np.zeros((3, width), np.int8)
             rows = np.empty(ROWS_AT_ONCE, np.int64)
-            block_lowest = 0
+            block_lowest: np.signedinteger[Any] = np.int64(0)
             start, stop = block * ROW_BLOCK, min(n, (block + 1) * ROW_BLOCK)
             for first in range(start, stop, ROWS_AT_ONCE):
                 n_distinct = _group(stop, first, rows)
