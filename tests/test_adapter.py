@@ -53,29 +53,41 @@ def test_top_k_rules_breaks_ties_by_lower_index():
     assert adp.top_k_rules(logits, 3).tolist() == [[1, 2, 4]]
 
 
-@pytest.mark.parametrize("backbone", ["encoder", "decoder"])
-def test_train_predict_and_plan(tmp_path, small_pool, backbone):
+def rated_store(directory, pool, n: int, seed: int = 0):
+    """A fully rated store of ``n`` pairs over ``pool`` (random ratings and relevance)."""
     from dynrules.engine.store import PairTableWriter, RatingStore
 
+    rng = np.random.default_rng(seed)
+    n_rules = len(pool.ids)
+    store = RatingStore.create(directory, pool=pool, n_pairs=n, has_relevance=True)
+    store.write_rows(
+        0,
+        rng.uniform(-1, 1, (n, n_rules)),
+        rng.uniform(-1, 1, (n, n_rules)),
+        rng.uniform(0, 1, (n, n_rules)),
+    )
+    writer = PairTableWriter(store.pairs_path)
+    writer.write(
+        {
+            "id": [str(i) for i in range(n)],
+            "prompt": [f"question {i}" for i in range(n)],
+            "response_a": ["yes, here is how"] * n,
+            "response_b": ["no"] * n,
+        }
+    )
+    writer.close()
+    return store
+
+
+@pytest.mark.parametrize("backbone", ["encoder", "decoder"])
+def test_train_predict_and_plan(tmp_path, small_pool, backbone):
     from . import decoder_fixtures as fx
 
     model = str(fx.tiny_hf_decoder(tmp_path / "decoder")) if backbone == "decoder" else ""
 
     n = 16
-    rng = np.random.default_rng(0)
-    store = RatingStore.create(tmp_path / "store", pool=small_pool, n_pairs=n, has_relevance=True)
-    store.write_rows(
-        0, rng.uniform(-1, 1, (n, 8)), rng.uniform(-1, 1, (n, 8)), rng.uniform(0, 1, (n, 8))
-    )
-    writer = PairTableWriter(store.pairs_path)
-    pairs = {
-        "id": [str(i) for i in range(n)],
-        "prompt": [f"question {i}" for i in range(n)],
-        "response_a": ["yes, here is how"] * n,
-        "response_b": ["no"] * n,
-    }
-    writer.write(pairs)
-    writer.close()
+    store = rated_store(tmp_path / "store", small_pool, n)
+    pairs = store.read_pairs().to_pydict()
     info = adp.train_adapter(
         store,
         tmp_path / "run",
@@ -83,7 +95,11 @@ def test_train_predict_and_plan(tmp_path, small_pool, backbone):
         selection=adp.SelectionConfig(k=3),
         progress=False,
     )
-    assert info.train_pairs == n and np.isfinite(info.final_loss)
+    # eval_fraction (default 0.05) holds one pair out; adapter.json records the report.
+    assert info.train_pairs == n - 1 and info.held_out_pairs == 1 and np.isfinite(info.final_loss)
+    assert info.eval["pairs"] == 1 and 0 <= info.eval["precision_at_k"] <= 1
+    assert adp.read_adapter(tmp_path / "run") == info
+    assert adp.is_trained(tmp_path / "run", store, info.config, adp.SelectionConfig(k=3))
     records = [
         {"id": i, "prompt": p, "response_a": a, "response_b": b}
         for i, p, a, b in zip(

@@ -1,10 +1,16 @@
 """The rule adapter: predict each pair's critical rules from its text, so the judge rates k rules.
 
-A multi-label classifier over the pool — the reward model's encoder with one logit per rule
-(train.model.EncoderClassifier, ``num_outputs = R``) — reads one text per pair,
-:func:`adapter_text` (prompt, then response A, then response B; truncated from the start so the
-responses survive), and is trained with binary cross-entropy on the oracle's selected set: the
-top-k rules of a selection policy over the fully rated pair.
+A multi-label classifier over the pool — the reward model's backbone with one logit per rule
+(models.classifier, ``num_outputs = R``) — reads one text per pair, :func:`adapter_text`
+(prompt, then response A, then response B; truncated from the start so the responses
+survive), and is trained with binary cross-entropy on the oracle's selected set: the top-k
+rules of a selection policy over the fully rated pair.
+
+It is a task of the shared trainer (:class:`AdapterTask`, train.trainer), so it honours the
+TrainConfig keys the reward model does — checkpoints and resume, held-out evaluation, packing,
+gradient accumulation, meshes and several processes — and refuses the reward model's objective
+keys. The run directory is a trainer run plus ``adapter.json`` (:class:`AdapterSummary`),
+written once training is complete.
 
 At inference the adapter's k highest logits are the pair's plan (rule ids per pair); the judge
 then rates only those rules (``dynrules rate --plan``), saving R − k judge calls per pair.
@@ -18,25 +24,21 @@ label sign(Σ_{i∈O} d_i)?
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from dynrules.atomic import atomic_path
 from dynrules.engine.select import SelectionConfig, select_chunk
 from dynrules.engine.store import RatingStore
-from dynrules.errors import DynrulesError
-from dynrules.models import classifier as mdl
-from dynrules.models import tokenizer as tok
+from dynrules.errors import DynrulesError, InputError
 from dynrules.train import sharding as shd
 from dynrules.train.config import TrainConfig, make_config
-from dynrules.train.loop import Every, run_steps
-from dynrules.train.trainer import Trainable
+from dynrules.train.objective import MultiLabelBCE
+from dynrules.train.trainer import Examples, HeldOut, split_held_out, train_task
 
 ADAPTER_FILE = "adapter.json"
 
@@ -49,10 +51,14 @@ class AdapterSummary:
     selection: dict  # the oracle policy whose top-k sets were the targets
     steps: int
     config: dict
-    train_pairs: int
-    final_loss: float
-    truncated: int
-    seconds: float
+    train_pairs: int  # the store's pairs it was trained on
+    final_loss: float  # the last logged training loss (mean over its log window)
+    truncated: int  # training texts cut to max_length
+    seconds: float  # this call's wall time
+    # Added with the shared trainer; an adapter.json written before reads as the defaults.
+    held_out_pairs: int = 0  # the store's pairs kept out for evaluation (eval_fraction)
+    eval: dict | None = None  # the held-out report (AdapterTask)
+    resumed_from: int | None = None  # the checkpoint step this call started from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,125 @@ def store_texts(store: RatingStore) -> tuple[list[str], list[str]]:
     return pairs["id"], texts
 
 
+# The TrainConfig keys of the reward model's objective, which the adapter cannot honour.
+BRADLEY_TERRY_KEYS = ("margin_scale", "label_confidence", "center_coef")
+
+
+class AdapterTask:
+    """The rule adapter as a task of the shared trainer (train.trainer).
+
+    Examples are the store's pairs, one :func:`adapter_text` each, with the oracle's multi-hot
+    top-k set as targets (train.objective.MultiLabelBCE). Held out: a seeded ``eval_fraction``
+    of the store's pairs, or every pair of the rating store ``eval_data`` (rated on the same
+    pool); the held-out report is :func:`adapter_metrics` plus the BCE loss. The reward model's
+    objective keys (``margin_scale``, ``label_confidence``, ``center_coef``) are refused.
+    """
+
+    name = "rule-adapter"
+    chat = False  # the adapter reads its own pair text, never a chat template
+
+    def __init__(self, store: RatingStore, selection: SelectionConfig):
+        self.store = store
+        self.selection = selection.resolved(store)
+        self.num_outputs = store.n_rules
+        self.objective = MultiLabelBCE(self.selection.k)
+        self.pairs = _RatedPairs.read(store, self.selection)
+
+    def validate(self, config: TrainConfig) -> None:
+        reward_keys = [k for k in BRADLEY_TERRY_KEYS if getattr(config, k)]
+        if reward_keys:
+            raise DynrulesError(
+                "config: the rule adapter (binary cross-entropy) cannot honour keys of the reward "
+                f"model's Bradley–Terry loss; set to 0: {', '.join(reward_keys)}"
+            )
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        record = {
+            "pool": self.store.manifest["pool"],
+            "selection": _selection_record(self.selection),
+        }
+        digest.update(json.dumps(record, sort_keys=True).encode())
+        for text in self.pairs.texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+        digest.update(np.ascontiguousarray(self.pairs.oracle, np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
+    def held_out_index(self, config: TrainConfig) -> list[int]:
+        """The store's pairs kept out of training (none when ``eval_data`` is another store)."""
+        if config.eval_data:
+            return []
+        return split_held_out(list(range(self.store.n_pairs)), config.eval_fraction, config.seed)[1]
+
+    def split(self, config: TrainConfig, render) -> tuple[Examples, HeldOut | None]:
+        held_index = self.held_out_index(config)
+        train = self.pairs.subset(np.setdiff1d(np.arange(self.store.n_pairs), held_index))
+        if config.eval_data:
+            held = _RatedPairs.read(_eval_store(config.eval_data, self.store), self.selection)
+        else:
+            held = self.pairs.subset(held_index)
+        examples = Examples(train.texts, {"targets": multi_hot(train.oracle, self.num_outputs)})
+        return examples, held.evaluation(self.num_outputs) if len(held.texts) else None
+
+
+@dataclasses.dataclass
+class _RatedPairs:
+    """Pairs of a fully rated store: adapter texts, oracle rule indices [n, k], full ratings."""
+
+    texts: list[str]
+    oracle: np.ndarray
+    scores_a: np.ndarray
+    scores_b: np.ndarray
+    scale: float
+
+    @classmethod
+    def read(cls, store: RatingStore, selection: SelectionConfig) -> _RatedPairs:
+        ratings = store.read()
+        oracle = oracle_selection(store, selection)
+        return cls(store_texts(store)[1], oracle, ratings.scores_a, ratings.scores_b, store.scale)
+
+    def subset(self, index) -> _RatedPairs:
+        return _RatedPairs(
+            [self.texts[i] for i in index],
+            self.oracle[index],
+            self.scores_a[index],
+            self.scores_b[index],
+            self.scale,
+        )
+
+    def evaluation(self, n_rules: int) -> HeldOut:
+        """BCE loss, precision@k, recall@k and label agreement of the adapter's top-k sets."""
+
+        def report(logits: np.ndarray) -> dict:
+            bce = np.logaddexp(0.0, logits) - logits * multi_hot(self.oracle, n_rules)
+            predicted = top_k_rules(logits, self.oracle.shape[1])
+            metrics = adapter_metrics(
+                predicted, self.oracle, self.scores_a, self.scores_b, self.scale
+            )
+            return {
+                "pairs": len(self.texts),
+                "loss": float(np.mean(bce)),
+                **{k: metrics[k] for k in ("precision_at_k", "recall_at_k", "label_agreement")},
+            }
+
+        return HeldOut(self.texts, report)
+
+
+def _eval_store(path, store: RatingStore) -> RatingStore:
+    """The held-out rating store ``eval_data``: it must be rated on the training store's pool."""
+    try:
+        held = RatingStore.open(path)
+    except InputError as exc:
+        raise DynrulesError(
+            f"config: the rule adapter's eval_data is a rating store: {exc}"
+        ) from None
+    if held.manifest["pool"] != store.manifest["pool"]:
+        raise DynrulesError(
+            f"config: eval_data {path} is rated on another rule pool than {store.path}"
+        )
+    return held
+
+
 def train_adapter(
     store,
     out_dir,
@@ -110,122 +235,38 @@ def train_adapter(
     *,
     selection: SelectionConfig | None = None,
     progress: bool = True,
-) -> dict:
-    """Train the adapter on a fully rated store; writes out_dir/model and out_dir/adapter.json.
+) -> AdapterSummary:
+    """Train (or resume) the adapter on a fully rated store in the run directory ``out_dir``.
 
-    ``selection`` is the oracle policy whose top-k sets are the targets (default: adaptive, k=5).
+    The shared trainer (train.trainer) runs it: checkpoints, resume (running again with the
+    same ``out_dir`` and config continues from the last checkpoint), held-out evaluation,
+    packing, gradient accumulation, several processes. Writes out_dir/model, and
+    out_dir/adapter.json once training is complete. ``selection`` is the oracle policy whose
+    top-k sets are the targets (default: adaptive, k=5).
     """
+    started = time.perf_counter()
     store = store if isinstance(store, RatingStore) else RatingStore.open(store)
     config = make_config(config) if isinstance(config, dict) or config is None else config
-    selection = (selection or SelectionConfig()).resolved(store)
-    started = time.perf_counter()
-    targets = multi_hot(oracle_selection(store, selection), store.n_rules)
-    _, texts = store_texts(store)
-
-    # The adapter reads its own pair text (adapter_text), never a chat template.
-    loaded = mdl.pretrained(
-        config.backbone,
-        config.model,
-        num_outputs=store.n_rules,
-        pooling=config.pooling,
-        max_length=config.max_length,
-        seed=config.seed,
-        param_dtype=config.param_dtype,
-        chat=False,
+    task = AdapterTask(store, selection or SelectionConfig())
+    result = train_task(task, out_dir, config, progress=progress)
+    held_out = len(task.held_out_index(config))
+    info = AdapterSummary(
+        pool=store.manifest["pool"],
+        selection=_selection_record(task.selection),
+        steps=result.steps,
+        config=config.to_dict(),
+        train_pairs=store.n_pairs - held_out,
+        final_loss=result.train.get("loss", float("nan")),
+        truncated=result.truncated["train"],
+        seconds=round(time.perf_counter() - started, 2),
+        held_out_pairs=held_out,
+        eval=result.eval,
+        resumed_from=result.resumed_from,
     )
-    spec, max_length = loaded.spec, loaded.spec.max_length
-    mesh = shd.make_mesh(config.mesh)
-    if config.batch_size % shd.batch_shards(mesh):
-        raise DynrulesError(
-            f"config: batch_size {config.batch_size} must be a multiple of the mesh's batch shards"
-        )
-    trainable = Trainable.build(spec, config, mesh)
-    state = trainable.initial_state(loaded.params)
-    step_fn = _train_step(trainable)
-    tokens = loaded.tokenizer.encode(texts, max_length)
-    buckets = tok.length_buckets(max_length)
-    rows_sharding, lengths_sharding = shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh, 1)
-    rng = np.random.default_rng(config.seed)
-    order = np.concatenate(
-        [
-            rng.permutation(len(texts))
-            for _ in range(-(-config.steps * config.batch_size // len(texts)))
-        ]
-    )
-    pad_id = loaded.tokenizer.pad_id
-
-    def batch_at(step: int) -> dict:
-        chosen = order[step * config.batch_size : (step + 1) * config.batch_size]
-        width = tok.bucket_for(max(len(tokens.ids[i]) for i in chosen), buckets)
-        ids, lengths = tok.pad_batch(
-            [tokens.ids[i] for i in chosen], width, config.batch_size, pad_id
-        )
-        return {"ids": ids, "lengths": lengths, "targets": targets[chosen]}
-
-    rows = shd.local_rows(lengths_sharding, (config.batch_size,))
-
-    def feed(batch: dict) -> dict:
-        return {
-            "ids": shd.global_batch(batch["ids"][rows], rows_sharding, config.batch_size),
-            "lengths": shd.global_batch(
-                batch["lengths"][rows], lengths_sharding, config.batch_size
-            ),
-            "targets": shd.global_batch(batch["targets"][rows], rows_sharding, config.batch_size),
-        }
-
-    losses = []
-    state = run_steps(
-        state,
-        step_fn,
-        batch_at,
-        feed,
-        start=0,
-        stop=config.steps,
-        hooks=(Every(1, lambda out: losses.append(out.metrics)),),
-        desc="train-adapter",
-        progress=progress,
-    )
-    final_loss = float(np.mean(jax.device_get(losses[-10:]))) if losses else float("nan")
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        mdl.export_model(shd.gather(state["params"]), spec, loaded.tokenizer, tmp / "model")
-        info = AdapterSummary(
-            pool=store.manifest["pool"],
-            selection=_selection_record(selection),
-            steps=config.steps,
-            config=config.to_dict(),
-            train_pairs=len(texts),
-            final_loss=final_loss,
-            truncated=tokens.truncated,
-            seconds=round(time.perf_counter() - started, 2),
-        )
-        (tmp / ADAPTER_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+    if shd.is_writer():
+        with atomic_path(Path(out_dir) / ADAPTER_FILE) as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
     return info
-
-
-def _train_step(trainable: Trainable):
-    graphdef, tx = trainable.graphdef, trainable.tx
-
-    def step(state, batch):
-        def loss_fn(params):
-            logits = mdl.apply(graphdef, params, batch["ids"], batch["lengths"]).astype(jnp.float32)
-            return optax.sigmoid_binary_cross_entropy(logits, batch["targets"]).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        return {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-        }, loss
-
-    return jax.jit(
-        step,
-        in_shardings=(trainable.state_shardings, None),
-        out_shardings=(trainable.state_shardings, shd.replicated(trainable.mesh)),
-        donate_argnums=0,
-    )
 
 
 def is_trained(
@@ -240,7 +281,7 @@ def is_trained(
     config = make_config(config) if isinstance(config, dict) else config
     return (
         info.pool == store.manifest["pool"]
-        and info.train_pairs == store.n_pairs
+        and info.train_pairs + info.held_out_pairs == store.n_pairs
         and info.config == config.to_dict()
         and info.selection == _selection_record(selection.resolved(store))
     )

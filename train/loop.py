@@ -1,9 +1,10 @@
-"""The training loop both trainers share: one jitted step after another, periodic hooks between.
+"""The training loop: one jitted step after another, periodic hooks between.
 
-A trainer is set up → loop → finish (the shape of MaxText's train loop and Flax's gemma
-example). Setup builds the state and a step function; :func:`run_steps` runs steps and calls
-each :class:`Every` hook on its period (checkpointing, logging, evaluation); finish exports.
-A hook may return a dict, shown as the progress bar's postfix.
+The trainer (train.trainer, whatever its task) is set up → loop → finish (the shape of MaxText's
+train loop and Flax's gemma example). Setup builds the state and a step function;
+:func:`run_steps` runs steps and calls each :class:`Every` hook on its period (checkpointing,
+logging, evaluation); finish exports. A hook may return a dict, shown as the progress bar's
+postfix.
 """
 
 from __future__ import annotations

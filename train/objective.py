@@ -1,19 +1,104 @@
-"""The Bradley–Terry objective, its metrics, and the Optax optimizer.
+"""What a train step computes: the tasks' objectives, their metrics, and the Optax optimizer.
 
-Loss per pair: −log σ(r_c − r_r − m), computed in float32, with m an optional margin
-(``margin_scale`` × the pair's rule margin from ``dynrules select``), optionally with soft
-labels from the same margin (``label_confidence``, see :func:`bradley_terry`), and an optional reward
-centering term ``center_coef · mean((r_c + r_r)²)`` that keeps rewards near zero mean
-(TRL's ``center_rewards_coefficient``).
+An objective turns the model's outputs for a micro-batch of training examples into a loss and
+metric sums (train.trainer runs it; :class:`Objective` says what it must provide):
 
-Metrics are returned as sums over pairs, so micro-batches and hosts combine exactly.
+- :class:`BradleyTerry` (the reward model): loss per pair −log σ(r_c − r_r − m), computed in
+  float32, with m an optional margin (``margin_scale`` × the pair's rule margin from
+  ``dynrules select``), optionally with soft labels from the same margin (``label_confidence``,
+  see :func:`bradley_terry`), and an optional reward centering term
+  ``center_coef · mean((r_c + r_r)²)`` that keeps rewards near zero mean (TRL's
+  ``center_rewards_coefficient``).
+- :class:`MultiLabelBCE` (the rule adapter): binary cross-entropy of one logit per rule against
+  the oracle's multi-hot top-k set, and precision@k of the k largest logits.
+
+Metrics are returned as sums over examples, so micro-batches and hosts combine exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
 import jax
 import jax.numpy as jnp
 import optax
+
+if TYPE_CHECKING:
+    from dynrules.train.config import TrainConfig
+
+
+class Objective(Protocol):
+    """A task's loss over model outputs, and the metrics it logs."""
+
+    texts_per_example: int  # texts one training example reads (a pair: chosen, rejected)
+    label_dims: Mapping[str, int]  # a batch's label arrays → their dimensions per example
+    headline: str  # the metric the progress bar shows beside the loss
+
+    def loss(
+        self, outputs: jax.Array, labels: dict[str, jax.Array], config: TrainConfig
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(mean loss, metric sums) of a micro-batch; ``outputs`` [model outputs, examples,
+        texts_per_example]. The sums hold ``pairs`` (examples) and ``loss``."""
+        ...
+
+    def summarize(self, sums: dict) -> dict[str, float]:
+        """Metric sums (of any number of micro-batches) → the logged metrics."""
+        ...
+
+
+class BradleyTerry:
+    """The reward model's objective: a pair's chosen and rejected rewards, its rule margin."""
+
+    texts_per_example = 2
+    label_dims = {"margins": 0}
+    headline = "accuracy"
+
+    def loss(self, outputs, labels, config):
+        return bradley_terry(
+            outputs[0][:, 0],
+            outputs[0][:, 1],
+            labels["margins"],
+            margin_scale=config.margin_scale,
+            label_confidence=config.label_confidence,
+            center_coef=config.center_coef,
+        )
+
+    def summarize(self, sums: dict) -> dict[str, float]:
+        return summarize(sums)
+
+
+class MultiLabelBCE:
+    """The rule adapter's objective: one logit per rule against the oracle's top-k set."""
+
+    texts_per_example = 1
+    label_dims = {"targets": 1}  # multi-hot [examples, rules]
+    headline = "precision_at_k"
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def loss(self, outputs, labels, config):
+        logits = outputs[:, :, 0].T.astype(jnp.float32)  # [examples, rules]
+        targets = labels["targets"]
+        pairs = logits.shape[0]
+        # The mean over every cell equals the mean of the rows' means: micro-batches of equal
+        # size accumulate to the full batch's gradient.
+        loss = optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+        _, top = jax.lax.top_k(logits, self.k)
+        sums = {
+            "pairs": jnp.asarray(pairs, jnp.float32),
+            "loss": loss * pairs,
+            "hits": jnp.take_along_axis(targets, top, axis=1).sum(),
+        }
+        return loss, sums
+
+    def summarize(self, sums: dict) -> dict[str, float]:
+        pairs = float(sums["pairs"])
+        return {
+            "loss": float(sums["loss"]) / pairs,
+            "precision_at_k": float(sums["hits"]) / (pairs * self.k),
+        }
 
 
 def bradley_terry(

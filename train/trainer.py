@@ -1,29 +1,38 @@
-"""Reward-model training: data order, sharded train step, checkpoints, metrics, export.
+"""One trainer, pluggable tasks: data order, sharded train step, checkpoints, metrics, export.
+
+A task is what is trained: the reward model (:class:`RewardModelTask`: Bradley–Terry on
+preference pairs, ``dynrules train-rm``) or the rule adapter (train.adapter: the oracle's top-k
+rules of a rating store, ``dynrules train-adapter``). A task supplies its training examples, its
+held-out evaluation and its objective (train.objective: loss and metric sums from the model's
+outputs); everything else is shared — setup, the loop (train.loop), checkpoints, resume,
+evaluation, packing, gradient accumulation, several processes and export — so every task
+honours every TrainConfig key, or refuses one it cannot (:meth:`Task.validate`).
 
 A run directory holds::
 
-    run.json        config, model spec, data fingerprint: what a resume must match
+    run.json        task, config, model spec, data fingerprint: what a resume must match
     checkpoints/    Orbax steps (params, optimizer state, step; meta with data position)
     metrics.jsonl   one record per log/eval point, written by process 0
     model/          the final model (safetensors + config.json + tokenizer.json)
     summary.json    final train/eval metrics and truncation counts
 
 Determinism: the data order is a function of (seed, step) only: epoch e is the permutation
-``default_rng([seed, e])`` of the training pairs and step s takes the next ``batch_size``
-pairs of that endless sequence. So a run resumed from the checkpoint at step s computes the
+``default_rng([seed, e])`` of the training examples and step s takes the next ``batch_size``
+examples of that endless sequence. So a run resumed from the checkpoint at step s computes the
 same steps s+1… as an uninterrupted one and reaches the same parameters.
 
 The train step is one jitted function with explicit in/out shardings and the state donated:
-the global batch [grad_accum, pairs, 2, time] is split over ('data', 'fsdp') on the pairs
-axis (each pair's chosen and rejected texts stay on one device), and gradient accumulation
-is a ``lax.scan`` over micro-batches inside it.
+the global batch [grad_accum, examples, texts, time] (a reward model's example is a pair: its
+chosen and rejected texts; an adapter's is one text) is split over ('data', 'fsdp') on the
+examples axis (an example's texts stay on one device), and gradient accumulation is a
+``lax.scan`` over micro-batches inside it.
 
 With ``packing`` (the default) a micro-batch's texts are packed into rows instead
 (kernels.packing, first-fit decreasing): [grad_accum, rows, width] ids, segment ids and
-positions, split over ('data', 'fsdp') on the rows axis, and each pair's chosen and rejected
-slot (replicated). The width is the length bucket of the step's longest text, so a step
-compiles once per (bucket, row count), as an unpacked step does per bucket; a text's reward
-does not depend on what shares its row.
+positions, split over ('data', 'fsdp') on the rows axis, and each example's text slots
+(replicated). The width is the length bucket of the step's longest text, so a step compiles
+once per (bucket, row count), as an unpacked step does per bucket; a text's output does not
+depend on what shares its row.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -50,20 +60,21 @@ from dynrules.train.config import TrainConfig, load_config, make_config
 from dynrules.train.data import Pair, load_preferences, preferences_fingerprint
 from dynrules.train.evaluate import pair_report
 from dynrules.train.loop import Every, StepOutput, run_steps
-from dynrules.train.objective import bradley_terry, make_optimizer, make_schedule, summarize
+from dynrules.train.objective import BradleyTerry, Objective, make_optimizer, make_schedule
 from dynrules.train.tokens import SharedTokens
 
 RUN_FILE = "run.json"
+REWARD_MODEL = "reward-model"  # run.json's task; a run saved before tasks existed is this one
 
 
 @dataclasses.dataclass
 class RunResult:
-    """What a finished (or already complete) run reports (``dynrules train-rm``).
+    """What a finished (or already complete) run reports (``dynrules train-rm``; adapter.json).
 
     ``steps`` trained in all, ``resumed_from`` the checkpoint step this call started from (None:
-    from scratch); ``train`` the last logged training metrics (loss, accuracy, pairs/s, …),
-    ``eval`` the held-out report (None without held-out pairs), ``truncated`` the texts cut to
-    max_length in the ``train`` and ``eval`` sets.
+    from scratch); ``train`` the last logged training metrics (loss, accuracy, pairs/s, …; an
+    earlier call's when no step was left), ``eval`` the held-out report (None without held-out
+    pairs), ``truncated`` the texts cut to max_length in the ``train`` and ``eval`` sets.
     """
 
     run_dir: Path
@@ -87,30 +98,88 @@ class RunResult:
         }
 
 
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclasses.dataclass
+class Examples:
+    """A task's training examples: ``texts_per_example`` texts each, in order, and their labels
+    (arrays with one row per example, named as the objective's ``label_dims``)."""
+
+    texts: list[str]
+    labels: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """Held-out texts, and the report that their model outputs [texts, outputs] make."""
+
+    texts: list[str]
+    report: Callable[[np.ndarray], dict]
+
+
+class Task(Protocol):
+    """What the trainer trains: data, objective and evaluation of one kind of model."""
+
+    name: str  # run.json's "task" (a run resumes only as the same task); the progress bar's label
+    objective: Objective
+    num_outputs: int  # the head's outputs
+    chat: bool  # a decoder reads the texts through its chat template (when it has one)
+
+    def validate(self, config: TrainConfig) -> None:
+        """Raise DynrulesError for a config key this task cannot honour."""
+        ...
+
+    def fingerprint(self) -> str:
+        """A hash of the task's data: a run resumes only on the same data."""
+        ...
+
+    def split(self, config: TrainConfig, render) -> tuple[Examples, HeldOut | None]:
+        """Training examples and the held-out evaluation (None: nothing held out); ``render``
+        is the backbone's (prompt, response) → text."""
+        ...
+
+
 # --------------------------------------------------------------------------- data
 
 
 @dataclasses.dataclass
-class TokenizedPairs:
-    """The pairs' texts (pair i: text 2i chosen, 2i + 1 rejected), tokenized across processes."""
+class TokenizedExamples:
+    """Training examples' texts, tokenized across processes (example i: texts per·i … per·i +
+    per − 1, per = ``texts_per_example``), and their labels."""
 
     texts: SharedTokens
-    margins: np.ndarray
-
-    @classmethod
-    def build(
-        cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int, render=format_text
-    ) -> TokenizedPairs:
-        texts = [text for pair in pairs for text in pair.texts(render)]
-        margins = np.array([p.margin for p in pairs], np.float32)
-        return cls(SharedTokens(texts, tokenizer, max_length), margins)
+    labels: dict[str, np.ndarray]
+    texts_per_example: int
 
     @property
     def truncated(self) -> int:
         return self.texts.truncated
 
     def __len__(self) -> int:
-        return len(self.margins)
+        return len(self.texts) // self.texts_per_example
+
+    def texts_of(self, examples: np.ndarray) -> np.ndarray:
+        """Text indices of examples: each example's texts in turn."""
+        per = self.texts_per_example
+        return (per * np.asarray(examples)[:, None] + np.arange(per)).ravel()
+
+
+class TokenizedPairs(TokenizedExamples):
+    """Preference pairs as reward-model examples (pair i: text 2i chosen, 2i + 1 rejected)."""
+
+    @classmethod
+    def build(
+        cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int, render=format_text
+    ) -> TokenizedPairs:
+        examples = pair_examples(pairs, render)
+        return cls(SharedTokens(examples.texts, tokenizer, max_length), examples.labels, 2)
+
+
+def pair_examples(pairs: list[Pair], render) -> Examples:
+    """Each pair's chosen and rejected texts, labelled with its rule margin."""
+    texts = [text for pair in pairs for text in pair.texts(render)]
+    return Examples(texts, {"margins": np.array([p.margin for p in pairs], np.float32)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,19 +193,19 @@ class RowLayout:
     local: Callable[[int], np.ndarray] = np.arange
 
 
-class PairBatches:
+class ExampleBatches:
     """The batch of any step as a pure function of (seed, step) — this process's rows of it.
 
-    The global batch of a step is the same whatever the process count; ``rows`` are the pair
+    The global batch of a step is the same whatever the process count; ``rows`` are the example
     positions of each micro-batch this process supplies (:meth:`Trainable.local_rows`; default
-    all). Its padded width comes from every pair's length, so all processes agree on it. With
-    ``packing`` a micro-batch's texts are packed into rows of that width instead; every process
-    plans the same rows from the lengths and fills its own (``packing.local``).
+    all). Its padded width comes from every example's length, so all processes agree on it.
+    With ``packing`` a micro-batch's texts are packed into rows of that width instead; every
+    process plans the same rows from the lengths and fills its own (``packing.local``).
     """
 
     def __init__(
         self,
-        tokens: TokenizedPairs,
+        tokens: TokenizedExamples,
         *,
         seed: int,
         batch_size: int,
@@ -163,51 +232,54 @@ class PairBatches:
         return self._epochs[epoch]
 
     def indices(self, step: int) -> np.ndarray:
-        """Pair indices of the step's global batch."""
+        """Example indices of the step's global batch."""
         n = len(self.tokens)
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return np.array([self._epoch(p // n)[p % n] for p in positions])
 
     def tokens_in(self, step: int) -> int:
-        """Real tokens in the step's global batch (chosen and rejected)."""
-        return int(self.tokens.texts.lengths[_texts_of(self.indices(step))].sum())
+        """Real tokens in the step's global batch (every text of every example)."""
+        return int(self.tokens.texts.lengths[self.tokens.texts_of(self.indices(step))].sum())
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Arrays shaped [grad_accum, rows, 2, time], lengths and margins: this process's rows
-        (packed: :meth:`packed_batch`)."""
+        """Arrays shaped [grad_accum, rows, texts, time], lengths and the labels [grad_accum,
+        rows, …]: this process's rows (packed: :meth:`packed_batch`)."""
         everything = self.indices(step)
-        longest = int(self.tokens.texts.lengths[_texts_of(everything)].max())
+        texts_of = self.tokens.texts_of
+        longest = int(self.tokens.texts.lengths[texts_of(everything)].max())
         width = tok.bucket_for(longest, self.buckets)  # the same on every process
         if self.packing is not None:
             return self.packed_batch(everything, width)
         index = everything.reshape(self.grad_accum, self.micro)[:, self.rows].ravel()
-        seqs = self.tokens.texts.ids(_texts_of(index).tolist())
+        seqs = self.tokens.texts.ids(texts_of(index).tolist())
         ids, lengths = tok.pad_batch(seqs, width, len(seqs), self.pad_id)
-        rows = len(self.rows)
-        return {
-            "ids": ids.reshape(self.grad_accum, rows, 2, width),
-            "lengths": lengths.reshape(self.grad_accum, rows, 2),
-            "margins": self.tokens.margins[index].reshape(self.grad_accum, rows),
+        shape = (self.grad_accum, len(self.rows), self.tokens.texts_per_example)
+        labels = {
+            key: values[index].reshape(*shape[:2], *values.shape[1:])
+            for key, values in self.tokens.labels.items()
         }
+        return {"ids": ids.reshape(*shape, width), "lengths": lengths.reshape(shape)} | labels
 
     def packed_batch(self, everything: np.ndarray, width: int) -> dict[str, np.ndarray]:
-        """Packed rows of the step's pairs ``everything``: [grad_accum, rows, width] ``ids``,
-        ``segments`` and ``positions`` (this process's rows), each pair's ``chosen`` and
-        ``rejected`` slot (row · slots + segment − 1) and ``margins`` [grad_accum, pairs] (every
-        pair), and ``rows``, the global row count: the most any micro-batch needs, rounded up
-        to the layout's multiple (spare rows are all padding)."""
+        """Packed rows of the step's examples ``everything``: [grad_accum, rows, width] ``ids``,
+        ``segments`` and ``positions`` (this process's rows), each example's text ``slots``
+        (row · slots + segment − 1) [grad_accum, examples, texts] and labels [grad_accum,
+        examples, …] (every example), and ``rows``, the global row count: the most any
+        micro-batch needs, rounded up to the layout's multiple (spare rows are all padding)."""
         layout = self.packing
         lengths = self.tokens.texts.lengths
-        micro_pairs = everything.reshape(self.grad_accum, self.micro)
+        texts_of = self.tokens.texts_of
+        micro_examples = everything.reshape(self.grad_accum, self.micro)
         plans = [
-            packing.pack(lengths[_texts_of(pairs)], width, layout.slots) for pairs in micro_pairs
+            packing.pack(lengths[texts_of(examples)], width, layout.slots)
+            for examples in micro_examples
         ]
         rows = -(-max(plan.rows for plan in plans) // layout.multiple) * layout.multiple
         local = np.asarray(layout.local(rows))
         arrays, slots = [], []
-        for pairs, plan in zip(micro_pairs, plans, strict=True):
+        for examples, plan in zip(micro_examples, plans, strict=True):
             mine = np.flatnonzero(np.isin(plan.row, local))
-            seqs = self.tokens.texts.ids(_texts_of(pairs)[mine].tolist())
+            seqs = self.tokens.texts.ids(texts_of(examples)[mine].tolist())
             arrays.append(
                 tok.pack_batch(
                     seqs,
@@ -219,25 +291,18 @@ class PairBatches:
                 )
             )
             slots.append((plan.row * layout.slots + plan.segment - 1).astype(np.int32))
-        slots = np.stack(slots)
         batch = {key: np.stack([a[key] for a in arrays]) for key in arrays[0]}
-        return batch | {
-            "chosen": slots[:, 0::2],
-            "rejected": slots[:, 1::2],
-            "margins": self.tokens.margins[micro_pairs],
-            "rows": rows,
-        }
+        labels = {key: values[micro_examples] for key, values in self.tokens.labels.items()}
+        slots = np.stack(slots).reshape(self.grad_accum, self.micro, -1)
+        return batch | {"slots": slots} | labels | {"rows": rows}
 
 
-def _texts_of(pairs: np.ndarray) -> np.ndarray:
-    """Text indices of pairs: chosen and rejected of each pair in turn."""
-    return np.stack([2 * pairs, 2 * pairs + 1], axis=1).ravel()
-
+PairBatches = ExampleBatches  # the reward model's batches: its examples are pairs
 
 PACKED_ROWS = ("ids", "segments", "positions")  # a packed batch's arrays split by row
 
 
-def split_held_out(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+def split_held_out(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, held out): a seeded random ``fraction`` of the pairs, at least one left to train."""
     count = min(int(round(len(pairs) * fraction)), len(pairs) - 1)
     if count <= 0:
@@ -262,15 +327,20 @@ class Trainable:
     abstract_state: dict
     packed: bool = False  # batches of packed rows (config.packing)
     slots: int = 1  # texts a packed row holds at most
+    objective: Objective = dataclasses.field(default_factory=BradleyTerry)
 
     @classmethod
-    def build(cls, spec: mdl.ModelSpec, config: TrainConfig, mesh) -> Trainable:
-        """Structure, optimizer and the abstract sharded state for ``spec`` on ``mesh``.
+    def build(
+        cls, spec: mdl.ModelSpec, config: TrainConfig, mesh, objective: Objective | None = None
+    ) -> Trainable:
+        """Structure, optimizer and the abstract sharded state for ``spec`` on ``mesh``, with
+        ``objective``'s loss (default: the reward model's Bradley–Terry).
 
         Nothing is allocated: ``abstract_state`` holds ``ShapeDtypeStruct``s with shardings,
         enough to restore a checkpoint into, or to lower and compile :meth:`train_step`
         ahead of time for a mesh of devices that are not here.
         """
+        objective = objective or BradleyTerry()
         graphdef, abstract = mdl.abstract_model(
             spec,
             dtype=mdl.COMPUTE_DTYPES[config.dtype],
@@ -311,8 +381,19 @@ class Trainable:
             ),
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         }
-        slots = min(tok.ROW_SEGMENTS, 2 * (config.batch_size // config.grad_accum))
-        return cls(graphdef, tx, schedule, mesh, shardings, abstract_state, config.packing, slots)
+        micro = config.batch_size // config.grad_accum
+        slots = min(tok.ROW_SEGMENTS, objective.texts_per_example * micro)
+        return cls(
+            graphdef,
+            tx,
+            schedule,
+            mesh,
+            shardings,
+            abstract_state,
+            config.packing,
+            slots,
+            objective,
+        )
 
     def initial_state(self, host_params: dict) -> dict:
         """Params placed shard by shard from host arrays or lazy checkpoint views; optimizer
@@ -323,31 +404,22 @@ class Trainable:
         return {"params": params, "opt_state": opt_state, "step": step}
 
     def batch_shardings(self) -> dict:
-        pairs = shd.LOGICAL_AXIS_RULES["batch"]
-        spec = jax.sharding.PartitionSpec
-        named = jax.sharding.NamedSharding
-        if self.packed:  # rows split over the batch shards; the pairs' slots everywhere
-            rows, everywhere = named(self.mesh, spec(None, pairs, None)), shd.replicated(self.mesh)
-            return {
-                "ids": rows,
-                "segments": rows,
-                "positions": rows,
-                "chosen": everywhere,
-                "rejected": everywhere,
-                "margins": everywhere,
-            }
+        label_dims = self.objective.label_dims
+        if self.packed:  # rows split over the batch shards; slots and labels everywhere
+            rows, everywhere = shd.batch_sharding(self.mesh, 3, 1), shd.replicated(self.mesh)
+            shardings = {"ids": rows, "segments": rows, "positions": rows, "slots": everywhere}
+            return shardings | {key: everywhere for key in label_dims}
         return {
-            "ids": named(self.mesh, spec(None, pairs, None, None)),
-            "lengths": named(self.mesh, spec(None, pairs, None)),
-            "margins": named(self.mesh, spec(None, pairs)),
-        }
+            "ids": shd.batch_sharding(self.mesh, 4, 1),
+            "lengths": shd.batch_sharding(self.mesh, 3, 1),
+        } | {key: shd.batch_sharding(self.mesh, 2 + dims, 1) for key, dims in label_dims.items()}
 
     def local_rows(self, micro: int) -> np.ndarray:
-        """Pair positions of a ``micro``-pair micro-batch that this process supplies."""
-        return shd.local_rows(self.batch_shardings()["margins"], (1, micro), dim=1)
+        """Example positions of a ``micro``-example micro-batch that this process supplies."""
+        return shd.local_rows(shd.batch_sharding(self.mesh, 2, 1), (1, micro), dim=1)
 
     def row_layout(self) -> RowLayout:
-        """The packed rows' layout for :class:`PairBatches` on this mesh."""
+        """The packed rows' layout for :class:`ExampleBatches` on this mesh."""
         rows_sharding = self.batch_shardings()["ids"]
         return RowLayout(
             self.slots,
@@ -358,9 +430,9 @@ class Trainable:
     def global_batch(
         self, batch: dict[str, np.ndarray], micro: int | None = None
     ) -> dict[str, jax.Array]:
-        """This process's rows (:meth:`local_rows`) → global arrays of ``micro`` pairs a
+        """This process's rows (:meth:`local_rows`) → global arrays of ``micro`` examples a
         micro-batch (default: the rows are all of them, as on one process). A packed batch
-        names its global row count (``rows``); its slots and margins are whole everywhere."""
+        names its global row count (``rows``); its slots and labels are whole everywhere."""
         sharding = self.batch_shardings()
         if self.packed:
             rows = int(batch["rows"])
@@ -371,42 +443,38 @@ class Trainable:
                 for k, v in batch.items()
                 if k != "rows"
             }
-        micro = batch["margins"].shape[1] if micro is None else micro
+        micro = batch["ids"].shape[1] if micro is None else micro
         return {k: shd.global_batch(v, sharding[k], micro, batch_dim=1) for k, v in batch.items()}
 
     def micro_loss(self, config: TrainConfig):
-        """loss(params, micro-batch) → (mean Bradley–Terry loss, metric sums)."""
-        graphdef, slots = self.graphdef, self.slots
+        """loss(params, micro-batch) → (the objective's mean loss, metric sums)."""
+        graphdef, slots, objective = self.graphdef, self.slots, self.objective
 
-        def rewards_packed(params, micro):
+        def outputs_packed(params, micro):
             logits = mdl.apply_packed(
                 graphdef, params, micro["ids"], micro["segments"], micro["positions"], slots
             )
-            rewards = logits[..., 0].reshape(-1)  # slot (row, s) at row · slots + s
-            return rewards[micro["chosen"]], rewards[micro["rejected"]]
+            # Slot (row, s) is at row · slots + s.
+            by_output = jnp.moveaxis(logits, -1, 0).reshape(logits.shape[-1], -1)
+            return by_output[:, micro["slots"]]
 
-        def rewards_unpacked(params, micro):
-            pairs, _, width = micro["ids"].shape
-            rewards = mdl.apply(
+        def outputs_unpacked(params, micro):
+            examples, texts, width = micro["ids"].shape
+            logits = mdl.apply(
                 graphdef,
                 params,
-                micro["ids"].reshape(pairs * 2, width),
-                micro["lengths"].reshape(pairs * 2),
-            )[:, 0].reshape(pairs, 2)
-            return rewards[:, 0], rewards[:, 1]
-
-        rewards_of = rewards_packed if self.packed else rewards_unpacked
-
-        def loss(params, micro):
-            chosen, rejected = rewards_of(params, micro)
-            return bradley_terry(
-                chosen,
-                rejected,
-                micro["margins"],
-                margin_scale=config.margin_scale,
-                label_confidence=config.label_confidence,
-                center_coef=config.center_coef,
+                micro["ids"].reshape(examples * texts, width),
+                micro["lengths"].reshape(examples * texts),
             )
+            return jnp.moveaxis(logits, -1, 0).reshape(-1, examples, texts)
+
+        outputs_of = outputs_packed if self.packed else outputs_unpacked
+
+        # Outputs first, [outputs, examples, texts]: a reward model reads its rewards as one
+        # [examples, texts] slice, the graph its step always had, so its updates stay bit-exact.
+        def loss(params, micro):
+            labels = {key: micro[key] for key in objective.label_dims}
+            return objective.loss(outputs_of(params, micro), labels, config)
 
         return loss
 
@@ -469,9 +537,18 @@ def resolve_config(
 
 
 def _check_resume(
-    saved: dict, config: TrainConfig, spec: mdl.ModelSpec, data_hash: str, run_dir: Path
+    saved: dict,
+    config: TrainConfig,
+    spec: mdl.ModelSpec,
+    data_hash: str,
+    run_dir: Path,
+    task: str = REWARD_MODEL,
 ):
-    if saved["model"] != spec.to_dict():
+    saved_task = saved.get("task", REWARD_MODEL)
+    if saved_task != task:
+        raise DynrulesError(f"{run_dir} is a {saved_task} run, not a {task} run; use a new --out")
+    # Read back through ModelSpec: a spec saved before a key was added takes its old default.
+    if mdl.ModelSpec.from_dict(saved["model"]).to_dict() != spec.to_dict():
         raise DynrulesError(
             f"{run_dir}: its checkpoints are from another model ({saved.get('checkpoint')})"
         )
@@ -500,14 +577,25 @@ def _write_json(path: Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def _last_record(run_dir: Path, split: str) -> dict:
+    """The last ``split`` record of metrics.jsonl, without its split and step ({}: none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    last = next((r for r in reversed(records) if r["split"] == split), {})
+    return {k: v for k, v in last.items() if k not in ("split", "step")}
+
+
 # --------------------------------------------------------------------------- the run
 
 
 @dataclasses.dataclass
-class _RewardRun:
+class _Run:
     """Everything set up for a run: what the loop and the finish phase work on."""
 
     run_dir: Path
+    task: Task
     config: TrainConfig
     spec: mdl.ModelSpec
     data_hash: str
@@ -516,8 +604,8 @@ class _RewardRun:
     state: dict
     resumed_from: int | None
     backbone: mdl.Pretrained  # tokenizer, chat template and text rendering
-    train_tokens: TokenizedPairs
-    held_out: list[Pair]
+    train_tokens: TokenizedExamples
+    held_out: HeldOut | None
     is_writer: bool
 
     def record(self, split: str, step: int, values: dict) -> None:
@@ -530,65 +618,50 @@ class _RewardRun:
         return _meta(step, self.config, self.spec, self.data_hash)
 
 
-def train_reward_model(
-    pairs: str | Path | list[dict] | list[Pair],
-    out_dir: str | Path,
-    config: TrainConfig | dict | None = None,
-    *,
-    progress: bool = True,
+def train_task(
+    task: Task, out_dir: str | Path, config: TrainConfig | dict | None = None, *, progress=True
 ) -> RunResult:
-    """Train (or resume) a Bradley–Terry reward model on preference pairs.
+    """Train (or resume) ``task`` in the run directory ``out_dir``: setup → loop → finish.
 
-    Args:
-        pairs: a pairs file (JSONL/JSONL.gz/Parquet; see train.data) or the records/Pairs.
-        out_dir: the run directory. If it holds a run already, training resumes from its
-            latest checkpoint; the config must then match except for the keys in
-            ``TrainConfig.RESUMABLE_CHANGES`` (and ``config=None`` reuses the saved one).
-        config: a TrainConfig, a dict of config keys, or None (defaults / saved config).
-        progress: show a tqdm progress bar (process 0 only).
-
-    Returns:
-        RunResult with the exported model directory (``out_dir/model``) and final metrics.
+    If ``out_dir`` holds a run of the task already, training resumes from its latest
+    checkpoint; the config must then match except for the keys in
+    ``TrainConfig.RESUMABLE_CHANGES`` (and ``config=None`` reuses the saved one).
+    ``progress`` shows a tqdm progress bar (process 0 only).
     """
-    run = _setup(pairs, Path(out_dir), config)
+    run = _setup(task, Path(out_dir), config)
     evaluator = _Evaluator(run)
     train_metrics = _loop(run, evaluator, progress=progress)
     return _finish(run, evaluator, train_metrics)
 
 
-def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRun:
+def _setup(task: Task, run_dir: Path, config: TrainConfig | dict | None) -> _Run:
     """Config, data, model, mesh and state — restored from the last checkpoint when resuming."""
     saved = _read_run(run_dir)
     if config is None:
         config = make_config(saved["config"]) if saved else TrainConfig()
     elif isinstance(config, dict):
         config = make_config(config)
+    task.validate(config)
     shd.join_job(config.distributed)
 
-    pairs = (
-        pairs
-        if isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)
-        else load_preferences(pairs)
-    )
-    data_hash = preferences_fingerprint(pairs)
+    data_hash = task.fingerprint()
     loaded = mdl.pretrained(
         config.backbone,
         config.model,
-        num_outputs=1,
+        num_outputs=task.num_outputs,
         pooling=config.pooling,
         max_length=config.max_length,
         seed=config.seed,
         param_dtype=config.param_dtype,
+        chat=task.chat,
+        truncation=config.truncation,
     )
     spec = loaded.spec
     if saved is not None:
-        _check_resume(saved, config, spec, data_hash, run_dir)
+        _check_resume(saved, config, spec, data_hash, run_dir, task.name)
     shd.barrier("dynrules-run-read")  # every process has read the run before process 0 writes
 
-    if config.eval_data:
-        train_pairs, held_out = pairs, load_preferences(config.eval_data)
-    else:
-        train_pairs, held_out = split_held_out(pairs, config.eval_fraction, config.seed)
+    examples, held_out = task.split(config, loaded.render)
 
     mesh = shd.make_mesh(config.mesh)
     micro = config.batch_size // config.grad_accum
@@ -598,7 +671,7 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
             f"config: batch_size/grad_accum = {micro} pairs must be a multiple of the "
             f"{shards} batch shards of mesh {shd.mesh_description(mesh)}"
         )
-    trainable = Trainable.build(spec, config, mesh)
+    trainable = Trainable.build(spec, config, mesh, task.objective)
     checkpointer = Checkpointer(
         run_dir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints
     )
@@ -607,6 +680,7 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
         _write_json(
             run_dir / RUN_FILE,
             {
+                "task": task.name,
                 "config": config.to_dict(),
                 "model": spec.to_dict(),
                 "data": data_hash,
@@ -630,11 +704,14 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
             raise DynrulesError(
                 f"{run_dir}: already at step {resumed_from}, beyond steps={config.steps}"
             )
-    train_tokens = TokenizedPairs.build(
-        train_pairs, loaded.tokenizer, spec.max_length, loaded.render
+    train_tokens = TokenizedExamples(
+        SharedTokens(examples.texts, loaded.tokenizer, spec.max_length),
+        examples.labels,
+        task.objective.texts_per_example,
     )
-    return _RewardRun(
+    return _Run(
         run_dir,
+        task,
         config,
         spec,
         data_hash,
@@ -650,9 +727,9 @@ def _setup(pairs, run_dir: Path, config: TrainConfig | dict | None) -> _RewardRu
 
 
 class _Evaluator:
-    """Held-out pairwise accuracy and loss with the current parameters (None without held-out)."""
+    """The held-out report with the current parameters (None without held-out examples)."""
 
-    def __init__(self, run: _RewardRun):
+    def __init__(self, run: _Run):
         from dynrules.train.scoring import Scorer
 
         self.run = run
@@ -663,33 +740,31 @@ class _Evaluator:
             run.backbone.tokenizer,
             run.trainable.mesh,
             max_length=run.spec.max_length,
-            batch_size=max(micro * 2, 16),
+            batch_size=max(micro * run.task.objective.texts_per_example, 16),
             packing=run.config.packing,
         )
-        render = run.backbone.render
-        self.texts = [text for pair in run.held_out for text in pair.texts(render)]
 
     def __call__(self, step: int, params) -> dict | None:
-        if not self.run.held_out:
+        held_out = self.run.held_out
+        if held_out is None:
             return None
         self.scorer.params = params
         self.scorer.truncated = 0
-        rewards = self.scorer.rewards(self.texts)
-        report = dataclasses.asdict(pair_report(self.run.held_out, rewards[0::2], rewards[1::2]))
-        report["loss"] = float(np.logaddexp(0.0, -(rewards[0::2] - rewards[1::2])).mean())
+        report = held_out.report(self.scorer(held_out.texts))
         report["truncated"] = self.scorer.truncated
         self.run.record("eval", step, report)
         return report
 
 
-def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
-    """Steps from the resumed position to ``config.steps``; returns the last logged train metrics."""
-    config, trainable = run.config, run.trainable
+def _loop(run: _Run, evaluate: _Evaluator, *, progress: bool) -> dict:
+    """Steps from the resumed position to ``config.steps``; returns the last logged train metrics
+    (those of an earlier call when no step is left)."""
+    config, trainable, objective = run.config, run.trainable, run.task.objective
     start = int(run.resumed_from or 0)
     if start >= config.steps:
-        return {}
+        return _last_record(run.run_dir, "train")
     micro = config.batch_size // config.grad_accum
-    batches = PairBatches(
+    batches = ExampleBatches(
         run.train_tokens,
         seed=config.seed,
         batch_size=config.batch_size,
@@ -715,7 +790,7 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
         elapsed = time.perf_counter() - window["clock"]
         logged.clear()
         logged.update(
-            summarize(totals)
+            objective.summarize(totals)
             | {
                 "grad_norm": totals["grad_norm"] / len(sums),
                 "learning_rate": float(trainable.schedule(out.step - 1)),
@@ -725,7 +800,7 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
         )
         run.record("train", out.step, logged)
         window.update(sums=[], tokens=0, clock=time.perf_counter())
-        return {"loss": f"{logged['loss']:.4f}", "acc": f"{logged['accuracy']:.3f}"}
+        return {key: f"{logged[key]:.4f}" for key in ("loss", objective.headline)}
 
     hooks = (
         Every(1, checkpoint),
@@ -741,7 +816,7 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
         start=start,
         stop=config.steps,
         hooks=hooks,
-        desc="train-rm",
+        desc=run.task.name,
         progress=progress and run.is_writer,
     )
     run.checkpointer.save(
@@ -753,7 +828,7 @@ def _loop(run: _RewardRun, evaluate: _Evaluator, *, progress: bool) -> dict:
     return dict(logged)
 
 
-def _finish(run: _RewardRun, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
+def _finish(run: _Run, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
     """The last checkpoint written, held-out evaluation, the exported model and summary.json."""
     run.checkpointer.wait()
     run.checkpointer.close()
@@ -762,7 +837,8 @@ def _finish(run: _RewardRun, evaluate: _Evaluator, train_metrics: dict) -> RunRe
     model_dir = run.run_dir / "model"
     params = shd.gather(run.state["params"])  # collective: every process takes part
     if run.is_writer:
-        mdl.export_model(params, run.spec, run.backbone.tokenizer, model_dir, run.backbone.chat)
+        chat = run.backbone.chat if run.task.chat else None
+        mdl.export_model(params, run.spec, run.backbone.tokenizer, model_dir, chat)
     truncated = {
         "train": run.train_tokens.truncated,
         "eval": eval_metrics["truncated"] if eval_metrics else 0,
@@ -795,3 +871,73 @@ def _meta(step: int, config: TrainConfig, spec: mdl.ModelSpec, data_hash: str) -
         "model": spec.to_dict(),
         "data": data_hash,
     }
+
+
+# --------------------------------------------------------------------------- the reward model
+
+
+class RewardModelTask:
+    """The reward model: Bradley–Terry on preference pairs, held-out pairwise accuracy.
+
+    Held out: the pairs file ``eval_data``, or a seeded ``eval_fraction`` of the pairs.
+    """
+
+    name = REWARD_MODEL
+    num_outputs = 1
+    chat = True
+
+    def __init__(self, pairs: str | Path | list[dict] | list[Pair]):
+        self.objective = BradleyTerry()
+        self.pairs = (
+            pairs
+            if isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)
+            else load_preferences(pairs)
+        )
+
+    def validate(self, config: TrainConfig) -> None:
+        """Every key applies to a reward model."""
+
+    def fingerprint(self) -> str:
+        return preferences_fingerprint(self.pairs)
+
+    def split(self, config: TrainConfig, render) -> tuple[Examples, HeldOut | None]:
+        if config.eval_data:
+            train, held = self.pairs, load_preferences(config.eval_data)
+        else:
+            train, held = split_held_out(self.pairs, config.eval_fraction, config.seed)
+        return pair_examples(train, render), _pair_evaluation(held, render) if held else None
+
+
+def _pair_evaluation(pairs: list[Pair], render) -> HeldOut:
+    """Pairwise accuracy (ties wrong) per subset and section, length baseline, mean loss."""
+
+    def report(outputs: np.ndarray) -> dict:
+        chosen, rejected = outputs[0::2, 0], outputs[1::2, 0]
+        values = dataclasses.asdict(pair_report(pairs, chosen, rejected))
+        values["loss"] = float(np.logaddexp(0.0, -(chosen - rejected)).mean())
+        return values
+
+    return HeldOut(pair_examples(pairs, render).texts, report)
+
+
+def train_reward_model(
+    pairs: str | Path | list[dict] | list[Pair],
+    out_dir: str | Path,
+    config: TrainConfig | dict | None = None,
+    *,
+    progress: bool = True,
+) -> RunResult:
+    """Train (or resume) a Bradley–Terry reward model on preference pairs.
+
+    Args:
+        pairs: a pairs file (JSONL/JSONL.gz/Parquet; see train.data) or the records/Pairs.
+        out_dir: the run directory. If it holds a run already, training resumes from its
+            latest checkpoint; the config must then match except for the keys in
+            ``TrainConfig.RESUMABLE_CHANGES`` (and ``config=None`` reuses the saved one).
+        config: a TrainConfig, a dict of config keys, or None (defaults / saved config).
+        progress: show a tqdm progress bar (process 0 only).
+
+    Returns:
+        RunResult with the exported model directory (``out_dir/model``) and final metrics.
+    """
+    return train_task(RewardModelTask(pairs), out_dir, config, progress=progress)
