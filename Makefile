@@ -39,9 +39,13 @@ integration: setup
 	$(PY) -m dynrules.benchmarks.llama_server
 	$(PY) -m dynrules.benchmarks.openrlhf_remote_rm
 
+# mypy reaches the repository root (the package) as `dynrules` through .typecheck/dynrules -> ..
+# (settings: pyproject.toml's [tool.mypy]).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	mkdir -p .typecheck && ln -sfn .. .typecheck/dynrules
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .numba_cache .pytest_cache
+	rm -rf $(VENV) .numba_cache .pytest_cache .mypy_cache .typecheck

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -37,7 +36,7 @@ from dynrules.engine.select import SelectionConfig
 from dynrules.errors import DynrulesError
 from dynrules.report import write_ablation_report, write_pipeline_report
 from dynrules.settings import option, section
-from dynrules.train.config import BACKBONES
+from dynrules.train.config import Backbone
 from dynrules.train.evaluate import Evaluation
 
 
@@ -69,9 +68,7 @@ class PipelineConfig:
     eval_every: int = option(10, "Reward-model steps between validation evaluations.")
     adapter_learning_rate: float = option(3e-4, "Rule-adapter learning rate.")
     seed: int = option(0, "Seed of data order, initialisation and sampling.")
-    backbone: Literal[BACKBONES] = option(
-        "encoder", "Backbone of the reward models and the rule adapter."
-    )
+    backbone: Backbone = option("encoder", "Backbone of the reward models and the rule adapter.")
     rm_model: str = option(
         "",
         "Their checkpoint: a BERT directory (encoder), a Hugging Face "

@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from tqdm import tqdm
@@ -35,26 +35,28 @@ from dynrules.errors import DynrulesError
 from dynrules.kernels import selection as K
 from dynrules.settings import option, section
 
-POLICIES = ("adaptive", "all", "random", "fixed")
-TIES = ("drop", "a", "b")
+Policy = Literal["adaptive", "all", "random", "fixed"]
+Ties = Literal["drop", "a", "b"]
+POLICIES: tuple[Policy, ...] = get_args(Policy)
+TIES: tuple[Ties, ...] = get_args(Ties)
 
 
 @section(frozen=True)
 class SelectionConfig:
     """How pairs are labelled: the ``selection`` section of the configuration tree."""
 
-    policy: Literal[POLICIES] = option(
+    policy: Policy = option(
         "adaptive",
         "Selection policy (the ablation-only policies zscore and greedy are `dynrules ablate`'s).",
     )
     k: int = option(5, "Rules selected per pair.")
-    criterion: Literal[tuple(K.CRITERIA)] | None = option(
+    criterion: K.Criterion | None = option(
         None, "Adaptive criterion [default: additive with relevance, else absolute]."
     )
     alpha: float = option(0.5, "Weight of |d| in the additive criterion.")
     seed: int = option(0, "Seed of the random policy.")
     rules: tuple[str, ...] = option((), "Comma-separated rule ids for the fixed policy.")
-    ties: Literal[TIES] = option(
+    ties: Ties = option(
         "drop", "Exact ties: leave out, or give to A or to B (the published behaviour)."
     )
 

@@ -38,7 +38,7 @@ there is no padding.
 """
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -48,7 +48,8 @@ from numba.extending import overload
 from .config import EXACT, PARALLEL_EXACT, ROW_BLOCK, VECTOR_BYTES
 
 ADDITIVE, PRODUCT, ABSOLUTE = 0, 1, 2
-CRITERIA = {"additive": ADDITIVE, "product": PRODUCT, "absolute": ABSOLUTE}
+Criterion = Literal["additive", "product", "absolute"]
+CRITERIA: dict[Criterion, int] = {"additive": ADDITIVE, "product": PRODUCT, "absolute": ABSOLUTE}
 
 MAX_ALPHA_DENOMINATOR = 1024
 # Largest |relevance| and |a − b| in int8 units; q·127 + p·255 must stay exact in float32.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -34,7 +35,8 @@ class TokenizedTexts:
         return np.array([len(x) for x in self.ids], np.int32)
 
 
-TRUNCATIONS = ("left", "middle")
+Truncation = Literal["left", "middle"]
+TRUNCATIONS: tuple[Truncation, ...] = get_args(Truncation)
 
 
 class TextTokenizer:

@@ -19,13 +19,15 @@ import pydantic
 from pydantic import Field
 
 from dynrules.errors import DynrulesError
-from dynrules.models.choices import ATTENTION, DTYPES, POOLINGS, REMAT
-from dynrules.models.tokenizer import TRUNCATIONS
+from dynrules.models.choices import REMAT, Attention, Dtype, Pooling, Remat
+from dynrules.models.tokenizer import Truncation
 from dynrules.settings import MeshText, Tree, load, option, section
 
-BACKBONES = ("encoder", "decoder")
+Backbone = Literal["encoder", "decoder"]
+BACKBONES: tuple[Backbone, ...] = typing.get_args(Backbone)
 REMAT_POLICIES = REMAT
-POOLING_CHOICES = ("", *POOLINGS)  # "" = the backbone's default
+PoolingChoice = Literal["", Pooling]  # "" = the backbone's default
+POOLING_CHOICES: tuple[PoolingChoice, ...] = typing.get_args(PoolingChoice)
 SCORE_BATCH_SIZE = 64  # texts per scoring batch (score, eval)
 MESH_HELP = "Device mesh, e.g. data=4,fsdp=2 [default: every device on the data axis]."
 DISTRIBUTED_HELP = (
@@ -42,7 +44,7 @@ class TrainConfig:
     batch_size: int = option(32, "Preference pairs per optimizer update (global, all devices).")
     grad_accum: int = option(1, "Micro-batches per update (batch_size must be a multiple).")
     max_length: int = option(256, "Tokens per prompt+response text; longer texts keep their end.")
-    truncation: Literal[TRUNCATIONS] = option(
+    truncation: Truncation = option(
         "left",
         "How a text over max_length is cut: left keeps its end; middle keeps its first and "
         "last halves (the request and the response's opening survive).",
@@ -55,7 +57,7 @@ class TrainConfig:
     weight_decay: float = option(0.01, "AdamW decoupled weight decay (not on biases / LayerNorm).")
     clip_norm: float = option(1.0, "Global gradient-norm clipping.")
     seed: int = option(0, "Head init and data order.")
-    pooling: Literal[POOLING_CHOICES] = option(
+    pooling: PoolingChoice = option(
         "", 'mean | last | cls (models.pooling); "" = mean (encoder), last (decoder).'
     )
     margin_scale: float = option(
@@ -67,9 +69,9 @@ class TrainConfig:
     center_coef: float = option(
         0.0, "Reward centering weight, e.g. 0.01·mean((r_c + r_r)²); 0 = off."
     )
-    dtype: Literal[DTYPES] = option("float32", "Compute dtype.")
-    param_dtype: Literal[DTYPES] = option("float32", "Storage of parameters and optimizer state.")
-    remat: Literal[REMAT] = option(
+    dtype: Dtype = option("float32", "Compute dtype.")
+    param_dtype: Dtype = option("float32", "Storage of parameters and optimizer state.")
+    remat: Remat = option(
         "none",
         "Recompute activations in the backward pass: none, full (whole layers) or dots (keep "
         "matmul outputs); true/false mean full/none.",
@@ -77,12 +79,12 @@ class TrainConfig:
     packing: bool = option(
         True, "Pack several texts a row (no padding compute); false: one text a row."
     )
-    attention: Literal[ATTENTION] = option(
+    attention: Attention = option(
         "auto",
         "Attention implementation (models.attention): auto = splash on TPU, Pallas or cuDNN on "
         "a GPU under bf16, xla otherwise.",
     )
-    backbone: Literal[BACKBONES] = option("encoder", "encoder (BERT) | decoder (Llama family).")
+    backbone: Backbone = option("encoder", "encoder (BERT) | decoder (Llama family).")
     model: str = option(
         "",
         "Checkpoint: a BERT directory (encoder), a HF directory or .gguf (decoder); "

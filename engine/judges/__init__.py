@@ -11,14 +11,25 @@
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 from dynrules.engine.judges.base import Job, JobResult, Judge, JudgeAborted, Rating
 from dynrules.engine.pool import RulePool
 from dynrules.errors import DynrulesError
 
-JUDGES = ("embedded", "openai", "jax")
+JudgeKind = Literal["embedded", "openai", "jax"]
+JUDGES: tuple[JudgeKind, ...] = get_args(JudgeKind)
 
-__all__ = ["JUDGES", "Job", "JobResult", "Judge", "JudgeAborted", "Rating", "make_judge"]
+__all__ = [
+    "JUDGES",
+    "JudgeKind",
+    "Job",
+    "JobResult",
+    "Judge",
+    "JudgeAborted",
+    "Rating",
+    "make_judge",
+]
 
 
 def make_judge(

@@ -7,11 +7,11 @@ error (``judge.top_logprobs`` with the embedded judge), not silently ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field
 
-from dynrules.engine.judges import JUDGES
+from dynrules.engine.judges import JudgeKind
 from dynrules.engine.judges.openai import (
     DEFAULT_API_KEY_ENV,
     DEFAULT_ENDPOINT,
@@ -19,12 +19,13 @@ from dynrules.engine.judges.openai import (
     DEFAULT_TIMEOUT,
     DEFAULT_TOP_LOGPROBS,
     ENDPOINTS,
+    Endpoint,
 )
 from dynrules.engine.judges.templates import DEFAULT_TEMPLATE
-from dynrules.models.choices import DTYPES
+from dynrules.models.choices import Dtype
 from dynrules.settings import MeshText, option, section
 
-ENDPOINT_NAMES = tuple(ENDPOINTS)
+ENDPOINT_NAMES: tuple[Endpoint, ...] = tuple(ENDPOINTS)
 _OPENAI = ("kind", ("openai",))
 _JAX = ("kind", ("jax",))
 _LLM = ("kind", ("openai", "jax"))
@@ -34,7 +35,7 @@ _LLM = ("kind", ("openai", "jax"))
 class JudgeConfig:
     """Which judge rates the pairs, and how (``dynrules rate`` and ``dynrules pipeline``)."""
 
-    kind: Literal[JUDGES] = option(
+    kind: JudgeKind = option(
         "embedded",
         "Offline embedded judge, an LLM behind an OpenAI-compatible API, or an LLM in process "
         "on JAX (a Llama-family instruct model).",
@@ -55,7 +56,7 @@ class JudgeConfig:
         "a variable named here must be set. The key is never printed or stored.",
         applies=_OPENAI,
     )
-    endpoint: Literal[ENDPOINT_NAMES] = option(
+    endpoint: Endpoint = option(
         DEFAULT_ENDPOINT,
         "completions batches several rule questions per request; chat sends one per request "
         "and renders the model's chat template (the one for an instruct judge).",
@@ -90,7 +91,7 @@ class JudgeConfig:
     max_retries: Annotated[int, Field(ge=0)] = option(
         DEFAULT_MAX_RETRIES, "Retries per request on 429/5xx/timeouts.", applies=_OPENAI
     )
-    dtype: Literal[DTYPES] = option(
+    dtype: Dtype = option(
         "float32", "Compute dtype of the jax judge.", flag="judge-dtype", applies=_JAX
     )
     mesh: MeshText | None = option(

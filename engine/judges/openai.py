@@ -63,6 +63,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
 
 import httpx
 import numpy as np
@@ -79,7 +80,8 @@ from dynrules.errors import DynrulesError
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
+Endpoint = Literal["completions", "chat"]
+ENDPOINTS: dict[Endpoint, str] = {"completions": "/completions", "chat": "/chat/completions"}
 RETRY_AFTER_CAP = 300.0  # seconds: longest Retry-After honoured as given
 TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
 DEFAULT_PROMPTS_PER_REQUEST = 64
