@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +58,7 @@ class BertConfig:
         return {"architectures": ["BertModel"], "model_type": "bert", **dataclasses.asdict(self)}
 
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
@@ -156,6 +158,13 @@ class BertEncoder(nnx.Module):
     uses its mesh only to run the attention kernels shard by shard.
     """
 
+    if TYPE_CHECKING:  # set in __init__, one per entry of param_shapes (the layers aside)
+        word_embeddings: nnx.Param
+        position_embeddings: nnx.Param
+        token_type_embeddings: nnx.Param
+        embeddings_ln_scale: nnx.Param
+        embeddings_ln_bias: nnx.Param
+
     def __init__(
         self,
         config: BertConfig,
@@ -175,7 +184,7 @@ class BertEncoder(nnx.Module):
         self.attention = attention
         self.constrain = constrain
         # A policy name (models.choices.REMAT), or a bool: True recomputes whole layers.
-        self.remat = {True: "full", False: "none"}.get(remat, remat)
+        self.remat = remat if isinstance(remat, str) else ("full" if remat else "none")
         if self.remat not in REMAT:
             raise DynrulesError(f"remat must be one of {', '.join(REMAT)}, got {remat!r}")
         for name, shape in param_shapes(config).items():
@@ -197,6 +206,7 @@ class BertEncoder(nnx.Module):
         if segments is None:  # one text a row: padded keys are masked
             position_embeddings = self.position_embeddings[...][:time][None]
         else:  # packed rows: a token sees its own segment only
+            assert positions is not None, "packed rows need their positions"
             position_embeddings = jnp.take(self.position_embeddings[...], positions, axis=0)
         attention = functools.partial(
             attend,
@@ -218,7 +228,9 @@ class BertEncoder(nnx.Module):
             config.layer_norm_eps,
         )
         layer_params = {name: getattr(self.layers, name)[...] for name in _LAYER_AXES}
-        step = functools.partial(_layer, config=config, attention=attention, dtype=self.dtype)
+        step: Callable[..., jax.Array] = functools.partial(
+            _layer, config=config, attention=attention, dtype=self.dtype
+        )
         if self.remat == "full":
             step = jax.checkpoint(step)  # keep nothing: recompute the whole layer
         elif self.remat == "dots":  # keep the matmul outputs, recompute the rest

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -336,6 +337,10 @@ class LlamaDecoder(nnx.Module):
     a ``constrain`` with a ``mesh`` also runs the attention kernels shard by shard.
     """
 
+    if TYPE_CHECKING:  # set in __init__, one per entry of param_shapes (the layers aside)
+        embed: nnx.Param
+        final_norm: nnx.Param
+
     def __init__(
         self,
         config: LlamaConfig,
@@ -380,9 +385,12 @@ class LlamaDecoder(nnx.Module):
         hidden = self.constrain(hidden, ("batch", "length", "embed"))
         rope = _rope_tables(config, time)  # [time, head_dim/2]
         if segments is None:
+            assert lengths is not None, "unpacked rows need their lengths"
             lengths = lengths.astype(jnp.int32)
         else:  # each token's own position's rotation: [batch, time, head_dim/2]
-            rope = tuple(jnp.take(table, positions, axis=0) for table in rope)
+            assert positions is not None, "packed rows need their positions"
+            cos, sin = rope
+            rope = (jnp.take(cos, positions, axis=0), jnp.take(sin, positions, axis=0))
         rows = {"segment_ids": segments, "lengths": lengths}
         layer_params = self._layer_params()
 

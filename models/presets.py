@@ -7,10 +7,12 @@ architecture of Llama-3.1-8B (and of Skywork-Reward-Llama-3.1-8B, the paper's re
 
 from __future__ import annotations
 
+from typing import Any
+
 from dynrules.errors import DynrulesError
 from dynrules.models.llama import LlamaConfig
 
-_LLAMA3 = {
+_LLAMA3: dict[str, Any] = {  # the fields all Llama-3 shapes share
     "vocab_size": 128256,
     "rms_norm_eps": 1e-5,
     "rope_theta": 500000.0,
