@@ -4,7 +4,8 @@ A *section* is a dataclass made by :func:`section` (judge, selection, train, sco
 serve, simulate, mi, ablate; each lives beside the code it configures). Each field is declared once, with
 
 - its type: ``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``, or a
-  ``Literal`` of the library's own constants (``Literal[POLICIES]``), so a choice is a type;
+  ``Literal`` type the library names (``Policy = Literal["adaptive", "all", ...]``, its tuple
+  ``POLICIES = get_args(Policy)``), so a choice is a type;
 - its default, which is the library's default too (the CLI never restates it);
 - its help, in ``option(default, help)``; the metadata may add the flag's name (``flag=``) and,
   for a setting that applies to some variants only, ``applies=(field, values)``.
@@ -43,7 +44,7 @@ import functools
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,40 +62,19 @@ class ConfigError(DynrulesError):
     """A configuration key or value that cannot be used; the message names the key and its source."""
 
 
-def section(cls=None, /, *, frozen: bool = False):
-    """Class decorator: a pydantic dataclass that refuses unknown keys, and whose validation
-    errors are :class:`ConfigError` naming the field (``SelectionConfig(policy="x")``)."""
-
-    def make(cls):
-        made = pydantic.dataclasses.dataclass(cls, frozen=frozen, config=_SECTION_CONFIG)
-        init = made.__init__
-
-        @functools.wraps(init)
-        def __init__(self, *args, **kwargs):
-            try:
-                init(self, *args, **kwargs)
-            except pydantic.ValidationError as exc:
-                raise ConfigError(_describe(exc, made, name=None, origins={})) from None
-
-        made.__init__ = __init__
-        return made
-
-    return make if cls is None else make(cls)
-
-
 def option(
-    default=_MISSING,
+    default: Any = _MISSING,
     help: str = "",
     *,
     flag: str | None = None,
-    default_factory=_MISSING,
+    default_factory: Any = _MISSING,
     applies: tuple[str, tuple[str, ...]] | None = None,
-):
+) -> Any:
     """A section field: its default, help and, where it differs from the field, its flag name.
 
     ``applies=("kind", ("openai",))``: the setting is used only when field ``kind`` is one of
     those values; giving it otherwise is an error (an unused key)."""
-    metadata = {"help": help}
+    metadata: dict[str, Any] = {"help": help}
     if flag is not None:
         metadata["flag"] = flag
     if applies is not None:
@@ -102,6 +82,45 @@ def option(
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+_T = typing.TypeVar("_T")
+
+
+@typing.overload
+def section(cls: type[_T], /) -> type[_T]: ...
+
+
+@typing.overload
+def section(*, frozen: bool = False) -> Callable[[type[_T]], type[_T]]: ...
+
+
+# ``option`` is not among the field specifiers: type checkers read a specifier's default only
+# from a ``default=`` keyword, and ``option`` takes it positionally, so they would call every
+# field required. Left out, ``x: int = option(3, "...")`` is a field with a default (each
+# ``option`` has one, or a ``default_factory``), which is what it is.
+@typing.dataclass_transform(field_specifiers=(dataclasses.field,))
+def section(
+    cls: type[_T] | None = None, /, *, frozen: bool = False
+) -> type[_T] | Callable[[type[_T]], type[_T]]:
+    """Class decorator: a pydantic dataclass that refuses unknown keys, and whose validation
+    errors are :class:`ConfigError` naming the field (``SelectionConfig(policy="x")``)."""
+
+    def make(cls: type[_T]) -> type[_T]:
+        made = pydantic.dataclasses.dataclass(cls, frozen=frozen, config=_SECTION_CONFIG)
+        init = made.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except pydantic.ValidationError as exc:
+                raise ConfigError(_describe(exc, made, name=None, origins={})) from None
+
+        setattr(made, "__init__", __init__)  # noqa: B010 (mypy refuses assigning a method)
+        return typing.cast(type[_T], made)  # the class, made a pydantic dataclass
+
+    return make if cls is None else make(cls)
 
 
 def mesh_text(value):
@@ -157,7 +176,7 @@ class FieldInfo:
 
     @property
     def item_choices(self) -> tuple | None:
-        """The choices of each item of a tuple field (``tuple[Literal[POLICIES], ...]``)."""
+        """The choices of each item of a tuple field (``tuple[Policy, ...]``)."""
         args = typing.get_args(_strip_optional(self.annotation))
         return literal_choices(args[0]) if self.kind is tuple and args else None
 
@@ -295,10 +314,10 @@ def load(
         values = dict((base or {}).get(name) or {})
         _check_base(tree, name, cls, values)
         origins = {}
-        for (section_name, field), item in given.items():
+        for (section_name, field), setting in given.items():
             if section_name == name:
-                values[field] = _from_text(fields(cls)[field], item.value)
-                origins[field] = item
+                values[field] = _from_text(fields(cls)[field], setting.value)
+                origins[field] = setting
         try:
             built[name] = pydantic.TypeAdapter(cls).validate_python(values)
         except pydantic.ValidationError as exc:
