@@ -33,6 +33,9 @@ from dynrules.engine.judges.config import JudgeConfig
 from dynrules.engine.select import SelectionConfig
 from dynrules.engine.store import CHUNK_ROWS
 from dynrules.errors import DynrulesError
+from dynrules.output import DEFAULT_LEVEL as DEFAULT_LOG_LEVEL
+from dynrules.output import LEVEL_ENV, configure_logging
+from dynrules.output import LEVELS as LOG_LEVELS
 from dynrules.plan import DTYPES as PLAN_DTYPES
 from dynrules.plan import TASKS as PLAN_TASKS
 from dynrules.plan import TOPOLOGY_HELP
@@ -106,8 +109,19 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="dynrules")
-def main():
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    envvar=LEVEL_ENV,
+    default=DEFAULT_LOG_LEVEL,
+    show_default=True,
+    show_envvar=True,
+    help="Level of dynrules' diagnostics on stderr (other libraries': WARNING). Results go to "
+    "stdout; see output.py for the output policy.",
+)
+def main(log_level):
     """dynrules: data-adaptive safety rules for training reward models."""
+    configure_logging(log_level)
 
 
 @main.group(cls=_Group)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from dynrules.report import write_ablation_report, write_pipeline_report
 from dynrules.settings import option, section
 from dynrules.train.config import Backbone
 from dynrules.train.evaluate import Evaluation
+
+log = logging.getLogger(__name__)
 
 
 @section
@@ -132,7 +135,7 @@ class _Stages:
         self.items: dict[str, int] = {}
 
     def run(self, name: str, fn, items: int | None = None):
-        print(f"[pipeline] {name} …", flush=True)
+        log.info("stage %s …", name)
         started = time.perf_counter()
         result = fn()
         self.seconds[name] = round(time.perf_counter() - started, 2)

@@ -62,7 +62,7 @@ from dynrules.models.templates import ChatTemplate
 from dynrules.settings import MeshText, section
 from dynrules.train.config import MESH_HELP
 
-log = logging.getLogger("dynrules.serve")
+log = logging.getLogger(__name__)
 
 # Endpoints needing no key: a load balancer's readiness probe carries none.
 OPEN_PATHS = frozenset({"/health"})
@@ -563,14 +563,18 @@ def load_scorer(run: str | Path, config: ServeConfig):
 
 
 def uvicorn_server(app, config: ServeConfig):
-    """A uvicorn server for ``app`` with the project's logging (``dynrules.serve`` included)."""
+    """A uvicorn server for ``app`` with the project's logging: ``dynrules.*`` (serve's
+    "ready" and "stopped" lines included) through uvicorn's handler at the level the CLI set
+    (output.py; INFO by default)."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
+
+    from dynrules.output import log_level
 
     logging_config = copy.deepcopy(LOGGING_CONFIG)
     logging_config["loggers"]["dynrules"] = {
         "handlers": ["default"],
-        "level": "INFO",
+        "level": log_level(),
         "propagate": False,
     }
     return uvicorn.Server(

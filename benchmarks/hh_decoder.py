@@ -15,7 +15,7 @@ skips the models already there.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from dynrules.benchmarks.paths import hh_test
 from dynrules.train.data import load_preferences
 from dynrules.train.evaluate import evaluate
 from dynrules.train.trainer import train_reward_model
+
+log = logging.getLogger(__name__)
 
 TRAIN, HELD_OUT = 1200, 500
 RESULTS = RESULTS_DIR / "hh_decoder.json"
@@ -94,7 +96,7 @@ def bench_hh_decoder(
             "eval_seconds": round(time.perf_counter() - started - trained, 1),
             **RECIPES[backbone],
         }
-        print(json.dumps({backbone: summary["models"][backbone]}), file=sys.stderr, flush=True)
+        log.info("%s", json.dumps({backbone: summary["models"][backbone]}))
         with atomic_path(RESULTS) as tmp:  # after each model: a killed run keeps what it finished
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -26,6 +27,8 @@ import sys
 from dynrules.atomic import atomic_path
 from dynrules.benchmarks.paths import RESULTS as RESULTS_DIR
 from dynrules.errors import DynrulesError
+
+log = logging.getLogger(__name__)
 
 RESULTS = RESULTS_DIR / "plan.json"
 MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b")
@@ -77,15 +80,13 @@ def run(results: dict) -> list[str]:
                 str(BATCH // chips),
                 "--json",
             ]
-            print(f"$ dynrules {' '.join(command[3:])}", flush=True)
+            log.info("$ dynrules %s", " ".join(command[3:]))
             done = subprocess.run(
                 command, capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"}
             )
             if done.returncode != 0:
-                print(
-                    f"{key} failed (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}",
-                    file=sys.stderr,
-                    flush=True,
+                log.error(
+                    "%s failed (exit %d):\n%s", key, done.returncode, done.stderr.strip()[-2000:]
                 )
                 failed.append(key)
                 continue
@@ -128,6 +129,6 @@ def plan_table(*, compile_missing: bool = True) -> str:
         results.setdefault("machine", _machine())
         failed = run(results)
     if failed:
-        print(table(results), flush=True)
+        log.warning("the table so far:\n%s", table(results))
         raise DynrulesError(f"failed (rerun to retry): {', '.join(failed)}")
     return table(results)

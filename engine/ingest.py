@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from dynrules.atomic import atomic_path
 from dynrules.engine.pairs import (
@@ -32,6 +31,7 @@ from dynrules.engine.pairs import (
 from dynrules.engine.pool import RulePool
 from dynrules.engine.store import CHUNK_ROWS, PairTableWriter, RatingStore
 from dynrules.errors import InputError
+from dynrules.output import progress_bar
 
 BOUNDS = {"scores_a": (-1.0, 1.0), "scores_b": (-1.0, 1.0), "relevance": (0.0, 1.0)}
 
@@ -72,7 +72,7 @@ def ingest(
             tmp, pool=pool, dtype=dtype, has_relevance=has_relevance, source=str(input_path)
         )
         writer = PairTableWriter(store.pairs_path)
-        with tqdm(total=total, unit="pair", desc="ingest", disable=not progress) as bar:
+        with progress_bar(total=total, unit="pair", desc="ingest", progress=progress) as bar:
             for batch in itertools.chain([first], batches):
                 _validate(batch, input_path, has_relevance)
                 store.append(

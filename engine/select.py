@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
-from tqdm import tqdm
 
 from dynrules.atomic import atomic_path
 from dynrules.engine import ratinglog
@@ -33,6 +32,7 @@ from dynrules.engine.store import (
 )
 from dynrules.errors import DynrulesError
 from dynrules.kernels import selection as K
+from dynrules.output import progress_bar
 from dynrules.settings import option, section
 
 Policy = Literal["adaptive", "all", "random", "fixed"]
@@ -124,6 +124,7 @@ def select_chunk(
     index = None
     if config.policy == "adaptive":
         index = np.empty((n, config.k), np.int16)
+        assert config.criterion is not None, "select_chunk needs a resolved config"
         criterion = K.CRITERIA[config.criterion]
         relevance = a if chunk.relevance is None else to_kernel_dtype(chunk.relevance)
         K.select_top_k(
@@ -134,6 +135,8 @@ def select_chunk(
         K.random_rules(n, n_rules, config.k, config.seed, chunk.start, index)
         K.margins_of_rows(a, b, index, scale, margin)
     elif config.policy == "fixed":
+        if rule_index is None:
+            raise ValueError("the fixed policy needs rule_index")
         index = np.broadcast_to(rule_index.astype(np.int16), (n, config.k))
         K.margins_of_fixed(a, b, rule_index, scale, margin)
     else:
@@ -197,7 +200,7 @@ def run_selection(
     counts = {"pairs": 0, "labelled": 0, "ties": 0, "a": 0, "b": 0}
     with (
         _maybe_atomic(out) as tmp,
-        tqdm(total=stop - start, unit="pair", desc="select", disable=not progress) as bar,
+        progress_bar(total=stop - start, unit="pair", desc="select", progress=progress) as bar,
     ):
         handle = open(tmp, "w", encoding="utf-8") if tmp is not None else None
         try:

@@ -46,3 +46,30 @@ def scored_records(n, n_rules, seed=0, published=True, relevance=True):
             record["relevance"] = rng.uniform(0, 1, n_rules).round(3).tolist()
         records.append(record)
     return records
+
+
+def tensorboard_scalars(logdir):
+    """``[(tag, step, value)]`` of the scalar events under ``logdir`` as TensorBoard shows them:
+    files in name order, and a session START at step s drops what came before it from step s
+    on (TensorBoard's purge of orphaned data). Reads the TFRecord framing and tensorboardX's
+    ``Event`` protobuf directly (no TensorBoard needed)."""
+    import struct
+    from pathlib import Path
+
+    from dynrules.train.metrics import _summary_writer
+
+    _summary_writer()  # tensorboardX imported without PyTorch, as the trainer imports it
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    points = []
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4  # length, its CRC, the record, its CRC
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                points = [p for p in points if p[1] < event.step]
+            for value in event.summary.value:
+                points.append((value.tag, event.step, value.simple_value))
+    return points

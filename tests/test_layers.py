@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import its own layer and any layer below it, never one above.
 LAYERS = (
-    ("root utilities", ("errors", "atomic", "platforms", "settings")),
+    ("root utilities", ("errors", "atomic", "platforms", "settings", "output")),
     ("kernels", ("kernels",)),
     ("models", ("models",)),
     ("engine", ("engine",)),

@@ -305,6 +305,43 @@ def test_resume_after_kill_9_matches_uninterrupted_run(workspace, tmp_path, back
     assert np.abs(a[exported_key] - initial[initial_key]).max() > 1e-3
 
 
+@pytest.mark.slow
+def test_tensorboard_holds_every_metrics_record_across_a_resume(workspace, tmp_path):
+    """Every number of every metrics.jsonl record is a TensorBoard scalar at its step, tagged
+    split/key (nested keys joined with /); a resumed run adds an event file."""
+    from dynrules.train.metrics import scalars
+    from dynrules.train.trainer import train_reward_model
+
+    from .conftest import tensorboard_scalars
+
+    root, encoder = workspace
+    config = {
+        "model": str(encoder),
+        "steps": 2,
+        "batch_size": 8,
+        "max_length": 32,
+        "checkpoint_every": 2,
+        "eval_every": 1,
+        "log_every": 1,
+        "eval_fraction": 0.25,
+    }
+    train_reward_model(root / "pairs.jsonl", tmp_path, config, progress=False)
+    train_reward_model(root / "pairs.jsonl", tmp_path, config | {"steps": 3}, progress=False)
+
+    expected = []
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        split, step = record.pop("split"), record.pop("step")
+        expected += [(tag, step, float(np.float32(v))) for tag, v in scalars(split, record)]
+    points = tensorboard_scalars(tmp_path / "tensorboard")
+    assert sorted(points) == sorted(expected)
+    tags = {tag for tag, _, _ in points}
+    assert {"train/loss", "train/accuracy", "eval/accuracy", "eval/loss"} <= tags
+    assert {"eval/sections/safety/accuracy", "eval/subsets/odd/accuracy"} <= tags
+    assert sorted({step for tag, step, _ in points if tag == "train/loss"}) == [1, 2, 3]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
 def test_run_directory_that_is_not_a_run_is_refused(tmp_path, workspace):
     from dynrules.train.trainer import train_reward_model
 

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from tqdm import tqdm
+from dynrules.output import progress_bar
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def run_steps(
     ``batch_at`` gives the host batch of a step (a pure function of the step, so a resumed run
     sees the same data); ``feed`` places it on the mesh. Returns the final state.
     """
-    with tqdm(total=stop, initial=start, disable=not progress, desc=desc, unit="step") as bar:
+    with progress_bar(total=stop, initial=start, progress=progress, desc=desc, unit="step") as bar:
         for step in range(start, stop):
             batch = batch_at(step)
             state, metrics = step_fn(state, feed(batch))

@@ -13,6 +13,7 @@ A run directory holds::
     run.json        task, config, model spec, data fingerprint: what a resume must match
     checkpoints/    Orbax steps (params, optimizer state, step; meta with data position)
     metrics.jsonl   one record per log/eval point, written by process 0
+    tensorboard/    the same records as TensorBoard scalars (train.metrics)
     model/          the final model (safetensors + config.json + tokenizer.json)
     summary.json    final train/eval metrics and truncation counts
 
@@ -60,6 +61,7 @@ from dynrules.train.config import TrainConfig, load_config, make_config
 from dynrules.train.data import Pair, load_preferences, preferences_fingerprint
 from dynrules.train.evaluate import pair_report
 from dynrules.train.loop import Every, StepOutput, run_steps
+from dynrules.train.metrics import MetricsLog
 from dynrules.train.objective import BradleyTerry, Objective, make_optimizer, make_schedule
 from dynrules.train.tokens import SharedTokens
 
@@ -607,12 +609,16 @@ class _Run:
     train_tokens: TokenizedExamples
     held_out: HeldOut | None
     is_writer: bool
+    metrics: MetricsLog = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = MetricsLog(
+            self.run_dir, is_writer=self.is_writer, resumed_from=self.resumed_from
+        )
 
     def record(self, split: str, step: int, values: dict) -> None:
-        """One line of metrics.jsonl (process 0 only)."""
-        if self.is_writer:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+        """One record of metrics.jsonl and TensorBoard (train.metrics; process 0 only)."""
+        self.metrics.record(split, step, values)
 
     def meta(self, step: int) -> dict:
         return _meta(step, self.config, self.spec, self.data_hash)
@@ -834,6 +840,7 @@ def _finish(run: _Run, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
     run.checkpointer.close()
     step = max(int(run.resumed_from or 0), run.config.steps)
     eval_metrics = evaluate(step, run.state["params"])
+    run.metrics.close()
     model_dir = run.run_dir / "model"
     params = shd.gather(run.state["params"])  # collective: every process takes part
     if run.is_writer:

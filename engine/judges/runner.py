@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from dynrules.atomic import atomic_path
 from dynrules.engine import ratinglog
@@ -42,6 +41,7 @@ from dynrules.engine.store import (
     shard_range,
 )
 from dynrules.errors import DynrulesError, InputError
+from dynrules.output import progress_bar
 
 
 @dataclass(frozen=True)
@@ -194,11 +194,11 @@ def _rate_cells(
     try:
         with (
             open(store.path / ratinglog.FAILURES, "a", encoding="utf-8") as failures,
-            tqdm(
+            progress_bar(
                 total=int(todo.sum()),
                 unit="cell",
                 desc="rate",
-                disable=not progress,
+                progress=progress,
                 smoothing=0.05,
             ) as bar,
         ):
