@@ -35,6 +35,7 @@ from dynrules.engine.mi import PolicyLabel
 from dynrules.engine.pool import RulePool
 from dynrules.engine.select import SelectionConfig
 from dynrules.errors import DynrulesError
+from dynrules.models.tokenizer import Truncation
 from dynrules.report import write_ablation_report, write_pipeline_report
 from dynrules.settings import option, section
 from dynrules.train.config import Backbone
@@ -56,6 +57,12 @@ class PipelineConfig:
     adapter_steps: int = option(60, "Rule-adapter training steps.")
     batch_size: int = option(16, "Pairs per training step.")
     max_length: int = option(192, "Tokens per text.")
+    truncation: Truncation = option(
+        "middle",
+        "How the reward models cut a text over max_length: middle keeps its first and last "
+        "halves, so a long answer still shows the request and its own opening (chosen on the "
+        "validation split: benchmarks/results/rm_recipe.json).",
+    )
     learning_rate: float = option(1e-4, "Reward-model learning rate of the backbone.")
     head_learning_rate: float = option(3e-3, "Reward-model learning rate of the reward head.")
     label_confidence: float = option(
@@ -351,6 +358,9 @@ def _adapter(job: _Job, stores: dict, selection) -> dict:
         "seed": config.seed,
         "backbone": config.backbone,
         "model": config.rm_model,
+        "eval_fraction": 0.0,  # held-out pairs measure it (apply_adapter); train on every pair
+        # A killed pipeline started again resumes the adapter from its last checkpoint.
+        "checkpoint_every": max(1, config.adapter_steps // 4),
     }
     if not adp.is_trained(job.out / "adapter", stores["train"], adapter_config, selection):
         job.stages.run(
@@ -386,6 +396,7 @@ def _reward_models(job: _Job) -> dict:
         "steps": config.rm_steps,
         "batch_size": config.batch_size,
         "max_length": config.max_length,
+        "truncation": config.truncation,
         "learning_rate": config.learning_rate,
         "head_learning_rate": config.head_learning_rate,
         "label_confidence": config.label_confidence,
