@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import asdict, dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 from pydantic import AfterValidator, BeforeValidator, Field
@@ -51,7 +51,8 @@ from dynrules.kernels import policies as P
 from dynrules.kernels import selection as K
 from dynrules.settings import option, section
 
-ABLATION_POLICIES = ("adaptive", "zscore", "greedy", "all", "random", "fixed")
+AblationPolicy = Literal["adaptive", "zscore", "greedy", "all", "random", "fixed"]
+ABLATION_POLICIES: tuple[AblationPolicy, ...] = get_args(AblationPolicy)
 _KS = re.compile(r"\s*(\d+|R)\s*(-\s*(\d+|R)\s*)?", re.IGNORECASE)
 
 
@@ -82,7 +83,7 @@ class AblationConfig:
         "ks compared: a list (1,3,5,10), ranges (1-10), R for the pool size (1-R: every k).",
         flag="k",
     )
-    policies: tuple[Literal[ABLATION_POLICIES], ...] = option(
+    policies: tuple[AblationPolicy, ...] = option(
         ABLATION_POLICIES, "Policies compared, comma-separated."
     )
     discount: Annotated[float, Field(ge=0, le=1)] = option(
@@ -129,7 +130,7 @@ def parse_ks(text: str, n_rules: int | None = None) -> list[int]:
         token = token.strip()
         return n_rules if token.upper() == "R" and n_rules else int(token)
 
-    ks = set()
+    ks: set[int] = set()
     for part in (p.strip() for p in text.split(",") if p.strip()):
         try:
             lo, _, hi = part.partition("-")
@@ -243,8 +244,11 @@ def ablate_with(
 
 
 def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> list[_Contender]:
-    criteria = list(K.CRITERIA) if store.has_relevance else ["absolute"]
-    default_criterion = "additive" if store.has_relevance else "absolute"
+    criteria: list[K.Criterion] = list(K.CRITERIA) if store.has_relevance else ["absolute"]
+    default_criterion: K.Criterion = "additive" if store.has_relevance else "absolute"
+    zscore_criteria: tuple[K.Criterion, ...] = (
+        ("absolute", "product") if store.has_relevance else ("absolute",)
+    )
     std = stats.discrepancy_std()
     zscore_weight = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
     unit_weight = np.ones(store.n_rules, np.float32)
@@ -263,7 +267,7 @@ def _contenders(store, stats, rules, ks, policies, alpha, seed, discount) -> lis
                     config = SelectionConfig(k=k, criterion=criterion, alpha=alpha).resolved(store)
                     out.append(_Contender(policy, criterion, k, _by_config(config, scale)))
             elif policy == "zscore":
-                for criterion in ("absolute", "product") if store.has_relevance else ("absolute",):
+                for criterion in zscore_criteria:
                     code = K.CRITERIA[criterion]
                     label_of = _labels_by(
                         functools.partial(K.select_top_k, weight=zscore_weight),

@@ -219,7 +219,8 @@ def refusal_file_prompts() -> tuple[set[str], set[str]]:
     """
     harmful_sources = _advbench_prompts() | set(_scored_responses("harm"))
     harmful_sources |= set(_scored_responses("objective"))
-    benign, harmful = set(), set()
+    benign: set[str] = set()
+    harmful: set[str] = set()
     for prompt in _scored_responses("refusal"):
         flagged = (
             prompt in harmful_sources

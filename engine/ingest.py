@@ -124,7 +124,10 @@ def _validate(batch: Batch, path: Path, has_relevance: bool) -> None:
 
 
 def _jsonl_batches(path: Path, n_rules: int) -> Iterator[Batch]:
-    lines, pairs, scores, fields = [], [], {}, None
+    lines: list[int] = []
+    pairs: list[dict] = []
+    scores: dict[str, list[np.ndarray]] = {}
+    fields: list[str] | None = None
     for position, (line, raw) in enumerate(iter_raw_records(path)):
         record = normalize(raw, position, path, line)
         row_fields = [f for f in ("scores_a", "scores_b", "relevance") if record.get(f) is not None]

@@ -27,7 +27,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 import numpy as np
 from pydantic import Field
@@ -40,7 +40,8 @@ from dynrules.settings import option, section
 if TYPE_CHECKING:
     from dynrules.engine.select import SelectionConfig
 
-ESTIMATORS = ("miller-madow", "plug-in")
+Estimator = Literal["miller-madow", "plug-in"]
+ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
 LN2 = math.log(2.0)
 REDUNDANCY_PAIRS = 20_000
 
@@ -49,7 +50,7 @@ REDUNDANCY_PAIRS = 20_000
 class MIConfig:
     """How information is measured (``dynrules mi``, ``dynrules ablate``): the ``mi`` section."""
 
-    estimator: Literal[ESTIMATORS] = option(
+    estimator: Estimator = option(
         "miller-madow", "MI estimator: miller-madow (bias-corrected plug-in) or plug-in."
     )
     resamples: Annotated[int, Field(ge=10)] = option(

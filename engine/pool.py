@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -124,7 +125,9 @@ def _parse(raw: str, path, suffix: str) -> RulePool:
             raise InputError("empty rule pool (no 'rules' list)", path=path)
         if not isinstance(data, list):
             raise InputError("expected a 'rules' list or a bare list of rules", path=path)
-        entries = [(f"rule {i}", None, e) for i, e in enumerate(data, 1)]
+        entries: list[tuple[str, int | None, Any]] = [
+            (f"rule {i}", None, e) for i, e in enumerate(data, 1)
+        ]
     else:
         entries, n = [], 0
         for lineno, line in enumerate(raw.splitlines(), 1):

@@ -102,7 +102,12 @@ def commit(log: int, row: int, rules, a, b, relevance) -> None:
 def read_log(store: RatingStore, shard: tuple[int, int] | None | str = "all") -> np.ndarray:
     """Committed, not yet folded records of every log (default), of the whole store's log
     (None) or of one worker's; a torn last record from a kill is dropped."""
-    paths = [log_path(store), *shard_logs(store)] if shard == "all" else [log_path(store, shard)]
+    if isinstance(shard, str):
+        if shard != "all":
+            raise ValueError(f"shard must be (I, N), None or 'all', got {shard!r}")
+        paths = [log_path(store), *shard_logs(store)]
+    else:
+        paths = [log_path(store, shard)]
     blocks = [np.empty(0, RECORD)]
     for path in paths:
         if path.exists():

@@ -399,7 +399,7 @@ class RatingStore:
                 groups.append(g)
                 first = offset if first is None else first
             offset += n
-        if not groups:
+        if first is None:  # no row group covers [start, stop)
             return (
                 pf.schema_arrow.empty_table().select(columns)
                 if columns

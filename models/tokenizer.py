@@ -66,7 +66,7 @@ class TextTokenizer:
             self.path, self._tokenizer = None, source
         self._tokenizer.no_padding()  # padding is ours: to length buckets, with explicit lengths
         self._tokenizer.no_truncation()
-        self._max_length = None
+        self._max_length: int | None = None
         self.add_special_tokens = add_special_tokens
         self.truncation = truncation
         if pad_id is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -73,8 +74,12 @@ class Judge(abc.ABC):
     """Rates jobs against a fixed rule pool. Subclasses implement :meth:`rate_jobs`."""
 
     pool: RulePool
-    #: the runner cuts a pair's outstanding rules into jobs of at most this many rules
-    rules_per_job: int
+
+    @property
+    def rules_per_job(self) -> int:
+        """The runner cuts a pair's outstanding rules into jobs of at most this many rules (by
+        default all of them: one job a pair)."""
+        return len(self.pool)
 
     @property
     @abc.abstractmethod
@@ -102,7 +107,8 @@ class Judge(abc.ABC):
         groups: dict[tuple[str, str], list[int]] = {}
         for position, (prompt, response, _rule) in enumerate(triples):
             groups.setdefault((prompt, response), []).append(position)
-        jobs, positions_of = [], {}  # (row, rule) -> positions of that triple
+        jobs: list[Job] = []
+        positions_of: dict[tuple[int, int], list[int]] = {}  # (row, rule) -> triple positions
         for row, ((prompt, response), positions) in enumerate(groups.items()):
             rules = [self.pool.index_of(triples[p][2]) for p in positions]
             for position, rule in zip(positions, rules, strict=True):
@@ -119,4 +125,4 @@ class Judge(abc.ABC):
                 )
                 for position in positions_of[(result.job.row, rule)]:
                     out[position] = rating
-        return out
+        return cast(list[Rating], out)  # every triple is a cell of one job: none is left None

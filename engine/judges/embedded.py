@@ -163,7 +163,7 @@ class EmbeddedJudge(Judge):
 
     def __init__(self, pool: RulePool, *, batch_pairs: int = 32, checkpoint: str | None = None):
         self.pool = pool
-        self.rules_per_job = len(pool)  # all rules of a pair cost the same embeddings as one
+        # rules_per_job: all (the default): a pair's rules cost the same embeddings as one
         self.batch_pairs = batch_pairs
         self.checkpoint = checkpoint
         self._harm = np.array([rule.polarity == "harm" for rule in pool], dtype=bool)

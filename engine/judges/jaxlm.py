@@ -161,7 +161,7 @@ class JaxJudge(Judge):
                 f"{model}: no such model (a .gguf file or a Hugging Face directory)"
             )
         self.pool = pool
-        self.rules_per_job = len(pool)  # a response's rules share one conversation prefix
+        # rules_per_job: all (the default): a response's rules share one conversation prefix
         self.template = load_template(template)
         self.dtype, self.one_pass = dtype, one_pass
         self.row_tokens, self.batch_tokens = row_tokens, batch_tokens

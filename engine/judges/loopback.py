@@ -325,7 +325,8 @@ class LoopbackServer:
         if self._loop is not None and self._loop.is_running():
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+            if self._thread is not None:
+                self._thread.join(10)
 
     def __enter__(self) -> LoopbackServer:
         return self.start()

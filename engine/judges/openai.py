@@ -63,7 +63,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -143,7 +143,8 @@ def _top_of_chat_content(content) -> list[tuple[str, float]] | str:
     if not isinstance(content, list) or not content or not isinstance(content[0], dict):
         return "answer has no logprobs content (does the server support logprobs on chat?)"
     first = content[0]
-    top = [
+    # (token, logprob): the logprob is checked by rating_from_top_logprobs (it may be missing).
+    top: list[tuple[str, Any]] = [
         (e["token"], e.get("logprob"))
         for e in first.get("top_logprobs") or []
         if isinstance(e, dict) and isinstance(e.get("token"), str)
@@ -420,8 +421,8 @@ class OpenAIJudge(Judge):
         questions = self._questions(job)
         n_rules = len(job.rules)
         if self.prompts_per_request > 1:
-            answers, _ = await self._ask_completions(client, questions, job.row)
-            yield _job_result(job, answers, range(n_rules))
+            rated, _ = await self._ask_completions(client, questions, job.row)
+            yield _job_result(job, rated, range(n_rules))
             return
         answers: list[Answer] = []
         refused: str | None = None
@@ -432,11 +433,18 @@ class OpenAIJudge(Judge):
             elif self.endpoint == "chat":
                 answer, was_refused = await self._ask_chat(client, question, job.row)
                 answers.append(answer)
-                refused = answer if was_refused and not self._working else None
+                refused = (
+                    answer
+                    if was_refused and not self._working and isinstance(answer, str)
+                    else None
+                )
             else:
                 got, was_refused = await self._ask_completions(client, [question], job.row)
                 answers += got
-                refused = got[0] if was_refused and not self._working else None
+                first = got[0]
+                refused = (
+                    first if was_refused and not self._working and isinstance(first, str) else None
+                )
             side, column = divmod(position, n_rules)
             if side == last_side:  # the cell's last question: hand it on now
                 yield _job_result(job, answers, [column])
@@ -516,7 +524,7 @@ class OpenAIJudge(Judge):
             self._others_may_start.set()
 
     async def _note_refusal(
-        self, client, endpoint: str, reason: str, row: int, fewer_prompts: bool
+        self, client, endpoint: Endpoint, reason: str, row: int, fewer_prompts: bool
     ) -> None:
         """Before anything is rated: stop the run when a refusal repeats for a second pair."""
         pairs = self._refused_pairs.setdefault(reason, set())
@@ -544,7 +552,9 @@ class OpenAIJudge(Judge):
             streams,
         )
 
-    async def _cannot_rate(self, client, endpoint: str, reason: str, fewer_prompts: bool) -> str:
+    async def _cannot_rate(
+        self, client, endpoint: Endpoint, reason: str, fewer_prompts: bool
+    ) -> str:
         """One actionable line: what failed and what to try."""
         failed = (
             f"nothing rated: {self.base_url}{ENDPOINTS[endpoint]} failed the same way for two "

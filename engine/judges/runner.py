@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,8 +107,11 @@ def rate_pairs(
     shard = None if shard is None or shard[1] == 1 else shard
     if judge.pool.content_hash != pool.content_hash:
         raise DynrulesError("the judge was built for a different rule pool than --pool")
-    source = str(pairs) if isinstance(pairs, (str, os.PathLike)) else None
-    records = load_pairs(pairs) if source is not None else list(pairs)
+    source: str | None = None
+    if isinstance(pairs, (str, os.PathLike)):
+        source, records = str(pairs), load_pairs(pairs)
+    else:
+        records = list(pairs)
     if not records:
         raise InputError("no pairs to rate", path=source)
     out = Path(out)
@@ -363,6 +367,7 @@ def load_plan(plan, records: Sequence[dict], pool: RulePool) -> dict[int, np.nda
         if key in row_of:
             duplicated.add(key)
         row_of[key] = row
+    entries: list[tuple[int | None, dict[str, Any]]]
     if isinstance(plan, Mapping):
         entries = [(None, {"id": k, "rule_ids": v}) for k, v in plan.items()]
         path = None

@@ -17,6 +17,7 @@ comparison (``dynrules bench judge``), not the published text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -63,8 +64,11 @@ class Template:
                     path=self.name,
                     field=name,
                 )
-        # Literal pieces between placeholders, and the placeholder order, for fast rendering.
-        object.__setattr__(self, "_pieces", _PLACEHOLDER.split(self.text))
+
+    @functools.cached_property
+    def _pieces(self) -> list[str]:
+        """Literal pieces between placeholders, and the placeholder order, for fast rendering."""
+        return _PLACEHOLDER.split(self.text)
 
     @property
     def identity(self) -> str:
