@@ -36,10 +36,9 @@ from dynrules.errors import DynrulesError
 from dynrules.output import DEFAULT_LEVEL as DEFAULT_LOG_LEVEL
 from dynrules.output import LEVEL_ENV, configure_logging
 from dynrules.output import LEVELS as LOG_LEVELS
-from dynrules.plan import DTYPES as PLAN_DTYPES
-from dynrules.plan import TASKS as PLAN_TASKS
-from dynrules.plan import TOPOLOGY_HELP
-from dynrules.train.config import REMAT_POLICIES, ScoringConfig, TrainConfig
+from dynrules.plan import TRAIN_DEFAULTS as PLAN_TRAIN_DEFAULTS
+from dynrules.plan import TRAIN_KEYS as PLAN_TRAIN_KEYS
+from dynrules.train.config import ScoringConfig, TrainConfig
 
 # What each command reads from the configuration tree (docs/configuration.md): its sections,
 # which of their fields get flags, and the section whose keys may be written bare.
@@ -69,6 +68,15 @@ ABLATE = CommandTree(
     primary="ablate",
     flags_only=True,
 )
+# plan: the plan section, and the train section's keys that shape the compiled step (at the
+# plan's own defaults: bfloat16, full remat).
+PLAN = CommandTree(
+    "plan",
+    {"plan": ALL, "train": PLAN_TRAIN_KEYS},
+    primary="plan",
+    flags_only=True,
+    defaults={"train": PLAN_TRAIN_DEFAULTS},
+)
 PIPELINE = CommandTree(
     "pipeline",
     {
@@ -92,6 +100,7 @@ COMMAND_TREES = {
         PIPELINE,
         MI,
         ABLATE,
+        PLAN,
     )
 }
 
@@ -153,8 +162,11 @@ def config_command(command, markdown):
     from dynrules.cliopts import TREE
     from dynrules.settings import defaults_yaml, reference_markdown
 
-    sections = TREE if command is None else COMMAND_TREES[command].tree.sections
-    click.echo(reference_markdown(sections) if markdown else defaults_yaml(sections), nl=False)
+    tree = None if command is None else COMMAND_TREES[command].tree
+    sections = TREE if tree is None else tree.sections
+    defaults = None if tree is None else tree.defaults
+    text = reference_markdown(sections, defaults) if markdown else defaults_yaml(sections, defaults)
+    click.echo(text, nl=False)
 
 
 @main.command()
@@ -358,162 +370,19 @@ def eval_rm(run, data, overrides, as_json, **params):
 
 
 @main.command("plan")
-@click.option(
-    "--model",
-    required=True,
-    help="A named shape (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, smollm2-135m) "
-    "or a Hugging Face config.json (or its directory).",
-)
-@click.option(
-    "--task",
-    type=click.Choice(PLAN_TASKS),
-    default=PLAN_TASKS[0],
-    show_default=True,
-    help="train: the reward model's training step; judge: the in-process judge's "
-    "one-pass forward (rows of a conversation and its rule questions).",
-)
-@click.option("--topology", required=True, help=f"Where to run: {TOPOLOGY_HELP}.")
-@click.option(
-    "--seq",
-    default=2048,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Tokens per text (judge: per row).",
-)
-@click.option(
-    "--batch",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Preference pairs per optimizer step, two texts each (judge: rows per step).",
-)
-@click.option(
-    "--grad-accum",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Micro-batches per step (train).",
-)
-@click.option(
-    "--mesh",
-    default="",
-    help="Axis sizes, e.g. fsdp=4,tensor=2; data takes the rest [default: fsdp over all devices].",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(PLAN_DTYPES),
-    default="bfloat16",
-    show_default=True,
-    help="Compute dtype (judge: weights too).",
-)
-@click.option(
-    "--param-dtype",
-    type=click.Choice(PLAN_DTYPES),
-    default="float32",
-    show_default=True,
-    help="Parameter and optimizer-state dtype (train).",
-)
-@click.option(
-    "--remat",
-    type=click.Choice(REMAT_POLICIES),
-    default="full",
-    show_default=True,
-    help="Recompute in the backward pass: none, full (whole layers) or dots (keep "
-    "matmul outputs) (train).",
-)
-@click.option(
-    "--prefix-tokens",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Judge: tokens of a conversation (the prefix its questions share).",
-)
-@click.option(
-    "--question-tokens",
-    default=32,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Judge: tokens of one rule question after the conversation.",
-)
-@click.option(
-    "--pairs",
-    default=1_000_000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Judge: pairs to rate (both responses) for chips_needed.",
-)
-@click.option(
-    "--rules",
-    default=100,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Judge: rules rated per response.",
-)
-@click.option(
-    "--hours",
-    default=24.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Judge: time to rate them in.",
-)
-@click.option(
-    "--mfu",
-    default=0.4,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Judge: share of the peak FLOP/s assumed for chips_needed.",
-)
+@overrides_argument
+@tree_options(PLAN)
 @json_option("Print the plan as one JSON object.")
-def plan_command(
-    model,
-    task,
-    topology,
-    seq,
-    batch,
-    grad_accum,
-    mesh,
-    dtype,
-    param_dtype,
-    remat,
-    prefix_tokens,
-    question_tokens,
-    pairs,
-    rules,
-    hours,
-    mfu,
-    as_json,
-):
+def plan_command(overrides, as_json, **params):
     """Compile the reward-model training step (or the judge's forward) ahead of time for
-    TOPOLOGY: memory, fit, FLOPs (and, for the judge, ratings/s and the chips a job needs)."""
-    from dynrules.plan import plan_judge, plan_training, render_plan
+    TOPOLOGY: memory, fit, FLOPs (and, for the judge, ratings/s and the chips a job needs).
 
-    if task == "judge":
-        result = plan_judge(
-            model,
-            topology,
-            seq=seq,
-            batch=batch,
-            mesh=mesh,
-            dtype=dtype,
-            prefix_tokens=prefix_tokens,
-            question_tokens=question_tokens,
-            pairs=pairs,
-            rules=rules,
-            hours=hours,
-            mfu=mfu,
-        )
-    else:
-        result = plan_training(
-            model,
-            topology,
-            seq=seq,
-            batch=batch,
-            grad_accum=grad_accum,
-            mesh=mesh,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            remat=remat,
-        )
+    The plan section, and the train section's dtype (judge: the weights' too), param_dtype,
+    remat and attention (auto: splash on a TPU topology, XLA's on cpu:N)."""
+    from dynrules.plan import plan_with, render_plan
+
+    tree = load_tree(PLAN, params, overrides)
+    result = plan_with(tree["plan"], tree["train"])
     print_json(result) if as_json else click.echo(render_plan(result))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 import click
 
@@ -24,6 +25,7 @@ from dynrules.engine.select import SelectionConfig
 from dynrules.engine.simulate import SimulationModel
 from dynrules.engine.store import DTYPES
 from dynrules.pipeline import PipelineConfig
+from dynrules.plan import PlanConfig
 from dynrules.serve import ServeConfig
 from dynrules.settings import Tree, fields, load
 from dynrules.train.config import ScoringConfig, TrainConfig, train_tree
@@ -39,6 +41,7 @@ TREE = {
     "simulate": SimulationModel,
     "mi": MIConfig,
     "ablate": AblationConfig,
+    "plan": PlanConfig,
 }
 ALL = None  # every field of a section gets a flag
 _PREFIX = "cfg__"
@@ -48,12 +51,15 @@ _PREFIX = "cfg__"
 class CommandTree:
     """A command's sections, which of their fields get flags (ALL or names), and its primary
     section (whose keys may be written bare). ``flags_only``: the command reads only the
-    flagged fields of a section named with names (the others are unused keys there)."""
+    flagged fields of a section named with names (the others are unused keys there).
+    ``defaults``: the command's own defaults for fields of a shared section (``Tree.defaults``),
+    shown in its flags' help and written by ``dynrules config COMMAND``."""
 
     command: str
     flags: dict[str, tuple[str, ...] | None]
     primary: str | None = None
     flags_only: bool = False
+    defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def tree(self) -> Tree:
@@ -62,11 +68,19 @@ class CommandTree:
             return dataclasses.replace(
                 train_tree(self.command, **{n: c for n, c in sections.items() if n != "train"}),
                 known=TREE,
+                defaults=self.defaults,
             )
         reads = {}
         if self.flags_only:
             reads = {name: chosen for name, chosen in self.flags.items() if chosen is not ALL}
-        return Tree(sections, self.primary, f"`dynrules {self.command}`", known=TREE, reads=reads)
+        return Tree(
+            sections,
+            self.primary,
+            f"`dynrules {self.command}`",
+            known=TREE,
+            reads=reads,
+            defaults=self.defaults,
+        )
 
     def flagged(self) -> Iterable[tuple[str, str]]:
         """(section, field) of every flag, in declaration order."""
@@ -83,6 +97,8 @@ def tree_options(spec: CommandTree):
         seen: dict[str, str] = {}
         for name, field in reversed(list(spec.flagged())):
             info = fields(TREE[name])[field]
+            if field in spec.defaults.get(name, {}):
+                info = dataclasses.replace(info, default=spec.defaults[name][field])
             flag = "--" + info.flag
             if flag in seen:
                 raise AssertionError(f"{spec.command}: {flag} for {name}.{field} and {seen[flag]}")

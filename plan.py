@@ -46,10 +46,18 @@ import math
 import os
 import re
 import time
+import typing
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from dynrules.errors import DynrulesError
 from dynrules.platforms import quiet_compile_only_libtpu
+from dynrules.settings import ConfigError, MeshText, option, section
+
+if typing.TYPE_CHECKING:
+    from dynrules.train.config import TrainConfig
 
 GIB = 2**30
 
@@ -79,7 +87,8 @@ CHIPS = {
 }
 
 DTYPES = ("float32", "bfloat16")
-TASKS = ("train", "judge")  # what `dynrules plan --task` compiles
+Task = Literal["train", "judge"]  # what `dynrules plan --task` compiles
+TASKS: tuple[Task, ...] = typing.get_args(Task)
 TOPOLOGY_HELP = (
     "a TPU topology (v5e:2x4, v5p:4x4x4, v4:2x2x1, v6e:8x8), a slice name (v5e-8, v5p-128, "
     "v4-32, v6e-64) or cpu:N (N host devices of this machine)"
@@ -91,6 +100,103 @@ _OUT_OF_HBM = re.compile(
     r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM"
 )
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+# The train section's keys the plan compiles the step with (the judge: dtype and attention),
+# and the plan's own defaults for them: a big model's step, in bfloat16 with full remat.
+TRAIN_KEYS = ("dtype", "param_dtype", "remat", "attention")
+TRAIN_DEFAULTS = {"dtype": "bfloat16", "remat": "full"}
+_JUDGE = ("task", ("judge",))
+_TRAIN = ("task", ("train",))
+
+
+@section(frozen=True)
+class PlanConfig:
+    """What ``dynrules plan`` compiles, and for where: the ``plan`` section.
+
+    The step's dtype, param_dtype, remat and attention are the train section's keys
+    (:data:`TRAIN_KEYS`), at the plan's own defaults (:data:`TRAIN_DEFAULTS`)."""
+
+    model: str = option(
+        "",
+        "Required: a named shape (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, "
+        "smollm2-135m) or a Hugging Face config.json (or its directory).",
+    )
+    topology: str = option("", f"Required: where to run: {TOPOLOGY_HELP}.")
+    task: Task = option(
+        "train",
+        "train: the reward model's training step; judge: the in-process judge's one-pass "
+        "forward (rows of a conversation and its rule questions).",
+    )
+    seq: Annotated[int, Field(ge=1)] = option(2048, "Tokens per text (judge: per row).")
+    batch: Annotated[int, Field(ge=1)] = option(
+        64, "Preference pairs per optimizer step, two texts each (judge: rows per step)."
+    )
+    grad_accum: Annotated[int, Field(ge=1)] = option(
+        1, "Train: micro-batches per step (batch must be a multiple).", applies=_TRAIN
+    )
+    # Not train.mesh: its empty value puts every device on the data axis; a plan's, on fsdp.
+    mesh: MeshText = option(
+        "",
+        'Axis sizes, e.g. fsdp=4,tensor=2; data takes the rest; "" = fsdp over every device.',
+    )
+    prefix_tokens: Annotated[int, Field(ge=1)] = option(
+        512, "Judge: tokens of a conversation (the prefix its questions share).", applies=_JUDGE
+    )
+    question_tokens: Annotated[int, Field(ge=1)] = option(
+        32, "Judge: tokens of one rule question after the conversation.", applies=_JUDGE
+    )
+    pairs: Annotated[int, Field(ge=1)] = option(
+        1_000_000, "Judge: pairs to rate (both responses) for chips_needed.", applies=_JUDGE
+    )
+    rules: Annotated[int, Field(ge=1)] = option(
+        100, "Judge: rules rated per response.", applies=_JUDGE
+    )
+    hours: Annotated[float, Field(gt=0)] = option(
+        24.0, "Judge: time to rate them in.", applies=_JUDGE
+    )
+    mfu: Annotated[float, Field(gt=0, le=1)] = option(
+        0.4, "Judge: share of the peak FLOP/s assumed for chips_needed.", applies=_JUDGE
+    )
+
+
+def plan_with(config: PlanConfig, train: TrainConfig) -> TrainingPlan | JudgePlan:
+    """The plan ``dynrules plan`` reports: ``config`` (the plan section) and the train section's
+    :data:`TRAIN_KEYS` (at :data:`TRAIN_DEFAULTS` unless given)."""
+    for key in ("model", "topology"):
+        if not getattr(config, key):
+            raise ConfigError(f"plan.{key} is required (--{key}, or plan.{key}=... / --config)")
+    if config.task == "judge":
+        defaults = {f.name: f.default for f in dataclasses.fields(train)} | TRAIN_DEFAULTS
+        for key in ("param_dtype", "remat"):
+            if getattr(train, key) != defaults[key]:
+                raise ConfigError(f"train.{key} applies to plan.task train, not 'judge'")
+        return plan_judge(
+            config.model,
+            config.topology,
+            seq=config.seq,
+            batch=config.batch,
+            mesh=config.mesh,
+            dtype=train.dtype,
+            attention=train.attention,
+            prefix_tokens=config.prefix_tokens,
+            question_tokens=config.question_tokens,
+            pairs=config.pairs,
+            rules=config.rules,
+            hours=config.hours,
+            mfu=config.mfu,
+        )
+    return plan_training(
+        config.model,
+        config.topology,
+        seq=config.seq,
+        batch=config.batch,
+        grad_accum=config.grad_accum,
+        mesh=config.mesh,
+        dtype=train.dtype,
+        param_dtype=train.param_dtype,
+        remat=train.remat,
+        attention=train.attention,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,6 +564,7 @@ class JudgePlan:
     seq: int  # tokens a row: one conversation and the questions that fit
     batch: int  # rows a forward pass
     dtype: str
+    attention: str  # the conversations' implementation (the questions' is always XLA's)
     state_bytes_per_device: int  # the weights, from their shardings
     bytes_per_device: int | None
     hbm_per_device: int
@@ -489,6 +596,7 @@ def plan_judge(
     batch: int = 64,
     mesh: str = "",
     dtype: str = "bfloat16",
+    attention: str = "auto",
     prefix_tokens: int = 512,
     question_tokens: int = 32,
     pairs: int = 1_000_000,
@@ -503,10 +611,21 @@ def plan_judge(
     last token through the LM head. Weights are sharded by the training rules (FSDP over every device by default), so a
     judge too big for one chip spreads over the slice. ``chips_needed`` rates ``pairs`` ×
     ``rules`` × 2 responses in ``hours`` at ``mfu`` of the peak (a lower bound, as the step
-    time at peak is; MaxText-class inference reaches 30–50% MFU on prefill).
+    time at peak is; MaxText-class inference reaches 30–50% MFU on prefill). ``attention``:
+    the conversations' implementation, as in :func:`plan_training` (the questions, masked
+    by their conversation, always run through XLA's).
     """
+    from dynrules.models.attention import resolve
+    from dynrules.models.classifier import COMPUTE_DTYPES
+
     target = resolve_topology(topology)
     config = model_config(model)
+    attention = resolve(
+        attention,
+        packed=False,  # a conversation a row of prefix_ids
+        dtype=COMPUTE_DTYPES[dtype],
+        platform=target.devices[0].platform,
+    )
     if seq > config.max_position_embeddings:
         raise DynrulesError(
             f"seq {seq} exceeds the model's {config.max_position_embeddings} positions"
@@ -525,10 +644,11 @@ def plan_judge(
         "dtype": dtype,
         "questions": questions,
         "prefix_tokens": prefix_tokens,
+        "attention": attention,
     }
     started = time.perf_counter()
     full = _compile_judge(config, target, **options)
-    probe = options | {"batch": 1, "mesh": ""}
+    probe = options | {"batch": 1, "mesh": "", "attention": "xla"}
     flops_per_step, probe_note = _step_flops(_compile_judge, config, batch, probe)
     seconds = time.perf_counter() - started
     flops_per_device = None if flops_per_step is None else flops_per_step / devices
@@ -551,6 +671,7 @@ def plan_judge(
         seq=seq,
         batch=batch,
         dtype=dtype,
+        attention=attention,
         state_bytes_per_device=full.state_bytes,
         bytes_per_device=full.bytes,
         hbm_per_device=target.hbm_per_device,
@@ -577,7 +698,7 @@ def plan_judge(
 
 
 def _compile_judge(
-    config, target: Target, *, seq, batch, mesh, dtype, questions, prefix_tokens
+    config, target: Target, *, seq, batch, mesh, dtype, questions, prefix_tokens, attention
 ) -> _Compiled:
     """Lower and compile the judge's shared-prefix forward for ``config`` on the target."""
     import jax
@@ -606,6 +727,7 @@ def _compile_judge(
             param_dtype=compute,
             lm_head=True,
             constrain=shd.ActivationSharding(device_mesh),
+            attention=attention,
         )
     )
     graphdef, state = nnx.split(abstract)
@@ -736,7 +858,7 @@ def render_plan(plan: TrainingPlan | JudgePlan) -> str:
                 "step",
                 f"{plan.batch} rows × {plan.seq} tokens: a conversation of "
                 f"{plan.prefix_tokens} and {plan.questions_per_row} questions of "
-                f"{plan.question_tokens}; {plan.dtype}",
+                f"{plan.question_tokens}; {plan.dtype}, {plan.attention} attention",
             ),
             ("weights", f"{_size(plan.state_bytes_per_device)} per device"),
         ]

@@ -261,6 +261,10 @@ class Tree:
     # such a section, given other than its default, is an unused key (``ablate`` reads
     # ``selection.alpha``, so ``selection.k=3`` is an error there).
     reads: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # The command's own defaults for fields of a section it shares (``plan`` compiles in
+    # bfloat16 with full remat: ``{"train": {"dtype": "bfloat16", "remat": "full"}}``); they
+    # take the fields' defaults' place, below ``base``, in its flags' help and its config file.
+    defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def groups(self) -> set[str]:
@@ -311,7 +315,7 @@ def load(
 
     built: dict[str, Any] = {}
     for name, cls in tree.sections.items():
-        values = dict((base or {}).get(name) or {})
+        values = {**tree.defaults.get(name, {}), **((base or {}).get(name) or {})}
         _check_base(tree, name, cls, values)
         origins = {}
         for (section_name, field), setting in given.items():
@@ -530,15 +534,26 @@ def _default_text(value) -> str:
     return '""' if value == "" else str(value)
 
 
-def reference_markdown(tree: Mapping[str, type]) -> str:
+def _with_defaults(cls, defaults: Mapping[str, Any]) -> Iterable[FieldInfo]:
+    """The fields of ``cls``, their defaults replaced by a command's own (``Tree.defaults``)."""
+    for info in fields(cls).values():
+        if info.name in defaults:
+            info = dataclasses.replace(info, default=defaults[info.name])
+        yield info
+
+
+def reference_markdown(
+    tree: Mapping[str, type], defaults: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
     """One table per section: key, flag, type (choices), default, help. docs/configuration.md
-    holds this text between its markers; `dynrules config --markdown` prints it."""
+    holds this text between its markers; `dynrules config --markdown` prints it. ``defaults``:
+    a command's own (``Tree.defaults``), shown in place of the fields'."""
     out = []
     for name, cls in tree.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         out += [f"### `{name}`", "", doc, "", "| key | flag | type | default | meaning |"]
         out.append("|---|---|---|---|---|")
-        for info in fields(cls).values():
+        for info in _with_defaults(cls, (defaults or {}).get(name, {})):
             help_text = info.help.replace("|", "\\|")
             out.append(
                 f"| `{info.name}` | `--{info.flag}` | {_type_text(info)} | "
@@ -548,12 +563,15 @@ def reference_markdown(tree: Mapping[str, type]) -> str:
     return "\n".join(out)
 
 
-def defaults_yaml(tree: Mapping[str, type]) -> str:
-    """Every section at its defaults as a YAML file for ``--config``, each key's help a comment."""
+def defaults_yaml(
+    tree: Mapping[str, type], defaults: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
+    """Every section at its defaults (a command's own, ``defaults``, where it has them) as a YAML
+    file for ``--config``, each key's help a comment."""
     lines = []
     for name, cls in tree.items():
         lines.append(f"{name}:")
-        for info in fields(cls).values():
+        for info in _with_defaults(cls, (defaults or {}).get(name, {})):
             value = json_ready(info.default)
             text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
             text = text.removesuffix("...").strip()

@@ -164,6 +164,7 @@ def test_judge_plan_compiles_the_one_pass_forward_and_sizes_a_rating_job(tmp_pat
     )
     report = _report(done)
     assert (report["task"], report["topology"], report["devices"]) == ("judge", "v5e:2x2", 4)
+    assert report["attention"] == "splash"  # the conversations'; the questions' is XLA's
     assert report["questions_per_row"] == (256 - 96) // 32
     assert report["ratings_per_step"] == 8 * 5
     lm_head = 128 * 256  # the judge reads the LM head; the reward model's score head is gone
@@ -178,6 +179,18 @@ def test_judge_plan_compiles_the_one_pass_forward_and_sizes_a_rating_job(tmp_pat
     assert report["ratings_per_s_at_peak"] == pytest.approx(40 / seconds)
     per_chip = report["ratings_per_s_at_peak"] / 4 * 0.5
     assert report["chips_needed"] == math.ceil(2 * 1000 * 50 / (per_chip * 3600))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_attention_flag_overrides_splash_on_a_tpu_topology(tmp_path):
+    """--attention (train.attention) reaches the compiled step: XLA's on a TPU slice, where auto
+    would pick splash; the FLOP count is the same probes' either way."""
+    args = ("--topology", "v5e:2x2", "--seq", "64", "--batch", "8", "--attention", "xla")
+    report = _report(_plan(tmp_path, *args))
+    assert (report["topology"], report["attention"]) == ("v5e:2x2", "xla")
+    assert report["fits"] is True and report["dtype"] == "bfloat16"
+    assert report["flops_per_step"] / report["model_flops_per_step"] > 1.2  # remat full
 
 
 def test_a_mesh_that_does_not_divide_the_devices_is_a_one_line_error(tmp_path):

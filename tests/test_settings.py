@@ -368,6 +368,7 @@ def test_every_tree_command_takes_config_and_overrides():
         cli.TRAIN_ADAPTER,
         cli.MI,
         cli.ABLATE,
+        cli.PLAN,
     ):
         command = main.commands[spec.command]
         names = {p.name for p in command.params}
@@ -411,3 +412,79 @@ def test_bench_options_take_the_trees_fields():
     assert tuple(option("mfu", "dtype").type.choices) == DTYPES
     assert tuple(option("mfu", "remat").type.choices) == REMAT
     assert option("judge-local", "dtype").opts == ["--judge-dtype"]
+
+
+def _plan_sections(monkeypatch, *args):
+    """The plan and train sections `dynrules plan ARGS` would compile with (the compile stubbed)."""
+    seen = {}
+
+    def fake_plan(config, train):
+        seen.update(plan=config, train=train)
+        return {"stubbed": True}
+
+    monkeypatch.setattr("dynrules.plan.plan_with", fake_plan)
+    result = CliRunner().invoke(main, ["plan", *map(str, args), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return seen["plan"], seen["train"]
+
+
+def test_plan_precedence_defaults_yaml_overrides_flags(tmp_path, monkeypatch):
+    plan, train = _plan_sections(monkeypatch, "--model", "llama-3.2-1b", "--topology", "v5e-8")
+    assert (plan.seq, plan.batch, plan.task, plan.mesh) == (2048, 64, "train", "")
+    # The plan's own defaults for the train section's keys, not train-rm's (float32, none).
+    assert (train.dtype, train.param_dtype, train.remat, train.attention) == (
+        "bfloat16",
+        "float32",
+        "full",
+        "auto",
+    )
+    config_file = tmp_path / "plan.yaml"
+    config_file.write_text(
+        "model: llama-3.2-1b\ntopology: v5e-8\nseq: 1024\nbatch: 32\n"
+        "train: {remat: dots, attention: splash, param_dtype: bfloat16}\n"
+    )
+    plan, train = _plan_sections(
+        monkeypatch,
+        "--config",
+        config_file,
+        "seq=512",
+        "plan.mesh=fsdp=4",
+        "train.attention=xla",
+        "--seq",
+        "256",
+        "--topology",
+        "cpu:4",
+    )
+    assert (plan.model, plan.batch) == ("llama-3.2-1b", 32)  # YAML
+    assert (plan.topology, plan.seq) == ("cpu:4", 256)  # flag over override over YAML
+    assert (plan.mesh, plan.grad_accum) == ("fsdp=4", 1)  # override; default
+    assert (train.remat, train.param_dtype, train.dtype) == ("dots", "bfloat16", "bfloat16")
+    assert train.attention == "xla"  # override over YAML
+    _, train = _plan_sections(monkeypatch, "--config", config_file, "--attention", "cudnn")
+    assert train.attention == "cudnn"
+    # `dynrules config plan` writes the plan's defaults, and its file loads back.
+    written = CliRunner().invoke(main, ["config", "plan"])
+    assert written.exit_code == 0 and "  dtype: bfloat16  #" in written.output
+    (tmp_path / "all.yaml").write_text(written.output)
+    built = settings.load(cli.PLAN.tree, path=tmp_path / "all.yaml")
+    assert (built["train"].dtype, built["train"].remat) == ("bfloat16", "full")
+    markdown = CliRunner().invoke(main, ["config", "plan", "--markdown"]).output
+    assert "| `remat` | `--remat` | `none` \\| `full` \\| `dots` | `full` |" in markdown
+
+
+def test_plan_refuses_unknown_and_unused_keys():
+    base = ("plan", "--model", "llama-3.2-1b", "--topology", "v5e-8")
+    output = _fail(*base, "plan.sequence=5")
+    assert "override 'plan.sequence=5': unknown key 'plan.sequence'" in output
+    assert "did you mean 'plan.seq'?" in output
+    output = _fail(*base, "train.steps=5")
+    assert "key 'train.steps' is not used by `dynrules plan` (of train it reads train.dtype" in (
+        output
+    )
+    output = _fail(*base, "--pairs", "5")
+    assert "--pairs: plan.pairs applies to plan.task judge, not 'train'" in output
+    output = _fail(*base, "--task", "judge", "--remat", "dots")
+    assert "train.remat applies to plan.task train, not 'judge'" in output
+    output = _fail(*base, "--attention", "flash")
+    assert "'flash' is not one of 'auto', 'xla', 'splash', 'pallas_gpu', 'cudnn'" in output
+    assert "plan.model is required" in _fail("plan", "--topology", "v5e-8")
