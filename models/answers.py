@@ -118,4 +118,7 @@ class AnswerModel:
         return np.asarray(shared_prefix_masses(self.model, batch, self.classes))
 
     def per_question(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        return np.asarray(per_question_masses(self.model, ids, lengths, self.classes))
+        masses = per_question_masses(
+            self.model, jnp.asarray(ids), jnp.asarray(lengths), self.classes
+        )
+        return np.asarray(masses)

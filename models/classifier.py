@@ -32,6 +32,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -146,9 +147,10 @@ class Classifier(nnx.Module):
         attention: str = "auto",
     ):
         self.pooling = spec.pooling
-        if spec.kind == "encoder":
+        backbone = spec.backbone
+        if not isinstance(backbone, LlamaConfig):  # spec.kind == "encoder"
             self.encoder = BertEncoder(
-                spec.backbone,
+                backbone,
                 rngs=rngs,
                 dtype=dtype,
                 remat=remat,
@@ -157,7 +159,7 @@ class Classifier(nnx.Module):
             )
         else:
             self.decoder = LlamaDecoder(
-                spec.backbone,
+                backbone,
                 rngs=rngs,
                 dtype=dtype,
                 param_dtype=param_dtype,
@@ -282,12 +284,12 @@ def pretrained(
     if backbone not in DEFAULT_POOLING:
         raise DynrulesError(f"backbone must be encoder or decoder, got {backbone!r}")
     if backbone == "encoder":
-        loaded = bert_ckpt.read_checkpoint(path or None)
-        length = min(max_length, loaded.config.max_position_embeddings)
-        spec = ModelSpec(loaded.config, num_outputs, pooling, length, truncation=truncation)
-        loaded.tokenizer.truncation = truncation
-        params = {"encoder": loaded.params, **initial_head(spec, seed)}
-        return Pretrained(loaded.directory, spec, params, loaded.tokenizer, None)
+        checkpoint = bert_ckpt.read_checkpoint(path or None)
+        length = min(max_length, checkpoint.config.max_position_embeddings)
+        spec = ModelSpec(checkpoint.config, num_outputs, pooling, length, truncation=truncation)
+        checkpoint.tokenizer.truncation = truncation
+        params = {"encoder": checkpoint.params, **initial_head(spec, seed)}
+        return Pretrained(checkpoint.directory, spec, params, checkpoint.tokenizer, None)
     source = Path(path) if path else decoder_io.smollm2_gguf()
     dtype = np.dtype(jnp.dtype(COMPUTE_DTYPES[param_dtype]))
     loaded = decoder_io.read_decoder(source, dtype=dtype)
@@ -355,11 +357,12 @@ def _read_encoder_model(directory: Path, fields: dict) -> LoadedModel:
     from safetensors.numpy import load_file
 
     directory = bert_ckpt.resolve_checkpoint_dir(directory)
-    spec = ModelSpec(BertConfig.from_dict(bert_ckpt.read_config(directory)), **fields)
+    backbone = BertConfig.from_dict(bert_ckpt.read_config(directory))
+    spec = ModelSpec(backbone, **fields)
     tensors = load_file(str(directory / "model.safetensors"))
-    params = {
+    params: dict[str, Any] = {
         "encoder": bert_ckpt.params_from_hf_tensors(
-            tensors, spec.backbone, directory / "model.safetensors"
+            tensors, backbone, directory / "model.safetensors"
         )
     }
     for key in ("classifier.weight", "classifier.bias"):
@@ -419,20 +422,20 @@ def export_model(
         "truncation": spec.truncation,
     }
     kernel = np.asarray(host_params["head_kernel"], np.float32)
-    if spec.kind == "encoder":
+    backbone = spec.backbone
+    if not isinstance(backbone, LlamaConfig):  # spec.kind == "encoder"
         tensors = bert_ckpt.hf_tensors_from_params(host_params["encoder"], prefix="bert.")
         tensors["classifier.weight"] = np.ascontiguousarray(kernel.T)
         tensors["classifier.bias"] = np.asarray(host_params["head_bias"])
-        config = spec.backbone.to_hf_dict() | {
+        config = backbone.to_hf_dict() | {
             "architectures": ["BertForSequenceClassification"],
             "num_labels": spec.num_outputs,
             "dynrules": section,
         }
         extra_files = {}
     else:
-        tensors = decoder_io.hf_tensors(host_params["decoder"], spec.backbone)
+        tensors = decoder_io.hf_tensors(host_params["decoder"], backbone)
         tensors["score.weight"] = np.ascontiguousarray(kernel.T)
-        backbone = spec.backbone
         config = backbone.to_hf_dict() | {
             "architectures": [SEQUENCE_CLASSIFIERS[backbone.model_type]],
             "num_labels": spec.num_outputs,

@@ -159,6 +159,9 @@ class GGUFSource:
         return value
 
 
+TensorSource = SafetensorsSource | GGUFSource  # HF-named tensors: `in`, where, shape, read
+
+
 def unpermute_rows(value: np.ndarray, heads: int) -> np.ndarray:
     """Inverse of llama.cpp's ``permute`` (convert_hf_to_gguf.py, LlamaModel.permute).
 
@@ -234,7 +237,7 @@ class ParamView:
     reads only the rows and columns that slice needs; ``np.asarray(view)`` reads it whole.
     """
 
-    source: object
+    source: TensorSource
     keys: tuple[str, ...]
     stacked: bool
     layout: str
@@ -367,7 +370,7 @@ class LoadedDecoder:
     params: dict  # ParamView leaves; np.asarray(leaf) reads one whole
     tokenizer: TextTokenizer
     chat_template: ChatTemplate | None
-    source: object  # the tensor source, for extra tensors such as a score head
+    source: TensorSource  # for extra tensors such as a score head
 
 
 def smollm2_gguf() -> Path:

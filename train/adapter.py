@@ -319,7 +319,7 @@ def predict_rules(run_dir, texts: list[str], k: int, *, batch_size: int = 64) ->
     return top_k_rules(scorer(texts), k)
 
 
-def write_plan(run_dir, pairs: list[dict], k: int, out) -> dict:
+def write_plan(run_dir, pairs: list[dict], k: int, out) -> PlanSummary:
     """A rating plan: one JSONL record {"id", "rule_ids"} per pair, for `dynrules rate --plan`."""
     info = read_adapter(run_dir)
     ids = np.asarray(info.pool["ids"], dtype=object)

@@ -73,14 +73,18 @@ def pair_from_record(record: dict, *, path=None, line: int | None = None) -> Pai
     )
 
 
-def load_preferences(source: str | Path | Iterable[dict]) -> list[Pair]:
-    """Pairs from a file or from dicts; errors name the file, line and field. Empty is an error."""
+def load_preferences(source: str | Path | Iterable[dict | Pair]) -> list[Pair]:
+    """Pairs from a file or from dicts (a :class:`Pair` among them is taken as it is); errors
+    name the file, line and field. Empty is an error."""
     if isinstance(source, str | Path):
         pairs = [pair_from_record(r, path=source, line=n) for n, r in iter_raw_records(source)]
         if not pairs:
             raise InputError("no preference pairs (empty file)", path=source)
         return pairs
-    pairs = [pair_from_record(r, line=n) for n, r in enumerate(source, start=1)]
+    pairs = [
+        r if isinstance(r, Pair) else pair_from_record(r, line=n)
+        for n, r in enumerate(source, start=1)
+    ]
     if not pairs:
         raise InputError("no preference pairs given")
     return pairs

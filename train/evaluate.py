@@ -113,10 +113,9 @@ def evaluate(
 
     shd.join_job(distributed)
 
-    if not (isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)):
-        pairs = load_preferences(pairs)
+    preferences = load_preferences(pairs)  # Pairs pass through as they are
     scorer = Scorer.from_model_dir(model, mesh_spec=mesh, batch_size=batch_size)
-    texts = [text for pair in pairs for text in pair.texts(scorer.render)]
+    texts = [text for pair in preferences for text in pair.texts(scorer.render)]
     rewards = scorer.rewards(texts)
-    report = pair_report(pairs, rewards[0::2], rewards[1::2])
+    report = pair_report(preferences, rewards[0::2], rewards[1::2])
     return Evaluation(**vars(report), truncated=scorer.truncated)

@@ -51,7 +51,7 @@ class BradleyTerry:
     """The reward model's objective: a pair's chosen and rejected rewards, its rule margin."""
 
     texts_per_example = 2
-    label_dims = {"margins": 0}
+    label_dims: Mapping[str, int] = {"margins": 0}
     headline = "accuracy"
 
     def loss(self, outputs, labels, config):
@@ -72,7 +72,7 @@ class MultiLabelBCE:
     """The rule adapter's objective: one logit per rule against the oracle's top-k set."""
 
     texts_per_example = 1
-    label_dims = {"targets": 1}  # multi-hot [examples, rules]
+    label_dims: Mapping[str, int] = {"targets": 1}  # multi-hot [examples, rules]
     headline = "precision_at_k"
 
     def __init__(self, k: int):

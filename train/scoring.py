@@ -16,7 +16,9 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -66,6 +68,8 @@ class Scorer:
     # to the dense layers, while a short text alone in its bucket can be a third padding.
     PACKED_ROW_WIDTH = 128
 
+    spec: mdl.ModelSpec  # the model's, set by from_model_dir
+
     def __init__(
         self,
         graphdef,
@@ -96,16 +100,18 @@ class Scorer:
         }
         self.truncated = 0
         self.params = params
-        self.render = format_text  # (prompt, response) → text; from_model_dir sets the model's
-        rows = shd.batch_sharding(mesh, 2)
-        self._rows_sharding, self._lengths_sharding = rows, shd.batch_sharding(mesh, 1)
+        # (prompt, response) → text; from_model_dir sets the model's
+        self.render: Callable[[str, str], str] = format_text
+        row_sharding = shd.batch_sharding(mesh, 2)
+        self._rows_sharding, self._lengths_sharding = row_sharding, shd.batch_sharding(mesh, 1)
         param_shardings = jax.tree.map(lambda x: x.sharding, params)
+        in_shardings: tuple[Any, ...]
         if packing:
             forward = functools.partial(mdl.apply_packed, graphdef, slots=tok.ROW_SEGMENTS)
-            in_shardings = (param_shardings, rows, rows, rows)
+            in_shardings = (param_shardings, row_sharding, row_sharding, row_sharding)
         else:
             forward = functools.partial(mdl.apply, graphdef)
-            in_shardings = (param_shardings, rows, self._lengths_sharding)
+            in_shardings = (param_shardings, row_sharding, self._lengths_sharding)
         self._forward = jax.jit(
             forward, in_shardings=in_shardings, out_shardings=shd.replicated(mesh)
         )  # every process reads all scores

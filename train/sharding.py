@@ -99,9 +99,9 @@ def mesh_description(mesh: Mesh) -> str:
 def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions carry ``logical_axes`` names (None = any)."""
     used: set[str] = set()
-    spec = []
+    spec: list[str | tuple[str, ...] | None] = []
     for name, size in zip(logical_axes, shape, strict=True):
-        chosen = []
+        chosen: list[str] = []
         for axis in rules.get(name, ()) if name else ():
             width = mesh.shape[axis]
             if axis in used or width == 1:
@@ -142,7 +142,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
     """Shard dimension ``batch_dim`` over ('data', 'fsdp'); everything else replicated."""
-    spec = [None] * ndim
+    spec: list[tuple[str, ...] | None] = [None] * ndim
     spec[batch_dim] = LOGICAL_AXIS_RULES["batch"]
     return NamedSharding(mesh, PartitionSpec(*spec))
 
@@ -162,6 +162,7 @@ def local_rows(sharding: NamedSharding, shape: tuple[int, ...], dim: int = 0) ->
     """
     held: set[int] = set()
     for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        assert index is not None  # typed optional, but every device of a sharding has an index
         held.update(range(*index[dim].indices(shape[dim])))
     return np.array(sorted(held), np.int64)
 
@@ -192,19 +193,23 @@ def join_job(requested: bool = False) -> bool:
         return True
     if not requested and "JAX_NUM_PROCESSES" not in os.environ:
         return False
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    collectives = jax.config.jax_cpu_collectives_implementation  # type: ignore[attr-defined]  # jax.config's options are dynamic attributes its stubs omit
+    if collectives in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    named = {}
-    for variable, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    named: dict[str, int | None] = {}
+    for variable in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        named[variable] = None
         if variable in os.environ:
             try:
-                named[key] = int(os.environ[variable])
+                named[variable] = int(os.environ[variable])
             except ValueError:
                 raise DynrulesError(
                     f"{variable} must be an integer, got {os.environ[variable]!r}"
                 ) from None
     try:
-        jax.distributed.initialize(**named)
+        jax.distributed.initialize(
+            num_processes=named["JAX_NUM_PROCESSES"], process_id=named["JAX_PROCESS_ID"]
+        )
     except (RuntimeError, ValueError) as exc:
         raise DynrulesError(f"cannot join the distributed job: {exc}") from exc
     return True

@@ -43,7 +43,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -124,9 +124,12 @@ class Task(Protocol):
     """What the trainer trains: data, objective and evaluation of one kind of model."""
 
     name: str  # run.json's "task" (a run resumes only as the same task); the progress bar's label
-    objective: Objective
     num_outputs: int  # the head's outputs
     chat: bool  # a decoder reads the texts through its chat template (when it has one)
+
+    @property
+    def objective(self) -> Objective:  # read-only here: a task may hold a narrower objective
+        ...
 
     def validate(self, config: TrainConfig) -> None:
         """Raise DynrulesError for a config key this task cannot honour."""
@@ -236,7 +239,7 @@ class ExampleBatches:
     def indices(self, step: int) -> np.ndarray:
         """Example indices of the step's global batch."""
         n = len(self.tokens)
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
         return np.array([self._epoch(p // n)[p % n] for p in positions])
 
     def tokens_in(self, step: int) -> int:
@@ -269,6 +272,7 @@ class ExampleBatches:
         examples, …] (every example), and ``rows``, the global row count: the most any
         micro-batch needs, rounded up to the layout's multiple (spare rows are all padding)."""
         layout = self.packing
+        assert layout is not None, "packed_batch needs the packing layout"
         lengths = self.tokens.texts.lengths
         texts_of = self.tokens.texts_of
         micro_examples = everything.reshape(self.grad_accum, self.micro)
@@ -278,7 +282,7 @@ class ExampleBatches:
         ]
         rows = -(-max(plan.rows for plan in plans) // layout.multiple) * layout.multiple
         local = np.asarray(layout.local(rows))
-        arrays, slots = [], []
+        arrays, slot_rows = [], []
         for examples, plan in zip(micro_examples, plans, strict=True):
             mine = np.flatnonzero(np.isin(plan.row, local))
             seqs = self.tokens.texts.ids(texts_of(examples)[mine].tolist())
@@ -292,10 +296,10 @@ class ExampleBatches:
                     self.pad_id,
                 )
             )
-            slots.append((plan.row * layout.slots + plan.segment - 1).astype(np.int32))
+            slot_rows.append((plan.row * layout.slots + plan.segment - 1).astype(np.int32))
         batch = {key: np.stack([a[key] for a in arrays]) for key in arrays[0]}
         labels = {key: values[micro_examples] for key, values in self.tokens.labels.items()}
-        slots = np.stack(slots).reshape(self.grad_accum, self.micro, -1)
+        slots = np.stack(slot_rows).reshape(self.grad_accum, self.micro, -1)
         return batch | {"slots": slots} | labels | {"rows": rows}
 
 
@@ -585,7 +589,7 @@ def _last_record(run_dir: Path, split: str) -> dict:
     if not path.is_file():
         return {}
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    last = next((r for r in reversed(records) if r["split"] == split), {})
+    last: dict = next((r for r in reversed(records) if r["split"] == split), {})
     return {k: v for k, v in last.items() if k not in ("split", "step")}
 
 
@@ -780,7 +784,7 @@ def _loop(run: _Run, evaluate: _Evaluator, *, progress: bool) -> dict:
         rows=trainable.local_rows(micro),
         packing=trainable.row_layout() if trainable.packed else None,
     )
-    window = {"sums": [], "tokens": 0, "clock": time.perf_counter()}
+    window: dict[str, Any] = {"sums": [], "tokens": 0, "clock": time.perf_counter()}
     logged: dict = {}
 
     def checkpoint(out: StepOutput) -> None:
@@ -895,11 +899,7 @@ class RewardModelTask:
 
     def __init__(self, pairs: str | Path | list[dict] | list[Pair]):
         self.objective = BradleyTerry()
-        self.pairs = (
-            pairs
-            if isinstance(pairs, list) and pairs and isinstance(pairs[0], Pair)
-            else load_preferences(pairs)
-        )
+        self.pairs = load_preferences(pairs)  # Pairs pass through as they are
 
     def validate(self, config: TrainConfig) -> None:
         """Every key applies to a reward model."""
