@@ -38,6 +38,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,7 +124,7 @@ def ratings_agreement(
         margin,
     )
     all_margin = (a.astype(np.float64) - b).sum(axis=1)
-    out = {"pairs": len(records), "prompts": int(len(set(groups)))}
+    out: dict[str, Any] = {"pairs": len(records), "prompts": int(len(set(groups)))}
     for name, m in ((f"adaptive_top{k}", margin), ("all_rules", all_margin)):
         correct = np.where(truth == 1, m > 0, m < 0)
         hits = int(correct.sum())
@@ -160,14 +161,16 @@ class _ServerProcess:
             stdout=subprocess.PIPE,
             text=True,
         )
-        port = self.process.stdout.readline().strip()
+        stdout = self.process.stdout  # a pipe (stdout=PIPE)
+        port = stdout.readline().strip() if stdout is not None else ""
         if not port.isdigit():
             self.process.kill()
             raise DynrulesError("the loopback server did not start")
         return f"http://127.0.0.1:{port}/v1"
 
     def __exit__(self, *exc) -> None:
-        self.process.stdin.close()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
@@ -208,7 +211,7 @@ def runner_ratings_per_s(pool: RulePool, n_pairs: int) -> float:
         summary = rate_pairs(records, f"{tmp}/store", pool=pool, judge=judge, progress=False)
         seconds = time.perf_counter() - started
     if summary.failed:
-        raise DynrulesError(f"{summary['failed']} cells failed against the loopback server")
+        raise DynrulesError(f"{summary.failed} cells failed against the loopback server")
     return 2 * summary.rated / seconds
 
 
@@ -469,10 +472,12 @@ def bench_judge_local(
     one_pass = JaxJudge(pool, model=model, dtype=dtype)
     rate_in_memory(one_pass, records)
     startup = time.perf_counter() - started
-    results["jax_ratings_per_s"], shared = timed(one_pass)
+    jax_rate, shared = timed(one_pass)
+    results["jax_ratings_per_s"] = jax_rate
     per_rule = JaxJudge(pool, model=model, dtype=dtype, one_pass=False)
     rate_in_memory(per_rule, records)
-    results["jax_per_rule_ratings_per_s"], separate = timed(per_rule)
+    per_rule_rate, separate = timed(per_rule)
+    results["jax_per_rule_ratings_per_s"] = per_rule_rate
     results["max_abs_diff_vs_per_rule"] = float(np.abs(shared - separate).max())
     for key in ("llamacpp_ratings_per_s", "max_abs_diff_vs_llamacpp", "mean_abs_diff_vs_llamacpp"):
         results[key] = None
@@ -501,7 +506,7 @@ def bench_judge_local(
                     difference = np.abs(shared - served)
                     results["max_abs_diff_vs_llamacpp"] = float(np.nanmax(difference))
                     results["mean_abs_diff_vs_llamacpp"] = float(np.nanmean(difference))
-    speedup = results["jax_ratings_per_s"] / results["jax_per_rule_ratings_per_s"]
+    speedup = jax_rate / per_rule_rate
     versus = results["llamacpp_ratings_per_s"]
     return {
         "benchmark": "judge-local",
@@ -514,9 +519,7 @@ def bench_judge_local(
         },
         "ratios": {
             "one_pass_over_per_rule": round(speedup, 2),
-            "jax_over_llamacpp": None
-            if versus is None
-            else round(results["jax_ratings_per_s"] / versus, 2),
+            "jax_over_llamacpp": None if versus is None else round(jax_rate / versus, 2),
         },
         "setup": {
             "model": Path(model).name,

@@ -37,7 +37,8 @@ def bench_multihost(
     if steps < 2 * log_every or steps % log_every:
         raise DynrulesError("bench multihost: steps must be two or more whole log windows")
     results = {name: 0.0 for name in SIDES}
-    final_loss, wall = {}, {name: [] for name in SIDES}
+    final_loss: dict[str, float] = {}
+    wall: dict[str, list[float]] = {name: [] for name in SIDES}
     with tempfile.TemporaryDirectory(prefix="dynrules-bench-multihost-") as tmp:
         pairs = Path(tmp) / "pairs.jsonl"
         pairs.write_text("".join(json.dumps(p) + "\n" for p in synthetic_pairs(pairs_per_step * 8)))

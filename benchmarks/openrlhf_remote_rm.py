@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 
@@ -157,13 +158,16 @@ def main() -> int:
                     time.sleep(1)
             raw = [p for p, _ in PAIRS]
             templated = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                cast(  # tokenize=False: the text
+                    str,
+                    tokenizer.apply_chat_template(
+                        [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                    ),
                 )
                 for p in raw
             ]
             responses = [r for _, r in PAIRS]
-            result = {"pairs": len(PAIRS), "expected_std": float(expected.std())}
+            result: dict[str, Any] = {"pairs": len(PAIRS), "expected_std": float(expected.std())}
             failed = False
             for style, prompts in (("raw_prompts", raw), ("chat_templated_prompts", templated)):
                 rewards = np.array(

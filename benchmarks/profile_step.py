@@ -28,7 +28,7 @@ import numpy as np
 from dynrules.benchmarks.rewardmodel import hh_pairs
 from dynrules.models import classifier as mdl
 from dynrules.train import sharding as shd
-from dynrules.train.config import TrainConfig
+from dynrules.train.config import Backbone, TrainConfig
 from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
 
 CONTAINERS = ("while", "call", "conditional")  # their events span the operations inside them
@@ -56,7 +56,7 @@ def _category(shape: tuple[int, ...], op_name: str, width: int) -> str:
     return "other per-token work in the layers"
 
 
-def profile(backbone: str, packing: bool, pairs_per_step: int, max_length: int, data) -> dict:
+def profile(backbone: Backbone, packing: bool, pairs_per_step: int, max_length: int, data) -> dict:
     model = mdl.pretrained(backbone, None, num_outputs=1, max_length=max_length, seed=0)
     pairs = hh_pairs(data)
     pairs = [pairs[i] for i in np.random.default_rng(0).permutation(len(pairs))[:pairs_per_step]]
@@ -101,7 +101,7 @@ def profile(backbone: str, packing: bool, pairs_per_step: int, max_length: int, 
         trace = next(Path(trace_dir).rglob("perfetto_trace.json.gz"))
         events = json.load(gzip.open(trace))["traceEvents"]
     instructions = _instructions(hlo)
-    busy = collections.Counter()
+    busy: collections.Counter[str] = collections.Counter()
     for event in events:
         name = event.get("name", "")
         if event.get("ph") != "X" or name not in instructions or name.startswith(CONTAINERS):

@@ -17,11 +17,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dynrules.benchmarks.paths import hh_test
 from dynrules.errors import DynrulesError
+
+if TYPE_CHECKING:
+    from dynrules.models.choices import Dtype, Remat
+    from dynrules.train.config import Backbone
 
 TORCH_HINT = "the PyTorch side needs torch and transformers: pip install torch==2.13.0 transformers"
 WORDS = (
@@ -57,7 +62,7 @@ def _torch():
     return torch, transformers
 
 
-def _torch_reward_model(torch, transformers, checkpoint_dir, head_kernel: np.ndarray):
+def _torch_reward_model(torch: Any, transformers, checkpoint_dir, head_kernel: np.ndarray):
     config = transformers.BertConfig.from_pretrained(
         str(checkpoint_dir), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
@@ -99,7 +104,7 @@ def bundled_reward_model(backbone: str, max_length: int, seed: int):
     return model
 
 
-def _torch_model(torch, transformers, model, workdir):
+def _torch_model(torch: Any, transformers, model, workdir):
     """The same reward model in PyTorch: BertModel + mean pooling + head for the encoder; for
     the decoder, transformers' own ``LlamaForSequenceClassification`` loaded from our export."""
     import jax
@@ -144,7 +149,8 @@ def hh_pairs(path: str | Path | None = None) -> list:
 def _timed(run, batches: list, seconds: float) -> tuple[float, list[int]]:
     """(elapsed, indices of the batches run) running ``run`` over ``batches`` cyclically for
     ``seconds``, and at least once over every batch."""
-    done, started = [], time.perf_counter()
+    done: list[int] = []
+    started = time.perf_counter()
     while time.perf_counter() - started < seconds or len(done) < len(batches):
         index = len(done) % len(batches)
         run(batches[index])
@@ -176,7 +182,7 @@ def _torch_padded(torch, seqs: list[np.ndarray], pad_id: int) -> tuple:
 
 def bench_train(
     *,
-    backbone: str = "encoder",
+    backbone: Backbone = "encoder",
     pairs_per_step: int = 8,
     max_length: int = 512,
     steps: int = 6,
@@ -418,9 +424,9 @@ def _random_decoder(
     seq: int,
     pairs_per_step: int,
     *,
-    dtype: str,
-    param_dtype: str,
-    remat: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    remat: Remat,
     seed: int = 0,
 ):
     """(backbone config, Trainable, state, jitted step) of a randomly initialised decoder reward
@@ -480,9 +486,9 @@ def bench_train_mfu(
     seq: int = 2048,
     pairs_per_step: int = 4,
     steps: int = 10,
-    dtype: str = "bfloat16",
-    param_dtype: str = "float32",
-    remat: str = "full",
+    dtype: Dtype = "bfloat16",
+    param_dtype: Dtype = "float32",
+    remat: Remat = "full",
     peak_tflops: float | None = None,
     against_torch: bool = False,
 ) -> dict:
@@ -519,7 +525,7 @@ def bench_train_mfu(
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", str(device))
     peak = peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "train_mfu",
         "setup": {
             "device": kind,
@@ -543,7 +549,7 @@ def bench_train_mfu(
     }
     if against_torch and torch_error:
         result["torch_error"] = torch_error
-    elif against_torch:
+    elif against_torch and torch_rate is not None:  # no error: a rate
         result["results"]["torch_tokens_per_s"] = torch_rate
         result["ratios"] = {"jax_over_torch": tokens_per_s / torch_rate}
     return result
@@ -619,7 +625,8 @@ def bench_bf16_numerics(
     from dynrules.models import classifier as mdl
 
     runs = {}
-    for dtype in ("float32", "bfloat16"):
+    dtypes: tuple[Dtype, ...] = ("float32", "bfloat16")
+    for dtype in dtypes:
         with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
             backbone, trainable, state, step = _random_decoder(
                 preset, seq, pairs_per_step, dtype=dtype, param_dtype="float32", remat="full"

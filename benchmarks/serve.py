@@ -55,11 +55,13 @@ def _model_dir(directory: Path, max_length: int, seed: int) -> Path:
     return directory
 
 
-async def _load(url: str, requests: list[list[dict]], expected: list[np.ndarray]) -> dict:
-    """Each inner list is one client's requests, sent one after another; all clients at once."""
+async def _load(url: str, requests: list[list[list[dict]]], expected: list[np.ndarray]) -> dict:
+    """Each inner list is one client's requests (each a list of items), sent one after another;
+    all clients at once."""
     import httpx
 
-    latencies, failures = [], collections.Counter()
+    latencies: list[float] = []
+    failures: collections.Counter[str] = collections.Counter()
 
     async def client(http, mine, wanted):
         for items, want in zip(mine, wanted, strict=True):
