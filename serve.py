@@ -54,6 +54,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import field
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 
@@ -290,6 +291,14 @@ async def _read_json(request, max_bytes: int):
         raise RequestError(400, f"malformed JSON: {exc}") from None
 
 
+@overload
+def _list_field(body, name: str, max_items: int, *, required: Literal[True] = True) -> list: ...
+
+
+@overload
+def _list_field(body, name: str, max_items: int, *, required: bool) -> list | None: ...
+
+
 def _list_field(body, name: str, max_items: int, *, required: bool = True) -> list | None:
     if not isinstance(body, dict):
         raise RequestError(422, f"the body must be a JSON object, got {type(body).__name__}")
@@ -400,20 +409,21 @@ class RewardService:
         log.info("ready: %s, %d programs compiled", self.name, future.result())
 
     async def stop(self) -> None:
-        if self._task is not None:
+        if self._task is not None and self.batcher is not None:  # both set by start
             self._task.cancel()
             self.batcher.executor.shutdown(wait=True)
         self._tokenizer_thread.shutdown(wait=True)
         log.info("stopped: %d of %d accepted requests answered", self.answered, self.accepted)
 
     async def rewards(self, records: list[dict]) -> tuple[list[float], int]:
-        if not self.ready:
+        batcher = self.batcher
+        if not self.ready or batcher is None:  # ready: started and warmed up
             raise RequestError(503, "warming up: the model is still compiling; retry shortly")
         texts = [self._score_text(r, render=self.scorer.render) for r in records]
         loop = asyncio.get_running_loop()  # tokenize off the event loop, one batch at a time
         tokens = await loop.run_in_executor(self._tokenizer_thread, self.scorer.encode, texts)
         self.metrics.truncated.inc(tokens.truncated)
-        rewards = await self.batcher.score(tokens.ids)
+        rewards = await batcher.score(tokens.ids)
         bad = np.flatnonzero(~np.isfinite(rewards))
         if bad.size:
             raise RequestError(500, f"the model gave a non-finite reward for item {bad[0]}")
@@ -513,7 +523,7 @@ def create_app(
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
-    async def refused(request, exc: RequestError):
+    async def refused(request, exc):  # exc: a RequestError
         return JSONResponse({"error": exc.reason}, exc.status)
 
     async def http_error(request, exc):
