@@ -146,7 +146,7 @@ def _or_nan(value) -> float:
 def print_json(result) -> None:
     """A result as one JSON object on stdout: a typed result's ``to_json()`` where it chooses its
     keys, else all its fields; a benchmark's record as it is."""
-    if dataclasses.is_dataclass(result):
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
         result = result.to_json() if hasattr(result, "to_json") else dataclasses.asdict(result)
     click.echo(json.dumps(result))
 
@@ -523,7 +523,7 @@ def mi_command(store_path, overrides, truth, as_json, **params):
     rules = report.rules
     click.echo(f"{report.pairs:,} pairs; per-rule I(vote; {truth}) in bits ({report.estimator}):")
     top = config.top
-    shown = rules if len(rules) <= 2 * top else rules[:top] + [None] + rules[-top:]
+    shown = rules if len(rules) <= 2 * top else [*rules[:top], None, *rules[-top:]]
     for rule in shown:
         if rule is None:
             click.echo(f"  … {len(rules) - 2 * top} more …")
