@@ -332,11 +332,15 @@ def _tpu_devices(chip: Chip, shape: tuple[int, ...], canonical: str) -> list:
     import jax
     from jax.experimental import topologies
 
-    options = {"chips_per_host_bounds": tuple(min(size, 2) for size in shape[:2]) + (1,)}
+    options: dict[str, object] = {
+        "chips_per_host_bounds": tuple(min(size, 2) for size in shape[:2]) + (1,)
+    }
     if chip.dims == 3:
         options["chip_config_name"] = "megacore"  # one device per chip, as jax runs v4 / v5p
     try:
-        devices = topologies.get_topology_desc(canonical, platform="tpu", **options).devices
+        devices: list[jax.Device] = topologies.get_topology_desc(
+            canonical, platform="tpu", **options
+        ).devices
     except (jax.errors.JaxRuntimeError, RuntimeError) as exc:
         raise DynrulesError(f"topology {canonical}: {_first_line(exc)}") from exc
     kinds = {device.device_kind for device in devices}
