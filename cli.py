@@ -47,7 +47,10 @@ RATE = CommandTree("rate", {"judge": ALL}, primary="judge")
 SIMULATE = CommandTree("simulate", {"simulate": ALL}, primary="simulate")
 TRAIN_RM = CommandTree("train-rm", {"train": ALL}, primary="train")
 TRAIN_ADAPTER = CommandTree(
-    "train-adapter", {"train": ALL, "selection": ("k", "criterion")}, primary="train"
+    "train-adapter",
+    {"train": ALL, "selection": ("k", "criterion", "alpha")},
+    primary="train",
+    flags_only=True,
 )
 SCORE = CommandTree("score", {"scoring": ALL}, primary="scoring")
 EVAL = CommandTree("eval", {"scoring": ALL}, primary="scoring")
@@ -273,7 +276,7 @@ def train_rm(pairs, out_dir, as_json, overrides, **params):
     from dynrules.train.trainer import resolve_config, train_reward_model
 
     config_file, flags = tree_flags(TRAIN_RM, params)
-    config = resolve_config(out_dir, config_file, [*overrides, *flags])
+    config = resolve_config(out_dir, TRAIN_RM.tree, config_file, [*overrides, *flags])["train"]
     result = train_reward_model(pairs, out_dir, config, progress=not as_json)
     if not is_writer():  # in a multi-process job process 0 speaks for all
         return
@@ -610,12 +613,18 @@ def bench_mi(n_pairs, n_rules, sklearn_pairs, as_json):
 )
 @tree_options(TRAIN_ADAPTER)
 def train_adapter_command(store_path, overrides, out, **params):
-    """Train the rule adapter on a fully rated STORE (the train section as in train-rm; the
-    selection's k and criterion pick the oracle's rules, its targets)."""
+    """Train the rule adapter on a fully rated STORE (the train section as in train-rm, a resumed
+    run starting from its saved config; the selection's k, criterion and alpha pick the oracle's
+    rules, its targets)."""
     from dynrules.train.adapter import train_adapter
+    from dynrules.train.sharding import is_writer
+    from dynrules.train.trainer import resolve_config
 
-    tree = load_tree(TRAIN_ADAPTER, params, overrides)
+    config_file, flags = tree_flags(TRAIN_ADAPTER, params)
+    tree = resolve_config(out, TRAIN_ADAPTER.tree, config_file, [*overrides, *flags])
     info = train_adapter(store_path, out, tree["train"], selection=tree["selection"])
+    if not is_writer():  # in a multi-process job process 0 speaks for all
+        return
     click.echo(
         f"adapter trained on {info.train_pairs} pairs, {info.steps} steps, final BCE "
         f"{info.final_loss:.4f}; written to {out}"
@@ -625,7 +634,12 @@ def train_adapter_command(store_path, overrides, out, **params):
 @main.command("apply-adapter")
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, exists=True))
 @click.argument("pairs_path", metavar="PAIRS", type=click.Path(dir_okay=False))
-@click.option("--k", default=5, show_default=True, help="Rules per pair in the plan.")
+@click.option(
+    "--k",
+    type=int,
+    default=None,
+    help="Rules per pair in the plan.  [default: the k the adapter was trained with]",
+)
 @click.option(
     "--out",
     required=True,
@@ -636,8 +650,10 @@ def train_adapter_command(store_path, overrides, out, **params):
 def apply_adapter_command(run_dir, pairs_path, k, out, as_json):
     """Predict each pair's k critical rules: a plan for `dynrules rate --plan`."""
     from dynrules.engine.pairs import load_pairs
-    from dynrules.train.adapter import write_plan
+    from dynrules.train.adapter import read_adapter, write_plan
 
+    if k is None:
+        k = read_adapter(run_dir).selection["k"]
     summary = write_plan(run_dir, load_pairs(pairs_path), k, out)
     print_json(summary) if as_json else click.echo(
         f"plan for {summary.pairs} pairs x {k} rules written to {out}: {summary.judge_calls} judge calls "

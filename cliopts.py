@@ -64,15 +64,16 @@ class CommandTree:
     @property
     def tree(self) -> Tree:
         sections = {name: TREE[name] for name in self.flags}
+        reads = {}
+        if self.flags_only:
+            reads = {name: chosen for name, chosen in self.flags.items() if chosen is not ALL}
         if self.primary == "train":
             return dataclasses.replace(
                 train_tree(self.command, **{n: c for n, c in sections.items() if n != "train"}),
                 known=TREE,
+                reads=reads,
                 defaults=self.defaults,
             )
-        reads = {}
-        if self.flags_only:
-            reads = {name: chosen for name, chosen in self.flags.items() if chosen is not ALL}
         return Tree(
             sections,
             self.primary,

@@ -29,7 +29,7 @@ from dynrules.benchmarks.rewardmodel import hh_pairs
 from dynrules.models import classifier as mdl
 from dynrules.train import sharding as shd
 from dynrules.train.config import Backbone, TrainConfig
-from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
+from dynrules.train.trainer import ExampleBatches, TokenizedExamples, Trainable, pair_examples
 
 CONTAINERS = ("while", "call", "conditional")  # their events span the operations inside them
 
@@ -67,9 +67,11 @@ def profile(backbone: Backbone, packing: bool, pairs_per_step: int, max_length: 
         backbone=backbone,
         packing=packing,
     )
-    tokens = TokenizedPairs.build(pairs, model.tokenizer, model.spec.max_length, model.render)
+    tokens = TokenizedExamples.build(
+        pair_examples(pairs, model.render), model.tokenizer, model.spec.max_length, 2
+    )
     trainable = Trainable.build(model.spec, config, shd.make_mesh("", jax.devices()[:1]))
-    batches = PairBatches(
+    batches = ExampleBatches(
         tokens,
         seed=0,
         batch_size=pairs_per_step,

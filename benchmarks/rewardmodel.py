@@ -201,7 +201,7 @@ def bench_train(
 
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
-    from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
+    from dynrules.train.trainer import ExampleBatches, TokenizedExamples, Trainable, pair_examples
 
     torch, transformers = _torch()
     model = bundled_reward_model(backbone, max_length, seed)
@@ -210,10 +210,12 @@ def bench_train(
         pairs[i]
         for i in np.random.default_rng(seed).permutation(len(pairs))[: pairs_per_step * steps]
     ]
-    tokens = TokenizedPairs.build(pairs, model.tokenizer, model.spec.max_length, model.render)
+    tokens = TokenizedExamples.build(
+        pair_examples(pairs, model.render), model.tokenizer, model.spec.max_length, 2
+    )
     mesh = shd.make_mesh("", jax.devices()[:1])
     pad_id = model.tokenizer.pad_id
-    order = PairBatches(
+    order = ExampleBatches(
         tokens,
         seed=seed,
         batch_size=pairs_per_step,
@@ -237,7 +239,7 @@ def bench_train(
             packing=packing,
         )
         trainable = Trainable.build(model.spec, config, mesh)
-        batcher = PairBatches(
+        batcher = ExampleBatches(
             tokens,
             seed=seed,
             batch_size=pairs_per_step,

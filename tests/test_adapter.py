@@ -113,3 +113,62 @@ def test_train_predict_and_plan(tmp_path, small_pool, backbone):
         len(set(p["rule_ids"])) == 3 and set(p["rule_ids"]) <= set(small_pool.ids) for p in plan
     )
     assert summary.judge_calls_saved == pytest.approx(1 - 3 / 8)
+
+
+def test_train_adapter_command_resumes_from_its_saved_config(tmp_path, small_pool):
+    """train-adapter: a rerun with only --out reuses the saved train section (as train-rm);
+    selection keys it does not read are refused; apply-adapter's k is the adapter's own."""
+    from click.testing import CliRunner
+
+    from dynrules.cli import main
+    from dynrules.errors import DynrulesError
+
+    store = rated_store(tmp_path / "store", small_pool, 16)
+    run = tmp_path / "run"
+    runner = CliRunner()
+    base = ["train-adapter", str(store.path), "--out", str(run)]
+    for key in ("selection.ties=a", "selection.seed=3", "selection.policy=random"):
+        done = runner.invoke(main, [*base, key])
+        assert done.exit_code == 2 and "not used by `dynrules train-adapter`" in done.output, (
+            key,
+            done.output,
+        )
+    assert not run.exists()
+    train = ["steps=2", "batch_size=4", "max_length=32", "eval_fraction=0"]
+    done = runner.invoke(main, [*base, *train, "selection.k=3", "--alpha", "0.25"])
+    assert done.exit_code == 0, done.output
+    info = adp.read_adapter(run)
+    assert (
+        info.config["steps"] == 2 and info.selection["k"] == 3 and info.selection["alpha"] == 0.25
+    )
+    # Rerun with the train section left out: the saved config, not the defaults (which differ).
+    done = runner.invoke(main, [*base, "selection.k=3", "--alpha", "0.25"])
+    assert done.exit_code == 0, done.output
+    assert adp.read_adapter(run).config == info.config
+    again = adp.train_adapter(
+        store, run, None, selection=adp.SelectionConfig(k=3, alpha=0.25), progress=False
+    )
+    assert again.config == info.config and again.resumed_from == 2
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"id": str(i), "prompt": f"q{i}", "response_a": "yes", "response_b": "no"})
+            + "\n"
+            for i in range(4)
+        )
+    )
+    done = runner.invoke(
+        main, ["apply-adapter", str(run), str(pairs), "--out", str(tmp_path / "p")]
+    )
+    assert done.exit_code == 0, done.output
+    plan = [json.loads(line) for line in (tmp_path / "p").read_text().splitlines()]
+    assert [len(p["rule_ids"]) for p in plan] == [3] * 4
+
+    for text in (
+        "{not json",
+        json.dumps({**json.loads((run / adp.ADAPTER_FILE).read_text()), "x": 1}),
+    ):
+        (run / adp.ADAPTER_FILE).write_text(text)
+        with pytest.raises(DynrulesError, match="adapter.json"):
+            adp.read_adapter(run)

@@ -193,12 +193,15 @@ def _encoder_tokenizer():
 @pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_packed_training_step_gives_the_unpacked_loss_and_gradients(grad_accum):
+    from dynrules.models.templates import format_text
     from dynrules.train import sharding as shd
     from dynrules.train.config import TrainConfig
-    from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
+    from dynrules.train.trainer import ExampleBatches, TokenizedExamples, Trainable, pair_examples
 
     spec, _, params = _model("encoder")
-    tokens = TokenizedPairs.build(_pairs(24, seed=0), _encoder_tokenizer(), 64)
+    tokens = TokenizedExamples.build(
+        pair_examples(_pairs(24, seed=0), format_text), _encoder_tokenizer(), 64, 2
+    )
     mesh = shd.make_mesh("", jax.devices()[:1])
     results = {}
     for packed in (False, True):
@@ -212,7 +215,7 @@ def test_packed_training_step_gives_the_unpacked_loss_and_gradients(grad_accum):
             packing=packed,
         )
         trainable = Trainable.build(spec, config, mesh)
-        batches = PairBatches(
+        batches = ExampleBatches(
             tokens,
             seed=0,
             batch_size=8,

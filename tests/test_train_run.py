@@ -166,10 +166,14 @@ def test_train_eval_score_commands(workspace):
         "classifier.weight"
     ].shape == (1, 32)
 
-    # Running again with the same --out and steps resumes at the end: nothing to redo.
+    # Running again with the same --out and steps resumes at the end: nothing to redo, and the
+    # final evaluation is read back, not run and recorded again (metrics.jsonl is unchanged).
+    logged = (run / "metrics.jsonl").read_text()
     done = runner.invoke(main, ["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "--json"])
     assert done.exit_code == 0, done.output
-    assert json.loads(done.output.strip().splitlines()[-1])["resumed_from"] == 12
+    again = json.loads(done.output.strip().splitlines()[-1])
+    assert again["resumed_from"] == 12 and again["eval"] == summary["eval"]
+    assert (run / "metrics.jsonl").read_text() == logged
 
 
 def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
@@ -191,6 +195,7 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
 
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "chosen": "a"}\n')
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "judge.yaml").write_text("judge:\n  kind: openai\n")
     other = _tiny_encoder(tmp_path / "other-encoder", seed=1, hidden=16)
     cases = [
         (["train-rm", str(tmp_path / "bad.jsonl"), "--out", str(run)], "line 1, field 'rejected'"),
@@ -204,6 +209,11 @@ def test_bad_input_fails_clearly_and_overwrites_nothing(workspace, tmp_path):
             "another model",
         ),
         (["train-rm", str(root / "pairs.jsonl"), "--out", str(run), "seed=7"], "different config"),
+        (
+            ["train-rm", str(root / "pairs.jsonl"), "--out", str(run)]
+            + ["--config", str(tmp_path / "judge.yaml")],
+            "key 'judge.kind' is not used by `dynrules train-rm`",
+        ),
         (["eval", str(run), str(tmp_path / "empty.jsonl")], "empty file"),
         (["eval", str(encoder), str(root / "pairs.jsonl")], "no 'dynrules' section"),
         (

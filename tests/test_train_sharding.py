@@ -131,7 +131,7 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
     from dynrules.train.checkpoint import Checkpointer
     from dynrules.train.config import TrainConfig
     from dynrules.train.data import Pair
-    from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
+    from dynrules.train.trainer import ExampleBatches, TokenizedExamples, Trainable, pair_examples
 
     config = TrainConfig(
         steps=4,
@@ -148,11 +148,11 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
         Pair(chosen=f"a safe answer {i} " * (1 + i % 3), rejected=f"harmful {i}", prompt=f"q{i}")
         for i in range(32)
     ]
-    tokens = TokenizedPairs.build(pairs, model.tokenizer, 48, model.render)
+    tokens = TokenizedExamples.build(pair_examples(pairs, model.render), model.tokenizer, 48, 2)
 
     def run(mesh_spec, devices, grad_accum=1):
         cfg = config.replace(grad_accum=grad_accum)
-        batches = PairBatches(
+        batches = ExampleBatches(
             tokens,
             seed=0,
             batch_size=16,
@@ -211,7 +211,7 @@ def _packed_grad_difference(spec, config, host, tokens, mesh_spec: str, pad_id: 
     bias: it cancels in r_c − r_r) into a full-size update of either sign."""
     import jax
 
-    from dynrules.train.trainer import PairBatches, Trainable
+    from dynrules.train.trainer import ExampleBatches, Trainable
 
     config = config.replace(packing=True)
     grads = []
@@ -219,7 +219,7 @@ def _packed_grad_difference(spec, config, host, tokens, mesh_spec: str, pad_id: 
         trainable = Trainable.build(
             spec, config, shd.make_mesh(mesh_spec if len(devices) > 1 else "", devices)
         )
-        batches = PairBatches(
+        batches = ExampleBatches(
             tokens,
             seed=0,
             batch_size=config.batch_size,
@@ -244,10 +244,11 @@ def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
 
     from dynrules.models import bert_checkpoint as bert_ckpt
     from dynrules.models import classifier as mdl
+    from dynrules.models.templates import format_text
     from dynrules.train.checkpoint import Checkpointer
     from dynrules.train.config import TrainConfig
     from dynrules.train.data import Pair
-    from dynrules.train.trainer import PairBatches, TokenizedPairs, Trainable
+    from dynrules.train.trainer import ExampleBatches, TokenizedExamples, Trainable, pair_examples
 
     loaded = bert_ckpt.read_checkpoint(encoder_dir)
     config = TrainConfig(
@@ -261,8 +262,10 @@ def _multi_device_main(out: Path, encoder_dir: str, decoder_dir: str) -> None:
         )
         for i in range(32)
     ]
-    tokens = TokenizedPairs.build(pairs, loaded.tokenizer, config.max_length)
-    batches = PairBatches(tokens, seed=0, batch_size=16, grad_accum=1, max_length=32, pad_id=0)
+    tokens = TokenizedExamples.build(
+        pair_examples(pairs, format_text), loaded.tokenizer, config.max_length, 2
+    )
+    batches = ExampleBatches(tokens, seed=0, batch_size=16, grad_accum=1, max_length=32, pad_id=0)
 
     def run(mesh_spec, devices):
         trainable = Trainable.build(spec, config, shd.make_mesh(mesh_spec, devices))

@@ -239,16 +239,18 @@ def train_adapter(
     """Train (or resume) the adapter on a fully rated store in the run directory ``out_dir``.
 
     The shared trainer (train.trainer) runs it: checkpoints, resume (running again with the
-    same ``out_dir`` and config continues from the last checkpoint), held-out evaluation,
+    same ``out_dir`` and config continues from the last checkpoint; ``config=None`` reuses the
+    run's saved config), held-out evaluation,
     packing, gradient accumulation, several processes. Writes out_dir/model, and
     out_dir/adapter.json once training is complete. ``selection`` is the oracle policy whose
     top-k sets are the targets (default: adaptive, k=5).
     """
     started = time.perf_counter()
     store = store if isinstance(store, RatingStore) else RatingStore.open(store)
-    config = make_config(config) if isinstance(config, dict) or config is None else config
     task = AdapterTask(store, selection or SelectionConfig())
+    # None: the run's saved config when resuming, else the defaults (train_task resolves it).
     result = train_task(task, out_dir, config, progress=progress)
+    config = result.config
     held_out = len(task.held_out_index(config))
     info = AdapterSummary(
         pool=store.manifest["pool"],
@@ -304,7 +306,10 @@ def read_adapter(run_dir) -> AdapterSummary:
             f"{run_dir}: not a rule-adapter run (no {ADAPTER_FILE}); train one with "
             f"`dynrules train-adapter STORE --out {run_dir}`"
         )
-    return AdapterSummary(**json.loads(path.read_text()))
+    try:
+        return AdapterSummary(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise DynrulesError(f"{path}: not a readable adapter summary ({exc})") from None
 
 
 def predict_rules(run_dir, texts: list[str], k: int, *, batch_size: int = 64) -> np.ndarray:

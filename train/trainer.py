@@ -54,10 +54,10 @@ from dynrules.errors import DynrulesError
 from dynrules.kernels import packing
 from dynrules.models import classifier as mdl
 from dynrules.models import tokenizer as tok
-from dynrules.models.templates import format_text
+from dynrules.settings import Tree, load
 from dynrules.train import sharding as shd
 from dynrules.train.checkpoint import Checkpointer
-from dynrules.train.config import TrainConfig, load_config, make_config
+from dynrules.train.config import TrainConfig, make_config
 from dynrules.train.data import Pair, load_preferences, preferences_fingerprint
 from dynrules.train.evaluate import pair_report
 from dynrules.train.loop import Every, StepOutput, run_steps
@@ -76,7 +76,8 @@ class RunResult:
     ``steps`` trained in all, ``resumed_from`` the checkpoint step this call started from (None:
     from scratch); ``train`` the last logged training metrics (loss, accuracy, pairs/s, …; an
     earlier call's when no step was left), ``eval`` the held-out report (None without held-out
-    pairs), ``truncated`` the texts cut to max_length in the ``train`` and ``eval`` sets.
+    pairs), ``truncated`` the texts cut to max_length in the ``train`` and ``eval`` sets;
+    ``config`` the run's config (the saved one when the call passed None).
     """
 
     run_dir: Path
@@ -86,6 +87,7 @@ class RunResult:
     train: dict
     eval: dict | None
     truncated: dict
+    config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_json(self) -> dict:
         """The ``dynrules train-rm --json`` object."""
@@ -169,16 +171,18 @@ class TokenizedExamples:
         per = self.texts_per_example
         return (per * np.asarray(examples)[:, None] + np.arange(per)).ravel()
 
-
-class TokenizedPairs(TokenizedExamples):
-    """Preference pairs as reward-model examples (pair i: text 2i chosen, 2i + 1 rejected)."""
-
     @classmethod
     def build(
-        cls, pairs: list[Pair], tokenizer: tok.TextTokenizer, max_length: int, render=format_text
-    ) -> TokenizedPairs:
-        examples = pair_examples(pairs, render)
-        return cls(SharedTokens(examples.texts, tokenizer, max_length), examples.labels, 2)
+        cls,
+        examples: Examples,
+        tokenizer: tok.TextTokenizer,
+        max_length: int,
+        texts_per_example: int,
+    ) -> TokenizedExamples:
+        """``examples`` tokenized (reward-model pairs: ``pair_examples(pairs, render)``, 2)."""
+        return cls(
+            SharedTokens(examples.texts, tokenizer, max_length), examples.labels, texts_per_example
+        )
 
 
 def pair_examples(pairs: list[Pair], render) -> Examples:
@@ -302,8 +306,6 @@ class ExampleBatches:
         slots = np.stack(slot_rows).reshape(self.grad_accum, self.micro, -1)
         return batch | {"slots": slots} | labels | {"rows": rows}
 
-
-PairBatches = ExampleBatches  # the reward model's batches: its examples are pairs
 
 PACKED_ROWS = ("ids", "segments", "positions")  # a packed batch's arrays split by row
 
@@ -535,11 +537,18 @@ def _read_run(run_dir: Path) -> dict | None:
 
 
 def resolve_config(
-    run_dir: str | Path, config_file: str | Path | None = None, overrides=()
-) -> TrainConfig:
-    """The CLI's config: the run's saved config when resuming, then the file, then overrides."""
+    run_dir: str | Path, tree: Tree, config_file: str | Path | None = None, overrides=()
+) -> dict[str, Any]:
+    """A training command's sections (``tree``: the command's, e.g. ``TRAIN_RM.tree``): the
+    ``train`` section starts from the run's saved config when resuming, then the file, then
+    overrides (the flags last, as ``(key, value, origin)`` items)."""
     saved = _read_run(Path(run_dir))
-    return load_config(config_file, overrides, base=saved["config"] if saved else None)
+    return load(
+        tree,
+        path=config_file,
+        overrides=overrides,
+        base={"train": saved["config"]} if saved else None,
+    )
 
 
 def _check_resume(
@@ -548,7 +557,7 @@ def _check_resume(
     spec: mdl.ModelSpec,
     data_hash: str,
     run_dir: Path,
-    task: str = REWARD_MODEL,
+    task: str,
 ):
     saved_task = saved.get("task", REWARD_MODEL)
     if saved_task != task:
@@ -583,13 +592,21 @@ def _write_json(path: Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _last_record(run_dir: Path, split: str) -> dict:
-    """The last ``split`` record of metrics.jsonl, without its split and step ({}: none)."""
+def _last_record(run_dir: Path, split: str, step: int | None = None) -> dict:
+    """The last ``split`` record of metrics.jsonl (of ``step``, when given), without its split
+    and step ({}: none)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    last: dict = next((r for r in reversed(records) if r["split"] == split), {})
+    last: dict = next(
+        (
+            r
+            for r in reversed(records)
+            if r["split"] == split and (step is None or r["step"] == step)
+        ),
+        {},
+    )
     return {k: v for k, v in last.items() if k not in ("split", "step")}
 
 
@@ -714,10 +731,8 @@ def _setup(task: Task, run_dir: Path, config: TrainConfig | dict | None) -> _Run
             raise DynrulesError(
                 f"{run_dir}: already at step {resumed_from}, beyond steps={config.steps}"
             )
-    train_tokens = TokenizedExamples(
-        SharedTokens(examples.texts, loaded.tokenizer, spec.max_length),
-        examples.labels,
-        task.objective.texts_per_example,
+    train_tokens = TokenizedExamples.build(
+        examples, loaded.tokenizer, spec.max_length, task.objective.texts_per_example
     )
     return _Run(
         run_dir,
@@ -843,7 +858,14 @@ def _finish(run: _Run, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
     run.checkpointer.wait()
     run.checkpointer.close()
     step = max(int(run.resumed_from or 0), run.config.steps)
-    eval_metrics = evaluate(step, run.state["params"])
+    eval_metrics = None
+    if run.held_out is not None and int(run.resumed_from or 0) >= run.config.steps:
+        # A finished run called again (a pipeline rerun): its final evaluation is on record in
+        # metrics.jsonl; evaluating again would append a duplicate record. Every process reads
+        # the same run directory (as run.json), so all take the same branch.
+        eval_metrics = _last_record(run.run_dir, "eval", step) or None
+    if eval_metrics is None:
+        eval_metrics = evaluate(step, run.state["params"])
     run.metrics.close()
     model_dir = run.run_dir / "model"
     params = shd.gather(run.state["params"])  # collective: every process takes part
@@ -855,7 +877,14 @@ def _finish(run: _Run, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
         "eval": eval_metrics["truncated"] if eval_metrics else 0,
     }
     result = RunResult(
-        run.run_dir, model_dir, step, run.resumed_from, train_metrics, eval_metrics, truncated
+        run.run_dir,
+        model_dir,
+        step,
+        run.resumed_from,
+        train_metrics,
+        eval_metrics,
+        truncated,
+        run.config,
     )
     if run.is_writer:
         _write_json(
