@@ -50,9 +50,18 @@ class _StderrHandler(logging.Handler):
 
 
 def log_level(level: str | None = None) -> str:
-    """The ``dynrules`` log level's name: ``level``, else ``$DYNRULES_LOG_LEVEL``, else the one
-    :func:`configure_logging` set, else INFO."""
-    name = (level or os.environ.get(LEVEL_ENV) or _configured.get("level") or DEFAULT_LEVEL).upper()
+    """The ``dynrules`` log level's name: ``level``, else the one :func:`configure_logging` set
+    (the CLI's ``--log-level``, which already took ``$DYNRULES_LOG_LEVEL`` into account), else
+    ``$DYNRULES_LOG_LEVEL``, else INFO."""
+    return _checked(level or _configured.get("level") or _from_env())
+
+
+def _from_env() -> str:
+    return os.environ.get(LEVEL_ENV) or DEFAULT_LEVEL
+
+
+def _checked(name: str) -> str:
+    name = name.upper()
     if name not in LEVELS:
         raise ValueError(f"log level {name!r}: one of {', '.join(LEVELS)}")
     return name
@@ -61,8 +70,9 @@ def log_level(level: str | None = None) -> str:
 def configure_logging(level: str | None = None) -> str:
     """The CLI's logging (once per process; a later call only changes the level): one stderr
     handler on the root logger, ``dynrules.*`` at ``level`` (see :func:`log_level`), others at
-    WARNING. Returns the level's name."""
-    name = log_level(level)
+    WARNING. ``level`` None: ``$DYNRULES_LOG_LEVEL``, else INFO (not an earlier call's level).
+    Returns the level's name."""
+    name = _checked(level or _from_env())
     root = logging.getLogger()
     if not any(isinstance(handler, _StderrHandler) for handler in root.handlers):
         handler = _StderrHandler()

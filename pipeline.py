@@ -337,7 +337,13 @@ def _ablate(job: _Job, store) -> list[PolicyLabel]:
 
     ablation = job.stages.run(
         "ablate",
-        lambda: ablate(store, "truth", job.config.ablate_ks, seed=job.config.seed),
+        lambda: ablate(
+            store,
+            "truth",
+            job.config.ablate_ks,
+            alpha=job.config.selection.alpha,
+            seed=job.config.seed,
+        ),
         items=len(job.train),
     )
     write_ablation_report(ablation, job.out / "ablation")

@@ -86,9 +86,7 @@ CHIPS = {
     "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * GIB), 918e12, 2, 1),
 }
 
-DTYPES = ("float32", "bfloat16")
 Task = Literal["train", "judge"]  # what `dynrules plan --task` compiles
-TASKS: tuple[Task, ...] = typing.get_args(Task)
 TOPOLOGY_HELP = (
     "a TPU topology (v5e:2x4, v5p:4x4x4, v4:2x2x1, v6e:8x8), a slice name (v5e-8, v5p-128, "
     "v4-32, v6e-64) or cpu:N (N host devices of this machine)"

@@ -1,11 +1,12 @@
 """Typed configuration: every setting declared once, every command loading it the same way.
 
 A *section* is a dataclass made by :func:`section` (judge, selection, train, scoring, pipeline,
-serve, simulate, mi, ablate; each lives beside the code it configures). Each field is declared once, with
+serve, simulate, mi, ablate, plan; each lives beside the code it configures). Each field is
+declared once, with
 
 - its type: ``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``, or a
-  ``Literal`` type the library names (``Policy = Literal["adaptive", "all", ...]``, its tuple
-  ``POLICIES = get_args(Policy)``), so a choice is a type;
+  ``Literal`` type the library names (``Policy = Literal["adaptive", "all", ...]``; its values
+  are ``typing.get_args(Policy)``), so a choice is a type;
 - its default, which is the library's default too (the CLI never restates it);
 - its help, in ``option(default, help)``; the metadata may add the flag's name (``flag=``) and,
   for a setting that applies to some variants only, ``applies=(field, values)``.
@@ -271,9 +272,6 @@ class Tree:
         """Prefixes of the aliases (``optim``): a YAML mapping under one is walked like a section."""
         return {alias.split(".")[0] for alias in self.aliases}
 
-    def with_known(self, known: dict[str, type]) -> Tree:
-        return dataclasses.replace(self, known=known)
-
 
 @dataclasses.dataclass
 class _Given:
@@ -297,12 +295,11 @@ def load(
     resumed run's config, with its flat keys); ``tree.aliases`` maps other spellings of a key
     (a group prefix, an old name) to its dotted place in the tree."""
     given: dict[tuple[str, str], _Given] = {}
-    legacy = tree.aliases
     if path is not None:
         data, lines = _read_yaml(path)
         for keys, value in _flatten(tree, data):
             origin = f"{path} line {lines.get(keys, '?')}"
-            _assign(tree, keys, value, origin, given, legacy)
+            _assign(tree, keys, value, origin, given, tree.aliases)
     for item in overrides:
         if isinstance(item, tuple):
             key, value, origin = item
@@ -311,7 +308,7 @@ def load(
             key, value, origin = key.strip(), value.strip(), f"override {item!r}"
             if not sep or not key:
                 raise ConfigError(f"override {item!r}: expected key=value")
-        _assign(tree, tuple(key.split(".")), value, origin, given, legacy)
+        _assign(tree, tuple(key.split(".")), value, origin, given, tree.aliases)
 
     built: dict[str, Any] = {}
     for name, cls in tree.sections.items():
@@ -385,10 +382,10 @@ def _all_sections(tree: Tree) -> dict[str, type]:
     return {**tree.known, **tree.sections}
 
 
-def _assign(tree: Tree, keys, value, origin: str, given: dict, legacy: dict) -> None:
+def _assign(tree: Tree, keys, value, origin: str, given: dict, aliases: dict) -> None:
     spelled = ".".join(keys)
-    if spelled in legacy:
-        keys = tuple(legacy[spelled].split("."))
+    if spelled in aliases:
+        keys = tuple(aliases[spelled].split("."))
     if len(keys) == 1 and tree.primary and keys[0] in fields(tree.sections[tree.primary]):
         keys = (tree.primary, keys[0])
     if len(keys) == 2 and keys[0] in tree.sections:
@@ -426,13 +423,20 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 def _from_text(info: FieldInfo, value):
     """A value given as text (override, flag, YAML string) in the form the field's type takes:
-    null words for optional fields, comma-separated tuples, integers written 1e3."""
+    null words for optional fields, comma-separated tuples, integers written 1e3. A plain
+    ``str`` field whose default is ``""`` (unset) takes null (YAML ``~``, ``null``; the null
+    words) as that default."""
+    unset_str = info.annotation is str and info.default == ""
+    if value is None and unset_str:
+        return ""
     if not isinstance(value, str):
         return value
     text = value.strip()
     choices = info.choices or ()
     if info.optional and text.lower() in _NULL_WORDS and text.lower() not in choices:
         return None
+    if unset_str and text.lower() in _NULL_WORDS:
+        return ""
     if info.kind is tuple:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     if info.kind is int and _NUMBER.fullmatch(text) and not text.lstrip("+-").isdigit():

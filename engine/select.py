@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 
@@ -37,8 +37,6 @@ from dynrules.settings import option, section
 
 Policy = Literal["adaptive", "all", "random", "fixed"]
 Ties = Literal["drop", "a", "b"]
-POLICIES: tuple[Policy, ...] = get_args(Policy)
-TIES: tuple[Ties, ...] = get_args(Ties)
 
 
 @section(frozen=True)
@@ -61,20 +59,9 @@ class SelectionConfig:
     )
 
     def resolved(self, store: RatingStore) -> SelectionConfig:
-        """Checked against the store, with defaults filled in."""
-        if self.policy not in POLICIES:
-            raise DynrulesError(
-                f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}"
-            )
-        if self.ties not in TIES:
-            raise DynrulesError(
-                f"unknown ties option {self.ties!r}; choose one of {', '.join(TIES)}"
-            )
+        """Checked against the store, with defaults filled in (the policy, ties and criterion
+        names were checked against their types when the section was built)."""
         criterion = self.criterion or ("additive" if store.has_relevance else "absolute")
-        if criterion not in K.CRITERIA:
-            raise DynrulesError(
-                f"unknown criterion {criterion!r}; choose one of {', '.join(K.CRITERIA)}"
-            )
         if criterion != "absolute" and not store.has_relevance:
             raise DynrulesError(
                 f"criterion {criterion!r} needs relevance, and this store has none; use 'absolute'"

@@ -21,7 +21,7 @@ from flax import nnx
 
 from dynrules.errors import DynrulesError
 from dynrules.models.attention import attend
-from dynrules.models.choices import ATTENTION, REMAT
+from dynrules.models.choices import REMAT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,10 +175,6 @@ class BertEncoder(nnx.Module):
         attention: str = "auto",
         constrain=None,
     ):
-        if attention not in ATTENTION:
-            raise DynrulesError(
-                f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}"
-            )
         self.config = config
         self.dtype = dtype
         self.attention = attention

@@ -38,7 +38,6 @@ from flax import nnx
 
 from dynrules.errors import DynrulesError
 from dynrules.models.attention import attend
-from dynrules.models.choices import ATTENTION
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "llama3", "linear")
@@ -355,10 +354,6 @@ class LlamaDecoder(nnx.Module):
     ):
         if remat not in REMAT_POLICIES:
             raise DynrulesError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
-        if attention not in ATTENTION:
-            raise DynrulesError(
-                f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}"
-            )
         self.config = config
         self.dtype = dtype
         self.remat = remat

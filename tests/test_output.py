@@ -119,6 +119,23 @@ def test_the_cli_configures_logging_once_dynrules_at_its_level_others_at_warning
     assert bad.exit_code == 2 and "loud" in bad.output
 
 
+def test_the_cli_level_beats_the_environment_for_what_log_level_reports(clean_logging, monkeypatch):
+    """``DYNRULES_LOG_LEVEL=DEBUG dynrules --log-level WARNING serve``: uvicorn gets WARNING.
+    Order: an explicit level, the CLI's, the environment's, INFO."""
+    from dynrules.cli import main
+
+    monkeypatch.setenv(output.LEVEL_ENV, "debug")
+    output._configured.clear()
+    assert output.log_level() == "DEBUG"  # nothing configured: the environment
+    assert CliRunner().invoke(main, ["--log-level", "warning", "config"]).exit_code == 0
+    assert logging.getLogger("dynrules").level == logging.WARNING
+    assert output.log_level() == "WARNING"
+    assert output.log_level("error") == "ERROR"
+    monkeypatch.delenv(output.LEVEL_ENV)
+    output._configured.clear()
+    assert output.log_level() == "INFO"
+
+
 def test_log_records_go_to_the_current_stderr_and_never_to_stdout(clean_logging, monkeypatch):
     output.configure_logging("INFO")
     out, err = io.StringIO(), io.StringIO()

@@ -277,6 +277,19 @@ def test_text_values_take_the_fields_types(tmp_path):
     assert (config.remat, config.seed) == ("full", 4)
 
 
+def test_null_leaves_an_unset_string_field_at_its_empty_default(tmp_path):
+    """``train.model=null`` is not the checkpoint "null"; YAML ``model: null`` / ``eval_data: ~``
+    (old files) still load, as the default ""."""
+    for word in ("null", "None", "~"):
+        config = load_config(None, [f"train.model={word}", f"eval_data={word}"])
+        assert (config.model, config.eval_data) == ("", "")
+    path = tmp_path / "rm.yaml"
+    path.write_text("model: null\neval_data: ~\nsteps: 3\n")
+    config = load_config(path)
+    assert (config.model, config.eval_data, config.steps) == ("", "", 3)
+    assert load_config(None, ["model=some/dir"]).model == "some/dir"
+
+
 def test_old_run_json_loads_and_resumes_with_the_same_values():
     config = make_config(OLD_RUN_CONFIG)
     saved = config.to_dict()

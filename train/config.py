@@ -19,15 +19,12 @@ import pydantic
 from pydantic import Field
 
 from dynrules.errors import DynrulesError
-from dynrules.models.choices import REMAT, Attention, Dtype, Pooling, Remat
+from dynrules.models.choices import Attention, Dtype, Pooling, Remat
 from dynrules.models.tokenizer import Truncation
 from dynrules.settings import MeshText, Tree, load, option, section
 
 Backbone = Literal["encoder", "decoder"]
-BACKBONES: tuple[Backbone, ...] = typing.get_args(Backbone)
-REMAT_POLICIES = REMAT
 PoolingChoice = Literal["", Pooling]  # "" = the backbone's default
-POOLING_CHOICES: tuple[PoolingChoice, ...] = typing.get_args(PoolingChoice)
 SCORE_BATCH_SIZE = 64  # texts per scoring batch (score, eval)
 MESH_HELP = "Device mesh, e.g. data=4,fsdp=2 [default: every device on the data axis]."
 DISTRIBUTED_HELP = (

@@ -154,7 +154,7 @@ class Scorer:
         return self._score(tokens.lengths, tokens.ids)
 
     def encode(self, texts: list[str]) -> tok.TokenizedTexts:
-        """Token ids of ``texts`` (one process), cut to the model's length from the start."""
+        """Token ids of ``texts`` (one process), cut to the model's length by its truncation."""
         tokens = self.tokenizer.encode(texts, self.max_length)
         self.truncated += tokens.truncated
         return tokens

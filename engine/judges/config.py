@@ -18,14 +18,12 @@ from dynrules.engine.judges.openai import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     DEFAULT_TOP_LOGPROBS,
-    ENDPOINTS,
     Endpoint,
 )
 from dynrules.engine.judges.templates import DEFAULT_TEMPLATE
 from dynrules.models.choices import Dtype
 from dynrules.settings import MeshText, option, section
 
-ENDPOINT_NAMES: tuple[Endpoint, ...] = tuple(ENDPOINTS)
 _OPENAI = ("kind", ("openai",))
 _JAX = ("kind", ("jax",))
 _LLM = ("kind", ("openai", "jax"))
