@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from dynrules.output import LEVELS as LOG_LEVELS
 from dynrules.plan import TRAIN_DEFAULTS as PLAN_TRAIN_DEFAULTS
 from dynrules.plan import TRAIN_KEYS as PLAN_TRAIN_KEYS
 from dynrules.train.config import ScoringConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 # What each command reads from the configuration tree (docs/configuration.md): its sections,
 # which of their fields get flags, and the section whose keys may be written bare.
@@ -218,10 +221,11 @@ def select(store_path, overrides, shard, pool_source, out, as_json, **params):
     config = load_tree(SELECT, params, overrides)["selection"]
     summary = run_selection(store, config, out, shard=shard, progress=not as_json)
     if summary.rated_cells < summary.cells:
-        click.echo(
-            f"note: {summary.rated_cells:,} of {summary.cells:,} cells are rated (a plan, or "
-            "failed cells); an unrated cell has d = 0 and adds nothing to a margin",
-            err=True,
+        log.warning(
+            "%s of %s cells are rated (a plan, or failed cells); an unrated cell has d = 0 and "
+            "adds nothing to a margin",
+            f"{summary.rated_cells:,}",
+            f"{summary.cells:,}",
         )
     if as_json:
         print_json(summary)
@@ -691,6 +695,20 @@ def pipeline(args, out_dir, **params):
     click.echo(str(Path(out_dir).resolve()))
 
 
+def _api_key(judge: JudgeConfig) -> str | None:
+    """The openai judge's API key, from the variable its section names (or the default one);
+    a variable named there must be set."""
+    import os
+
+    key = judge.judge_options()
+    api_key = os.environ.get(key["api_key_env"])
+    if key["require_key"] and not api_key:
+        raise DynrulesError(
+            f"environment variable {key['api_key_env']} is not set (it should hold the API key)"
+        )
+    return api_key
+
+
 @bench.command("judge")
 @click.option(
     "--base-url",
@@ -699,12 +717,7 @@ def pipeline(args, out_dir, **params):
 )
 @click.option("--model", default=None, help="Model name served at --base-url.")
 @field_option(JudgeConfig, "endpoint")
-@click.option(
-    "--api-key-env",
-    default="OPENAI_API_KEY",
-    show_default=True,
-    help="Environment variable holding the API key for --base-url.",
-)
+@field_option(JudgeConfig, "api_key_env")
 @click.option(
     "--client-pairs",
     type=click.IntRange(min=1),
@@ -750,8 +763,6 @@ def bench_judge(
 ):
     """Judge client ratings/s (loopback server, or a real one with --base-url), prefix sharing,
     embedded ratings/s."""
-    import os
-
     from dynrules.benchmarks import judge as judge_bench
 
     if base_url:
@@ -761,7 +772,7 @@ def bench_judge(
             base_url=base_url,
             model=model,
             endpoint=endpoint,
-            api_key=os.environ.get(api_key_env),
+            api_key=_api_key(JudgeConfig(kind="openai", api_key_env=api_key_env)),
             n_pairs=client_pairs or 4,
             n_rules=n_rules,
             repeats=repeats,

@@ -30,7 +30,8 @@ from dynrules.serve import ServeConfig
 from dynrules.settings import Tree, fields, load
 from dynrules.train.config import ScoringConfig, TrainConfig, train_tree
 
-# The whole tree: section name → section. A YAML file may hold any of them; a command reads some.
+# The whole tree: section name → section. A command reads some of them; its YAML file holds
+# those sections only (a section the command does not read is refused).
 TREE = {
     "judge": JudgeConfig,
     "selection": SelectionConfig,

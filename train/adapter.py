@@ -2,9 +2,9 @@
 
 A multi-label classifier over the pool — the reward model's backbone with one logit per rule
 (models.classifier, ``num_outputs = R``) — reads one text per pair, :func:`adapter_text`
-(prompt, then response A, then response B; truncated from the start so the responses
-survive), and is trained with binary cross-entropy on the oracle's selected set: the top-k
-rules of a selection policy over the fully rated pair.
+(prompt, then response A, then response B; cut to length per the run's ``truncation``: left
+by default, so the responses survive), and is trained with binary cross-entropy on the
+oracle's selected set: the top-k rules of a selection policy over the fully rated pair.
 
 It is a task of the shared trainer (:class:`AdapterTask`, train.trainer), so it honours the
 TrainConfig keys the reward model does — checkpoints and resume, held-out evaluation, packing,
