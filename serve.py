@@ -52,7 +52,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import field
 from pathlib import Path
 from typing import Literal, overload
 
@@ -60,7 +59,7 @@ import numpy as np
 
 from dynrules.errors import DynrulesError
 from dynrules.models.templates import ChatTemplate
-from dynrules.settings import MeshText, section
+from dynrules.settings import MeshText, option, section
 from dynrules.train.config import MESH_HELP
 
 log = logging.getLogger(__name__)
@@ -78,51 +77,31 @@ KEEP_ALIVE_S = 75
 class ServeConfig:
     """Options of ``dynrules serve``: the ``serve`` section of the configuration tree."""
 
-    host: str = field(
-        default="127.0.0.1", metadata={"help": "Address to bind (loopback by default)."}
+    host: str = option("127.0.0.1", "Address to bind (loopback by default).")
+    port: int = option(8000, "Port to bind.")
+    api_key_env: str | None = option(
+        None,
+        "Environment variable holding the API key; then every request but /health needs "
+        "'Authorization: Bearer <key>'.",
     )
-    port: int = field(default=8000, metadata={"help": "Port to bind."})
-    api_key_env: str | None = field(
-        default=None,
-        metadata={
-            "help": "Environment variable holding the API key; then every request but /health needs "
-            "'Authorization: Bearer <key>'."
-        },
+    max_batch: int = option(256, "Most items gathered into one model batch.")
+    max_wait_ms: float = option(5.0, "Longest a request waits for others to join its batch.")
+    max_items: int = option(1024, "Most items (or queries) in one request.")
+    max_body_bytes: int = option(8 * 2**20, "Largest request body.")
+    batch_size: int = option(64, "Rows of a full model batch (short texts).")
+    row_tiers: int = option(
+        4,
+        "Programs per length bucket, for full, 1/2, 1/4 ... batches: more compile longer "
+        "at start-up and pad small batches less.",
     )
-    max_batch: int = field(
-        default=256, metadata={"help": "Most items gathered into one model batch."}
+    mesh: MeshText = option("", MESH_HELP)
+    model_name: str | None = option(
+        None, "Name given in replies [default: the RUN directory's name]."
     )
-    max_wait_ms: float = field(
-        default=5.0, metadata={"help": "Longest a request waits for others to join its batch."}
+    strip_tokens: tuple[str, ...] = option(
+        (), "Comma-separated policy pad/eos tokens stripped from both ends of OpenRLHF queries."
     )
-    max_items: int = field(
-        default=1024, metadata={"help": "Most items (or queries) in one request."}
-    )
-    max_body_bytes: int = field(default=8 * 2**20, metadata={"help": "Largest request body."})
-    batch_size: int = field(
-        default=64, metadata={"help": "Rows of a full model batch (short texts)."}
-    )
-    row_tiers: int = field(
-        default=4,
-        metadata={
-            "help": "Programs per length bucket, for full, 1/2, 1/4 ... batches: more compile longer "
-            "at start-up and pad small batches less."
-        },
-    )
-    mesh: MeshText = field(default="", metadata={"help": MESH_HELP})
-    model_name: str | None = field(
-        default=None,
-        metadata={"help": "Name given in replies [default: the RUN directory's name]."},
-    )
-    strip_tokens: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "Comma-separated policy pad/eos tokens stripped from both ends of OpenRLHF queries."
-        },
-    )
-    access_log: bool = field(
-        default=False, metadata={"help": "Log every request line (never its headers)."}
-    )
+    access_log: bool = option(False, "Log every request line (never its headers).")
 
     def __post_init__(self):
         for name in ("max_batch", "max_items", "max_body_bytes", "batch_size", "row_tiers"):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ from dynrules.atomic import atomic_path
 from dynrules.engine.pool import Rule, RulePool
 from dynrules.engine.store import PairTableWriter, RatingStore
 from dynrules.errors import DynrulesError
-from dynrules.settings import section
+from dynrules.settings import option, section
 
 BLOCK_ROWS = 8192
 MAX_DISCREPANCY = 2.0
@@ -56,28 +56,16 @@ PARAMETERS_FILE = "simulation.json"
 class SimulationModel:
     """The generative model's parameters: the ``simulate`` section of the configuration tree."""
 
-    n_rules: int = field(default=100, metadata={"flag": "rules", "help": "Rules R."})
-    relevance_rate: float = field(default=0.1, metadata={"help": "Mean per-rule relevance rate μ."})
-    relevance_concentration: float = field(
-        default=2.0, metadata={"help": "κ of the per-pair relevance Beta."}
-    )
-    slope: float = field(default=2.0, metadata={"help": "β of g(|d|) = σ(β|d|)."})
-    noise: float = field(
-        default=0.25, metadata={"help": "τ: irrelevant rules' discrepancy noise scale."}
-    )
-    noise_spread: float = field(
-        default=0.0, metadata={"help": "Log-normal spread of per-rule noise scales."}
-    )
-    duplicates: int = field(
-        default=0, metadata={"help": "Rules that duplicate the most relevant ones."}
-    )
-    duplicate_noise: float = field(
-        default=0.05, metadata={"help": "η: a duplicate's extra discrepancy noise."}
-    )
-    position_bias: float = field(
-        default=0.0, metadata={"help": "b: added to every discrepancy (favours A)."}
-    )
-    prior: float = field(default=0.5, metadata={"help": "P(A is better)."})
+    n_rules: int = option(100, "Rules R.", flag="rules")
+    relevance_rate: float = option(0.1, "Mean per-rule relevance rate μ.")
+    relevance_concentration: float = option(2.0, "κ of the per-pair relevance Beta.")
+    slope: float = option(2.0, "β of g(|d|) = σ(β|d|).")
+    noise: float = option(0.25, "τ: irrelevant rules' discrepancy noise scale.")
+    noise_spread: float = option(0.0, "Log-normal spread of per-rule noise scales.")
+    duplicates: int = option(0, "Rules that duplicate the most relevant ones.")
+    duplicate_noise: float = option(0.05, "η: a duplicate's extra discrepancy noise.")
+    position_bias: float = option(0.0, "b: added to every discrepancy (favours A).")
+    prior: float = option(0.5, "P(A is better).")
 
     def check(self) -> None:
         problems = []
