@@ -139,6 +139,7 @@ def _tiny_models(attention: str):
     return encoder, decoder
 
 
+@pytest.mark.slow
 def test_encoder_and_decoder_with_splash_give_xla_hidden_states():
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, TIME)), jnp.int32)
     positions = np.zeros_like(SEGMENTS)
@@ -206,6 +207,7 @@ _SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kernels_run_per_shard_on_a_mesh():
     """Four host devices, batch over data and query heads over tensor (the single KV head is

@@ -102,6 +102,7 @@ def test_bench_mfu_tiny(tiny_preset):
     assert results["mfu"] == pytest.approx(results["model_tflops_per_s"])
 
 
+@pytest.mark.slow
 def test_bench_numerics_tiny(tiny_preset):
     out = invoke(
         "numerics",

@@ -51,6 +51,7 @@ def test_pyrit_pairs_are_prompt_matched_and_split_by_prompt():
         pyrit_pairs("test")
 
 
+@pytest.mark.slow
 def test_deterministic_whatever_the_batching_and_in_range(judge, sample):
     pairs = sample[:6]
     first = rate_in_memory(judge, pairs)

@@ -147,6 +147,7 @@ def test_rows_of_equal_values_rank_by_index(level):
     st.sampled_from([0.5, 0.3, 60000.0]),
     st.integers(0, 2**32 - 1),
 )
+@pytest.mark.slow
 def test_wide_int8_rows_use_wider_keys_and_match_naive(n, n_rules, criterion, alpha, seed):
     # Past 128 rules, or with a large alpha, int8 keys no longer fit 16 bits (32 or 64 instead).
     rng = np.random.default_rng(seed)

@@ -181,6 +181,7 @@ def test_judge_plan_compiles_the_one_pass_forward_and_sizes_a_rating_job(tmp_pat
     assert report["chips_needed"] == math.ceil(2 * 1000 * 50 / (per_chip * 3600))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_attention_flag_overrides_splash_on_a_tpu_topology(tmp_path):

@@ -326,6 +326,7 @@ def test_choices_come_from_the_implementations():
     assert choices.POOLINGS == pooling.POOLING_MODES
 
 
+@pytest.mark.slow
 def test_encoder_remat_dots_works_and_changes_no_number():
     import jax
     import jax.numpy as jnp

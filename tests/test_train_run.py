@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -374,7 +375,7 @@ def test_a_run_saved_before_packing_existed_resumes_with_packing(tmp_path):
     from dynrules.models import bert
     from dynrules.models import classifier as mdl
     from dynrules.train.config import TrainConfig
-    from dynrules.train.trainer import _check_resume
+    from dynrules.train.trainer import REWARD_MODEL, _check_resume
 
     spec = mdl.ModelSpec(
         bert.BertConfig(
@@ -384,8 +385,17 @@ def test_a_run_saved_before_packing_existed_resumes_with_packing(tmp_path):
     )
     config = TrainConfig(steps=4)
     old = {k: v for k, v in config.to_dict().items() if k != "packing"}
-    saved = {"model": spec.to_dict(), "config": old, "data": "d"}
-    _check_resume(saved, config, spec, "d", tmp_path)  # no error
-    _check_resume(saved | {"config": old | {"packing": False}}, config, spec, "d", tmp_path)
+    # A spec saved before `truncation` existed reads as the left cut it used.
+    old_spec = {k: v for k, v in spec.to_dict().items() if k != "truncation"}
+    saved = {"model": old_spec, "config": old, "data": "d"}
+    _check_resume(saved, config, spec, "d", tmp_path, REWARD_MODEL)  # no error
+    _check_resume(
+        saved | {"config": old | {"packing": False}}, config, spec, "d", tmp_path, REWARD_MODEL
+    )
     with pytest.raises(DynrulesError, match="different config"):
-        _check_resume(saved | {"config": old | {"seed": 7}}, config, spec, "d", tmp_path)
+        _check_resume(
+            saved | {"config": old | {"seed": 7}}, config, spec, "d", tmp_path, REWARD_MODEL
+        )
+    middle = dataclasses.replace(spec, truncation="middle")
+    with pytest.raises(DynrulesError, match="another model"):
+        _check_resume(saved, config, middle, "d", tmp_path, REWARD_MODEL)

@@ -106,6 +106,7 @@ def test_adapter_resumes_after_kill_9_to_the_uninterrupted_weights(
     assert np.abs(a[f"bert.{moved}"] - initial[moved]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_adapter_grad_accum_gives_the_update_of_one_batch(tmp_path, adapter_data):
     from dynrules.train import adapter as adp
     from dynrules.train.config import load_config
