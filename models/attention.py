@@ -13,15 +13,21 @@ neither, causal or not. The implementations (models.choices.ATTENTION):
 - ``pallas_gpu``: Pallas' Triton flash attention with segment ids (GPU).
 - ``cudnn``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention``; it has
   lengths but no segment ids, so packed rows go to ``pallas_gpu`` instead.
+- ``segment_cpu``: kernels.attention, a Numba kernel (through ``jax.pure_callback`` under a
+  ``jax.custom_vjp``) that computes each segment's own diagonal block of the scores only, with
+  BLAS matmuls per segment and head, in float32 (CPU).
 - ``auto``: ``splash`` on TPU; on a GPU under 16-bit compute ``pallas_gpu`` for packed rows and
-  ``cudnn`` for unpacked ones; ``xla`` otherwise (a CPU, and float32 compute on a GPU, which
-  neither fused kernel runs exactly). The platform is the devices' of the ``sharding`` mesh when
-  there is one (so an ahead-of-time compile for a TPU slice picks splash on a CPU host), else
-  ``jax.default_backend()``, decided when the step is traced.
+  ``cudnn`` for unpacked ones; ``segment_cpu`` on a CPU (rows packed or not: ~5 × faster than
+  XLA's forward and backward on MiniLM-shaped rows in a noisy micro-timing, docs/performance.md);
+  ``xla`` otherwise (float32 compute on a GPU, which neither fused kernel runs exactly). The
+  platform is the devices' of the ``sharding`` mesh when there is one (so an ahead-of-time
+  compile for a TPU slice picks splash on a CPU host), else ``jax.default_backend()``, decided
+  when the step is traced.
 
-Every implementation gives the same outputs at real tokens; at padded positions of unpacked
-rows they differ (the kernels let padding attend to padding, XLA to the text) and are no one's
-business. On a CPU the Pallas kernels run in interpret mode: slowly, for tests.
+Every implementation gives the same outputs at real tokens; at padded positions they differ
+(the Pallas kernels let padding attend to padding, XLA padding of unpacked rows to the text,
+``segment_cpu`` gives 0) and are no one's business. On a CPU the Pallas kernels run in
+interpret mode: slowly, for tests.
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ def attend(
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, key_value_seq_lengths=lengths, implementation="cudnn"
         )
+    segments = _kernel_segments(q.shape[:2], segment_ids, lengths)
+    if chosen == "segment_cpu":  # any length: no tiles to pad to
+        segment_kernel = functools.partial(_segment_cpu, causal=causal)
+        return _run_kernel(segment_kernel, q, k, v, segments, sharding, tile=1)
     interpret = platform == "cpu"
     kernel = _splash if chosen == "splash" else _pallas_gpu
     return _run_kernel(
@@ -88,8 +98,9 @@ def attend(
         q,
         k,
         v,
-        _kernel_segments(q.shape[:2], segment_ids, lengths),
+        segments,
         sharding,
+        tile=KERNEL_TILE,
     )
 
 
@@ -102,6 +113,8 @@ def resolve(implementation: str, *, packed: bool, dtype, platform: str) -> str:
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "pallas_gpu" if packed else "cudnn"
+    if platform == "cpu":
+        return "segment_cpu"
     return "xla"
 
 
@@ -139,11 +152,11 @@ def _kernel_segments(shape, segment_ids, lengths) -> jax.Array:
     return jnp.ones(shape, jnp.int32)
 
 
-def _run_kernel(kernel, q, k, v, segments, sharding):
-    """``kernel`` on rows padded to a multiple of KERNEL_TILE, per shard when ``sharding`` has a
-    mesh; the padding is cut off again."""
+def _run_kernel(kernel, q, k, v, segments, sharding, *, tile: int):
+    """``kernel`` on rows padded to a multiple of ``tile`` (the Pallas kernels' KERNEL_TILE; 1:
+    as they are), per shard when ``sharding`` has a mesh; the padding is cut off again."""
     time = q.shape[1]
-    extra = -time % KERNEL_TILE
+    extra = -time % tile
     if extra:  # padded positions get a segment of their own: they change no real token
         q, k, v = (jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) for x in (q, k, v))
         segments = jnp.pad(segments, ((0, 0), (0, extra)), constant_values=_PADDING_SEGMENT)
@@ -235,3 +248,60 @@ def _pallas_gpu(q, k, v, segments, *, causal: bool, interpret: bool):
         causal=causal,
         interpret=interpret,
     )
+
+
+def _segment_cpu(q, k, v, segments, *, causal: bool):
+    """kernels.attention on float32 copies of q, k, v; the result in q's dtype. Padding (segment
+    0) comes out 0."""
+    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    return _segment_attention(causal, *f32, segments).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _segment_attention(causal: bool, q, k, v, segments):
+    return _segment_forward(causal, q, k, v, segments)[0]
+
+
+def _segment_forward(causal: bool, q, k, v, segments):
+    """(out, residuals): the kernel's output, and what the backward reads (its log-sum-exp)."""
+    from dynrules.kernels import attention as kernel
+
+    out, lse = jax.pure_callback(
+        functools.partial(kernel.attention, causal=causal),
+        (
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+            jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),
+        ),
+        q,
+        k,
+        v,
+        segments,
+        vmap_method="sequential",
+    )
+    return out, (q, k, v, segments, out, lse)
+
+
+def _segment_backward(causal: bool, residuals, dout):
+    from dynrules.kernels import attention as kernel
+
+    q, k, v, segments, out, lse = residuals
+    dq, dk, dv = jax.pure_callback(
+        functools.partial(kernel.attention_grads, causal=causal),
+        (
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+            jax.ShapeDtypeStruct(k.shape, jnp.float32),
+            jax.ShapeDtypeStruct(v.shape, jnp.float32),
+        ),
+        q,
+        k,
+        v,
+        segments,
+        out,
+        lse,
+        dout.astype(jnp.float32),
+        vmap_method="sequential",
+    )
+    return dq, dk, dv, None  # segment ids: integers, no gradient
+
+
+_segment_attention.defvjp(_segment_forward, _segment_backward)

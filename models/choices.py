@@ -14,7 +14,7 @@ Dtype = Literal["float32", "bfloat16"]  # compute (and parameter) dtypes
 Remat = Literal["none", "full", "dots"]  # none; whole layers; keep matmul outputs
 Pooling = Literal["mean", "last", "cls"]
 Attention = Literal[
-    "auto", "xla", "splash", "pallas_gpu", "cudnn"
+    "auto", "xla", "splash", "pallas_gpu", "cudnn", "segment_cpu"
 ]  # models.attention's implementations
 
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)

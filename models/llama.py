@@ -19,7 +19,7 @@ states do not depend on what else is in the batch. Packed rows (several texts a 
 models.tokenizer.pack_batch) pass ``segments`` and ``positions`` instead: attention is causal
 within a segment and blind to the others (a block-diagonal mask), and each token is rotated
 by its position in its own text. Attention goes through models.attention (``attention``: XLA,
-splash on TPU, Pallas or cuDNN on a GPU). :meth:`LlamaDecoder.after_prefixes` runs packed rows
+splash on TPU, Pallas or cuDNN on a GPU, a Numba kernel on a CPU). :meth:`LlamaDecoder.after_prefixes` runs packed rows
 that continue shared prefixes (one conversation, many questions about it: models.answers); its
 mask, prefix keys that every segment of a row sees, is not a segment-id mask and runs on XLA.
 """

@@ -22,6 +22,7 @@ def test_cli_and_engine_do_not_import_jax():
         "dynrules.engine.judges.runner",
         "dynrules.engine.judges.embedded",
         "dynrules.kernels.selection",
+        "dynrules.kernels.attention",
     ]
     code = (
         "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print('jax' in sys.modules)"

@@ -87,7 +87,8 @@ def test_auto_picks_by_platform_and_unknown_names_are_refused():
     def choose(implementation, platform, packed=True, dtype=jnp.bfloat16):
         return att.resolve(implementation, packed=packed, dtype=dtype, platform=platform)
 
-    assert choose("auto", "cpu") == "xla"
+    assert choose("auto", "cpu") == "segment_cpu"
+    assert choose("auto", "cpu", packed=False, dtype=jnp.float32) == "segment_cpu"
     assert choose("splash", "cpu") == "splash"
     assert choose("auto", "tpu", packed=False, dtype=jnp.float32) == "splash"
     assert choose("auto", "gpu") == "pallas_gpu"
@@ -139,25 +140,28 @@ def _tiny_models(attention: str):
     return encoder, decoder
 
 
-@pytest.mark.slow
-def test_encoder_and_decoder_with_splash_give_xla_hidden_states():
+def hidden_states(attention: str, packed_real: np.ndarray) -> list[np.ndarray]:
+    """The tiny encoder's and decoder's hidden states with ``attention``: on rows of LENGTHS at
+    their real tokens, then on the packed rows of SEGMENTS where ``packed_real``."""
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, TIME)), jnp.int32)
     positions = np.zeros_like(SEGMENTS)
     for row, segments in enumerate(SEGMENTS):  # each token's place in its own text
         for segment in np.unique(segments):
             where = segments == segment
             positions[row, where] = np.arange(where.sum())
-    lengths = jnp.asarray(LENGTHS)
     real = np.arange(TIME)[None] < LENGTHS[:, None]
     packed = {"segments": jnp.asarray(SEGMENTS), "positions": jnp.asarray(positions)}
-    hidden = {}
-    for attention in ("xla", "splash"):
-        encoder, decoder = _tiny_models(attention)
-        hidden[attention] = [
-            np.asarray(model(ids, lengths))[real] for model in (encoder, decoder)
-        ] + [np.asarray(model(ids, **packed)) for model in (encoder, decoder)]
-    for got, want in zip(hidden["splash"], hidden["xla"], strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-4)
+    models = _tiny_models(attention)
+    unpacked = [np.asarray(model(ids, jnp.asarray(LENGTHS)))[real] for model in models]
+    return unpacked + [np.asarray(model(ids, **packed))[packed_real] for model in models]
+
+
+@pytest.mark.slow
+def test_encoder_and_decoder_with_splash_give_xla_hidden_states():
+    everywhere = np.ones(SEGMENTS.shape, bool)  # padding attends to padding in both
+    got, want = (hidden_states(attention, everywhere) for attention in ("splash", "xla"))
+    for got_states, want_states in zip(got, want, strict=True):
+        np.testing.assert_allclose(got_states, want_states, atol=1e-4)
 
 
 def test_after_prefixes_works_whatever_the_implementation():
@@ -207,21 +211,26 @@ _SHARDED = textwrap.dedent(
 )
 
 
+def on_four_host_devices(code: str, timeout: int) -> dict:
+    """The JSON that ``code`` prints last, run in a process of its own on four host devices."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=os.environ
+        | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kernels_run_per_shard_on_a_mesh():
     """Four host devices, batch over data and query heads over tensor (the single KV head is
     repeated per shard): the kernels run inside shard_map (a manual computation) and still equal XLA."""
-    done = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        env=os.environ
-        | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = on_four_host_devices(_SHARDED, timeout=280)
     for name in KERNELS:
         assert report[name] < 1e-4, report
         assert report[name + "_calls"] >= 1, report

@@ -500,5 +500,8 @@ def test_plan_refuses_unknown_and_unused_keys():
     output = _fail(*base, "--task", "judge", "--remat", "dots")
     assert "train.remat applies to plan.task train, not 'judge'" in output
     output = _fail(*base, "--attention", "flash")
-    assert "'flash' is not one of 'auto', 'xla', 'splash', 'pallas_gpu', 'cudnn'" in output
+    assert (
+        "'flash' is not one of 'auto', 'xla', 'splash', 'pallas_gpu', 'cudnn', 'segment_cpu'"
+        in output
+    )
     assert "plan.model is required" in _fail("plan", "--topology", "v5e-8")
