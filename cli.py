@@ -288,8 +288,9 @@ def train_rm(pairs, out_dir, as_json, overrides, **params):
         print_json(result)
     else:
         accuracy = f", held-out accuracy {result.eval['accuracy']:.3f}" if result.eval else ""
+        kept = "" if result.exported_step == result.steps else f" (step {result.exported_step}'s)"
         click.echo(
-            f"trained {result.steps} steps{accuracy}; model in {result.model_dir}; "
+            f"trained {result.steps} steps{accuracy}; model{kept} in {result.model_dir}; "
             f"truncated texts: {result.truncated['train']} train, {result.truncated['eval']} eval"
         )
 

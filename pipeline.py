@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -69,6 +70,12 @@ class PipelineConfig:
         0.75,
         "β of the soft rule labels: a pair with rule margin m "
         "is preferred with probability σ(β·m); 0 = hard labels.",
+    )
+    rm_export: Literal["last", "best"] = option(
+        "best",
+        "The parameters each reward model keeps: best = those of its validation evaluation "
+        "(every eval_every steps) with the highest section mean; last = the final step's. "
+        "Without truth there is no validation split: last.",
     )
     validation_fraction: float = option(
         0.15,
@@ -414,6 +421,7 @@ def _reward_models(job: _Job) -> dict:
         # A killed pipeline started again resumes each reward model from its last checkpoint.
         "checkpoint_every": max(1, config.rm_steps // 4),
         "eval_fraction": 0.0,
+        "export": config.rm_export if validation else "last",
     }
     if validation:
         validation_file = out / "validation.jsonl"
@@ -475,8 +483,9 @@ def _validation_prompts(job: _Job) -> set[str]:
 
 def training_curves(run_dir: Path) -> dict:
     """A reward-model run's curves from its metrics.jsonl: training loss by step, validation
-    accuracy by step and section, and ``best_step``: the first step at which the validation
-    section mean was highest (the model stopped improving after it)."""
+    accuracy by step and section, ``best_step``: the first step at which the validation
+    section mean was highest (the model stopped improving after it), and ``exported_step``:
+    the step whose parameters the exported model holds."""
     train, validation = [], []
     with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
         for line in handle:
@@ -499,7 +508,13 @@ def training_curves(run_dir: Path) -> dict:
     train = list({r["step"]: r for r in train}.values())
     validation = list({r["step"]: r for r in validation}.values())
     best = max(validation, key=lambda r: r["section_mean"], default=None)
-    return {"train": train, "validation": validation, "best_step": best["step"] if best else None}
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    return {
+        "train": train,
+        "validation": validation,
+        "best_step": best["step"] if best else None,
+        "exported_step": summary["exported_step"],
+    }
 
 
 def _sectioned(result: Evaluation) -> dict:

@@ -238,7 +238,8 @@ def _curve_lines(rm: dict) -> list[str]:
             )
         lines.append(
             f"- trained on {name.removesuffix('s')} labels: validation section mean {verdict}; "
-            f"training loss {curve['train'][0]['loss']:.3f} → {curve['train'][-1]['loss']:.3f}."
+            f"training loss {curve['train'][0]['loss']:.3f} → {curve['train'][-1]['loss']:.3f}; "
+            f"the model kept is step {curve['exported_step']}'s."
         )
     return lines
 

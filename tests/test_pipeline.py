@@ -136,6 +136,7 @@ def test_validation_split_and_training_curves(report_dir):
         assert [r["step"] for r in curve["validation"]] == [1, 2]
         best = max(curve["validation"], key=lambda r: r["section_mean"])
         assert curve["best_step"] == best["step"]
+        assert curve["exported_step"] == best["step"]  # rm_export=best keeps that evaluation's
     text = (report_dir / "report.md").read_text()
     assert "### Training curves" in text and "![training curves](reward_models.png)" in text
     assert (report_dir / "reward_models.png").stat().st_size > 1000

@@ -210,7 +210,7 @@ class _RatedPairs:
                 **{k: metrics[k] for k in ("precision_at_k", "recall_at_k", "label_agreement")},
             }
 
-        return HeldOut(self.texts, report)
+        return HeldOut(self.texts, report, lambda values: values["label_agreement"])
 
 
 def _eval_store(path, store: RatingStore) -> RatingStore:

@@ -92,6 +92,12 @@ class TrainConfig:
     eval_every: int = option(200, "Steps between held-out evaluations; 0 = only at the end.")
     eval_fraction: float = option(0.05, "Share of pairs held out when eval_data is not given.")
     eval_data: str = option("", "Separate held-out pairs file (then eval_fraction is ignored).")
+    export: Literal["last", "best"] = option(
+        "last",
+        "The exported model: last = the final step's parameters; best = those of the held-out "
+        "evaluation that scored highest (reward model: section mean, else accuracy; adapter: "
+        "label agreement), the earliest on a tie. best needs held-out data.",
+    )
     log_every: int = option(10, "Steps between metrics records.")
     mesh: MeshText = option("", MESH_HELP)
     distributed: bool = option(False, DISTRIBUTED_HELP)
@@ -149,6 +155,11 @@ class TrainConfig:
             raise DynrulesError(f"config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.eval_every < 0:
             raise DynrulesError(f"config: eval_every must be ≥ 0, got {self.eval_every}")
+        if self.export == "best" and not (self.eval_data or self.eval_fraction):
+            raise DynrulesError(
+                "config: export=best picks the best held-out evaluation: give eval_data or "
+                "eval_fraction > 0"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,6 +232,7 @@ GROUPS = {
         "eval_every",
         "eval_fraction",
         "eval_data",
+        "export",
         "log_every",
         "mesh",
         "distributed",

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dynrules.atomic import atomic_path
 from dynrules.errors import DynrulesError
 from dynrules.kernels import packing
 from dynrules.models import classifier as mdl
@@ -77,7 +79,8 @@ class RunResult:
     from scratch); ``train`` the last logged training metrics (loss, accuracy, pairs/s, …; an
     earlier call's when no step was left), ``eval`` the held-out report (None without held-out
     pairs), ``truncated`` the texts cut to max_length in the ``train`` and ``eval`` sets;
-    ``config`` the run's config (the saved one when the call passed None).
+    ``config`` the run's config (the saved one when the call passed None); ``exported_step``
+    the step whose parameters ``model_dir`` holds (``steps`` unless ``export=best``).
     """
 
     run_dir: Path
@@ -88,6 +91,7 @@ class RunResult:
     eval: dict | None
     truncated: dict
     config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    exported_step: int | None = None
 
     def to_json(self) -> dict:
         """The ``dynrules train-rm --json`` object."""
@@ -95,6 +99,7 @@ class RunResult:
             "run": str(self.run_dir),
             "model": str(self.model_dir),
             "steps": self.steps,
+            "exported_step": self.exported_step,
             "resumed_from": self.resumed_from,
             "train": self.train,
             "eval": self.eval,
@@ -116,10 +121,12 @@ class Examples:
 
 @dataclasses.dataclass
 class HeldOut:
-    """Held-out texts, and the report that their model outputs [texts, outputs] make."""
+    """Held-out texts, the report that their model outputs [texts, outputs] make, and the
+    report's score (higher is better: what ``export=best`` picks by)."""
 
     texts: list[str]
     report: Callable[[np.ndarray], dict]
+    score: Callable[[dict], float]
 
 
 class Task(Protocol):
@@ -586,8 +593,6 @@ def _check_resume(
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from dynrules.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -758,6 +763,7 @@ class _Evaluator:
         from dynrules.train.scoring import Scorer
 
         self.run = run
+        self.best = _BestModel(run) if run.config.export == "best" else None
         micro = run.config.batch_size // run.config.grad_accum
         self.scorer = Scorer(
             run.trainable.graphdef,
@@ -778,7 +784,40 @@ class _Evaluator:
         report = held_out.report(self.scorer(held_out.texts))
         report["truncated"] = self.scorer.truncated
         self.run.record("eval", step, report)
+        if self.best is not None:
+            self.best.offer(step, held_out.score(report), params)
         return report
+
+
+class _BestModel:
+    """``export=best``: the best-scoring evaluation so far, in ``best/``: its exported model
+    (``best/model``) and ``best/best.json`` (step and score), replaced together atomically.
+
+    A resumed run keeps it if it is from a step at or before the checkpoint resumed from; a
+    later one is dropped, since those steps run again.
+    """
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.directory = run.run_dir / "best"
+        self.model_dir = self.directory / "model"
+        self.step, self.score = -1, -np.inf
+        record = self.directory / "best.json"
+        if record.exists():
+            saved = json.loads(record.read_text(encoding="utf-8"))
+            if saved["step"] <= int(run.resumed_from or 0):
+                self.step, self.score = saved["step"], saved["score"]
+
+    def offer(self, step: int, score: float, params) -> None:
+        """Export ``params`` if they beat the best so far (a tie keeps the earlier step)."""
+        if not score > self.score:
+            return
+        self.step, self.score = step, score
+        host_params = shd.gather(params)  # collective: every process takes part
+        if self.run.is_writer:
+            with atomic_path(self.directory) as tmp:
+                _export(self.run, host_params, tmp / "model")
+                _write_json(tmp / "best.json", {"step": step, "score": score})
 
 
 def _loop(run: _Run, evaluate: _Evaluator, *, progress: bool) -> dict:
@@ -868,10 +907,17 @@ def _finish(run: _Run, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
         eval_metrics = evaluate(step, run.state["params"])
     run.metrics.close()
     model_dir = run.run_dir / "model"
-    params = shd.gather(run.state["params"])  # collective: every process takes part
-    if run.is_writer:
-        chat = run.backbone.chat if run.task.chat else None
-        mdl.export_model(params, run.spec, run.backbone.tokenizer, model_dir, chat)
+    best = evaluate.best
+    if best is not None and best.step not in (-1, step):
+        exported_step = best.step
+        if run.is_writer:
+            with atomic_path(model_dir) as tmp:
+                shutil.copytree(best.model_dir, tmp)
+    else:
+        exported_step = step
+        params = shd.gather(run.state["params"])  # collective: every process takes part
+        if run.is_writer:
+            _export(run, params, model_dir)
     truncated = {
         "train": run.train_tokens.truncated,
         "eval": eval_metrics["truncated"] if eval_metrics else 0,
@@ -885,12 +931,14 @@ def _finish(run: _Run, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
         eval_metrics,
         truncated,
         run.config,
+        exported_step,
     )
     if run.is_writer:
         _write_json(
             run.run_dir / "summary.json",
             {
                 "steps": step,
+                "exported_step": exported_step,
                 "resumed_from": run.resumed_from,
                 "train": train_metrics,
                 "eval": eval_metrics,
@@ -899,6 +947,11 @@ def _finish(run: _Run, evaluate: _Evaluator, train_metrics: dict) -> RunResult:
             },
         )
     return result
+
+
+def _export(run: _Run, host_params: dict, model_dir: Path) -> None:
+    chat = run.backbone.chat if run.task.chat else None
+    mdl.export_model(host_params, run.spec, run.backbone.tokenizer, model_dir, chat)
 
 
 def _meta(step: int, config: TrainConfig, spec: mdl.ModelSpec, data_hash: str) -> dict:
@@ -953,7 +1006,12 @@ def _pair_evaluation(pairs: list[Pair], render) -> HeldOut:
         values["loss"] = float(np.logaddexp(0.0, -(chosen - rejected)).mean())
         return values
 
-    return HeldOut(pair_examples(pairs, render).texts, report)
+    def score(report: dict) -> float:
+        """RewardBench's overall score: the section mean, sections counted equally."""
+        sections = [v["accuracy"] for k, v in report["sections"].items() if k != "all"]
+        return float(np.mean(sections)) if sections else report["accuracy"]
+
+    return HeldOut(pair_examples(pairs, render).texts, report, score)
 
 
 def train_reward_model(
