@@ -25,9 +25,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 
 from dynrules.atomic import atomic_path
 from dynrules.engine.judges.config import JudgeConfig
@@ -70,6 +71,12 @@ class PipelineConfig:
         0.75,
         "β of the soft rule labels: a pair with rule margin m "
         "is preferred with probability σ(β·m); 0 = hard labels.",
+    )
+    rule_margin_keep: Annotated[float, Field(gt=0.0, le=1.0)] = option(
+        0.5,
+        "Share of the rule-labelled train pairs the rule-label reward model trains on: those "
+        "with the largest |margin| (train.min_margin is set to that quantile); the rest agree "
+        "with human labels near chance. 1 = all.",
     )
     rm_export: Literal["last", "best"] = option(
         "best",
@@ -431,13 +438,23 @@ def _reward_models(job: _Job) -> dict:
             )
         rm_config["eval_data"] = str(validation_file)
     rule_pairs = [p for p in rule_pairs if p["prompt"] not in validation]
+    min_margin = _margin_quantile(rule_pairs, 1.0 - config.rule_margin_keep)
+    kept = sum(abs(p["margin"]) >= min_margin for p in rule_pairs)
     training_items = config.rm_steps * config.batch_size
     stages.run(
         "train_rm_rules",
-        lambda: train_reward_model(rule_pairs, out / "rm-rules", rm_config),
+        lambda: train_reward_model(
+            rule_pairs, out / "rm-rules", rm_config | {"min_margin": min_margin}
+        ),
         items=training_items,
     )
-    reward_model = {"trained_on": f"{len(rule_pairs)} rule-labelled train pairs"}
+    share = f"the {kept} of {len(rule_pairs)} " if kept < len(rule_pairs) else f"{kept} "
+    cut = f" with |margin| ≥ {min_margin:.2f}" if min_margin else ""
+    reward_model = {
+        "trained_on": f"{share}rule-labelled train pairs{cut}",
+        "rule_pairs": len(rule_pairs),
+        "min_margin": min_margin,
+    }
     if not job.has_truth:
         return reward_model
     heldout_human = human_pairs(job.heldout)
@@ -467,6 +484,13 @@ def _reward_models(job: _Job) -> dict:
             for name, run in (("rules", "rm-rules"), ("human", "rm-human"))
         },
     }
+
+
+def _margin_quantile(pairs: list[dict], share: float) -> float:
+    """The |margin| below which ``share`` of ``pairs`` fall (0.0: keep every pair)."""
+    if share <= 0 or not pairs:
+        return 0.0
+    return float(np.quantile([abs(p["margin"]) for p in pairs], share))
 
 
 def _validation_prompts(job: _Job) -> set[str]:

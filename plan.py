@@ -25,10 +25,9 @@ What the compiled executable tells:
   against ~12 · seq per parameter for each pair, well under 0.1% at seq 2048.
 - **attention**: the implementation the step is compiled with (models.attention): by default
   what training would pick on the target, splash attention on a TPU (libtpu compiles its Mosaic
-  kernel like any other op) and the Numba segment kernel (``segment_cpu``, a host callback) on
-  host devices. The FLOP probes always use XLA's: a Pallas kernel is a custom call and the
-  Numba kernel a callback, which the compiler counts no FLOPs for, and on a host device a
-  Pallas kernel would run interpreted. So the count includes the score tiles splash skips
+  kernel like any other op) and XLA's on host devices. The FLOP probes always use XLA's: a
+  Pallas kernel is a custom call and the Numba kernel a callback, which the compiler counts no
+  FLOPs for, and on a host device a Pallas kernel would run interpreted. So the count includes the score tiles splash skips
   under the causal mask (about half of the attention's).
 - **step time at peak**: FLOPs per device / the chip's peak bf16 FLOP/s — a lower bound that
   ignores communication and memory bandwidth; divide by an MFU you believe (MaxText reports
@@ -393,7 +392,7 @@ def plan_training(
     step (2 × batch texts of ``seq`` tokens), split into ``grad_accum`` micro-batches.
     ``mesh``: axis sizes like ``fsdp=4,tensor=2`` (``data`` takes what is left); default: FSDP
     over every device. ``dtype`` / ``param_dtype`` / ``remat`` / ``attention`` as in the
-    training config (``auto``: splash on a TPU topology, segment_cpu on host devices).
+    training config (``auto``: splash on a TPU topology, xla on host devices).
     """
     from dynrules.models.attention import resolve
     from dynrules.models.classifier import COMPUTE_DTYPES

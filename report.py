@@ -246,7 +246,7 @@ def _curve_lines(rm: dict) -> list[str]:
 
 def training_curves_plot(curves: dict, path: Path) -> Path:
     """reward_models.png: training loss and validation accuracy per section against the step,
-    one colour per reward model."""
+    one colour per reward model; a wide line marks the step each model kept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,6 +275,8 @@ def training_curves_plot(curves: dict, path: Path) -> Path:
                 marker="o",
                 label=f"{name.removesuffix('s')} labels: {section.replace('_', ' ')}",
             )
+        if points:  # the step whose parameters the exported model holds
+            accuracy_axis.axvline(curve["exported_step"], color=colour, alpha=0.4, linewidth=4)
     loss_axis.set(xlabel="step", ylabel="Bradley–Terry loss", title="Training loss")
     accuracy_axis.set(
         xlabel="step",

@@ -17,9 +17,10 @@ neither, causal or not. The implementations (models.choices.ATTENTION):
   ``jax.custom_vjp``) that computes each segment's own diagonal block of the scores only, with
   BLAS matmuls per segment and head, in float32 (CPU).
 - ``auto``: ``splash`` on TPU; on a GPU under 16-bit compute ``pallas_gpu`` for packed rows and
-  ``cudnn`` for unpacked ones; ``segment_cpu`` on a CPU (rows packed or not: ~5 × faster than
-  XLA's forward and backward on MiniLM-shaped rows in a noisy micro-timing, docs/performance.md);
-  ``xla`` otherwise (float32 compute on a GPU, which neither fused kernel runs exactly). The
+  ``cudnn`` for unpacked ones; ``xla`` otherwise: on a CPU too, where ``segment_cpu`` is 2–3 ×
+  faster than XLA's attention alone but makes a whole MiniLM forward or step slower (each
+  callback is a host round trip between XLA's fused layers; docs/performance.md), and for
+  float32 compute on a GPU, which neither fused kernel runs exactly. The
   platform is the devices' of the ``sharding`` mesh when there is one (so an ahead-of-time
   compile for a TPU slice picks splash on a CPU host), else ``jax.default_backend()``, decided
   when the step is traced.
@@ -113,8 +114,6 @@ def resolve(implementation: str, *, packed: bool, dtype, platform: str) -> str:
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "pallas_gpu" if packed else "cudnn"
-    if platform == "cpu":
-        return "segment_cpu"
     return "xla"
 
 

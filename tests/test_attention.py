@@ -87,8 +87,8 @@ def test_auto_picks_by_platform_and_unknown_names_are_refused():
     def choose(implementation, platform, packed=True, dtype=jnp.bfloat16):
         return att.resolve(implementation, packed=packed, dtype=dtype, platform=platform)
 
-    assert choose("auto", "cpu") == "segment_cpu"
-    assert choose("auto", "cpu", packed=False, dtype=jnp.float32) == "segment_cpu"
+    assert choose("auto", "cpu") == "xla"
+    assert choose("auto", "cpu", packed=False, dtype=jnp.float32) == "xla"
     assert choose("splash", "cpu") == "splash"
     assert choose("auto", "tpu", packed=False, dtype=jnp.float32) == "splash"
     assert choose("auto", "gpu") == "pallas_gpu"

@@ -3,6 +3,7 @@ Markdown report shows the JSON's numbers."""
 
 import json
 
+import numpy as np
 import pytest
 
 from dynrules.engine.datasets import safety_mix
@@ -129,7 +130,16 @@ def test_validation_split_and_training_curves(report_dir):
     rule_pairs = [json.loads(line) for line in open(report_dir / "labelled-train.jsonl")]
     kept = [p for p in rule_pairs if p["prompt"] not in held]
     assert 0 < len(kept) < len(rule_pairs)  # validation prompts are kept out of training
-    assert rm["trained_on"] == f"{len(kept)} rule-labelled train pairs"
+    # rule_margin_keep=0.5: the half of them with the largest |margin|, the median's included
+    assert rm["min_margin"] == pytest.approx(np.median([abs(p["margin"]) for p in kept]))
+    confident = [p for p in kept if abs(p["margin"]) >= rm["min_margin"]]
+    assert len(kept) / 2 <= len(confident) < len(kept)
+    assert rm["trained_on"] == (
+        f"the {len(confident)} of {len(kept)} rule-labelled train pairs "
+        f"with |margin| ≥ {rm['min_margin']:.2f}"
+    )
+    config = json.loads((report_dir / "rm-rules" / "run.json").read_text())["config"]
+    assert config["min_margin"] == rm["min_margin"]
     for name in ("rules", "human"):
         curve = rm["curves"][name]
         assert [r["step"] for r in curve["train"]] == [1, 2]

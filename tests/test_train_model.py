@@ -91,6 +91,29 @@ def test_soft_labels_from_rule_margins():
     assert float(gradient(jnp.float32(beta * 2.0 + 1))) > 0 > float(gradient(jnp.float32(0.0)))
 
 
+def test_min_margin_leaves_out_the_near_chance_rule_labels_only():
+    """Training keeps pairs with |m| ≥ min_margin and those without a margin (certain labels);
+    the held-out pairs are never filtered; a filter that leaves nothing is an error."""
+    from dynrules.train.trainer import RewardModelTask
+
+    margins = [0.0, 0.25, -0.5, 1.0, -3.0, 0.75]  # exact in float32
+    pairs = [
+        {"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "margin": m}
+        for i, m in enumerate(margins)
+    ]
+    task = RewardModelTask(pairs)
+    render = mdl.pretrained("encoder", "", num_outputs=1, max_length=32, seed=0).render
+
+    def kept(**config):
+        examples, held = task.split(TrainConfig(eval_fraction=0.0, **config), render)
+        return examples.labels["margins"].tolist()
+
+    assert kept() == margins
+    assert kept(min_margin=1.0) == [0.0, 1.0, -3.0]
+    with pytest.raises(DynrulesError, match="min_margin=5.0 leaves none of the 5"):
+        RewardModelTask(pairs[1:]).split(TrainConfig(eval_fraction=0.0, min_margin=5.0), render)
+
+
 def test_head_learning_rate_scales_only_the_head_updates():
     from dynrules.train.objective import make_optimizer
 

@@ -110,7 +110,7 @@ def store_texts(store: RatingStore) -> tuple[list[str], list[str]]:
 
 
 # The TrainConfig keys of the reward model's objective, which the adapter cannot honour.
-BRADLEY_TERRY_KEYS = ("margin_scale", "label_confidence", "center_coef")
+BRADLEY_TERRY_KEYS = ("margin_scale", "label_confidence", "min_margin", "center_coef")
 
 
 class AdapterTask:
@@ -120,7 +120,8 @@ class AdapterTask:
     top-k set as targets (train.objective.MultiLabelBCE). Held out: a seeded ``eval_fraction``
     of the store's pairs, or every pair of the rating store ``eval_data`` (rated on the same
     pool); the held-out report is :func:`adapter_metrics` plus the BCE loss. The reward model's
-    objective keys (``margin_scale``, ``label_confidence``, ``center_coef``) are refused.
+    objective keys (``margin_scale``, ``label_confidence``, ``min_margin``, ``center_coef``) are
+    refused.
     """
 
     name = "rule-adapter"

@@ -63,6 +63,11 @@ class TrainConfig:
     label_confidence: float = option(
         0.0, "β: a pair with rule margin m is a soft label σ(β·|m|); 0 = hard."
     )
+    min_margin: float = option(
+        0.0,
+        "Leave out of training the pairs whose rule margin m is 0 < |m| < min_margin: labels "
+        "that near chance (pairs without a margin are kept); 0 = keep all.",
+    )
     center_coef: float = option(
         0.0, "Reward centering weight, e.g. 0.01·mean((r_c + r_r)²); 0 = off."
     )
@@ -79,7 +84,7 @@ class TrainConfig:
     attention: Attention = option(
         "auto",
         "Attention implementation (models.attention): auto = splash on TPU, Pallas or cuDNN on "
-        "a GPU under bf16, segment_cpu (a Numba kernel) on a CPU, xla otherwise.",
+        "a GPU under bf16, xla otherwise (segment_cpu: a Numba kernel for the CPU, opt-in).",
     )
     backbone: Backbone = option("encoder", "encoder (BERT) | decoder (Llama family).")
     model: str = option(
@@ -224,6 +229,7 @@ GROUPS = {
         "seed",
         "margin_scale",
         "label_confidence",
+        "min_margin",
         "center_coef",
     ),
     "run": (

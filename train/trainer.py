@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -66,6 +67,8 @@ from dynrules.train.loop import Every, StepOutput, run_steps
 from dynrules.train.metrics import MetricsLog
 from dynrules.train.objective import BradleyTerry, Objective, make_optimizer, make_schedule
 from dynrules.train.tokens import SharedTokens
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 REWARD_MODEL = "reward-model"  # run.json's task; a run saved before tasks existed is this one
@@ -994,6 +997,20 @@ class RewardModelTask:
             train, held = self.pairs, load_preferences(config.eval_data)
         else:
             train, held = split_held_out(self.pairs, config.eval_fraction, config.seed)
+        if config.min_margin:
+            kept = [p for p in train if p.margin == 0 or abs(p.margin) >= config.min_margin]
+            if not kept:
+                raise DynrulesError(
+                    f"config: min_margin={config.min_margin} leaves none of the "
+                    f"{len(train)} training pairs"
+                )
+            log.info(
+                "min_margin=%g keeps %d of %d training pairs",
+                config.min_margin,
+                len(kept),
+                len(train),
+            )
+            train = kept
         return pair_examples(train, render), _pair_evaluation(held, render) if held else None
 
 
