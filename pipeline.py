@@ -449,7 +449,7 @@ def _reward_models(job: _Job) -> dict:
         items=training_items,
     )
     share = f"the {kept} of {len(rule_pairs)} " if kept < len(rule_pairs) else f"{kept} "
-    cut = f" with |margin| ≥ {min_margin:.2f}" if min_margin else ""
+    cut = f" whose rule margin is at least {min_margin:.2f} either way" if min_margin else ""
     reward_model = {
         "trained_on": f"{share}rule-labelled train pairs{cut}",
         "rule_pairs": len(rule_pairs),

@@ -213,9 +213,11 @@ def _curve_lines(rm: dict) -> list[str]:
         "",
         f"Training loss, and accuracy on the validation split: {rm['validation_pairs']} train "
         "pairs whose prompts both models never trained on, scored against their human labels. "
-        "The recipe (learning rates, steps, label confidence) was chosen on such a split of the "
-        "train pairs, never on the held-out pairs above. Rule labels are soft (their margin's "
-        "confidence), so their loss cannot fall below the labels' own entropy.",
+        "Each model keeps the step that scored best there (wide line). The recipe (learning "
+        "rates, steps, label confidence, the margin filter) was chosen on such a split of the "
+        "train pairs or by cross-validation over them, never on the held-out pairs above. Rule "
+        "labels are soft (their margin's confidence), so their loss cannot fall below the "
+        "labels' own entropy.",
         "",
         "![training curves](reward_models.png)",
         "",

@@ -5,7 +5,9 @@ test split, the first
 1,200 pairs to train on (human labels: chosen ≻ rejected), the last 500 held out. Both reward
 models train for the same number of steps on the same batches of pairs — all-MiniLM-L6-v2
 (22M, mean pooling) and SmolLM2-135M-Instruct (last-token pooling, its chat template) — and
-are scored on the held-out pairs beside the length-only baseline.
+are scored on the held-out pairs beside the length-only baseline. The recipe is the main job's
+(dynrules.pipeline.PipelineConfig): its truncation, and a validation split of its share of the
+training pairs, evaluated six times, whose best step each model keeps (``export=best``).
 
 Run: ``dynrules bench hh-decoder [--steps 150] [--max-length 192] [--out DIR]``; a summary
 lands in benchmarks/results/hh_decoder.json after each model; a rerun with the same settings
@@ -22,6 +24,7 @@ from pathlib import Path
 from dynrules.atomic import atomic_path
 from dynrules.benchmarks.paths import RESULTS as RESULTS_DIR
 from dynrules.benchmarks.paths import hh_test
+from dynrules.pipeline import PipelineConfig
 from dynrules.train.data import load_preferences
 from dynrules.train.evaluate import evaluate
 from dynrules.train.trainer import train_reward_model
@@ -51,12 +54,16 @@ def bench_hh_decoder(
     the summary, also in benchmarks/results/hh_decoder.json, which is rewritten after each model.
     Progress: one JSON line per model on stderr."""
     path = hh_test(data)
+    main_job = PipelineConfig()
     settings = {
         "out": str(out),
         "steps": steps,
         "batch_size": batch_size,
         "max_length": max_length,
         "data": str(path),
+        "truncation": main_job.truncation,
+        "validation_fraction": main_job.validation_fraction,
+        "export": main_job.rm_export,
     }
     pairs = load_preferences(path)
     train, held_out = pairs[:TRAIN], pairs[-HELD_OUT:]
@@ -78,8 +85,10 @@ def bench_hh_decoder(
             "batch_size": batch_size,
             "max_length": max_length,
             **RECIPES[backbone],
-            "eval_fraction": 0.0,
-            "eval_every": 0,
+            "truncation": settings["truncation"],
+            "eval_fraction": settings["validation_fraction"],
+            "eval_every": max(1, steps // 6),
+            "export": settings["export"],
             "checkpoint_every": steps,
             "log_every": max(1, steps // 10),
         }
@@ -92,6 +101,8 @@ def bench_hh_decoder(
             "length_baseline": report.length_baseline,
             "truncated_texts": report.truncated,
             "train_loss_last": run.train.get("loss"),
+            "validation_pairs": run.eval["pairs"] if run.eval else 0,
+            "exported_step": run.exported_step,
             "train_seconds": round(trained, 1),
             "eval_seconds": round(time.perf_counter() - started - trained, 1),
             **RECIPES[backbone],

@@ -136,7 +136,7 @@ def test_validation_split_and_training_curves(report_dir):
     assert len(kept) / 2 <= len(confident) < len(kept)
     assert rm["trained_on"] == (
         f"the {len(confident)} of {len(kept)} rule-labelled train pairs "
-        f"with |margin| ≥ {rm['min_margin']:.2f}"
+        f"whose rule margin is at least {rm['min_margin']:.2f} either way"
     )
     config = json.loads((report_dir / "rm-rules" / "run.json").read_text())["config"]
     assert config["min_margin"] == rm["min_margin"]
