@@ -41,7 +41,8 @@ from dynrules.models.tokenizer import Truncation
 from dynrules.report import write_ablation_report, write_pipeline_report
 from dynrules.settings import option, section
 from dynrules.train.config import Backbone
-from dynrules.train.evaluate import Evaluation
+from dynrules.train.data import keeps_margin
+from dynrules.train.evaluate import Evaluation, section_mean
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +440,7 @@ def _reward_models(job: _Job) -> dict:
         rm_config["eval_data"] = str(validation_file)
     rule_pairs = [p for p in rule_pairs if p["prompt"] not in validation]
     min_margin = _margin_quantile(rule_pairs, 1.0 - config.rule_margin_keep)
-    kept = sum(abs(p["margin"]) >= min_margin for p in rule_pairs)
+    kept = sum(keeps_margin(p["margin"], min_margin) for p in rule_pairs)
     training_items = config.rm_steps * config.batch_size
     stages.run(
         "train_rm_rules",
@@ -518,14 +519,13 @@ def training_curves(run_dir: Path) -> dict:
                 train.append({"step": record["step"], "loss": record["loss"]})
             else:
                 sections = {k: v["accuracy"] for k, v in record["sections"].items() if k != "all"}
+                mean = section_mean(sections)
                 validation.append(
                     {
                         "step": record["step"],
                         "accuracy": record["accuracy"],
                         "sections": sections,
-                        "section_mean": float(np.mean(list(sections.values())))
-                        if sections
-                        else record["accuracy"],
+                        "section_mean": record["accuracy"] if mean is None else mean,
                     }
                 )
     # A resumed run logs its replayed steps again: keep each step's last record.
@@ -545,15 +545,11 @@ def _sectioned(result: Evaluation) -> dict:
     """A held-out evaluation's sections, subsets, section mean and over-refusal rate."""
     from dynrules.engine.datasets import OVER_REFUSAL_SUBSET
 
-    sections = {k: v for k, v in result.sections.items() if k != "all"}
     out = {
         "accuracy": result.accuracy,
         "sections": result.sections,
         "subsets": result.subsets,
-        # RewardBench's overall score: sections count equally, whatever their sizes.
-        "section_mean": float(np.mean([v.accuracy for v in sections.values()]))
-        if sections
-        else None,
+        "section_mean": section_mean({k: v.accuracy for k, v in result.sections.items()}),
     }
     if OVER_REFUSAL_SUBSET in result.subsets:
         group = result.subsets[OVER_REFUSAL_SUBSET]

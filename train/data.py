@@ -73,6 +73,12 @@ def pair_from_record(record: dict, *, path=None, line: int | None = None) -> Pai
     )
 
 
+def keeps_margin(margin: float, min_margin: float) -> bool:
+    """Whether training keeps a pair with this rule margin under ``min_margin`` (train config):
+    no margin (a certain label) or one at least that large either way."""
+    return margin == 0 or abs(margin) >= min_margin
+
+
 def load_preferences(source: str | Path | Iterable[dict | Pair]) -> list[Pair]:
     """Pairs from a file or from dicts (a :class:`Pair` among them is taken as it is); errors
     name the file, line and field. Empty is an error."""

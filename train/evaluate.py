@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,6 +63,13 @@ class Evaluation(PairReport):
         out = asdict(self)
         del out["truncated"]
         return out
+
+
+def section_mean(accuracies: Mapping[str, float]) -> float | None:
+    """RewardBench's overall score: the mean accuracy of the named sections, counted equally
+    whatever their sizes ("all", the pairs without a section, is not one); None without any."""
+    named = [accuracy for name, accuracy in accuracies.items() if name != "all"]
+    return float(np.mean(named)) if named else None
 
 
 def pair_report(pairs: list[Pair], chosen: np.ndarray, rejected: np.ndarray) -> PairReport:

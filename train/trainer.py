@@ -61,8 +61,8 @@ from dynrules.settings import Tree, load
 from dynrules.train import sharding as shd
 from dynrules.train.checkpoint import Checkpointer
 from dynrules.train.config import TrainConfig, make_config
-from dynrules.train.data import Pair, load_preferences, preferences_fingerprint
-from dynrules.train.evaluate import pair_report
+from dynrules.train.data import Pair, keeps_margin, load_preferences, preferences_fingerprint
+from dynrules.train.evaluate import pair_report, section_mean
 from dynrules.train.loop import Every, StepOutput, run_steps
 from dynrules.train.metrics import MetricsLog
 from dynrules.train.objective import BradleyTerry, Objective, make_optimizer, make_schedule
@@ -998,7 +998,7 @@ class RewardModelTask:
         else:
             train, held = split_held_out(self.pairs, config.eval_fraction, config.seed)
         if config.min_margin:
-            kept = [p for p in train if p.margin == 0 or abs(p.margin) >= config.min_margin]
+            kept = [p for p in train if keeps_margin(p.margin, config.min_margin)]
             if not kept:
                 raise DynrulesError(
                     f"config: min_margin={config.min_margin} leaves none of the "
@@ -1024,9 +1024,9 @@ def _pair_evaluation(pairs: list[Pair], render) -> HeldOut:
         return values
 
     def score(report: dict) -> float:
-        """RewardBench's overall score: the section mean, sections counted equally."""
-        sections = [v["accuracy"] for k, v in report["sections"].items() if k != "all"]
-        return float(np.mean(sections)) if sections else report["accuracy"]
+        """The section mean; the accuracy when the pairs have no sections."""
+        mean = section_mean({k: v["accuracy"] for k, v in report["sections"].items()})
+        return report["accuracy"] if mean is None else mean
 
     return HeldOut(pair_examples(pairs, render).texts, report, score)
 
