@@ -142,128 +142,155 @@ def _softmax_rows(scores, length, causal, row_max, row_sum, bits):
         row_sum[i] = total
 
 
+@numba.njit(**EXACT)
+def _forward_chunk(q, k, v, segment_ids, causal, out, lse, chunk, chunks):
+    """Work items chunk, chunk + chunks, … of :func:`forward`."""
+    time, dim = q.shape[1], q.shape[3]
+    kv_heads = k.shape[2]
+    group, scale, longest, items, _ = _work(q, k, segment_ids, chunks)
+    qs = np.empty((longest, dim), np.float32)
+    ks = np.empty((longest, dim), np.float32)
+    vs = np.empty((longest, dim), np.float32)
+    o = np.empty((longest, dim), np.float32)
+    flat = np.empty(longest * longest, np.float32)
+    row_max = np.empty(longest, np.float32)
+    row_sum = np.empty(longest, np.float32)
+    bits = np.empty(longest, np.int32)
+    for item in range(chunk, items, chunks):
+        b = item // kv_heads
+        g = item % kv_heads
+        start = 0
+        while start < time:
+            end = _run_end(segment_ids[b], start)
+            length = end - start
+            if segment_ids[b, start] == 0:
+                _zero(out, b, start, end, g * group, group)
+                lse[b, start:end, g * group : (g + 1) * group] = np.float32(0.0)
+                start = end
+                continue
+            _gather(k, b, start, length, g, np.float32(1.0), ks)
+            _gather(v, b, start, length, g, np.float32(1.0), vs)
+            scores = flat[: length * length].reshape(length, length)
+            for h in range(g * group, (g + 1) * group):
+                _gather(q, b, start, length, h, scale, qs)
+                np.dot(qs[:length], ks[:length].T, scores)
+                _softmax_rows(scores, length, causal, row_max, row_sum, bits)
+                np.dot(scores, vs[:length], o[:length])
+                for i in range(length):
+                    norm = np.float32(1.0) / row_sum[i]
+                    lse[b, start + i, h] = row_max[i] + np.log(row_sum[i])
+                    for d in range(dim):
+                        out[b, start + i, h, d] = o[i, d] * norm
+            start = end
+
+
 @numba.njit(**PARALLEL_EXACT)
 def forward(q, k, v, segment_ids, causal, chunks, out, lse):
     """Attention of each run of ``segment_ids`` [batch, time] over itself into ``out`` (q's
     shape) and the log-sum-exp of each query row's scaled scores into ``lse`` [batch, time,
     heads] (0 at padding)."""
+    chunks = _work(q, k, segment_ids, chunks)[4]
+    for chunk in numba.prange(chunks):
+        _forward_chunk(q, k, v, segment_ids, causal, out, lse, chunk, chunks)
+
+
+@numba.njit(**EXACT)
+def forward_serial(q, k, v, segment_ids, causal, out, lse):
+    """:func:`forward` on the calling thread alone, in one chunk: for kernels.xla_ffi, whose
+    caller is one of XLA's threads."""
+    _forward_chunk(q, k, v, segment_ids, causal, out, lse, 0, 1)
+
+
+@numba.njit(**EXACT)
+def _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, chunk, chunks):
+    """Work items chunk, chunk + chunks, … of :func:`backward`."""
     time, dim = q.shape[1], q.shape[3]
     kv_heads = k.shape[2]
-    group, scale, longest, items, chunks = _work(q, k, segment_ids, chunks)
-    for chunk in numba.prange(chunks):
-        qs = np.empty((longest, dim), np.float32)
-        ks = np.empty((longest, dim), np.float32)
-        vs = np.empty((longest, dim), np.float32)
-        o = np.empty((longest, dim), np.float32)
-        flat = np.empty(longest * longest, np.float32)
-        row_max = np.empty(longest, np.float32)
-        row_sum = np.empty(longest, np.float32)
-        bits = np.empty(longest, np.int32)
-        for item in range(chunk, items, chunks):
-            b = item // kv_heads
-            g = item % kv_heads
-            start = 0
-            while start < time:
-                end = _run_end(segment_ids[b], start)
-                length = end - start
-                if segment_ids[b, start] == 0:
-                    _zero(out, b, start, end, g * group, group)
-                    lse[b, start:end, g * group : (g + 1) * group] = np.float32(0.0)
-                    start = end
-                    continue
-                _gather(k, b, start, length, g, np.float32(1.0), ks)
-                _gather(v, b, start, length, g, np.float32(1.0), vs)
-                scores = flat[: length * length].reshape(length, length)
-                for h in range(g * group, (g + 1) * group):
-                    _gather(q, b, start, length, h, scale, qs)
-                    np.dot(qs[:length], ks[:length].T, scores)
-                    _softmax_rows(scores, length, causal, row_max, row_sum, bits)
-                    np.dot(scores, vs[:length], o[:length])
-                    for i in range(length):
-                        norm = np.float32(1.0) / row_sum[i]
-                        lse[b, start + i, h] = row_max[i] + np.log(row_sum[i])
-                        for d in range(dim):
-                            out[b, start + i, h, d] = o[i, d] * norm
+    group, scale, longest, items, _ = _work(q, k, segment_ids, chunks)
+    qs = np.empty((longest, dim), np.float32)
+    ks = np.empty((longest, dim), np.float32)
+    vs = np.empty((longest, dim), np.float32)
+    dos = np.empty((longest, dim), np.float32)
+    tmp = np.empty((longest, dim), np.float32)
+    dks = np.empty((longest, dim), np.float32)
+    dvs = np.empty((longest, dim), np.float32)
+    flat_p = np.empty(longest * longest, np.float32)
+    flat_dp = np.empty(longest * longest, np.float32)
+    delta = np.empty(longest, np.float32)
+    bits = np.empty(longest, np.int32)
+    for item in range(chunk, items, chunks):
+        b = item // kv_heads
+        g = item % kv_heads
+        start = 0
+        while start < time:
+            end = _run_end(segment_ids[b], start)
+            length = end - start
+            if segment_ids[b, start] == 0:
+                _zero(dq, b, start, end, g * group, group)
+                _zero(dk, b, start, end, g, 1)
+                _zero(dv, b, start, end, g, 1)
                 start = end
+                continue
+            _gather(k, b, start, length, g, np.float32(1.0), ks)
+            _gather(v, b, start, length, g, np.float32(1.0), vs)
+            dks[:length] = np.float32(0.0)
+            dvs[:length] = np.float32(0.0)
+            p = flat_p[: length * length].reshape(length, length)
+            dp = flat_dp[: length * length].reshape(length, length)
+            for h in range(g * group, (g + 1) * group):
+                _gather(q, b, start, length, h, scale, qs)
+                _gather(dout, b, start, length, h, np.float32(1.0), dos)
+                for i in range(length):
+                    total = np.float32(0.0)
+                    for d in range(dim):
+                        total += dos[i, d] * out[b, start + i, h, d]
+                    delta[i] = total
+                np.dot(qs[:length], ks[:length].T, p)
+                for i in range(length):  # p = exp(scores − lse), 0 above the diagonal
+                    row = p[i]
+                    keys = i + 1 if causal else length
+                    top = lse[b, start + i, h]
+                    for j in range(keys):
+                        row[j] -= top
+                    _exp_into(row, bits, keys)
+                    for j in range(keys, length):
+                        row[j] = np.float32(0.0)
+                np.dot(p.T, dos[:length], tmp[:length])
+                for i in range(length):
+                    for d in range(dim):
+                        dvs[i, d] += tmp[i, d]
+                np.dot(dos[:length], vs[:length].T, dp)
+                for i in range(length):  # ds = p ∘ (dp − delta), in p
+                    for j in range(length):
+                        p[i, j] *= dp[i, j] - delta[i]
+                np.dot(p, ks[:length], tmp[:length])
+                for i in range(length):
+                    for d in range(dim):
+                        dq[b, start + i, h, d] = tmp[i, d] * scale
+                np.dot(p.T, qs[:length], tmp[:length])  # qs holds q·scale already
+                for i in range(length):
+                    for d in range(dim):
+                        dks[i, d] += tmp[i, d]
+            for i in range(length):
+                for d in range(dim):
+                    dk[b, start + i, g, d] = dks[i, d]
+                    dv[b, start + i, g, d] = dvs[i, d]
+            start = end
 
 
 @numba.njit(**PARALLEL_EXACT)
 def backward(q, k, v, segment_ids, causal, chunks, out, lse, dout, dq, dk, dv):
     """Gradients of ``forward``'s output: dq (q's shape), dk, dv (k's) from the cotangent
     ``dout``, the forward's ``out`` and ``lse``; 0 at padding."""
-    time, dim = q.shape[1], q.shape[3]
-    kv_heads = k.shape[2]
-    group, scale, longest, items, chunks = _work(q, k, segment_ids, chunks)
+    chunks = _work(q, k, segment_ids, chunks)[4]
     for chunk in numba.prange(chunks):
-        qs = np.empty((longest, dim), np.float32)
-        ks = np.empty((longest, dim), np.float32)
-        vs = np.empty((longest, dim), np.float32)
-        dos = np.empty((longest, dim), np.float32)
-        tmp = np.empty((longest, dim), np.float32)
-        dks = np.empty((longest, dim), np.float32)
-        dvs = np.empty((longest, dim), np.float32)
-        flat_p = np.empty(longest * longest, np.float32)
-        flat_dp = np.empty(longest * longest, np.float32)
-        delta = np.empty(longest, np.float32)
-        bits = np.empty(longest, np.int32)
-        for item in range(chunk, items, chunks):
-            b = item // kv_heads
-            g = item % kv_heads
-            start = 0
-            while start < time:
-                end = _run_end(segment_ids[b], start)
-                length = end - start
-                if segment_ids[b, start] == 0:
-                    _zero(dq, b, start, end, g * group, group)
-                    _zero(dk, b, start, end, g, 1)
-                    _zero(dv, b, start, end, g, 1)
-                    start = end
-                    continue
-                _gather(k, b, start, length, g, np.float32(1.0), ks)
-                _gather(v, b, start, length, g, np.float32(1.0), vs)
-                dks[:length] = np.float32(0.0)
-                dvs[:length] = np.float32(0.0)
-                p = flat_p[: length * length].reshape(length, length)
-                dp = flat_dp[: length * length].reshape(length, length)
-                for h in range(g * group, (g + 1) * group):
-                    _gather(q, b, start, length, h, scale, qs)
-                    _gather(dout, b, start, length, h, np.float32(1.0), dos)
-                    for i in range(length):
-                        total = np.float32(0.0)
-                        for d in range(dim):
-                            total += dos[i, d] * out[b, start + i, h, d]
-                        delta[i] = total
-                    np.dot(qs[:length], ks[:length].T, p)
-                    for i in range(length):  # p = exp(scores − lse), 0 above the diagonal
-                        row = p[i]
-                        keys = i + 1 if causal else length
-                        top = lse[b, start + i, h]
-                        for j in range(keys):
-                            row[j] -= top
-                        _exp_into(row, bits, keys)
-                        for j in range(keys, length):
-                            row[j] = np.float32(0.0)
-                    np.dot(p.T, dos[:length], tmp[:length])
-                    for i in range(length):
-                        for d in range(dim):
-                            dvs[i, d] += tmp[i, d]
-                    np.dot(dos[:length], vs[:length].T, dp)
-                    for i in range(length):  # ds = p ∘ (dp − delta), in p
-                        for j in range(length):
-                            p[i, j] *= dp[i, j] - delta[i]
-                    np.dot(p, ks[:length], tmp[:length])
-                    for i in range(length):
-                        for d in range(dim):
-                            dq[b, start + i, h, d] = tmp[i, d] * scale
-                    np.dot(p.T, qs[:length], tmp[:length])  # qs holds q·scale already
-                    for i in range(length):
-                        for d in range(dim):
-                            dks[i, d] += tmp[i, d]
-                for i in range(length):
-                    for d in range(dim):
-                        dk[b, start + i, g, d] = dks[i, d]
-                        dv[b, start + i, g, d] = dvs[i, d]
-                start = end
+        _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, chunk, chunks)
+
+
+@numba.njit(**EXACT)
+def backward_serial(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv):
+    """:func:`backward` on the calling thread alone, as :func:`forward_serial`."""
+    _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, 0, 1)
 
 
 def attention(q, k, v, segment_ids, *, causal: bool):
@@ -271,7 +298,7 @@ def attention(q, k, v, segment_ids, *, causal: bool):
     contiguous here)."""
     q, k, v = _read_only(q, k, v)
     (segment_ids,) = _read_only(segment_ids, dtype=np.int32)
-    _check(q, k, segment_ids)
+    check_shapes(q.shape, k.shape, segment_ids.shape)
     out = np.empty_like(q)
     lse = np.empty(q.shape[:3], np.float32)
     forward(q, k, v, segment_ids, bool(causal), _chunks(), out, lse)
@@ -282,7 +309,7 @@ def attention_grads(q, k, v, segment_ids, out, lse, dout, *, causal: bool):
     """(dq, dk, dv) of ``backward`` on new arrays."""
     q, k, v, out, lse, dout = _read_only(q, k, v, out, lse, dout)
     (segment_ids,) = _read_only(segment_ids, dtype=np.int32)
-    _check(q, k, segment_ids)
+    check_shapes(q.shape, k.shape, segment_ids.shape)
     dq = np.empty_like(q)
     dk = np.empty_like(k)
     dv = np.empty_like(k)
@@ -292,8 +319,8 @@ def attention_grads(q, k, v, segment_ids, out, lse, dout, *, causal: bool):
 
 def _read_only(*arrays, dtype=np.float32) -> list[np.ndarray]:
     """Contiguous read-only views (copies where the dtype or layout needs one). Numba compiles
-    a version per combination of writable and read-only arguments, and jax.pure_callback hands
-    over either: one kind for all keeps it to one compilation (and one cache entry)."""
+    a version per combination of writable and read-only arguments, and callers hand over either:
+    one kind for all keeps it to one compilation (and one cache entry) here."""
     views = []
     for array in arrays:
         view = np.ascontiguousarray(array, dtype).view()
@@ -308,9 +335,10 @@ def _chunks() -> int:
     return CHUNKS_PER_THREAD * numba.get_num_threads()
 
 
-def _check(q, k, segment_ids):
-    batch, time, heads, dim = q.shape
-    if k.shape[:2] != (batch, time) or k.shape[3] != dim or heads % k.shape[2]:
-        raise ValueError(f"queries {q.shape} and keys {k.shape} do not fit")
-    if segment_ids.shape != (batch, time):
-        raise ValueError(f"segment ids {segment_ids.shape} do not fit queries {q.shape}")
+def check_shapes(q_shape, k_shape, segments_shape) -> None:
+    """ValueError unless queries, keys / values and segment ids have the layouts above."""
+    batch, time, heads, dim = q_shape
+    if tuple(k_shape[:2]) != (batch, time) or k_shape[3] != dim or heads % k_shape[2]:
+        raise ValueError(f"queries {tuple(q_shape)} and keys {tuple(k_shape)} do not fit")
+    if tuple(segments_shape) != (batch, time):
+        raise ValueError(f"segment ids {tuple(segments_shape)} do not fit queries {tuple(q_shape)}")

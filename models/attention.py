@@ -13,17 +13,17 @@ neither, causal or not. The implementations (models.choices.ATTENTION):
 - ``pallas_gpu``: Pallas' Triton flash attention with segment ids (GPU).
 - ``cudnn``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention``; it has
   lengths but no segment ids, so packed rows go to ``pallas_gpu`` instead.
-- ``segment_cpu``: kernels.attention, a Numba kernel (through ``jax.pure_callback`` under a
-  ``jax.custom_vjp``) that computes each segment's own diagonal block of the scores only, with
-  BLAS matmuls per segment and head, in float32 (CPU).
+- ``segment_cpu``: kernels.attention, a Numba kernel that computes each segment's own diagonal
+  block of the scores only, with BLAS matmuls per segment and head, in float32 (CPU). XLA calls
+  it as an FFI custom call inside the compiled step (kernels.xla_ffi), under a
+  ``jax.custom_vjp`` whose forward is the kernel's only when differentiated: a forward pass on
+  its own (scoring) is XLA's with the same mask, the faster one there (docs/performance.md).
 - ``auto``: ``splash`` on TPU; on a GPU under 16-bit compute ``pallas_gpu`` for packed rows and
-  ``cudnn`` for unpacked ones; ``xla`` otherwise: on a CPU too, where ``segment_cpu`` is 2–3 ×
-  faster than XLA's attention alone but makes a whole MiniLM forward or step slower (each
-  callback is a host round trip between XLA's fused layers; docs/performance.md), and for
-  float32 compute on a GPU, which neither fused kernel runs exactly. The
-  platform is the devices' of the ``sharding`` mesh when there is one (so an ahead-of-time
-  compile for a TPU slice picks splash on a CPU host), else ``jax.default_backend()``, decided
-  when the step is traced.
+  ``cudnn`` for unpacked ones; ``segment_cpu`` on a CPU for rows of CPU_KERNEL_MIN_TIME tokens
+  or more; ``xla`` otherwise (shorter rows on a CPU, float32 compute on a GPU, which neither
+  fused kernel runs exactly). The platform is the devices' of the
+  ``sharding`` mesh when there is one (so an ahead-of-time compile for a TPU slice picks splash
+  on a CPU host), else ``jax.default_backend()``, decided when the step is traced.
 
 Every implementation gives the same outputs at real tokens; at padded positions they differ
 (the Pallas kernels let padding attend to padding, XLA padding of unpacked rows to the text,
@@ -44,6 +44,10 @@ from dynrules.errors import DynrulesError
 from dynrules.models.choices import ATTENTION
 
 KERNEL_TILE = 128  # both kernels take sequences in multiples of this (splash: the TPU lane width)
+# Rows at least this long take segment_cpu under auto on a CPU; shorter ones XLA's attention,
+# whose [time, time] scores are still cheap there (the MiniLM training step on the 2-core VM:
+# 1.12 against 1.40 s at max_length 192, 1.83 against 1.76 s at 384; docs/performance.md).
+CPU_KERNEL_MIN_TIME = 384
 _PADDING_SEGMENT = -1  # added positions: a segment of their own, seen by no real token
 
 
@@ -76,7 +80,11 @@ def attend(
         return _xla(q, k, v, causal=False, segment_ids=None, lengths=None, mask=mask)
     platform = _platform(sharding)
     chosen = resolve(
-        implementation, packed=segment_ids is not None, dtype=q.dtype, platform=platform
+        implementation,
+        packed=segment_ids is not None,
+        dtype=q.dtype,
+        platform=platform,
+        time=q.shape[1],
     )
     if chosen == "xla":
         return _xla(q, k, v, causal=causal, segment_ids=segment_ids, lengths=lengths, mask=None)
@@ -105,15 +113,20 @@ def attend(
     )
 
 
-def resolve(implementation: str, *, packed: bool, dtype, platform: str) -> str:
+def resolve(
+    implementation: str, *, packed: bool, dtype, platform: str, time: int | None = None
+) -> str:
     """The implementation ``auto`` stands for on ``platform`` (cpu, gpu, tpu; module doc) for
-    packed rows or not under compute ``dtype``; the others stand for themselves."""
+    packed rows or not of ``time`` tokens (None: as long as a plan's) under compute ``dtype``;
+    the others stand for themselves."""
     if implementation != "auto":
         return implementation
     if platform == "tpu":
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "pallas_gpu" if packed else "cudnn"
+    if platform == "cpu" and (time is None or time >= CPU_KERNEL_MIN_TIME):
+        return "segment_cpu"
     return "xla"
 
 
@@ -258,48 +271,51 @@ def _segment_cpu(q, k, v, segments, *, causal: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _segment_attention(causal: bool, q, k, v, segments):
-    return _segment_forward(causal, q, k, v, segments)[0]
+    """Not differentiated (scoring, serving): XLA's attention, which is the faster forward on a
+    CPU inside a model (measured: docs/performance.md); differentiated, the kernel's forward
+    (it keeps the log-sum-exp its backward reads) and backward."""
+    return _xla(q, k, v, causal=causal, segment_ids=segments, lengths=None, mask=None)
+
+
+@functools.cache
+def _segment_targets() -> tuple[str, str]:
+    """The FFI targets of kernels.xla_ffi's forward and backward, registered once a process."""
+    from dynrules.kernels import xla_ffi
+
+    names = ("dynrules_segment_attention", "dynrules_segment_attention_grads")
+    for name, handler in zip(names, (xla_ffi.forward, xla_ffi.backward), strict=True):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu")
+    return names
 
 
 def _segment_forward(causal: bool, q, k, v, segments):
     """(out, residuals): the kernel's output, and what the backward reads (its log-sum-exp)."""
     from dynrules.kernels import attention as kernel
 
-    out, lse = jax.pure_callback(
-        functools.partial(kernel.attention, causal=causal),
+    kernel.check_shapes(q.shape, k.shape, segments.shape)
+    segments = segments.astype(jnp.int32)
+    out, lse = jax.ffi.ffi_call(
+        _segment_targets()[0],
         (
             jax.ShapeDtypeStruct(q.shape, jnp.float32),
             jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),
         ),
-        q,
-        k,
-        v,
-        segments,
         vmap_method="sequential",
-    )
+    )(q, k, v, segments, jnp.asarray(causal, jnp.int32))
     return out, (q, k, v, segments, out, lse)
 
 
 def _segment_backward(causal: bool, residuals, dout):
-    from dynrules.kernels import attention as kernel
-
     q, k, v, segments, out, lse = residuals
-    dq, dk, dv = jax.pure_callback(
-        functools.partial(kernel.attention_grads, causal=causal),
+    dq, dk, dv = jax.ffi.ffi_call(
+        _segment_targets()[1],
         (
             jax.ShapeDtypeStruct(q.shape, jnp.float32),
             jax.ShapeDtypeStruct(k.shape, jnp.float32),
-            jax.ShapeDtypeStruct(v.shape, jnp.float32),
+            jax.ShapeDtypeStruct(k.shape, jnp.float32),
         ),
-        q,
-        k,
-        v,
-        segments,
-        out,
-        lse,
-        dout.astype(jnp.float32),
         vmap_method="sequential",
-    )
+    )(q, k, v, segments, jnp.asarray(causal, jnp.int32), out, lse, dout.astype(jnp.float32))
     return dq, dk, dv, None  # segment ids: integers, no gradient
 
 

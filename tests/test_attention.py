@@ -84,11 +84,13 @@ def test_kernels_in_bfloat16_stay_within_bf16_rounding_of_xla(implementation):
 
 
 def test_auto_picks_by_platform_and_unknown_names_are_refused():
-    def choose(implementation, platform, packed=True, dtype=jnp.bfloat16):
-        return att.resolve(implementation, packed=packed, dtype=dtype, platform=platform)
+    def choose(implementation, platform, packed=True, dtype=jnp.bfloat16, time=None):
+        return att.resolve(implementation, packed=packed, dtype=dtype, platform=platform, time=time)
 
-    assert choose("auto", "cpu") == "xla"
-    assert choose("auto", "cpu", packed=False, dtype=jnp.float32) == "xla"
+    assert choose("auto", "cpu") == "segment_cpu"
+    assert choose("auto", "cpu", packed=False, dtype=jnp.float32) == "segment_cpu"
+    assert choose("auto", "cpu", time=att.CPU_KERNEL_MIN_TIME) == "segment_cpu"
+    assert choose("auto", "cpu", time=att.CPU_KERNEL_MIN_TIME - 1) == "xla"  # short rows
     assert choose("splash", "cpu") == "splash"
     assert choose("auto", "tpu", packed=False, dtype=jnp.float32) == "splash"
     assert choose("auto", "gpu") == "pallas_gpu"
@@ -140,9 +142,21 @@ def _tiny_models(attention: str):
     return encoder, decoder
 
 
-def hidden_states(attention: str, packed_real: np.ndarray) -> list[np.ndarray]:
+def hidden_states(
+    attention: str, packed_real: np.ndarray, *, differentiated: bool = False
+) -> list[np.ndarray]:
     """The tiny encoder's and decoder's hidden states with ``attention``: on rows of LENGTHS at
-    their real tokens, then on the packed rows of SEGMENTS where ``packed_real``."""
+    their real tokens, then on the packed rows of SEGMENTS where ``packed_real``; computed as
+    the primal output of a VJP over the parameters when ``differentiated`` (the forward a
+    training step runs)."""
+    from flax import nnx
+
+    def run(model, *args, **kwargs):
+        if not differentiated:
+            return model(*args, **kwargs)
+        graphdef, params = nnx.split(model)
+        return jax.vjp(lambda p: nnx.merge(graphdef, p)(*args, **kwargs), params)[0]
+
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, TIME)), jnp.int32)
     positions = np.zeros_like(SEGMENTS)
     for row, segments in enumerate(SEGMENTS):  # each token's place in its own text
@@ -152,8 +166,8 @@ def hidden_states(attention: str, packed_real: np.ndarray) -> list[np.ndarray]:
     real = np.arange(TIME)[None] < LENGTHS[:, None]
     packed = {"segments": jnp.asarray(SEGMENTS), "positions": jnp.asarray(positions)}
     models = _tiny_models(attention)
-    unpacked = [np.asarray(model(ids, jnp.asarray(LENGTHS)))[real] for model in models]
-    return unpacked + [np.asarray(model(ids, **packed))[packed_real] for model in models]
+    unpacked = [np.asarray(run(model, ids, jnp.asarray(LENGTHS)))[real] for model in models]
+    return unpacked + [np.asarray(run(model, ids, **packed))[packed_real] for model in models]
 
 
 @pytest.mark.slow

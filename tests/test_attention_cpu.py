@@ -70,6 +70,41 @@ def test_kernel_forward_and_backward_match_the_numpy_twin(data):
     assert not grads[1][padding].any() and not grads[2][padding].any()
 
 
+@settings(max_examples=30, deadline=None)
+@given(packed_rows())
+def test_serial_kernels_equal_the_parallel_ones_bit_for_bit(data):
+    """The FFI handlers run forward_serial / backward_serial: one chunk instead of many, the
+    same arithmetic per work item."""
+    q, k, v, ids, causal, rng = data
+    out, lse = K.attention(q, k, v, ids, causal=causal)
+    serial_out, serial_lse = np.empty_like(out), np.empty_like(lse)
+    K.forward_serial(q, k, v, ids, causal, serial_out, serial_lse)
+    np.testing.assert_array_equal(serial_out, out)
+    np.testing.assert_array_equal(serial_lse, lse)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    grads = K.attention_grads(q, k, v, ids, out, lse, dout, causal=causal)
+    serial = np.empty_like(q), np.empty_like(k), np.empty_like(k)
+    K.backward_serial(q, k, v, ids, causal, out, lse, dout, *serial)
+    for name, got, want in zip("qkv", serial, grads, strict=True):
+        np.testing.assert_array_equal(got, want, err_msg=f"d{name}")
+
+
+def test_segment_cpu_is_an_ffi_custom_call_inside_the_compiled_step():
+    """No host callback: a training step calls the Numba handlers through XLA's typed FFI; a
+    forward on its own runs XLA's attention."""
+    q, k, v = _inputs(2)
+
+    def loss(q, k, v):
+        out = att.attend(q, k, v, causal=True, segment_ids=SEGMENTS, implementation="segment_cpu")
+        return (out**2).sum()
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    assert "dynrules_segment_attention" in hlo and "dynrules_segment_attention_grads" in hlo
+    assert "callback" not in hlo
+    forward_only = jax.jit(loss).lower(q, k, v).as_text()  # scoring: XLA's faster forward
+    assert "dynrules_segment_attention" not in forward_only
+
+
 def test_kernel_exp_is_within_two_ulps_and_zero_far_below():
     x = np.linspace(-100, 0, 200_001, dtype=np.float32)
     y = x.copy()
@@ -125,10 +160,13 @@ def test_segment_cpu_under_remat_and_in_bfloat16():
 
 @pytest.mark.slow
 def test_encoder_and_decoder_with_segment_cpu_give_xla_hidden_states():
-    """At real tokens (packed padding comes out 0 from the kernel's attention)."""
-    got, want = (hidden_states(attention, SEGMENTS != 0) for attention in ("segment_cpu", "xla"))
-    for got_states, want_states in zip(got, want, strict=True):
-        np.testing.assert_allclose(got_states, want_states, atol=1e-5)
+    """At real tokens (packed padding comes out 0 from the kernel's attention), in the forward of
+    a differentiated step (the kernel's) and in a forward on its own (XLA's)."""
+    want = hidden_states("xla", SEGMENTS != 0)
+    for differentiated in (True, False):
+        got = hidden_states("segment_cpu", SEGMENTS != 0, differentiated=differentiated)
+        for got_states, want_states in zip(got, want, strict=True):
+            np.testing.assert_allclose(got_states, want_states, atol=1e-5)
 
 
 _SHARDED = textwrap.dedent(
