@@ -28,6 +28,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import attention
+from .config import EXACT
 
 API_VERSION = (0, 3)  # the c_api.h the layout above was read from
 _EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE; the other stages have nothing to do
@@ -119,7 +120,7 @@ def _attention_args(frame):
     )
 
 
-@numba.cfunc(types.intp(types.voidptr), cache=True)
+@numba.cfunc(types.intp(types.voidptr), cache=EXACT["cache"])
 def forward(call_frame):
     """Args (q, k, v, segment_ids, causal) → rets (out, lse): kernels.attention.forward.
     float32, int32 segment ids and a 0-d int32 causal flag; returns 0, XLA's null error."""
@@ -133,7 +134,7 @@ def forward(call_frame):
     return 0
 
 
-@numba.cfunc(types.intp(types.voidptr), cache=True)
+@numba.cfunc(types.intp(types.voidptr), cache=EXACT["cache"])
 def backward(call_frame):
     """Args (q, k, v, segment_ids, causal, out, lse, dout) → rets (dq, dk, dv):
     kernels.attention.backward; as :func:`forward`."""
