@@ -143,11 +143,11 @@ def _softmax_rows(scores, length, causal, row_max, row_sum, bits):
 
 
 @numba.njit(**EXACT)
-def _forward_chunk(q, k, v, segment_ids, causal, out, lse, chunk, chunks):
-    """Work items chunk, chunk + chunks, … of :func:`forward`."""
+def _forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk):
+    """Work items chunk, chunk + chunks, … of :func:`forward` (``work``: :func:`_work`'s)."""
     time, dim = q.shape[1], q.shape[3]
     kv_heads = k.shape[2]
-    group, scale, longest, items, _ = _work(q, k, segment_ids, chunks)
+    group, scale, longest, items, chunks = work
     qs = np.empty((longest, dim), np.float32)
     ks = np.empty((longest, dim), np.float32)
     vs = np.empty((longest, dim), np.float32)
@@ -189,24 +189,24 @@ def forward(q, k, v, segment_ids, causal, chunks, out, lse):
     """Attention of each run of ``segment_ids`` [batch, time] over itself into ``out`` (q's
     shape) and the log-sum-exp of each query row's scaled scores into ``lse`` [batch, time,
     heads] (0 at padding)."""
-    chunks = _work(q, k, segment_ids, chunks)[4]
-    for chunk in numba.prange(chunks):
-        _forward_chunk(q, k, v, segment_ids, causal, out, lse, chunk, chunks)
+    work = _work(q, k, segment_ids, chunks)  # one scan for the longest run, shared by the chunks
+    for chunk in numba.prange(work[4]):
+        _forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk)
 
 
 @numba.njit(**EXACT)
 def forward_serial(q, k, v, segment_ids, causal, out, lse):
     """:func:`forward` on the calling thread alone, in one chunk: for kernels.xla_ffi, whose
     caller is one of XLA's threads."""
-    _forward_chunk(q, k, v, segment_ids, causal, out, lse, 0, 1)
+    _forward_chunk(q, k, v, segment_ids, causal, out, lse, _work(q, k, segment_ids, 1), 0)
 
 
 @numba.njit(**EXACT)
-def _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, chunk, chunks):
-    """Work items chunk, chunk + chunks, … of :func:`backward`."""
+def _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, chunk):
+    """Work items chunk, chunk + chunks, … of :func:`backward` (``work``: :func:`_work`'s)."""
     time, dim = q.shape[1], q.shape[3]
     kv_heads = k.shape[2]
-    group, scale, longest, items, _ = _work(q, k, segment_ids, chunks)
+    group, scale, longest, items, chunks = work
     qs = np.empty((longest, dim), np.float32)
     ks = np.empty((longest, dim), np.float32)
     vs = np.empty((longest, dim), np.float32)
@@ -282,15 +282,16 @@ def _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, ch
 def backward(q, k, v, segment_ids, causal, chunks, out, lse, dout, dq, dk, dv):
     """Gradients of ``forward``'s output: dq (q's shape), dk, dv (k's) from the cotangent
     ``dout``, the forward's ``out`` and ``lse``; 0 at padding."""
-    chunks = _work(q, k, segment_ids, chunks)[4]
-    for chunk in numba.prange(chunks):
-        _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, chunk, chunks)
+    work = _work(q, k, segment_ids, chunks)
+    for chunk in numba.prange(work[4]):
+        _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, chunk)
 
 
 @numba.njit(**EXACT)
 def backward_serial(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv):
     """:func:`backward` on the calling thread alone, as :func:`forward_serial`."""
-    _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, 0, 1)
+    work = _work(q, k, segment_ids, 1)
+    _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, 0)
 
 
 def attention(q, k, v, segment_ids, *, causal: bool):
