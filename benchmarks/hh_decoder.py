@@ -37,7 +37,7 @@ RESULTS = RESULTS_DIR / "hh_decoder.json"
 # (dynrules.pipeline.PipelineConfig: Adam moves a weight by about the rate a step).
 RECIPES = {
     "encoder": {"learning_rate": 1e-4, "head_learning_rate": 3e-3},
-    "decoder": {"learning_rate": 1e-5, "head_learning_rate": 3e-3},
+    "decoder": {"learning_rate": 2e-5, "head_learning_rate": 3e-3, "frozen_layers": 20},
 }
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from dynrules.errors import DynrulesError
 from dynrules.models.attention import attend
 from dynrules.models.choices import REMAT
+from dynrules.models.layers import check_frozen, scan_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +175,10 @@ class BertEncoder(nnx.Module):
         remat: bool | str = False,
         attention: str = "auto",
         constrain=None,
+        frozen: int = 0,
     ):
         self.config = config
+        self.frozen = check_frozen(frozen, config.num_hidden_layers)
         self.dtype = dtype
         self.attention = attention
         self.constrain = constrain
@@ -233,8 +236,7 @@ class BertEncoder(nnx.Module):
             step = jax.checkpoint(
                 step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             )
-        hidden, _ = jax.lax.scan(lambda h, p: (step(h, p), None), hidden, layer_params)
-        return hidden
+        return scan_layers(lambda h, p: (step(h, p), None), hidden, layer_params, self.frozen)
 
 
 def _layer_norm(x, scale, bias, eps):

@@ -145,6 +145,7 @@ class Classifier(nnx.Module):
         remat: str = "none",
         constrain=_unconstrained,
         attention: str = "auto",
+        frozen_layers: int = 0,
     ):
         self.pooling = spec.pooling
         backbone = spec.backbone
@@ -156,6 +157,7 @@ class Classifier(nnx.Module):
                 remat=remat,
                 attention=attention,
                 constrain=constrain,
+                frozen=frozen_layers,
             )
         else:
             self.decoder = LlamaDecoder(
@@ -166,6 +168,7 @@ class Classifier(nnx.Module):
                 remat=remat,
                 constrain=constrain,
                 attention=attention,
+                frozen=frozen_layers,
             )
         kernel = HEAD_STD * jax.random.normal(rngs.params(), (spec.hidden_size, spec.num_outputs))
         head_dtype = jnp.float32 if spec.kind == "encoder" else param_dtype
@@ -200,7 +203,7 @@ def abstract_model(spec: ModelSpec, **options):
     """(graphdef, abstract nnx.State) without allocating any weights.
 
     ``options`` are :class:`Classifier`'s keywords (dtype, param_dtype, remat, constrain,
-    attention).
+    attention, frozen_layers).
     """
     model = nnx.eval_shape(lambda: Classifier(spec, rngs=nnx.Rngs(0), **options))
     return nnx.split(model)

@@ -38,6 +38,7 @@ from flax import nnx
 
 from dynrules.errors import DynrulesError
 from dynrules.models.attention import attend
+from dynrules.models.layers import check_frozen, scan_layers
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "llama3", "linear")
@@ -351,6 +352,7 @@ class LlamaDecoder(nnx.Module):
         lm_head: bool = False,
         constrain: Callable[[jax.Array, tuple], jax.Array] = _no_constraint,
         attention: str = "auto",
+        frozen: int = 0,
     ):
         if remat not in REMAT_POLICIES:
             raise DynrulesError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
@@ -359,6 +361,7 @@ class LlamaDecoder(nnx.Module):
         self.remat = remat
         self.attention = attention
         self.constrain = constrain
+        self.frozen = check_frozen(frozen, config.num_hidden_layers)
         for name, shape in param_shapes(config, lm_head=lm_head).items():
             if name != "layers":
                 value = _initial_value(name, shape, rngs.params(), param_dtype)
@@ -398,7 +401,7 @@ class LlamaDecoder(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
             step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-        hidden, _ = jax.lax.scan(step, hidden, layer_params)
+        hidden = scan_layers(step, hidden, layer_params, self.frozen)
         return _rms_norm(hidden, self.final_norm[...], config.rms_norm_eps)
 
     def after_prefixes(

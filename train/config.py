@@ -48,6 +48,12 @@ class TrainConfig:
     )
     learning_rate: float = option(2e-5, "Peak rate of the backbone.")
     head_learning_rate: float = option(0.0, "Peak rate of the reward head; 0 = learning_rate.")
+    frozen_layers: Annotated[int, Field(ge=0)] = option(
+        0,
+        "Train only the layers above the first frozen_layers (and the head): the embeddings "
+        "and the bottom layers stay pretrained and get no backward pass, so a step costs "
+        "less; 0 = train all.",
+    )
     warmup_ratio: float = option(
         0.05, "Fraction of steps with linear warmup, then cosine decay to 0."
     )
@@ -224,6 +230,7 @@ GROUPS = {
         "grad_accum",
         "learning_rate",
         "head_learning_rate",
+        "frozen_layers",
         "warmup_ratio",
         "weight_decay",
         "clip_norm",

@@ -173,12 +173,19 @@ def make_schedule(*, learning_rate: float, steps: int, warmup_ratio: float) -> o
 
 
 def make_optimizer(
-    schedule: optax.Schedule, *, weight_decay: float, clip_norm: float, head_scale: float = 1.0
+    schedule: optax.Schedule,
+    *,
+    weight_decay: float,
+    clip_norm: float,
+    head_scale: float = 1.0,
+    frozen_layers: int = 0,
 ) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (no decay on biases and LayerNorm parameters), with
     the head's updates ``head_scale`` times the backbone's: Adam moves each weight by about the
     learning rate a step, far too little for a fresh head at a rate that suits a pretrained
-    backbone. (At 1 the chain is the plain one, so runs saved before it existed resume.)"""
+    backbone. ``frozen_layers`` > 0 zeroes the updates of the embeddings and the first
+    ``frozen_layers`` layers, weight decay included (models.layers: they get no gradient).
+    (At 1 and 0 the chain is the plain one, so runs saved before these existed resume.)"""
     chain = [
         optax.clip_by_global_norm(clip_norm),
         optax.adamw(
@@ -189,6 +196,8 @@ def make_optimizer(
     ]
     if head_scale != 1.0:
         chain.append(optax.stateless(lambda updates, _: _scale_head(updates, head_scale)))
+    if frozen_layers:
+        chain.append(optax.stateless(lambda updates, _: _freeze(updates, frozen_layers)))
     return optax.chain(*chain)
 
 
@@ -197,3 +206,27 @@ def _scale_head(updates: dict, scale: float) -> dict:
         k: jax.tree.map(lambda u: u * scale, v) if k.startswith("head_") else v
         for k, v in updates.items()
     }
+
+
+# Backbone parameters after the last layer (the decoder's final norm): never frozen.
+_AFTER_LAYERS = frozenset({"final_norm"})
+
+
+def _freeze(updates: dict, frozen: int) -> dict:
+    def backbone(params: dict) -> dict:
+        layers = jax.tree.leaves(params["layers"])[0].shape[0]
+        trained = (jnp.arange(layers) >= frozen).astype(jnp.float32)
+
+        def by_layer(u):
+            return u * trained.reshape((layers,) + (1,) * (u.ndim - 1)).astype(u.dtype)
+
+        def update(key, value):
+            if key == "layers":
+                return jax.tree.map(by_layer, value)
+            if key in _AFTER_LAYERS:
+                return value
+            return jax.tree.map(jnp.zeros_like, value)  # the embeddings, below every layer
+
+        return {key: update(key, value) for key, value in params.items()}
+
+    return {k: v if k.startswith("head_") else backbone(v) for k, v in updates.items()}

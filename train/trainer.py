@@ -366,6 +366,7 @@ class Trainable:
             remat=config.remat,
             constrain=shd.ActivationSharding(mesh),
             attention=config.attention,
+            frozen_layers=config.frozen_layers,
         )
         abstract_params = shd.abstract_params(abstract, mesh)
         param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
@@ -379,6 +380,7 @@ class Trainable:
             head_scale=config.head_learning_rate / config.learning_rate
             if config.head_learning_rate
             else 1.0,
+            frozen_layers=config.frozen_layers,
         )
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         replicated = shd.replicated(mesh)
