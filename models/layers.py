@@ -16,8 +16,9 @@ from dynrules.errors import DynrulesError
 
 
 def check_frozen(frozen: int, layers: int) -> int:
-    """``frozen`` if it leaves a layer of ``layers`` to train (a backbone's constructor asks)."""
-    if not 0 <= frozen < layers:
+    """``frozen`` if it leaves a layer of ``layers`` to train (a backbone's constructor asks);
+    0 always passes (dynrules plan probes models of no layers)."""
+    if frozen < 0 or (frozen and frozen >= layers):
         raise DynrulesError(
             f"frozen_layers must be at least 0 and leave at least one of the model's {layers} "
             f"layers to train, got {frozen}"
