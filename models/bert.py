@@ -156,7 +156,8 @@ class BertEncoder(nnx.Module):
 
     ``attention`` names the implementation (models.choices.ATTENTION, see models.attention).
     ``constrain`` is the activation sharding (train.sharding.ActivationSharding): the encoder
-    uses its mesh only to run the attention kernels shard by shard.
+    uses its mesh only to run the attention kernels shard by shard. The first ``frozen`` layers
+    run without a backward pass (models.layers).
     """
 
     if TYPE_CHECKING:  # set in __init__, one per entry of param_shapes (the layers aside)

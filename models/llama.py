@@ -334,7 +334,8 @@ class LlamaDecoder(nnx.Module):
     a reward model does not need it. ``constrain(x, logical_axes)`` may pin activation
     shardings (train.sharding supplies one); the default leaves them to the compiler.
     ``attention`` names the implementation (models.choices.ATTENTION, see models.attention);
-    a ``constrain`` with a ``mesh`` also runs the attention kernels shard by shard.
+    a ``constrain`` with a ``mesh`` also runs the attention kernels shard by shard. The first
+    ``frozen`` layers run without a backward pass (models.layers).
     """
 
     if TYPE_CHECKING:  # set in __init__, one per entry of param_shapes (the layers aside)
