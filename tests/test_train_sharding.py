@@ -119,6 +119,10 @@ def test_eight_device_mesh_matches_single_device_and_restores_across_meshes(
     assert report["decoder_loss_difference"] < 1e-5, report
     # Two micro-batches of 8 pairs accumulated = one batch of 16.
     assert report["grad_accum_difference"] < 2e-5, report
+    # frozen_layers=1 on fsdp × tensor: the single-device step, the bottom layer as pretrained.
+    assert report["decoder_frozen_step_difference"] < 2e-5, report
+    assert report["decoder_frozen_bottom_change"] == 0.0, report
+    assert report["decoder_frozen_top_change"] > 1e-4, report
     assert report["decoder_restore_difference"] == 0.0 and report["decoder_restore_devices"] == 1
 
 
@@ -150,8 +154,8 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
     ]
     tokens = TokenizedExamples.build(pair_examples(pairs, model.render), model.tokenizer, 48, 2)
 
-    def run(mesh_spec, devices, grad_accum=1):
-        cfg = config.replace(grad_accum=grad_accum)
+    def run(mesh_spec, devices, grad_accum=1, frozen_layers=0):
+        cfg = config.replace(grad_accum=grad_accum, frozen_layers=frozen_layers)
         batches = ExampleBatches(
             tokens,
             seed=0,
@@ -182,6 +186,11 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
     _, sharded, sharded_losses = run("fsdp=4,tensor=2", jax.devices())
     single_trainable, single, single_losses = run("", jax.devices()[:1])
     _, accumulated, _ = run("", jax.devices()[:1], grad_accum=2)
+    # Partial fine-tuning sharded: the same step as on one device, the bottom layer untouched.
+    _, frozen_sharded, _ = run("fsdp=4,tensor=2", jax.devices(), frozen_layers=1)
+    _, frozen_single, _ = run("", jax.devices()[:1], frozen_layers=1)
+    trained = shd.gather(frozen_sharded["params"])["decoder"]["layers"]
+    pretrained = model.params["decoder"]["layers"]
     layers = sharded["params"]["decoder"]["layers"]
     checkpoints = Checkpointer(out / "decoder-ckpt", every=1, keep=1)
     checkpoints.save(2, sharded, {"step": 2})
@@ -196,6 +205,15 @@ def _decoder_checks(out: Path, decoder_dir: str) -> dict:
             abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)
         ),
         "grad_accum_difference": difference(accumulated, single),
+        "decoder_frozen_step_difference": difference(frozen_sharded, frozen_single),
+        "decoder_frozen_bottom_change": max(
+            float(np.abs(trained[name][0] - np.asarray(pretrained[name][...])[0]).max())
+            for name in trained
+        ),
+        "decoder_frozen_top_change": max(
+            float(np.abs(trained[name][1] - np.asarray(pretrained[name][...])[1]).max())
+            for name in trained
+        ),
         "decoder_restore_difference": difference(restored, sharded),
         "decoder_restore_devices": len(restored["params"]["head_kernel"].sharding.device_set),
         "decoder_packed_grad_difference": _packed_grad_difference(
