@@ -213,20 +213,25 @@ _AFTER_LAYERS = frozenset({"final_norm"})
 
 
 def _freeze(updates: dict, frozen: int) -> dict:
-    def backbone(params: dict) -> dict:
-        layers = jax.tree.leaves(params["layers"])[0].shape[0]
-        trained = (jnp.arange(layers) >= frozen).astype(jnp.float32)
+    return {
+        k: v if k.startswith("head_") else _freeze_backbone(v, frozen) for k, v in updates.items()
+    }
 
-        def by_layer(u):
-            return u * trained.reshape((layers,) + (1,) * (u.ndim - 1)).astype(u.dtype)
 
-        def update(key, value):
-            if key == "layers":
-                return jax.tree.map(by_layer, value)
-            if key in _AFTER_LAYERS:
-                return value
-            return jax.tree.map(jnp.zeros_like, value)  # the embeddings, below every layer
+def _freeze_backbone(updates: dict, frozen: int) -> dict:
+    """The backbone's updates with the embeddings' and the first ``frozen`` layers' zeroed."""
+    layers = jax.tree.leaves(updates["layers"])[0].shape[0]
+    trained = (jnp.arange(layers) >= frozen).astype(jnp.float32)
 
-        return {key: update(key, value) for key, value in params.items()}
+    def by_layer(u):
+        return u * trained.reshape((layers,) + (1,) * (u.ndim - 1)).astype(u.dtype)
 
-    return {k: v if k.startswith("head_") else backbone(v) for k, v in updates.items()}
+    frozen_updates = {}
+    for key, value in updates.items():
+        if key == "layers":
+            frozen_updates[key] = jax.tree.map(by_layer, value)
+        elif key in _AFTER_LAYERS:
+            frozen_updates[key] = value
+        else:  # the embeddings, below every layer
+            frozen_updates[key] = jax.tree.map(jnp.zeros_like, value)
+    return frozen_updates
