@@ -404,7 +404,6 @@ def plan_training(
         packed=False,  # the plan's rows are full-length, one text each
         dtype=COMPUTE_DTYPES[dtype],
         platform=target.devices[0].platform,
-        time=seq,
     )
     if seq > config.max_position_embeddings:
         raise DynrulesError(
@@ -628,7 +627,6 @@ def plan_judge(
         packed=False,  # a conversation a row of prefix_ids
         dtype=COMPUTE_DTYPES[dtype],
         platform=target.devices[0].platform,
-        time=seq,
     )
     if seq > config.max_position_embeddings:
         raise DynrulesError(

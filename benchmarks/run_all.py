@@ -19,7 +19,7 @@ BENCHMARKS = {
     "judge": ["judge"],
     "train": ["train"],
     "score": ["score"],
-    "train_decoder": ["train", "--backbone", "decoder", "--pairs-per-step", "4", "--steps", "4"],
+    "train_decoder": ["train", "--backbone", "decoder"],
     "score_decoder": ["score", "--backbone", "decoder", "--pairs", "64", "--batch-size", "16"],
     "serve": ["serve"],
     "multihost": ["multihost"],

@@ -29,6 +29,7 @@ dk = dsᵀ·q·scale.
 import numba
 import numpy as np
 
+from .blas_threads import set_local_threads
 from .config import EXACT, PARALLEL_EXACT
 
 CHUNKS_PER_THREAD = 4  # work chunks (each with its own scratch) per thread: load balance
@@ -156,6 +157,7 @@ def _forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk):
     row_max = np.empty(longest, np.float32)
     row_sum = np.empty(longest, np.float32)
     bits = np.empty(longest, np.int32)
+    threads = set_local_threads(1)  # its products run on this thread (blas_threads)
     for item in range(chunk, items, chunks):
         b = item // kv_heads
         g = item % kv_heads
@@ -182,6 +184,7 @@ def _forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk):
                     for d in range(dim):
                         out[b, start + i, h, d] = o[i, d] * norm
             start = end
+    set_local_threads(threads)
 
 
 @numba.njit(**PARALLEL_EXACT)
@@ -218,6 +221,7 @@ def _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, wo
     flat_dp = np.empty(longest * longest, np.float32)
     delta = np.empty(longest, np.float32)
     bits = np.empty(longest, np.int32)
+    threads = set_local_threads(1)
     for item in range(chunk, items, chunks):
         b = item // kv_heads
         g = item % kv_heads
@@ -276,6 +280,7 @@ def _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, wo
                     dk[b, start + i, g, d] = dks[i, d]
                     dv[b, start + i, g, d] = dvs[i, d]
             start = end
+    set_local_threads(threads)
 
 
 @numba.njit(**PARALLEL_EXACT)

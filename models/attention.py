@@ -19,9 +19,8 @@ neither, causal or not. The implementations (models.choices.ATTENTION):
   ``jax.custom_vjp`` whose forward is the kernel's only when differentiated: a forward pass on
   its own (scoring) is XLA's with the same mask, the faster one there (docs/performance.md).
 - ``auto``: ``splash`` on TPU; on a GPU under 16-bit compute ``pallas_gpu`` for packed rows and
-  ``cudnn`` for unpacked ones; ``segment_cpu`` on a CPU for rows of CPU_KERNEL_MIN_TIME tokens
-  or more; ``xla`` otherwise (shorter rows on a CPU, float32 compute on a GPU, which neither
-  fused kernel runs exactly). The platform is the devices' of the
+  ``cudnn`` for unpacked ones; ``segment_cpu`` on a CPU; ``xla`` otherwise (float32 compute on
+  a GPU, which neither fused kernel runs exactly). The platform is the devices' of the
   ``sharding`` mesh when there is one (so an ahead-of-time compile for a TPU slice picks splash
   on a CPU host), else ``jax.default_backend()``, decided when the step is traced.
 
@@ -44,10 +43,6 @@ from dynrules.errors import DynrulesError
 from dynrules.models.choices import ATTENTION
 
 KERNEL_TILE = 128  # both kernels take sequences in multiples of this (splash: the TPU lane width)
-# Rows at least this long take segment_cpu under auto on a CPU; shorter ones XLA's attention,
-# whose [time, time] scores are still cheap there (the MiniLM training step on the 2-core VM:
-# 1.12 against 1.40 s at max_length 192, 1.83 against 1.76 s at 384; docs/performance.md).
-CPU_KERNEL_MIN_TIME = 384
 _PADDING_SEGMENT = -1  # added positions: a segment of their own, seen by no real token
 
 
@@ -78,13 +73,12 @@ def attend(
         )
     if mask is not None:
         return _xla(q, k, v, causal=False, segment_ids=None, lengths=None, mask=mask)
-    platform = _platform(sharding)
+    platform = compile_platform(sharding)
     chosen = resolve(
         implementation,
         packed=segment_ids is not None,
         dtype=q.dtype,
         platform=platform,
-        time=q.shape[1],
     )
     if chosen == "xla":
         return _xla(q, k, v, causal=causal, segment_ids=segment_ids, lengths=lengths, mask=None)
@@ -113,24 +107,21 @@ def attend(
     )
 
 
-def resolve(
-    implementation: str, *, packed: bool, dtype, platform: str, time: int | None = None
-) -> str:
+def resolve(implementation: str, *, packed: bool, dtype, platform: str) -> str:
     """The implementation ``auto`` stands for on ``platform`` (cpu, gpu, tpu; module doc) for
-    packed rows or not of ``time`` tokens (None: as long as a plan's) under compute ``dtype``;
-    the others stand for themselves."""
+    packed rows or not under compute ``dtype``; the others stand for themselves."""
     if implementation != "auto":
         return implementation
     if platform == "tpu":
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "pallas_gpu" if packed else "cudnn"
-    if platform == "cpu" and (time is None or time >= CPU_KERNEL_MIN_TIME):
+    if platform == "cpu":
         return "segment_cpu"
     return "xla"
 
 
-def _platform(sharding) -> str:
+def compile_platform(sharding) -> str:
     """The platform the step is compiled for: its mesh's devices', else the default backend."""
     mesh = getattr(sharding, "mesh", None)
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()

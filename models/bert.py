@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynrules.errors import DynrulesError
-from dynrules.models.attention import attend
+from dynrules.models.attention import attend, compile_platform
 from dynrules.models.choices import REMAT
 from dynrules.models.layers import check_frozen, scan_layers
 
@@ -237,7 +237,13 @@ class BertEncoder(nnx.Module):
             step = jax.checkpoint(
                 step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             )
-        return scan_layers(lambda h, p: (step(h, p), None), hidden, layer_params, self.frozen)
+        return scan_layers(
+            lambda h, p: (step(h, p), None),
+            hidden,
+            layer_params,
+            self.frozen,
+            unroll=compile_platform(self.constrain) == "cpu",
+        )
 
 
 def _layer_norm(x, scale, bias, eps):

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from dynrules.errors import DynrulesError
-from dynrules.models.attention import attend
+from dynrules.models.attention import attend, compile_platform
 from dynrules.models.layers import check_frozen, scan_layers
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -402,7 +402,13 @@ class LlamaDecoder(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
             step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-        hidden = scan_layers(step, hidden, layer_params, self.frozen)
+        hidden = scan_layers(
+            step,
+            hidden,
+            layer_params,
+            self.frozen,
+            unroll=compile_platform(self.constrain) == "cpu",
+        )
         return _rms_norm(hidden, self.final_norm[...], config.rms_norm_eps)
 
     def after_prefixes(

@@ -6,16 +6,20 @@ on it. The kernel gives padding (segment 0) output 0, so values are compared at 
 
 from __future__ import annotations
 
+import ctypes
 import textwrap
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynrules.kernels import attention as K
+from dynrules.kernels import blas_threads
+from dynrules.kernels.blas_threads import set_local_threads
 from dynrules.models import attention as att
 
 from . import naive_attention
@@ -103,6 +107,33 @@ def test_segment_cpu_is_an_ffi_custom_call_inside_the_compiled_step():
     assert "callback" not in hlo
     forward_only = jax.jit(loss).lower(q, k, v).as_text()  # scoring: XLA's faster forward
     assert "dynrules_segment_attention" not in forward_only
+
+
+@numba.njit
+def _threads_after_kernels(q, k, v, segment_ids, threads):
+    """The calling thread's BLAS count seen after both serial kernels ran with it set."""
+    set_local_threads(threads)
+    out = np.empty_like(q)
+    lse = np.empty(q.shape[:3], np.float32)
+    K.forward_serial(q, k, v, segment_ids, False, out, lse)
+    grads = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    K.backward_serial(q, k, v, segment_ids, False, out, lse, out, *grads)
+    return set_local_threads(0)  # returns the count it replaces
+
+
+def test_kernels_run_their_products_on_one_blas_thread_and_restore_the_callers_count():
+    """The kernels set the calling thread's OpenBLAS count to 1 for their products (inside a
+    step XLA's threads would otherwise contend with OpenBLAS's) and hand it back unchanged."""
+    library = blas_threads.blas_library()
+    assert library is not None
+    has_setter = hasattr(ctypes.CDLL(library), blas_threads.OPENBLAS_SETTER)
+    assert blas_threads.controls_threads() == has_setter
+    if not has_setter:
+        pytest.skip(f"{library}: no {blas_threads.OPENBLAS_SETTER} (not OpenBLAS >= 0.3.27)")
+    q, k, v = (np.asarray(x) for x in _inputs(2))
+    segments = np.asarray(SEGMENTS, np.int32)
+    assert _threads_after_kernels(q, k, v, segments, 3) == 3
+    assert _threads_after_kernels(q, k, v, segments, 2) == 2
 
 
 def test_kernel_exp_is_within_two_ulps_and_zero_far_below():

@@ -109,3 +109,35 @@ def test_scan_layers_without_freezing_is_one_scan():
     assert float(scan_layers(step, jnp.float32(1.0), layer_params, frozen=3)) == 24.0
     with pytest.raises(DynrulesError, match="frozen_layers"):
         llama.LlamaDecoder(fx.tiny_config(), rngs=nnx.Rngs(0), frozen=-1)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_on_a_cpu_the_trained_layers_are_unrolled_and_compute_what_the_loop_does(kind):
+    """On a CPU the models write their trained layers out (no loop stacking activations); the
+    frozen ones stay a loop. Unrolled and looped give the same values and gradients."""
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, 60, (2, 12)), jnp.int32)
+    lengths = jnp.array([12, 9], jnp.int32)
+
+    def loss_of(frozen):
+        graphdef, state = nnx.split(_backbone(kind, frozen))
+        return state, lambda p: jnp.sum(jnp.tanh(nnx.merge(graphdef, p)(ids, lengths)))
+
+    state, loss = loss_of(0)
+    assert "stablehlo.while" not in jax.jit(loss).lower(state).as_text()
+    frozen_state, frozen_loss = loss_of(1)
+    assert jax.jit(frozen_loss).lower(frozen_state).as_text().count("stablehlo.while") == 1
+
+    def step(hidden, params):
+        return jnp.tanh(hidden @ params["w"]), None
+
+    layer_params = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(3, 4, 4)), jnp.float32)}
+    hidden = jnp.ones((2, 4), jnp.float32)
+    for frozen in (0, 1):
+        results = [
+            jax.value_and_grad(
+                lambda p, u=unroll: scan_layers(step, hidden, p, frozen, unroll=u).sum()
+            )(layer_params)
+            for unroll in (False, True)
+        ]
+        np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+        np.testing.assert_allclose(results[0][1]["w"], results[1][1]["w"], rtol=1e-6, atol=1e-7)

@@ -90,8 +90,7 @@ class TrainConfig:
     attention: Attention = option(
         "auto",
         "Attention implementation (models.attention): auto = splash on TPU, Pallas or cuDNN on "
-        "a GPU under bf16, segment_cpu (a Numba kernel) on a CPU for rows of 384 tokens or more, "
-        "xla otherwise.",
+        "a GPU under bf16, segment_cpu (a Numba kernel) on a CPU, xla otherwise.",
     )
     backbone: Backbone = option("encoder", "encoder (BERT) | decoder (Llama family).")
     model: str = option(
