@@ -27,7 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
-	$(PY) -m dynrules.benchmarks.run_all
+	$(PY) -P -m dynrules.benchmarks.run_all
 
 # Real components outside `make test`: the judge client against llama.cpp's server (the first
 # install builds llama.cpp from source, ~7 min on 2 cores; pip keeps the wheel in its cache, and

@@ -30,7 +30,9 @@ def main(names: list[str]) -> int:
     RESULTS.mkdir(exist_ok=True)
     failed = []
     for name in names or list(BENCHMARKS):
-        command = [sys.executable, "-m", "dynrules", "bench", *BENCHMARKS[name], "--json"]
+        # -P: the working directory (the repository root, which holds a `kernels` package of its
+        # own) stays off sys.path, so transformers finds the `kernels` library or none.
+        command = [sys.executable, "-P", "-m", "dynrules", "bench", *BENCHMARKS[name], "--json"]
         print(f"$ dynrules bench {' '.join(BENCHMARKS[name])} --json", flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

@@ -15,9 +15,8 @@ neither, causal or not. The implementations (models.choices.ATTENTION):
   lengths but no segment ids, so packed rows go to ``pallas_gpu`` instead.
 - ``segment_cpu``: kernels.attention, a Numba kernel that computes each segment's own diagonal
   block of the scores only, with BLAS matmuls per segment and head, in float32 (CPU). XLA calls
-  it as an FFI custom call inside the compiled step (kernels.xla_ffi), under a
-  ``jax.custom_vjp`` whose forward is the kernel's only when differentiated: a forward pass on
-  its own (scoring) is XLA's with the same mask, the faster one there (docs/performance.md).
+  it as an FFI custom call inside the compiled step (kernels.xla_ffi), forward and backward
+  (a ``jax.custom_vjp``).
 - ``auto``: ``splash`` on TPU; on a GPU under 16-bit compute ``pallas_gpu`` for packed rows and
   ``cudnn`` for unpacked ones; ``segment_cpu`` on a CPU; ``xla`` otherwise (float32 compute on
   a GPU, which neither fused kernel runs exactly). The platform is the devices' of the
@@ -73,7 +72,7 @@ def attend(
         )
     if mask is not None:
         return _xla(q, k, v, causal=False, segment_ids=None, lengths=None, mask=mask)
-    platform = compile_platform(sharding)
+    platform = _platform(sharding)
     chosen = resolve(
         implementation,
         packed=segment_ids is not None,
@@ -121,7 +120,7 @@ def resolve(implementation: str, *, packed: bool, dtype, platform: str) -> str:
     return "xla"
 
 
-def compile_platform(sharding) -> str:
+def _platform(sharding) -> str:
     """The platform the step is compiled for: its mesh's devices', else the default backend."""
     mesh = getattr(sharding, "mesh", None)
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
@@ -262,10 +261,8 @@ def _segment_cpu(q, k, v, segments, *, causal: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _segment_attention(causal: bool, q, k, v, segments):
-    """Not differentiated (scoring, serving): XLA's attention, which is the faster forward on a
-    CPU inside a model (measured: docs/performance.md); differentiated, the kernel's forward
-    (it keeps the log-sum-exp its backward reads) and backward."""
-    return _xla(q, k, v, causal=causal, segment_ids=segments, lengths=None, mask=None)
+    """The kernel's forward; differentiated, it also keeps the log-sum-exp its backward reads."""
+    return _segment_forward(causal, q, k, v, segments)[0]
 
 
 @functools.cache

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynrules.errors import DynrulesError
-from dynrules.models.attention import attend, compile_platform
+from dynrules.models.attention import attend
 from dynrules.models.choices import REMAT
 from dynrules.models.layers import check_frozen, scan_layers
 
@@ -157,7 +157,8 @@ class BertEncoder(nnx.Module):
     ``attention`` names the implementation (models.choices.ATTENTION, see models.attention).
     ``constrain`` is the activation sharding (train.sharding.ActivationSharding): the encoder
     uses its mesh only to run the attention kernels shard by shard. The first ``frozen`` layers
-    run without a backward pass (models.layers).
+    run without a backward pass; ``unroll`` writes the others out instead of looping over them
+    (models.layers; the trainer's choice on a CPU).
     """
 
     if TYPE_CHECKING:  # set in __init__, one per entry of param_shapes (the layers aside)
@@ -177,9 +178,11 @@ class BertEncoder(nnx.Module):
         attention: str = "auto",
         constrain=None,
         frozen: int = 0,
+        unroll: bool = False,
     ):
         self.config = config
         self.frozen = check_frozen(frozen, config.num_hidden_layers)
+        self.unroll = unroll
         self.dtype = dtype
         self.attention = attention
         self.constrain = constrain
@@ -242,7 +245,7 @@ class BertEncoder(nnx.Module):
             hidden,
             layer_params,
             self.frozen,
-            unroll=compile_platform(self.constrain) == "cpu",
+            unroll=self.unroll,
         )
 
 

@@ -146,6 +146,7 @@ class Classifier(nnx.Module):
         constrain=_unconstrained,
         attention: str = "auto",
         frozen_layers: int = 0,
+        unroll_layers: bool = False,
     ):
         self.pooling = spec.pooling
         backbone = spec.backbone
@@ -158,6 +159,7 @@ class Classifier(nnx.Module):
                 attention=attention,
                 constrain=constrain,
                 frozen=frozen_layers,
+                unroll=unroll_layers,
             )
         else:
             self.decoder = LlamaDecoder(
@@ -169,6 +171,7 @@ class Classifier(nnx.Module):
                 constrain=constrain,
                 attention=attention,
                 frozen=frozen_layers,
+                unroll=unroll_layers,
             )
         kernel = HEAD_STD * jax.random.normal(rngs.params(), (spec.hidden_size, spec.num_outputs))
         head_dtype = jnp.float32 if spec.kind == "encoder" else param_dtype
@@ -203,7 +206,7 @@ def abstract_model(spec: ModelSpec, **options):
     """(graphdef, abstract nnx.State) without allocating any weights.
 
     ``options`` are :class:`Classifier`'s keywords (dtype, param_dtype, remat, constrain,
-    attention, frozen_layers).
+    attention, frozen_layers, unroll_layers).
     """
     model = nnx.eval_shape(lambda: Classifier(spec, rngs=nnx.Rngs(0), **options))
     return nnx.split(model)

@@ -29,11 +29,11 @@ def check_frozen(frozen: int, layers: int) -> int:
 def scan_layers(step: Callable, hidden, layer_params: dict, frozen: int = 0, *, unroll=False):
     """``hidden`` through every stacked layer: ``step(hidden, params) → (hidden, _)``.
 
-    ``unroll`` writes the trained layers out as straight-line code instead of a loop. The
-    models ask for it on a CPU, where a loop stacks every layer's saved activations into
-    buffers it zeroes and updates a layer at a time: unrolled, the training step is 1.1–1.2 ×
-    faster there (docs/performance.md). Elsewhere the loop compiles much faster (a TPU plan of
-    32 layers)."""
+    ``unroll`` writes the trained layers out as straight-line code instead of a loop: the trainer
+    asks for it on a CPU, where a differentiated loop stacks every layer's saved activations
+    into buffers it zeroes and updates a layer at a time (the training step is 1.1–1.2 × faster
+    unrolled, docs/performance.md). A forward alone stacks nothing, and elsewhere the loop
+    compiles much faster (a TPU plan of 32 layers)."""
     if frozen:
         bottom = jax.tree.map(lambda p: p[:frozen], layer_params)
         hidden, _ = jax.lax.scan(step, hidden, bottom)

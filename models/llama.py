@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from dynrules.errors import DynrulesError
-from dynrules.models.attention import attend, compile_platform
+from dynrules.models.attention import attend
 from dynrules.models.layers import check_frozen, scan_layers
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -335,7 +335,8 @@ class LlamaDecoder(nnx.Module):
     shardings (train.sharding supplies one); the default leaves them to the compiler.
     ``attention`` names the implementation (models.choices.ATTENTION, see models.attention);
     a ``constrain`` with a ``mesh`` also runs the attention kernels shard by shard. The first
-    ``frozen`` layers run without a backward pass (models.layers).
+    ``frozen`` layers run without a backward pass; ``unroll`` writes the others out instead of
+    looping over them (models.layers; the trainer's choice on a CPU).
     """
 
     if TYPE_CHECKING:  # set in __init__, one per entry of param_shapes (the layers aside)
@@ -354,6 +355,7 @@ class LlamaDecoder(nnx.Module):
         constrain: Callable[[jax.Array, tuple], jax.Array] = _no_constraint,
         attention: str = "auto",
         frozen: int = 0,
+        unroll: bool = False,
     ):
         if remat not in REMAT_POLICIES:
             raise DynrulesError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
@@ -363,6 +365,7 @@ class LlamaDecoder(nnx.Module):
         self.attention = attention
         self.constrain = constrain
         self.frozen = check_frozen(frozen, config.num_hidden_layers)
+        self.unroll = unroll
         for name, shape in param_shapes(config, lm_head=lm_head).items():
             if name != "layers":
                 value = _initial_value(name, shape, rngs.params(), param_dtype)
@@ -407,7 +410,7 @@ class LlamaDecoder(nnx.Module):
             hidden,
             layer_params,
             self.frozen,
-            unroll=compile_platform(self.constrain) == "cpu",
+            unroll=self.unroll,
         )
         return _rms_norm(hidden, self.final_norm[...], config.rms_norm_eps)
 

@@ -15,7 +15,11 @@ from flax import nnx
 from dynrules.cli import main
 from dynrules.errors import DynrulesError
 from dynrules.models import bert, llama
+from dynrules.models import classifier as mdl
 from dynrules.models.layers import scan_layers
+from dynrules.train import sharding as shd
+from dynrules.train.config import TrainConfig
+from dynrules.train.trainer import Trainable
 
 from . import decoder_fixtures as fx
 
@@ -29,10 +33,11 @@ TINY_BERT = bert.BertConfig(
 )
 
 
-def _backbone(kind: str, frozen: int):
+def _backbone(kind: str, frozen: int, unroll: bool = False):
+    options = {"rngs": nnx.Rngs(0), "frozen": frozen, "unroll": unroll}
     if kind == "encoder":
-        return bert.BertEncoder(TINY_BERT, rngs=nnx.Rngs(0), frozen=frozen)
-    return llama.LlamaDecoder(fx.tiny_config(num_hidden_layers=4), rngs=nnx.Rngs(0), frozen=frozen)
+        return bert.BertEncoder(TINY_BERT, **options)
+    return llama.LlamaDecoder(fx.tiny_config(num_hidden_layers=4), **options)
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
@@ -112,32 +117,37 @@ def test_scan_layers_without_freezing_is_one_scan():
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_on_a_cpu_the_trained_layers_are_unrolled_and_compute_what_the_loop_does(kind):
-    """On a CPU the models write their trained layers out (no loop stacking activations); the
-    frozen ones stay a loop. Unrolled and looped give the same values and gradients."""
+def test_unrolled_layers_are_straight_line_code_that_computes_what_the_loop_does(kind):
+    """``unroll`` writes the trained layers out (no loop stacking their activations); frozen
+    ones stay a loop. Unrolled and looped give the same values and gradients."""
     ids = jnp.asarray(np.random.default_rng(1).integers(1, 60, (2, 12)), jnp.int32)
     lengths = jnp.array([12, 9], jnp.int32)
 
-    def loss_of(frozen):
-        graphdef, state = nnx.split(_backbone(kind, frozen))
-        return state, lambda p: jnp.sum(jnp.tanh(nnx.merge(graphdef, p)(ids, lengths)))
+    def run(frozen, unroll):
+        graphdef, state = nnx.split(_backbone(kind, frozen, unroll=unroll))
 
-    state, loss = loss_of(0)
-    assert "stablehlo.while" not in jax.jit(loss).lower(state).as_text()
-    frozen_state, frozen_loss = loss_of(1)
-    assert jax.jit(frozen_loss).lower(frozen_state).as_text().count("stablehlo.while") == 1
+        def loss(params):
+            return jnp.sum(jnp.tanh(nnx.merge(graphdef, params)(ids, lengths)))
 
-    def step(hidden, params):
-        return jnp.tanh(hidden @ params["w"]), None
+        whiles = jax.jit(jax.grad(loss)).lower(state).as_text().count("stablehlo.while")
+        value, grads = jax.value_and_grad(loss)(state)
+        return whiles, float(value), nnx.to_pure_dict(grads)["layers"]
 
-    layer_params = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(3, 4, 4)), jnp.float32)}
-    hidden = jnp.ones((2, 4), jnp.float32)
     for frozen in (0, 1):
-        results = [
-            jax.value_and_grad(
-                lambda p, u=unroll: scan_layers(step, hidden, p, frozen, unroll=u).sum()
-            )(layer_params)
-            for unroll in (False, True)
-        ]
-        np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
-        np.testing.assert_allclose(results[0][1]["w"], results[1][1]["w"], rtol=1e-6, atol=1e-7)
+        (loop_whiles, loop_value, loop_grads), (whiles, value, grads) = (
+            run(frozen, unroll) for unroll in (False, True)
+        )
+        assert loop_whiles >= 1 and whiles == (1 if frozen else 0)  # the frozen loop has no grad
+        np.testing.assert_allclose(value, loop_value, rtol=1e-6)
+        for name, grad in grads.items():
+            np.testing.assert_allclose(grad, loop_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_trainer_unrolls_on_a_cpu_only():
+    spec = mdl.ModelSpec(TINY_BERT, max_length=32)
+    config = TrainConfig(steps=2, batch_size=2, max_length=32)
+    trainable = Trainable.build(spec, config, shd.make_mesh("", jax.devices()[:1]))
+    model = nnx.merge(trainable.graphdef, trainable.abstract_state["params"])
+    assert model.encoder.unroll  # this machine's devices are CPUs
+    scorer_model = nnx.merge(*mdl.abstract_model(spec))
+    assert not scorer_model.encoder.unroll  # a forward alone stacks nothing: the loop

@@ -367,6 +367,9 @@ class Trainable:
             constrain=shd.ActivationSharding(mesh),
             attention=config.attention,
             frozen_layers=config.frozen_layers,
+            # A loop over the layers stacks their saved activations, which costs a CPU more
+            # than the longer compile of straight-line layers (models.layers).
+            unroll_layers=mesh.devices.flat[0].platform == "cpu",
         )
         abstract_params = shd.abstract_params(abstract, mesh)
         param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
