@@ -3,7 +3,8 @@
 Builds the first step of HH harmless pairs (packed or one text a row), compiles and warms the
 step, traces two steps with ``jax.profiler`` (a Perfetto trace), and sums the time of every
 XLA operation by what it computes, read from the compiled HLO: attention scores and softmax
-(tensors with two sequence axes), dense matmuls inside the layers, the other per-token work
+(tensors with two sequence axes, or the segment_cpu kernel's custom calls), dense matmuls
+inside the layers, the other per-token work
 inside the layers (norms, activations, residuals, copies), and everything outside the layers
 (embedding lookup and its gradient, pooling, loss, AdamW). Also prints how many of the
 computed tokens are real.
@@ -48,6 +49,8 @@ def _instructions(hlo: str) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def _category(shape: tuple[int, ...], op_name: str, width: int) -> str:
     if len(shape) >= 2 and shape[-1] == width and shape[-2] == width:
+        return "attention scores and softmax"
+    if op_name.endswith("ffi_call"):  # the segment_cpu kernel, forward or backward
         return "attention scores and softmax"
     if "while/body" not in op_name:
         return "outside the layers (embeddings, pooling, loss, AdamW)"

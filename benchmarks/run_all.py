@@ -20,7 +20,7 @@ BENCHMARKS = {
     "train": ["train"],
     "score": ["score"],
     "train_decoder": ["train", "--backbone", "decoder"],
-    "score_decoder": ["score", "--backbone", "decoder", "--pairs", "64", "--batch-size", "16"],
+    "score_decoder": ["score", "--backbone", "decoder"],
     "serve": ["serve"],
     "multihost": ["multihost"],
 }
