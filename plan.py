@@ -25,9 +25,10 @@ What the compiled executable tells:
   against ~12 · seq per parameter for each pair, well under 0.1% at seq 2048.
 - **attention**: the implementation the step is compiled with (models.attention): by default
   what training would pick on the target, splash attention on a TPU (libtpu compiles its Mosaic
-  kernel like any other op) and XLA's on host devices. The FLOP probes always use XLA's: a
-  Pallas kernel is a custom call and the Numba kernel a callback, which the compiler counts no
-  FLOPs for, and on a host device a Pallas kernel would run interpreted. So the count includes the score tiles splash skips
+  kernel like any other op) and the Numba ``segment_cpu`` kernel on host devices. The FLOP
+  probes always use XLA's attention and a loop over the layers (training writes them out on a
+  host device): a Pallas kernel and the Numba kernel are custom calls, which the compiler
+  counts no FLOPs for, and on a host device a Pallas kernel would run interpreted. So the count includes the score tiles splash skips
   under the causal mask (about half of the attention's).
 - **step time at peak**: FLOPs per device / the chip's peak bf16 FLOP/s — a lower bound that
   ignores communication and memory bandwidth; divide by an MFU you believe (MaxText reports
@@ -424,7 +425,13 @@ def plan_training(
 
     started = time.perf_counter()
     full = _compile_step(config, target, **options)
-    probe = options | {"batch": 1, "grad_accum": 1, "mesh": "", "attention": "xla"}
+    probe = options | {
+        "batch": 1,
+        "grad_accum": 1,
+        "mesh": "",
+        "attention": "xla",
+        "unroll_layers": False,  # a loop, whose body XLA counts once (module doc)
+    }
     flops_per_step, probe_note = _step_flops(_compile_step, config, batch, probe)
     flops_per_device = None if flops_per_step is None else flops_per_step / devices
     note = full.note or probe_note
@@ -473,9 +480,21 @@ class _Compiled:
 
 
 def _compile_step(
-    config, target: Target, *, seq, batch, grad_accum, mesh, dtype, param_dtype, remat, attention
+    config,
+    target: Target,
+    *,
+    seq,
+    batch,
+    grad_accum,
+    mesh,
+    dtype,
+    param_dtype,
+    remat,
+    attention,
+    unroll_layers=None,
 ) -> _Compiled:
-    """Lower and compile train-rm's step for ``config`` on the target's devices."""
+    """Lower and compile train-rm's step for ``config`` on the target's devices (the layers
+    unrolled as training would, unless ``unroll_layers`` says otherwise)."""
     import jax
     import jax.numpy as jnp
 
@@ -508,7 +527,7 @@ def _compile_step(
             f"{shd.mesh_description(device_mesh)}; raise --batch or put devices on tensor (--mesh)"
         )
     spec = ModelSpec(config, num_outputs=1, pooling="last", max_length=seq)
-    trainable = Trainable.build(spec, train_config, device_mesh)
+    trainable = Trainable.build(spec, train_config, device_mesh, unroll_layers=unroll_layers)
     state = trainable.abstract_state
     shardings = trainable.batch_shardings()
     shapes = {

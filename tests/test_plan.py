@@ -83,7 +83,7 @@ def test_plan_on_forced_host_devices_counts_memory_and_flops(tmp_path):
     assert (report["topology"], report["chip"], report["devices"]) == ("cpu:4", "cpu", 4)
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}  # default: FSDP over all
     assert report["params"] == _tiny_params()
-    assert report["attention"] == "xla"  # what training picks on host devices at 64 tokens
+    assert report["attention"] == "segment_cpu"  # what training picks on host devices
     # Every weight splits 4 ways on its embed axis: params, Adam's mu and nu in float32.
     assert report["state_bytes_per_device"] == pytest.approx(3 * 4 * _tiny_params() / 4, abs=64)
     assert report["bytes_per_device"] > report["state_bytes_per_device"]

@@ -349,10 +349,18 @@ class Trainable:
 
     @classmethod
     def build(
-        cls, spec: mdl.ModelSpec, config: TrainConfig, mesh, objective: Objective | None = None
+        cls,
+        spec: mdl.ModelSpec,
+        config: TrainConfig,
+        mesh,
+        objective: Objective | None = None,
+        *,
+        unroll_layers: bool | None = None,
     ) -> Trainable:
         """Structure, optimizer and the abstract sharded state for ``spec`` on ``mesh``, with
-        ``objective``'s loss (default: the reward model's Bradley–Terry).
+        ``objective``'s loss (default: the reward model's Bradley–Terry). ``unroll_layers``
+        (models.layers; None: on a mesh of CPUs, where a loop stacking the layers' saved
+        activations costs more than the longer compile of straight-line layers).
 
         Nothing is allocated: ``abstract_state`` holds ``ShapeDtypeStruct``s with shardings,
         enough to restore a checkpoint into, or to lower and compile :meth:`train_step`
@@ -367,9 +375,9 @@ class Trainable:
             constrain=shd.ActivationSharding(mesh),
             attention=config.attention,
             frozen_layers=config.frozen_layers,
-            # A loop over the layers stacks their saved activations, which costs a CPU more
-            # than the longer compile of straight-line layers (models.layers).
-            unroll_layers=mesh.devices.flat[0].platform == "cpu",
+            unroll_layers=mesh.devices.flat[0].platform == "cpu"
+            if unroll_layers is None
+            else unroll_layers,
         )
         abstract_params = shd.abstract_params(abstract, mesh)
         param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
