@@ -4,9 +4,9 @@ Builds the first step of HH harmless pairs (packed or one text a row), compiles 
 step, traces two steps with ``jax.profiler`` (a Perfetto trace), and sums the time of every
 XLA operation by what it computes, read from the compiled HLO: attention scores and softmax
 (tensors with two sequence axes, or the segment_cpu kernel's custom calls), dense matmuls
-inside the layers, the other per-token work
-inside the layers (norms, activations, residuals, copies), and everything outside the layers
-(embedding lookup and its gradient, pooling, loss, AdamW). Also prints how many of the
+inside the layers, the other per-token work inside the layers (norms, activations, residuals,
+copies), and everything outside the layers (embedding lookup and its gradient, pooling, loss,
+AdamW). Also prints how many of the
 computed tokens are real.
 
 Run: ``dynrules bench profile-step --backbone encoder [--no-packing] [--pairs-per-step 8] --json``;

@@ -67,9 +67,10 @@ def _setter_address() -> int:
     return address if address else _NO_OP
 
 
+_SETTER = _setter_address()
+llvm.add_symbol(SYMBOL, _SETTER)
+
+
 def controls_threads() -> bool:
     """Whether :data:`set_local_threads` reaches the BLAS (False: it does nothing)."""
-    return _setter_address() != _NO_OP
-
-
-llvm.add_symbol(SYMBOL, _setter_address())
+    return _SETTER != _NO_OP
