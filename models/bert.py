@@ -265,7 +265,12 @@ def _layer_norm(x, scale, bias, eps):
 
 
 def _dense(x, kernel, bias, dtype):
-    return (x.astype(dtype) @ kernel.astype(dtype)).astype(jnp.float32) + bias
+    """x [..., in] · kernel + bias, on the tokens flattened to [tokens, in]: the weight's
+    gradient is then one matmul over the token dim, which XLA's CPU backend runs in place,
+    where a 3-D product's gradient made it transpose both operands first (docs/performance.md)."""
+    flat = x.reshape(-1, x.shape[-1]).astype(dtype)
+    out = (flat @ kernel.astype(dtype)).astype(jnp.float32) + bias
+    return out.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _layer(hidden, p, *, config: BertConfig, attention, dtype):

@@ -526,7 +526,13 @@ def _rotate(x, rope):
 
 
 def _project(x, kernel, bias, spec, dtype):
-    out = jnp.einsum(spec, x, kernel.astype(dtype))
+    """``spec`` ("t…,…->t…", t the tokens) on ``x`` [batch, time, …] with batch and time
+    flattened into one token dim: the kernel's gradient is then one contraction over tokens,
+    which XLA's CPU backend runs without transposing its operands first (as models.bert's
+    ``_dense``)."""
+    tokens = x.reshape(-1, *x.shape[2:])
+    out = jnp.einsum(spec, tokens, kernel.astype(dtype))
+    out = out.reshape(*x.shape[:2], *out.shape[1:])
     return out if bias is None else out + bias.astype(dtype)
 
 
@@ -536,20 +542,20 @@ def _layer(hidden, p, *, config: LlamaConfig, rows, rope, dtype, constrain, atte
     [batch, time', kv_heads, head_dim] placed ahead of this row's own (a cached prefix; the
     mask covers both)."""
     x = _rms_norm(hidden, p["attn_norm"], config.rms_norm_eps)
-    q = _rotate(_project(x, p["q_kernel"], p.get("q_bias"), "btd,dhe->bthe", dtype), rope)
-    k = _rotate(_project(x, p["k_kernel"], p.get("k_bias"), "btd,dhe->bthe", dtype), rope)
-    v = _project(x, p["v_kernel"], p.get("v_bias"), "btd,dhe->bthe", dtype)
+    q = _rotate(_project(x, p["q_kernel"], p.get("q_bias"), "td,dhe->the", dtype), rope)
+    k = _rotate(_project(x, p["k_kernel"], p.get("k_bias"), "td,dhe->the", dtype), rope)
+    v = _project(x, p["v_kernel"], p.get("v_bias"), "td,dhe->the", dtype)
     own = (k, v)
     if before is not None:
         k, v = (jnp.concatenate([b, o], axis=1) for b, o in zip(before, own, strict=True))
     attended = attend(q, k, v, causal=True, implementation=attention, sharding=constrain, **rows)
-    hidden = hidden + _project(attended, p["o_kernel"], p.get("o_bias"), "bthe,hed->btd", dtype)
+    hidden = hidden + _project(attended, p["o_kernel"], p.get("o_bias"), "the,hed->td", dtype)
     hidden = constrain(hidden, ("batch", "length", "embed"))
     x = _rms_norm(hidden, p["mlp_norm"], config.rms_norm_eps)
-    gate = _project(x, p["gate_kernel"], p.get("gate_bias"), "btd,df->btf", dtype)
-    up = _project(x, p["up_kernel"], p.get("up_bias"), "btd,df->btf", dtype)
+    gate = _project(x, p["gate_kernel"], p.get("gate_bias"), "td,df->tf", dtype)
+    up = _project(x, p["up_kernel"], p.get("up_bias"), "td,df->tf", dtype)
     inner = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    hidden = hidden + _project(inner, p["down_kernel"], p.get("down_bias"), "btf,fd->btd", dtype)
+    hidden = hidden + _project(inner, p["down_kernel"], p.get("down_bias"), "tf,fd->td", dtype)
     return constrain(hidden, ("batch", "length", "embed")), own
 
 
