@@ -145,7 +145,7 @@ def _softmax_rows(scores, length, causal, row_max, row_sum, bits):
 
 @numba.njit(**EXACT)
 def forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk):
-    """Work items chunk, chunk + chunks, … of :func:`forward` (``work``: :func:`_work`'s)."""
+    """Work items chunk, chunk + chunks, … of :func:`forward` (``work``: :func:`work_split`'s)."""
     time, dim = q.shape[1], q.shape[3]
     kv_heads = k.shape[2]
     group, scale, longest, items, chunks = work
@@ -192,16 +192,15 @@ def forward(q, k, v, segment_ids, causal, chunks, out, lse):
     """Attention of each run of ``segment_ids`` [batch, time] over itself into ``out`` (q's
     shape) and the log-sum-exp of each query row's scaled scores into ``lse`` [batch, time,
     heads] (0 at padding)."""
-    work = work_split(
-        q, k, segment_ids, chunks
-    )  # one scan for the longest run, shared by the chunks
+    # One scan for the longest run, shared by the chunks.
+    work = work_split(q, k, segment_ids, chunks)
     for chunk in numba.prange(work[4]):
         forward_chunk(q, k, v, segment_ids, causal, out, lse, work, chunk)
 
 
 @numba.njit(**EXACT)
 def backward_chunk(q, k, v, segment_ids, causal, out, lse, dout, dq, dk, dv, work, chunk):
-    """Work items chunk, chunk + chunks, … of :func:`backward` (``work``: :func:`_work`'s)."""
+    """Work items chunk, chunk + chunks, … of :func:`backward` (``work``: :func:`work_split`'s)."""
     time, dim = q.shape[1], q.shape[3]
     kv_heads = k.shape[2]
     group, scale, longest, items, chunks = work

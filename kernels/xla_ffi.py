@@ -41,6 +41,7 @@ API_VERSION = (0, 3)  # the c_api.h the layout above was read from
 _EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE; the other stages have nothing to do
 _FRAME_WORDS = 15  # through the rets' buffer list
 _ARGS, _RETS = 9, 14  # words holding the args' and rets' buffer-pointer lists
+_ARG_COUNT, _RET_COUNT = 7, 12  # words holding how many args and rets there are
 _API_VERSION_STRUCT_SIZE = 24  # XLA_FFI_Api_Version: struct_size, extension_start, major, minor
 _METADATA_EXTENSION = 1  # XLA_FFI_Extension_Metadata
 
@@ -238,7 +239,7 @@ def _start(frame, task):
         words[_Q_SHAPE + i] = q_shape[i]
     words[_KV_HEADS] = k_shape[2]
     slot = _BUFFERS
-    for which, count in ((_ARGS, frame[_ARGS - 2]), (_RETS, frame[_RETS - 2])):
+    for which, count in ((_ARGS, frame[_ARG_COUNT]), (_RETS, frame[_RET_COUNT])):
         for index in range(count):
             if which != _ARGS or index != 4:
                 words[slot] = _buffer_address(frame, which, index)

@@ -108,8 +108,9 @@ def _ffi_outputs(q, k, v, ids, dout, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_ffi_handlers_share_their_chunks_with_xlas_pool_and_equal_the_kernels(causal):
-    """Inside XLA the handlers deal their chunks to XLA's intra-op threads (kernels.xla_ffi);
-    on rows enough for every thread the results equal the NumPy API's bit for bit, and four
+    """Inside XLA the handlers deal their chunks to XLA's intra-op threads (kernels.xla_ffi;
+    what that gains is the benchmarks' to say): on rows enough for every thread the results
+    equal the NumPy API's bit for bit, and four
     devices calling the handlers at once (one pool between them) neither deadlock nor mix up
     their calls."""
     rng = np.random.default_rng(7)
