@@ -28,8 +28,8 @@ What the compiled executable tells:
   kernel like any other op) and the Numba ``segment_cpu`` kernel on host devices. The FLOP
   probes always use XLA's attention and a loop over the layers (training writes them out on a
   host device): a Pallas kernel and the Numba kernel are custom calls, which the compiler
-  counts no FLOPs for, and on a host device a Pallas kernel would run interpreted. So the count includes the score tiles splash skips
-  under the causal mask (about half of the attention's).
+  counts no FLOPs for, and on a host device a Pallas kernel would run interpreted. So the count
+  includes the score tiles splash skips under the causal mask (about half of the attention's).
 - **step time at peak**: FLOPs per device / the chip's peak bf16 FLOP/s — a lower bound that
   ignores communication and memory bandwidth; divide by an MFU you believe (MaxText reports
   ~45% for Llama-3.1-8B on v6e-256) for an estimate.

@@ -6,8 +6,7 @@ XLA operation by what it computes, read from the compiled HLO: attention scores 
 (tensors with two sequence axes, or the segment_cpu kernel's custom calls), dense matmuls
 inside the layers, the other per-token work inside the layers (norms, activations, residuals,
 copies), and everything outside the layers (embedding lookup and its gradient, pooling, loss,
-AdamW). Also prints how many of the
-computed tokens are real.
+AdamW). Also prints how many of the computed tokens are real.
 
 Run: ``dynrules bench profile-step --backbone encoder [--no-packing] [--pairs-per-step 8] --json``;
 one JSON object on stdout.

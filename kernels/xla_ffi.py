@@ -122,7 +122,7 @@ def _executes(frame):
 # with a count of its holders, because a task may start after its handler has returned: it then
 # claims nothing, and frees the state if it is the last holder.
 
-I64 = ir.IntType(64)
+_I64 = ir.IntType(64)
 _API_ERROR_DESTROY, _API_SCHEDULE, _API_NUM_THREADS = 8, 17, 18  # XLA_FFI_Api words
 _ERROR_DESTROY_ARGS_SIZE, _NUM_THREADS_ARGS_SIZE, _SCHEDULE_ARGS_SIZE = 24, 32, 40
 
@@ -138,7 +138,7 @@ def _call_function(typingctx, function, argument):
     def codegen(context, builder, signature, args):
         pointer = ir.IntType(8).as_pointer()
         callee = builder.inttoptr(args[0], ir.FunctionType(pointer, [pointer]).as_pointer())
-        return builder.ptrtoint(builder.call(callee, [builder.inttoptr(args[1], pointer)]), I64)
+        return builder.ptrtoint(builder.call(callee, [builder.inttoptr(args[1], pointer)]), _I64)
 
     return types.int64(types.int64, types.int64), codegen
 
@@ -148,7 +148,7 @@ def _atomic_add(typingctx, address, value):
     atomically; the value before."""
 
     def codegen(context, builder, signature, args):
-        word = builder.inttoptr(args[0], I64.as_pointer())
+        word = builder.inttoptr(args[0], _I64.as_pointer())
         return builder.atomic_rmw("add", word, args[1], "seq_cst")
 
     return types.int64(types.int64, types.int64), codegen
@@ -158,7 +158,7 @@ def _pointer_as_address(typingctx, pointer):
     """Typing and code of ``_address(pointer)``: a void pointer as an int64."""
 
     def codegen(context, builder, signature, args):
-        return builder.ptrtoint(args[0], I64)
+        return builder.ptrtoint(args[0], _I64)
 
     return types.int64(types.voidptr), codegen
 
@@ -171,7 +171,7 @@ def _function_address(symbol: str) -> Any:
         def codegen(context, builder, signature, args):
             task = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
             return builder.ptrtoint(
-                cgutils.get_or_insert_function(builder.module, task, symbol), I64
+                cgutils.get_or_insert_function(builder.module, task, symbol), _I64
             )
 
         return types.int64(), codegen

@@ -367,6 +367,8 @@ class Trainable:
         ahead of time for a mesh of devices that are not here.
         """
         objective = objective or BradleyTerry()
+        if unroll_layers is None:
+            unroll_layers = mesh.devices.flat[0].platform == "cpu"
         graphdef, abstract = mdl.abstract_model(
             spec,
             dtype=mdl.COMPUTE_DTYPES[config.dtype],
@@ -375,9 +377,7 @@ class Trainable:
             constrain=shd.ActivationSharding(mesh),
             attention=config.attention,
             frozen_layers=config.frozen_layers,
-            unroll_layers=mesh.devices.flat[0].platform == "cpu"
-            if unroll_layers is None
-            else unroll_layers,
+            unroll_layers=unroll_layers,
         )
         abstract_params = shd.abstract_params(abstract, mesh)
         param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
